@@ -1,0 +1,184 @@
+//! JSON Lines: one record per line. Blank lines are not records and are skipped; every other
+//! line yields exactly one [`Record`], valid or not, so input rows equal output rows.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+
+use super::{FieldNames, Record, RecordError, RecordSink};
+
+pub struct JsonlReader<R> {
+    name: String,
+    reader: R,
+    line: usize,
+    fields: FieldNames,
+    buf: Vec<u8>,
+    bytes_read: u64,
+}
+
+impl JsonlReader<BufReader<File>> {
+    pub fn open(path: &Path, fields: FieldNames) -> Result<Self> {
+        let file = File::open(path).with_context(|| format!("cannot open input {}", path.display()))?;
+        Ok(JsonlReader::new(path.display().to_string(), BufReader::with_capacity(1 << 20, file), fields))
+    }
+}
+
+impl<R: BufRead> JsonlReader<R> {
+    pub fn new(name: String, reader: R, fields: FieldNames) -> Self {
+        JsonlReader { name, reader, line: 0, fields, buf: Vec::new(), bytes_read: 0 }
+    }
+
+    /// Bytes consumed so far (for progress).
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read
+    }
+
+    fn parse(&self, line: &[u8]) -> Record {
+        let location = format!("{}:{}", self.name, self.line);
+        let fallback_id = location.clone();
+        let fail = |e: RecordError| Record {
+            id: fallback_id.clone(),
+            source: None,
+            text: Err(e),
+            location: location.clone(),
+        };
+        let text = match std::str::from_utf8(line) {
+            Ok(t) => t,
+            Err(e) => {
+                return fail(RecordError::InvalidUtf8(format!(
+                    "{location}: invalid UTF-8 at byte {}",
+                    e.valid_up_to()
+                )))
+            }
+        };
+        let value: Value = match serde_json::from_str(text) {
+            Ok(Value::Object(map)) => Value::Object(map),
+            Ok(_) => return fail(RecordError::MalformedJson(format!("{location}: not a JSON object"))),
+            Err(e) => return fail(RecordError::MalformedJson(format!("{location}: {e}"))),
+        };
+        let id = match value.get(&self.fields.id) {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Null) | None => fallback_id.clone(),
+            Some(other) => other.to_string(),
+        };
+        let source = match value.get(&self.fields.source) {
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::Null) | None => None,
+            Some(other) => Some(other.to_string()),
+        };
+        let text = match value.get(&self.fields.text) {
+            Some(Value::String(s)) => Ok(s.clone()),
+            None | Some(Value::Null) => Err(RecordError::MissingText(format!(
+                "{location}: no '{}' field",
+                self.fields.text
+            ))),
+            Some(_) => Err(RecordError::TextNotString(format!(
+                "{location}: field '{}' is not a string",
+                self.fields.text
+            ))),
+        };
+        Record { id, source, text, location }
+    }
+}
+
+impl<R: BufRead> Iterator for JsonlReader<R> {
+    type Item = Result<Record>;
+
+    fn next(&mut self) -> Option<Result<Record>> {
+        loop {
+            self.buf.clear();
+            match self.reader.read_until(b'\n', &mut self.buf) {
+                Ok(0) => return None,
+                Ok(n) => {
+                    self.bytes_read += n as u64;
+                    self.line += 1;
+                    let mut end = self.buf.len();
+                    while end > 0 && matches!(self.buf[end - 1], b'\n' | b'\r') {
+                        end -= 1;
+                    }
+                    let line = &self.buf[..end];
+                    if line.iter().all(u8::is_ascii_whitespace) {
+                        continue;
+                    }
+                    let line = line.to_vec();
+                    return Some(Ok(self.parse(&line)));
+                }
+                Err(e) => {
+                    return Some(Err(anyhow::Error::new(e)
+                        .context(format!("{}:{}: read error", self.name, self.line + 1))))
+                }
+            }
+        }
+    }
+}
+
+/// Writes JSON lines to a temporary file renamed into place on `finish`, or to stdout for `-`.
+pub struct JsonlWriter {
+    out: BufWriter<Box<dyn Write + Send>>,
+    tmp: Option<(PathBuf, PathBuf)>,
+}
+
+impl JsonlWriter {
+    pub fn create(path: &Path) -> Result<JsonlWriter> {
+        if path.as_os_str() == "-" {
+            return Ok(JsonlWriter { out: BufWriter::new(Box::new(std::io::stdout())), tmp: None });
+        }
+        let file_name = path.file_name().with_context(|| format!("invalid output path {}", path.display()))?;
+        let mut tmp_name = std::ffi::OsString::from(".");
+        tmp_name.push(file_name);
+        tmp_name.push(".tmp");
+        let tmp = path.with_file_name(tmp_name);
+        let file = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        Ok(JsonlWriter {
+            out: BufWriter::with_capacity(1 << 20, Box::new(file)),
+            tmp: Some((tmp, path.to_path_buf())),
+        })
+    }
+}
+
+impl RecordSink for JsonlWriter {
+    fn write(&mut self, value: &Value) -> Result<()> {
+        serde_json::to_writer(&mut self.out, value)?;
+        self.out.write_all(b"\n")?;
+        Ok(())
+    }
+
+    fn finish(mut self: Box<Self>) -> Result<()> {
+        self.out.flush()?;
+        if let Some((tmp, dest)) = self.tmp.take() {
+            std::fs::rename(&tmp, &dest)
+                .with_context(|| format!("cannot rename {} to {}", tmp.display(), dest.display()))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(bytes: &[u8]) -> Vec<Record> {
+        JsonlReader::new("f.jsonl".into(), bytes, FieldNames::default()).map(|r| r.unwrap()).collect()
+    }
+
+    #[test]
+    fn every_nonblank_line_is_one_record() {
+        let input = b"{\"id\":\"a\",\"text\":\"x\",\"source\":\"s\"}\n\n{\"text\":\"y\"}\r\n{bad\n\xff\xfe\n{\"id\":7}\n{\"text\":3}\n[1]";
+        let recs = read(input);
+        assert_eq!(recs.len(), 7);
+        assert_eq!((recs[0].id.as_str(), recs[0].source.as_deref()), ("a", Some("s")));
+        assert_eq!(recs[1].id, "f.jsonl:3");
+        assert_eq!(recs[1].text, Ok("y".into()));
+        assert_eq!(recs[2].text.as_ref().unwrap_err().kind(), "malformed_json");
+        assert_eq!(recs[3].text.as_ref().unwrap_err().kind(), "invalid_utf8");
+        assert_eq!(recs[3].id, "f.jsonl:5");
+        assert_eq!(recs[4].id, "7");
+        assert_eq!(recs[4].text.as_ref().unwrap_err().kind(), "missing_text");
+        assert_eq!(recs[5].text.as_ref().unwrap_err().kind(), "text_not_string");
+        assert_eq!(recs[6].text.as_ref().unwrap_err().kind(), "malformed_json");
+        assert!(recs[2].text.as_ref().unwrap_err().to_string().contains("f.jsonl:4"));
+    }
+}

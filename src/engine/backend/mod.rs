@@ -1,0 +1,87 @@
+//! The backend interface: a narrow set of fused encoder ops, not a tensor library.
+//!
+//! A model (`model/bert.rs`) is written once as a sequence of these ops and runs unchanged on
+//! every backend. Tensors are 2-D and row-major (`[rows, cols]`); a backend chooses how it stores
+//! them (f32 on CPU, bf16/f16 on GPUs). Backends never parse configs and models never reach into a
+//! backend's internals.
+
+pub mod cpu;
+
+use anyhow::Result;
+
+use super::{Activation, Batch, Pooling};
+
+/// The embedding tables of an encoder, as device tensors.
+pub struct EmbeddingTables<T> {
+    /// `[vocab, H]`
+    pub word: T,
+    /// `[max_positions, H]`, or `None` for models without absolute positions.
+    pub position: Option<T>,
+    /// Row 0 of the token-type table, `[1, H]` (single-segment inputs), if the model has one.
+    pub token_type: Option<T>,
+    /// LayerNorm over the summed embeddings: weight and optional bias, `[1, H]`.
+    pub norm_weight: T,
+    pub norm_bias: Option<T>,
+    pub eps: f32,
+}
+
+/// One device's implementation of the encoder ops.
+pub trait Backend: Send + Sync + 'static {
+    /// A 2-D row-major tensor living on the device.
+    type Tensor: Send + Sync;
+    /// A batch's index data on the device: token ids, positions, `cu_seqlens`.
+    type Batch: Send + Sync;
+
+    /// Human-readable description (`cpu (2 threads, avx2+fma)`).
+    fn name(&self) -> String;
+
+    /// Upload a weight given in f32, `[rows, cols]`.
+    fn weight(&self, data: Vec<f32>, rows: usize, cols: usize) -> Result<Self::Tensor>;
+
+    /// Upload a batch's ids, positions and sequence boundaries. `vocab` and `max_positions` bound
+    /// the ids and positions so that a bad id is an error, not an out-of-bounds read.
+    fn upload_batch(&self, batch: &Batch, vocab: usize, max_positions: usize) -> Result<Self::Batch>;
+
+    /// Gather word (+ position + token-type) embeddings and apply LayerNorm. Out: `[T, H]`.
+    fn embed(&self, batch: &Self::Batch, tables: &EmbeddingTables<Self::Tensor>) -> Result<Self::Tensor>;
+
+    /// `act(x · wᵀ + b)`: x `[T, K]`, w `[N, K]`, b `[1, N]`. Out: `[T, N]`.
+    fn linear(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        b: Option<&Self::Tensor>,
+        act: Activation,
+    ) -> Result<Self::Tensor>;
+
+    /// `LayerNorm(x + residual)`, computed in place of `x`. Both `[T, H]`; weight/bias `[1, H]`.
+    fn add_layernorm(
+        &self,
+        x: Self::Tensor,
+        residual: &Self::Tensor,
+        weight: &Self::Tensor,
+        bias: Option<&Self::Tensor>,
+        eps: f32,
+    ) -> Result<Self::Tensor>;
+
+    /// Per-sequence multi-head attention `softmax(Q·Kᵀ·scale)·V` over the ragged batch.
+    /// `qkv` is `[T, 3H]` with Q, K and V side by side; heads are contiguous `H/heads` column
+    /// blocks of each. `window`: only keys with `|i - j| <= window/2` are attended (sliding-window
+    /// layers); `None` for global attention. Out: `[T, H]`.
+    fn attention(
+        &self,
+        qkv: &Self::Tensor,
+        batch: &Self::Batch,
+        heads: usize,
+        window: Option<usize>,
+    ) -> Result<Self::Tensor>;
+
+    /// One vector per sequence: `[T, H]` -> `[n_seqs, H]`.
+    fn pool(&self, x: &Self::Tensor, batch: &Self::Batch, mode: Pooling) -> Result<Self::Tensor>;
+
+    /// Copy a tensor to the host as f32, row-major.
+    fn download(&self, x: &Self::Tensor) -> Result<Vec<f32>>;
+
+    /// Wait for all queued work.
+    fn sync(&self) -> Result<()>;
+}

@@ -1,0 +1,156 @@
+//! The on-device forward pass: ragged batches, the backend interface and the backends.
+
+pub mod backend;
+pub mod batch;
+
+use std::fmt;
+use std::str::FromStr;
+
+use anyhow::{bail, Result};
+
+pub use backend::Backend;
+pub use batch::{Batch, Packer};
+
+/// Element-wise activation fused into a `linear` epilogue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    None,
+    /// Exact GELU, `0.5·x·(1 + erf(x/√2))` (Hugging Face `"gelu"`).
+    Gelu,
+    /// Tanh approximation (`"gelu_new"`, `"gelu_pytorch_tanh"`, `"gelu_fast"`).
+    GeluTanh,
+    Relu,
+    Silu,
+    Tanh,
+}
+
+impl Activation {
+    /// Map a Hugging Face `hidden_act` string faithfully.
+    pub fn from_hf(name: &str) -> Result<Activation> {
+        Ok(match name {
+            "gelu" => Activation::Gelu,
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
+            "relu" => Activation::Relu,
+            "silu" | "swish" => Activation::Silu,
+            "tanh" => Activation::Tanh,
+            other => bail!(
+                "unsupported hidden_act '{other}' (supported: gelu, gelu_new, gelu_pytorch_tanh, \
+                 gelu_fast, relu, silu, swish, tanh)"
+            ),
+        })
+    }
+}
+
+/// How token states become one vector per sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pooling {
+    /// The first token's state (`[CLS]`).
+    Cls,
+    /// The mean over all tokens of the sequence.
+    Mean,
+}
+
+/// Where the forward pass runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    /// The fastest backend available here: CUDA, then wgpu, then CPU.
+    Auto,
+    Cpu,
+    /// A wgpu adapter; `None` picks the best one.
+    Wgpu(Option<usize>),
+    /// A CUDA device by ordinal; `None` is device 0.
+    Cuda(Option<usize>),
+}
+
+impl FromStr for Device {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Device> {
+        let (kind, ordinal) = match s.split_once(':') {
+            Some((k, n)) => {
+                let n: usize = n.parse().map_err(|_| {
+                    anyhow::anyhow!("invalid device '{s}': '{n}' is not a device number")
+                })?;
+                (k, Some(n))
+            }
+            None => (s, None),
+        };
+        Ok(match (kind, ordinal) {
+            ("auto", None) => Device::Auto,
+            ("cpu", None) => Device::Cpu,
+            ("wgpu", n) => Device::Wgpu(n),
+            ("cuda", n) => Device::Cuda(n),
+            _ => bail!("invalid device '{s}' (expected auto, cpu, wgpu[:N] or cuda[:N])"),
+        })
+    }
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Auto => write!(f, "auto"),
+            Device::Cpu => write!(f, "cpu"),
+            Device::Wgpu(None) => write!(f, "wgpu"),
+            Device::Wgpu(Some(n)) => write!(f, "wgpu:{n}"),
+            Device::Cuda(None) => write!(f, "cuda"),
+            Device::Cuda(Some(n)) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// One line per backend: whether it is usable here and what it found.
+pub fn list_devices() -> Vec<(String, String)> {
+    vec![
+        (
+            "cpu".into(),
+            format!(
+                "available: {} threads, {}",
+                rayon::current_num_threads(),
+                backend::cpu::simd_level()
+            ),
+        ),
+        ("wgpu".into(), "not built: the wgpu backend is not part of this build yet".into()),
+        ("cuda".into(), "not built: the CUDA backend is not part of this build yet".into()),
+    ]
+}
+
+/// Resolve `Auto` to a concrete device and refuse devices this build cannot run.
+/// Returns the device and a note explaining an automatic choice.
+pub fn resolve(device: Device) -> Result<(Device, Option<String>)> {
+    match device {
+        Device::Auto => Ok((
+            Device::Cpu,
+            Some("device auto: chose cpu (no CUDA or wgpu backend in this build)".into()),
+        )),
+        Device::Cpu => Ok((Device::Cpu, None)),
+        Device::Wgpu(_) => bail!(
+            "device '{device}' is not available: this build of mira has no wgpu backend \
+             (use --device cpu)"
+        ),
+        Device::Cuda(_) => bail!(
+            "device '{device}' is not available: this build of mira has no CUDA backend \
+             (use --device cpu)"
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_strings_round_trip() {
+        for s in ["auto", "cpu", "wgpu", "wgpu:1", "cuda", "cuda:3"] {
+            assert_eq!(s.parse::<Device>().unwrap().to_string(), s);
+        }
+        assert!("gpu".parse::<Device>().is_err());
+        assert!("cuda:x".parse::<Device>().is_err());
+        assert!("cpu:1".parse::<Device>().is_err());
+    }
+
+    #[test]
+    fn absent_backends_fail_clearly() {
+        let msg = resolve(Device::Cuda(Some(0))).unwrap_err().to_string();
+        assert!(msg.contains("cuda:0") && msg.contains("no CUDA backend"), "{msg}");
+        assert_eq!(resolve(Device::Auto).unwrap().0, Device::Cpu);
+    }
+}

@@ -1,0 +1,199 @@
+//! The `mira` command line. It parses arguments and calls library functions; nothing more.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use mira::corpus::{self, FieldNames};
+use mira::pipeline::{self, JobOptions, Task};
+use mira::{bench, engine, Device, LoadOptions, Packer, Scorer};
+
+#[derive(Parser)]
+#[command(name = "mira", version, about = "Fast model-based data selection for LLM mid-training")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write one pooled embedding per input record: {"id", "embedding": [...]}
+    Embed(JobArgs),
+    /// Write the classifier's scores per input record: {"id", "scores": {"<label>": x}}
+    Score(JobArgs),
+    /// Measure engine throughput (tokens/s, docs/s, batch latency)
+    Bench(BenchArgs),
+    /// List the backends and adapters available here
+    Devices,
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// Hugging Face checkpoint folder (config.json, model.safetensors, tokenizer.json)
+    #[arg(long)]
+    model: PathBuf,
+    /// Truncation limit in tokens, special tokens included [default: the checkpoint's]
+    #[arg(long)]
+    max_tokens: Option<usize>,
+    /// auto, cpu, wgpu[:N] or cuda[:N]
+    #[arg(long, default_value = "auto")]
+    device: Device,
+    /// Token budget of one packed batch
+    #[arg(long, default_value_t = Packer::default().max_batch_tokens)]
+    batch_tokens: usize,
+    /// Worker threads for the CPU backend and tokenization [default: all cores]
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+#[derive(Args)]
+struct JobArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Input JSONL files
+    #[arg(long, required = true, num_args = 1..)]
+    input: Vec<PathBuf>,
+    /// Output JSONL file (`-` for stdout); written atomically
+    #[arg(long)]
+    output: PathBuf,
+    #[arg(long, default_value = "text")]
+    text_field: String,
+    #[arg(long, default_value = "id")]
+    id_field: String,
+    #[arg(long, default_value = "source")]
+    source_field: String,
+    /// Stop at the first unusable record instead of writing it with an `error` field
+    #[arg(long)]
+    strict: bool,
+    /// Write the job summary as JSON to this file
+    #[arg(long)]
+    stats: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// JSONL corpus to benchmark on [default: synthetic documents with a realistic length mix]
+    #[arg(long)]
+    input: Option<PathBuf>,
+    #[arg(long, default_value = "text")]
+    text_field: String,
+    /// Synthetic documents when no --input is given
+    #[arg(long, default_value_t = 2000)]
+    docs: usize,
+    /// Timed passes over the input (the best is reported)
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// Print one JSON object instead of text
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn load(args: &ModelArgs) -> Result<Scorer> {
+    if let Some(n) = args.threads {
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("cannot set threads")?;
+    }
+    let packer = Packer { max_batch_tokens: args.batch_tokens, ..Packer::default() };
+    let scorer = Scorer::load_with(
+        &args.model,
+        args.device,
+        LoadOptions { max_tokens: args.max_tokens, packer },
+    )?;
+    if let Some(note) = scorer.device_note() {
+        eprintln!("{note}");
+    }
+    Ok(scorer)
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Embed(a) => job(a, Task::Embed),
+        Command::Score(a) => job(a, Task::Score),
+        Command::Bench(a) => bench_cmd(a),
+        Command::Devices => {
+            for (name, status) in engine::list_devices() {
+                println!("{name:6} {status}");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn job(a: JobArgs, task: Task) -> Result<()> {
+    let scorer = load(&a.model)?;
+    let opts = JobOptions {
+        fields: FieldNames { text: a.text_field, id: a.id_field, source: a.source_field },
+        strict: a.strict,
+        progress: std::io::stderr().is_terminal(),
+        ..JobOptions::default()
+    };
+    let summary = pipeline::run_job(&scorer, task, &a.input, &a.output, &opts)?;
+    let text = serde_json::to_string_pretty(&summary)?;
+    if let Some(path) = &a.stats {
+        std::fs::write(path, &text).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    eprintln!(
+        "{} records ({} ok, {} with errors) in {:.2}s on {}: {:.1} docs/s, {:.0} tokens/s",
+        summary.records,
+        summary.ok,
+        summary.records - summary.ok,
+        summary.seconds,
+        scorer.device_name(),
+        summary.docs_per_s,
+        summary.tokens_per_s
+    );
+    for (kind, n) in &summary.errors {
+        eprintln!("  {kind}: {n}");
+    }
+    Ok(())
+}
+
+fn bench_cmd(a: BenchArgs) -> Result<()> {
+    let scorer = load(&a.model)?;
+    let (ids, input, tok_rate) = match &a.input {
+        Some(path) => {
+            let fields = FieldNames { text: a.text_field.clone(), ..FieldNames::default() };
+            let mut texts = Vec::new();
+            for rec in corpus::open_input(path, &fields)? {
+                if let Ok(t) = rec?.text {
+                    texts.push(t);
+                }
+            }
+            let t = std::time::Instant::now();
+            let ids = scorer.tokenize(&texts)?;
+            let rate = texts.len() as f64 / t.elapsed().as_secs_f64();
+            (ids, path.display().to_string(), Some(rate))
+        }
+        None => (
+            bench::synthetic_docs(a.docs, scorer.max_tokens(), scorer.vocab_size()),
+            format!("synthetic ({} docs)", a.docs),
+            None,
+        ),
+    };
+    let mut report = bench::run(&scorer, &ids, a.repeat, &input)?;
+    report.tokenize_docs_per_s = tok_rate;
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("model      {}", report.model);
+        println!("device     {}", report.device);
+        println!("input      {} ({} docs, {} tokens, max {} tokens/doc)", report.input, report.docs, report.tokens, report.max_tokens);
+        println!("batches    {} (budget {} tokens), best of {}", report.batches, report.batch_tokens, report.repeat);
+        println!("throughput {:.0} tokens/s, {:.1} docs/s ({:.3}s)", report.tokens_per_s, report.docs_per_s, report.seconds);
+        println!("latency    p50 {:.1} ms, p99 {:.1} ms per batch", report.batch_p50_ms, report.batch_p99_ms);
+        if let Some(r) = report.tokenize_docs_per_s {
+            println!("tokenize   {r:.0} docs/s (not included above)");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,203 @@
+//! BERT (`BertModel`, `BertForSequenceClassification`) as a sequence of backend ops.
+//!
+//! The struct tree mirrors the checkpoint's key tree (`encoder.layer.{i}.attention.self.query`),
+//! with or without the `bert.` prefix. Q, K and V are fused into one `[3H, H]` projection at load.
+
+use anyhow::{Context, Result};
+
+use super::weights::Weights;
+use crate::engine::backend::EmbeddingTables;
+use crate::engine::{Activation, Backend, Batch, Pooling};
+use crate::model::config::BertConfig;
+
+struct Layer<B: Backend> {
+    /// `attention.self.{query,key,value}` stacked: `[3H, H]`, bias `[1, 3H]`
+    qkv_w: B::Tensor,
+    qkv_b: B::Tensor,
+    /// `attention.output.dense`: `[H, H]`, `[1, H]`
+    attn_out_w: B::Tensor,
+    attn_out_b: B::Tensor,
+    /// `attention.output.LayerNorm`: `[1, H]` each
+    attn_norm_w: B::Tensor,
+    attn_norm_b: B::Tensor,
+    /// `intermediate.dense`: `[I, H]`, `[1, I]`
+    up_w: B::Tensor,
+    up_b: B::Tensor,
+    /// `output.dense`: `[H, I]`, `[1, H]`
+    down_w: B::Tensor,
+    down_b: B::Tensor,
+    /// `output.LayerNorm`: `[1, H]` each
+    out_norm_w: B::Tensor,
+    out_norm_b: B::Tensor,
+}
+
+/// `BertForSequenceClassification`'s head: pooler (dense + tanh on `[CLS]`) and classifier.
+struct ClassifierHead<B: Backend> {
+    /// `pooler.dense`: `[H, H]`, `[1, H]`
+    pooler_w: B::Tensor,
+    pooler_b: B::Tensor,
+    /// `classifier`: `[L, H]`, `[1, L]`
+    classifier_w: B::Tensor,
+    classifier_b: B::Tensor,
+    labels: usize,
+}
+
+pub struct Bert<B: Backend> {
+    be: B,
+    cfg: BertConfig,
+    act: Activation,
+    embeddings: EmbeddingTables<B::Tensor>,
+    layers: Vec<Layer<B>>,
+    head: Option<ClassifierHead<B>>,
+}
+
+/// Loads tensors under a prefix, checking shapes and naming the tensor on error.
+struct Loader<'a, B: Backend> {
+    be: &'a B,
+    w: &'a Weights,
+}
+
+impl<B: Backend> Loader<'_, B> {
+    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<B::Tensor> {
+        let data = self.w.f32(name, &[rows, cols])?;
+        self.be.weight(data, rows, cols)
+    }
+    fn vector(&self, name: &str, n: usize) -> Result<B::Tensor> {
+        let data = self.w.f32(name, &[n])?;
+        self.be.weight(data, 1, n)
+    }
+    /// Rows `row..row+1` of a `[rows, cols]` table, as `[1, cols]`.
+    fn row(&self, name: &str, rows: usize, cols: usize, row: usize) -> Result<B::Tensor> {
+        let data = self.w.f32(name, &[rows, cols])?;
+        self.be.weight(data[row * cols..(row + 1) * cols].to_vec(), 1, cols)
+    }
+}
+
+impl<B: Backend> Bert<B> {
+    /// Build the model from checkpoint weights. `with_head`: load pooler + classifier too.
+    pub fn load(be: B, cfg: &BertConfig, weights: &Weights, with_head: bool) -> Result<Bert<B>> {
+        let h = cfg.hidden_size;
+        let i = cfg.intermediate_size;
+        let p = weights.prefix().to_string();
+        let ld = Loader { be: &be, w: weights };
+        let eps = cfg.layer_norm_eps as f32;
+        let e = format!("{p}embeddings");
+        let embeddings = EmbeddingTables {
+            word: ld.matrix(&format!("{e}.word_embeddings.weight"), cfg.vocab_size, h)?,
+            position: Some(ld.matrix(
+                &format!("{e}.position_embeddings.weight"),
+                cfg.max_position_embeddings,
+                h,
+            )?),
+            token_type: Some(ld.row(&format!("{e}.token_type_embeddings.weight"), cfg.type_vocab_size, h, 0)?),
+            norm_weight: ld.vector(&format!("{e}.LayerNorm.weight"), h)?,
+            norm_bias: Some(ld.vector(&format!("{e}.LayerNorm.bias"), h)?),
+            eps,
+        };
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let n = format!("{p}encoder.layer.{l}");
+            let mut qkv_w = Vec::with_capacity(3 * h * h);
+            let mut qkv_b = Vec::with_capacity(3 * h);
+            for part in ["query", "key", "value"] {
+                qkv_w.extend(weights.f32(&format!("{n}.attention.self.{part}.weight"), &[h, h])?);
+                qkv_b.extend(weights.f32(&format!("{n}.attention.self.{part}.bias"), &[h])?);
+            }
+            layers.push(Layer {
+                qkv_w: be.weight(qkv_w, 3 * h, h)?,
+                qkv_b: be.weight(qkv_b, 1, 3 * h)?,
+                attn_out_w: ld.matrix(&format!("{n}.attention.output.dense.weight"), h, h)?,
+                attn_out_b: ld.vector(&format!("{n}.attention.output.dense.bias"), h)?,
+                attn_norm_w: ld.vector(&format!("{n}.attention.output.LayerNorm.weight"), h)?,
+                attn_norm_b: ld.vector(&format!("{n}.attention.output.LayerNorm.bias"), h)?,
+                up_w: ld.matrix(&format!("{n}.intermediate.dense.weight"), i, h)?,
+                up_b: ld.vector(&format!("{n}.intermediate.dense.bias"), i)?,
+                down_w: ld.matrix(&format!("{n}.output.dense.weight"), h, i)?,
+                down_b: ld.vector(&format!("{n}.output.dense.bias"), h)?,
+                out_norm_w: ld.vector(&format!("{n}.output.LayerNorm.weight"), h)?,
+                out_norm_b: ld.vector(&format!("{n}.output.LayerNorm.bias"), h)?,
+            });
+        }
+        let head = if with_head {
+            let labels = weights
+                .get("classifier.weight")
+                .context("BertForSequenceClassification needs a classifier")?
+                .shape
+                .first()
+                .copied()
+                .unwrap_or(0);
+            Some(ClassifierHead {
+                pooler_w: ld.matrix(&format!("{p}pooler.dense.weight"), h, h)?,
+                pooler_b: ld.vector(&format!("{p}pooler.dense.bias"), h)?,
+                classifier_w: ld.matrix("classifier.weight", labels, h)?,
+                classifier_b: ld.vector("classifier.bias", labels)?,
+                labels,
+            })
+        } else {
+            None
+        };
+        let act = Activation::from_hf(&cfg.hidden_act)?;
+        Ok(Bert { be, cfg: cfg.clone(), act, embeddings, layers, head })
+    }
+
+    /// Number of classifier outputs (0 without a head).
+    pub fn num_labels(&self) -> usize {
+        self.head.as_ref().map_or(0, |h| h.labels)
+    }
+
+    fn encode(&self, batch: &B::Batch) -> Result<B::Tensor> {
+        let be = &self.be;
+        let eps = self.cfg.layer_norm_eps as f32;
+        let mut x = be.embed(batch, &self.embeddings)?; // [T, H]
+        for l in &self.layers {
+            let qkv = be.linear(&x, &l.qkv_w, Some(&l.qkv_b), Activation::None)?; // [T, 3H]
+            let ctx = be.attention(&qkv, batch, self.cfg.num_attention_heads, None)?; // [T, H]
+            let attn = be.linear(&ctx, &l.attn_out_w, Some(&l.attn_out_b), Activation::None)?;
+            x = be.add_layernorm(attn, &x, &l.attn_norm_w, Some(&l.attn_norm_b), eps)?;
+            let up = be.linear(&x, &l.up_w, Some(&l.up_b), self.act)?; // [T, I]
+            let down = be.linear(&up, &l.down_w, Some(&l.down_b), Activation::None)?; // [T, H]
+            x = be.add_layernorm(down, &x, &l.out_norm_w, Some(&l.out_norm_b), eps)?;
+        }
+        Ok(x)
+    }
+
+    fn upload(&self, batch: &Batch) -> Result<B::Batch> {
+        self.be.upload_batch(batch, self.cfg.vocab_size, self.cfg.max_position_embeddings)
+    }
+}
+
+impl<B: Backend> super::Encoder for Bert<B> {
+    fn device_name(&self) -> String {
+        self.be.name()
+    }
+
+    fn hidden_size(&self) -> usize {
+        self.cfg.hidden_size
+    }
+
+    fn num_outputs(&self) -> usize {
+        self.num_labels()
+    }
+
+    fn max_positions(&self) -> usize {
+        self.cfg.max_position_embeddings
+    }
+
+    fn pooled(&self, batch: &Batch, pooling: Pooling) -> Result<Vec<f32>> {
+        let b = self.upload(batch)?;
+        let x = self.encode(&b)?;
+        let pooled = self.be.pool(&x, &b, pooling)?; // [n_seqs, H]
+        self.be.download(&pooled)
+    }
+
+    fn logits(&self, batch: &Batch) -> Result<Vec<f32>> {
+        let head = self.head.as_ref().context("this checkpoint has no classification head")?;
+        let b = self.upload(batch)?;
+        let x = self.encode(&b)?;
+        let cls = self.be.pool(&x, &b, Pooling::Cls)?; // [n_seqs, H]
+        let pooled = self.be.linear(&cls, &head.pooler_w, Some(&head.pooler_b), Activation::Tanh)?;
+        let logits =
+            self.be.linear(&pooled, &head.classifier_w, Some(&head.classifier_b), Activation::None)?;
+        self.be.download(&logits) // [n_seqs, L]
+    }
+}

@@ -1,0 +1,171 @@
+//! Memory-mapped safetensors weights: a single `model.safetensors` or shards listed in
+//! `model.safetensors.index.json`. Tensors are looked up by their checkpoint name with an optional
+//! prefix (`bert.`), checked against the shape the model expects, and converted to f32 on request.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype, Metadata, SafeTensors, TensorInfo};
+
+struct Shard {
+    path: PathBuf,
+    mmap: Mmap,
+    header_len: usize,
+    meta: Metadata,
+}
+
+/// All tensors of a checkpoint folder, memory-mapped.
+pub struct Weights {
+    shards: Vec<Shard>,
+    /// tensor name -> shard index
+    index: HashMap<String, usize>,
+    /// Prefix in front of every encoder tensor name (`""` or `"bert."`).
+    prefix: String,
+}
+
+/// One tensor as stored: its dtype, shape and raw little-endian bytes.
+pub struct TensorRef<'a> {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub bytes: &'a [u8],
+}
+
+impl TensorRef<'_> {
+    /// Convert to f32 (f32, f16 and bf16 storage).
+    pub fn to_f32(&self) -> Result<Vec<f32>> {
+        let b = self.bytes;
+        Ok(match self.dtype {
+            Dtype::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            Dtype::F16 => b
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => b
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            other => bail!("tensor '{}' has dtype {other:?}; supported: F32, F16, BF16", self.name),
+        })
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct ShardIndex {
+    weight_map: BTreeMap<String, String>,
+}
+
+impl Weights {
+    /// Open `model.safetensors`, or the shards named by `model.safetensors.index.json`, in `dir`.
+    pub fn open(dir: &Path) -> Result<Weights> {
+        let single = dir.join("model.safetensors");
+        let index_path = dir.join("model.safetensors.index.json");
+        let mut shards = Vec::new();
+        let mut index = HashMap::new();
+        if single.exists() {
+            let shard = open_shard(&single)?;
+            for name in shard.meta.tensors().keys() {
+                index.insert(name.clone(), 0);
+            }
+            shards.push(shard);
+        } else if index_path.exists() {
+            let text = std::fs::read_to_string(&index_path)
+                .with_context(|| format!("cannot read {}", index_path.display()))?;
+            let idx: ShardIndex = serde_json::from_str(&text)
+                .with_context(|| format!("invalid shard index {}", index_path.display()))?;
+            let mut files: Vec<&String> = idx.weight_map.values().collect();
+            files.sort();
+            files.dedup();
+            for (i, file) in files.iter().enumerate() {
+                let shard = open_shard(&dir.join(file))?;
+                for name in shard.meta.tensors().keys() {
+                    index.insert(name.clone(), i);
+                }
+                shards.push(shard);
+            }
+            for (name, file) in &idx.weight_map {
+                if !index.contains_key(name) {
+                    bail!("{}: tensor '{name}' is listed in {file} but that shard does not contain it",
+                        index_path.display());
+                }
+            }
+        } else {
+            bail!(
+                "no weights in {}: expected model.safetensors or model.safetensors.index.json",
+                dir.display()
+            );
+        }
+        let prefix = if index.contains_key("bert.embeddings.word_embeddings.weight") {
+            "bert.".to_string()
+        } else {
+            String::new()
+        };
+        Ok(Weights { shards, index, prefix })
+    }
+
+    /// The encoder prefix detected in tensor names (`""` or `"bert."`).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// Look up a tensor by its full name (no prefix added).
+    pub fn get(&self, name: &str) -> Result<TensorRef<'_>> {
+        let &s = self.index.get(name).ok_or_else(|| {
+            anyhow!("tensor '{name}' not found in {}", self.describe_files())
+        })?;
+        let shard = &self.shards[s];
+        let info: &TensorInfo = shard.meta.info(name).expect("indexed tensor");
+        let start = 8 + shard.header_len + info.data_offsets.0;
+        let end = 8 + shard.header_len + info.data_offsets.1;
+        Ok(TensorRef {
+            name: name.to_string(),
+            dtype: info.dtype,
+            shape: info.shape.clone(),
+            bytes: &shard.mmap[start..end],
+        })
+    }
+
+    /// Fetch a tensor, require `shape`, and convert it to f32.
+    pub fn f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let t = self.get(name)?;
+        if t.shape != shape {
+            bail!(
+                "tensor '{name}' in {} has shape {:?}, expected {:?}",
+                self.file_of(name),
+                t.shape,
+                shape
+            );
+        }
+        t.to_f32()
+    }
+
+    fn file_of(&self, name: &str) -> String {
+        self.index
+            .get(name)
+            .map(|&i| self.shards[i].path.display().to_string())
+            .unwrap_or_else(|| self.describe_files())
+    }
+
+    fn describe_files(&self) -> String {
+        let names: Vec<String> = self.shards.iter().map(|s| s.path.display().to_string()).collect();
+        names.join(", ")
+    }
+}
+
+fn open_shard(path: &Path) -> Result<Shard> {
+    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    // SAFETY: the file is opened read-only and mapped read-only; like every mmap-based loader we
+    // assume nobody truncates the checkpoint while it is being served.
+    let mmap = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot mmap {}", path.display()))?;
+    let (header_len, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| {
+        anyhow!("{} is not a valid safetensors file (corrupt or truncated): {e}", path.display())
+    })?;
+    Ok(Shard { path: path.to_path_buf(), mmap, header_len, meta })
+}

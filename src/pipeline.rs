@@ -1,0 +1,209 @@
+//! The score/embed job: read records, tokenize in parallel, pack, run the engine, write one
+//! output line per input record in input order. Records that cannot be scored are written with an
+//! `error` field (or stop the job with `strict`); nothing is dropped.
+//!
+//! This is the simple in-order loop (chunks of records processed one after another); the
+//! streaming, multi-threaded corpus job replaces the loop body, not its contract.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Serialize;
+use serde_json::{json, Map, Value};
+
+use crate::corpus::{self, FieldNames, Record, RecordError, RecordSink};
+use crate::Scorer;
+
+/// What the job computes for each record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Task {
+    /// `{"id", "embedding": [...]}`
+    Embed,
+    /// `{"id", "scores": {"<label>": x}}`
+    Score,
+}
+
+#[derive(Debug, Clone)]
+pub struct JobOptions {
+    pub fields: FieldNames,
+    /// Fail on the first bad record (naming file and line) instead of writing an error row.
+    pub strict: bool,
+    /// Records read before a chunk is tokenized and run.
+    pub chunk_records: usize,
+    /// Draw a progress bar on stderr (only when stderr is a terminal).
+    pub progress: bool,
+}
+
+impl Default for JobOptions {
+    fn default() -> Self {
+        JobOptions { fields: FieldNames::default(), strict: false, chunk_records: 4096, progress: true }
+    }
+}
+
+/// Final accounting of a job.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct JobSummary {
+    pub files: usize,
+    pub records: usize,
+    pub ok: usize,
+    pub errors: BTreeMap<String, usize>,
+    pub tokens: usize,
+    pub seconds: f64,
+    pub docs_per_s: f64,
+    pub tokens_per_s: f64,
+}
+
+/// Run `task` over every input file, writing one line per record to `output` (`-` for stdout).
+pub fn run_job(
+    scorer: &Scorer,
+    task: Task,
+    inputs: &[PathBuf],
+    output: &Path,
+    opts: &JobOptions,
+) -> Result<JobSummary> {
+    if task == Task::Score && scorer.head().is_none() {
+        bail!(
+            "{} has no classification head: use `mira embed`, or a checkpoint with a classifier",
+            scorer.model_dir().display()
+        );
+    }
+    let total_bytes: u64 = inputs
+        .iter()
+        .map(|p| std::fs::metadata(p).map(|m| m.len()).map_err(|e| anyhow::anyhow!("cannot open input {}: {e}", p.display())))
+        .sum::<Result<u64>>()?;
+    let bar = progress_bar(opts.progress, total_bytes);
+    let mut sink: Box<dyn RecordSink> = Box::new(corpus::JsonlWriter::create(output)?);
+    let start = Instant::now();
+    let mut summary = JobSummary { files: inputs.len(), ..Default::default() };
+    let mut done_bytes = 0u64;
+    for path in inputs {
+        let mut chunk: Vec<Record> = Vec::with_capacity(opts.chunk_records);
+        let file_bytes = std::fs::metadata(path)?.len();
+        for rec in corpus::open_input(path, &opts.fields)? {
+            chunk.push(rec?);
+            if chunk.len() == opts.chunk_records {
+                process_chunk(scorer, task, &mut chunk, sink.as_mut(), opts, &mut summary)?;
+                update(&bar, &summary, start);
+            }
+        }
+        process_chunk(scorer, task, &mut chunk, sink.as_mut(), opts, &mut summary)?;
+        done_bytes += file_bytes;
+        bar.set_position(done_bytes);
+        update(&bar, &summary, start);
+    }
+    sink.finish()?;
+    bar.finish_and_clear();
+    summary.seconds = start.elapsed().as_secs_f64();
+    summary.docs_per_s = summary.records as f64 / summary.seconds.max(1e-9);
+    summary.tokens_per_s = summary.tokens as f64 / summary.seconds.max(1e-9);
+    Ok(summary)
+}
+
+fn progress_bar(enabled: bool, total: u64) -> ProgressBar {
+    if !enabled {
+        return ProgressBar::hidden();
+    }
+    // indicatif draws nothing when stderr is not a terminal.
+    let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {bytes}/{total_bytes} {msg} eta {eta}")
+            .expect("valid template"),
+    );
+    bar
+}
+
+fn update(bar: &ProgressBar, s: &JobSummary, start: Instant) {
+    let secs = start.elapsed().as_secs_f64().max(1e-9);
+    bar.set_message(format!(
+        "{} docs, {:.0} docs/s, {:.0} tok/s",
+        s.records,
+        s.records as f64 / secs,
+        s.tokens as f64 / secs
+    ));
+}
+
+fn process_chunk(
+    scorer: &Scorer,
+    task: Task,
+    chunk: &mut Vec<Record>,
+    sink: &mut dyn RecordSink,
+    opts: &JobOptions,
+    summary: &mut JobSummary,
+) -> Result<()> {
+    if chunk.is_empty() {
+        return Ok(());
+    }
+    // Tokenize the usable records in parallel; a tokenizer failure marks only its record.
+    let texts: Vec<(usize, &str)> = chunk
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| r.text.as_ref().ok().map(|t| (i, t.as_str())))
+        .collect();
+    let encoded: Vec<Result<Vec<u32>>> = {
+        use rayon::prelude::*;
+        texts.par_iter().map(|(_, t)| scorer.tokenize_one(t)).collect()
+    };
+    let mut failures: BTreeMap<usize, RecordError> = BTreeMap::new();
+    let mut ids = Vec::with_capacity(texts.len());
+    let mut owners = Vec::with_capacity(texts.len());
+    for ((i, _), enc) in texts.iter().zip(encoded) {
+        match enc {
+            Ok(v) => {
+                ids.push(v);
+                owners.push(*i);
+            }
+            Err(e) => {
+                failures.insert(*i, RecordError::Failed(format!("{}: {e:#}", chunk[*i].location)));
+            }
+        }
+    }
+    let outputs: Vec<Value> = match task {
+        Task::Score => {
+            let s = scorer.score_ids(&ids)?;
+            (0..ids.len())
+                .map(|d| {
+                    let m: Map<String, Value> =
+                        s.labels.iter().zip(s.row(d)).map(|(l, v)| (l.clone(), json!(v))).collect();
+                    Value::Object(m)
+                })
+                .collect()
+        }
+        Task::Embed => {
+            let e = scorer.embed_ids(&ids)?;
+            (0..ids.len()).map(|d| json!(e.row(d))).collect()
+        }
+    };
+    let key = match task {
+        Task::Score => "scores",
+        Task::Embed => "embedding",
+    };
+    let mut results = owners.iter().zip(outputs).peekable();
+    for (i, rec) in chunk.iter().enumerate() {
+        summary.records += 1;
+        let mut obj = Map::new();
+        obj.insert("id".into(), Value::String(rec.id.clone()));
+        if let Some(src) = &rec.source {
+            obj.insert("source".into(), Value::String(src.clone()));
+        }
+        let error = rec.text.as_ref().err().or(failures.get(&i));
+        if let Some(err) = error {
+            if opts.strict {
+                bail!("{err}");
+            }
+            *summary.errors.entry(err.kind().to_string()).or_default() += 1;
+            obj.insert("error".into(), Value::String(err.to_string()));
+        } else {
+            let (&owner, value) = results.next().expect("one result per usable record");
+            debug_assert_eq!(owner, i);
+            summary.ok += 1;
+            obj.insert(key.into(), value);
+        }
+        sink.write(&Value::Object(obj))?;
+    }
+    summary.tokens += ids.iter().map(Vec::len).sum::<usize>();
+    chunk.clear();
+    Ok(())
+}

@@ -1,0 +1,274 @@
+//! The library's front door: load a checkpoint folder onto a device, then score or embed texts.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+use crate::engine::{self, Batch, Device, Packer, Pooling};
+use crate::model::config::{ModelConfig, ProblemType};
+use crate::model::st::SentenceConfig;
+use crate::model::weights::Weights;
+use crate::model::{self, Encoder};
+use crate::text::TextEncoder;
+
+/// Options for [`Scorer::load_with`].
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Truncation limit in tokens, special tokens included. Default: `sentence_bert_config.json`
+    /// `max_seq_length` when present, else the model's `max_position_embeddings`.
+    pub max_tokens: Option<usize>,
+    /// How documents are packed into batches.
+    pub packer: Packer,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { max_tokens: None, packer: Packer::default() }
+    }
+}
+
+/// A documents × outputs matrix of scores, with the output names.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scores {
+    pub labels: Vec<String>,
+    /// Row-major `[docs, labels.len()]`.
+    pub values: Vec<f32>,
+}
+
+impl Scores {
+    pub fn n_docs(&self) -> usize {
+        self.values.len() / self.labels.len().max(1)
+    }
+    pub fn row(&self, doc: usize) -> &[f32] {
+        let n = self.labels.len();
+        &self.values[doc * n..(doc + 1) * n]
+    }
+}
+
+/// A documents × dimension matrix of pooled embeddings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Embeddings {
+    pub dim: usize,
+    /// Row-major `[docs, dim]`.
+    pub values: Vec<f32>,
+}
+
+impl Embeddings {
+    pub fn n_docs(&self) -> usize {
+        self.values.len() / self.dim.max(1)
+    }
+    pub fn row(&self, doc: usize) -> &[f32] {
+        &self.values[doc * self.dim..(doc + 1) * self.dim]
+    }
+}
+
+/// What a checkpoint's outputs mean.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeadInfo {
+    pub labels: Vec<String>,
+    pub problem_type: ProblemType,
+}
+
+/// A loaded student: tokenizer, encoder on a device, head and pooling metadata.
+pub struct Scorer {
+    dir: PathBuf,
+    encoder: Box<dyn Encoder>,
+    text: TextEncoder,
+    sentence: SentenceConfig,
+    head: Option<HeadInfo>,
+    packer: Packer,
+    device_note: Option<String>,
+}
+
+impl Scorer {
+    /// Load a Hugging Face checkpoint folder with default options.
+    pub fn load(dir: impl AsRef<Path>, device: Device) -> Result<Scorer> {
+        Self::load_with(dir, device, LoadOptions::default())
+    }
+
+    pub fn load_with(dir: impl AsRef<Path>, device: Device, opts: LoadOptions) -> Result<Scorer> {
+        let dir = dir.as_ref();
+        model::check_folder(dir)?;
+        let (device, device_note) = engine::resolve(device)?;
+        let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+        let sentence = SentenceConfig::load(dir)?;
+        let weights = Weights::open(dir)?;
+        let encoder = model::load_encoder(&cfg, &weights, device)
+            .with_context(|| format!("cannot load model {}", dir.display()))?;
+        let max_pos = encoder.max_positions();
+        let max_tokens = opts.max_tokens.or(sentence.max_seq_length).unwrap_or(max_pos);
+        if max_tokens > max_pos {
+            bail!("max_tokens {max_tokens} exceeds the model's max_position_embeddings {max_pos}");
+        }
+        let text = TextEncoder::from_file(&dir.join("tokenizer.json"), max_tokens)?;
+        let head = match encoder.num_outputs() {
+            0 => None,
+            n => {
+                let labels = match &cfg.declared_labels {
+                    Some(l) if l.len() == n => l.clone(),
+                    Some(l) if l.len() > 1 || n == 1 => bail!(
+                        "{}: the classifier has {n} outputs but config.json names {} labels",
+                        dir.display(),
+                        l.len()
+                    ),
+                    _ => (0..n).map(|i| format!("LABEL_{i}")).collect(),
+                };
+                // transformers' own rule when problem_type is unset.
+                let problem_type = cfg.problem_type.unwrap_or(if n == 1 {
+                    ProblemType::Regression
+                } else {
+                    ProblemType::SingleLabel
+                });
+                Some(HeadInfo { labels, problem_type })
+            }
+        };
+        Ok(Scorer {
+            dir: dir.to_path_buf(),
+            encoder,
+            text,
+            sentence,
+            head,
+            packer: opts.packer,
+            device_note,
+        })
+    }
+
+    pub fn model_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The backend the model runs on, e.g. `cpu (2 threads, avx2+fma)`.
+    pub fn device_name(&self) -> String {
+        self.encoder.device_name()
+    }
+
+    /// Why `--device auto` picked what it picked, if it did.
+    pub fn device_note(&self) -> Option<&str> {
+        self.device_note.as_deref()
+    }
+
+    pub fn max_tokens(&self) -> usize {
+        self.text.max_tokens()
+    }
+
+    /// Output names of the classification head (`None` for an embedding model).
+    pub fn head(&self) -> Option<&HeadInfo> {
+        self.head.as_ref()
+    }
+
+    pub fn embedding_dim(&self) -> usize {
+        self.encoder.hidden_size()
+    }
+
+    pub fn packer(&self) -> Packer {
+        self.packer
+    }
+
+    /// Token ids of each text (truncated, special tokens included), tokenized in parallel.
+    pub fn tokenize<S: AsRef<str> + Sync>(&self, texts: &[S]) -> Result<Vec<Vec<u32>>> {
+        self.text.encode_batch(texts)
+    }
+
+    /// Token ids of one text.
+    pub fn tokenize_one(&self, text: &str) -> Result<Vec<u32>> {
+        self.text.encode(text)
+    }
+
+    /// Size of the tokenizer's vocabulary.
+    pub fn vocab_size(&self) -> usize {
+        self.text.vocab_size()
+    }
+
+    /// Scores of each text: raw outputs for regression heads, softmax probabilities for
+    /// single-label and sigmoid for multi-label classification heads.
+    pub fn score<S: AsRef<str> + Sync>(&self, texts: &[S]) -> Result<Scores> {
+        self.score_ids(&self.tokenize(texts)?)
+    }
+
+    /// Like [`score`](Self::score) on already tokenized documents.
+    pub fn score_ids(&self, ids: &[Vec<u32>]) -> Result<Scores> {
+        let head = self.head.as_ref().with_context(|| {
+            format!("{} has no classification head: it can embed but not score", self.dir.display())
+        })?;
+        let n = head.labels.len();
+        let mut values = self.run(ids, n, |b| self.encoder.logits(b))?;
+        for row in values.chunks_exact_mut(n) {
+            match head.problem_type {
+                ProblemType::Regression => {}
+                ProblemType::SingleLabel => softmax(row),
+                ProblemType::MultiLabel => row.iter_mut().for_each(|v| *v = 1.0 / (1.0 + (-*v).exp())),
+            }
+        }
+        Ok(Scores { labels: head.labels.clone(), values })
+    }
+
+    /// Raw head outputs (logits) without the softmax/sigmoid of [`score`](Self::score).
+    pub fn logits_ids(&self, ids: &[Vec<u32>]) -> Result<Vec<f32>> {
+        let n = self.encoder.num_outputs();
+        if n == 0 {
+            bail!("{} has no classification head", self.dir.display());
+        }
+        self.run(ids, n, |b| self.encoder.logits(b))
+    }
+
+    /// Pooled embeddings of each text, as the checkpoint's sentence-transformers modules say
+    /// (mean pooling without normalisation when there are none).
+    pub fn embed<S: AsRef<str> + Sync>(&self, texts: &[S]) -> Result<Embeddings> {
+        self.embed_ids(&self.tokenize(texts)?)
+    }
+
+    pub fn embed_ids(&self, ids: &[Vec<u32>]) -> Result<Embeddings> {
+        let dim = self.encoder.hidden_size();
+        let mut values = self.run(ids, dim, |b| self.encoder.pooled(b, self.sentence.pooling))?;
+        if self.sentence.normalize {
+            for row in values.chunks_exact_mut(dim) {
+                let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+                row.iter_mut().for_each(|v| *v /= norm);
+            }
+        }
+        Ok(Embeddings { dim, values })
+    }
+
+    /// Run one packed batch through the encoder and head (used by benchmarks).
+    pub fn forward_batch(&self, batch: &Batch) -> Result<Vec<f32>> {
+        if self.head.is_some() {
+            self.encoder.logits(batch)
+        } else {
+            self.encoder.pooled(batch, self.sentence.pooling)
+        }
+    }
+
+    /// Pack, run every batch and put each document's `width` outputs back in input order.
+    fn run(
+        &self,
+        ids: &[Vec<u32>],
+        width: usize,
+        forward: impl Fn(&Batch) -> Result<Vec<f32>>,
+    ) -> Result<Vec<f32>> {
+        let mut out = vec![0f32; ids.len() * width];
+        for batch in self.packer.pack(ids) {
+            let rows = forward(&batch)?;
+            for (s, &doc) in batch.docs.iter().enumerate() {
+                out[doc * width..(doc + 1) * width].copy_from_slice(&rows[s * width..(s + 1) * width]);
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn softmax(row: &mut [f32]) {
+    let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in row.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    row.iter_mut().for_each(|v| *v /= sum);
+}
+
+/// Pooling mode used by [`Scorer::embed`] (exposed for reports).
+impl Scorer {
+    pub fn pooling(&self) -> (Pooling, bool) {
+        (self.sentence.pooling, self.sentence.normalize)
+    }
+}

@@ -1,0 +1,5 @@
+//! Text to token ids.
+
+pub mod tokenize;
+
+pub use tokenize::TextEncoder;
