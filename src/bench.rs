@@ -89,7 +89,9 @@ pub fn synthetic_docs(n: usize, max_tokens: usize, vocab: usize) -> Vec<Vec<u32>
             // Box–Muller normal -> log-normal length.
             let z = (-2.0 * next().ln()).sqrt() * (2.0 * std::f64::consts::PI * next()).cos();
             let len = ((150f64.ln() + 0.9 * z).exp() as usize).clamp(8, max_tokens.max(8));
-            (0..len).map(|_| (lo + (next() * (hi - lo) as f64) as u64).min(hi - 1) as u32).collect()
+            (0..len)
+                .map(|_| (lo + (next() * (hi - lo) as f64) as u64).min(hi - 1) as u32)
+                .collect()
         })
         .collect()
 }

@@ -11,7 +11,11 @@ use mira::pipeline::{self, JobOptions, Task};
 use mira::{bench, engine, Device, LoadOptions, Packer, Scorer};
 
 #[derive(Parser)]
-#[command(name = "mira", version, about = "Fast model-based data selection for LLM mid-training")]
+#[command(
+    name = "mira",
+    version,
+    about = "Fast model-based data selection for LLM mid-training"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -40,9 +44,9 @@ struct ModelArgs {
     /// auto, cpu, wgpu[:N] or cuda[:N]
     #[arg(long, default_value = "auto")]
     device: Device,
-    /// Token budget of one packed batch
-    #[arg(long, default_value_t = Packer::default().max_batch_tokens)]
-    batch_tokens: usize,
+    /// Token budget of one packed batch [default: the device's, 4096 on CPU]
+    #[arg(long)]
+    batch_tokens: Option<usize>,
     /// Worker threads for the CPU backend and tokenization [default: all cores]
     #[arg(long)]
     threads: Option<usize>,
@@ -101,13 +105,22 @@ fn main() {
 
 fn load(args: &ModelArgs) -> Result<Scorer> {
     if let Some(n) = args.threads {
-        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("cannot set threads")?;
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("cannot set threads")?;
     }
-    let packer = Packer { max_batch_tokens: args.batch_tokens, ..Packer::default() };
+    let packer = args.batch_tokens.map(|n| Packer {
+        max_batch_tokens: n,
+        ..Packer::default()
+    });
     let scorer = Scorer::load_with(
         &args.model,
         args.device,
-        LoadOptions { max_tokens: args.max_tokens, packer },
+        LoadOptions {
+            max_tokens: args.max_tokens,
+            packer,
+        },
     )?;
     if let Some(note) = scorer.device_note() {
         eprintln!("{note}");
@@ -132,7 +145,11 @@ fn run(cli: Cli) -> Result<()> {
 fn job(a: JobArgs, task: Task) -> Result<()> {
     let scorer = load(&a.model)?;
     let opts = JobOptions {
-        fields: FieldNames { text: a.text_field, id: a.id_field, source: a.source_field },
+        fields: FieldNames {
+            text: a.text_field,
+            id: a.id_field,
+            source: a.source_field,
+        },
         strict: a.strict,
         progress: std::io::stderr().is_terminal(),
         ..JobOptions::default()
@@ -162,7 +179,10 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
     let scorer = load(&a.model)?;
     let (ids, input, tok_rate) = match &a.input {
         Some(path) => {
-            let fields = FieldNames { text: a.text_field.clone(), ..FieldNames::default() };
+            let fields = FieldNames {
+                text: a.text_field.clone(),
+                ..FieldNames::default()
+            };
             let mut texts = Vec::new();
             for rec in corpus::open_input(path, &fields)? {
                 if let Ok(t) = rec?.text {
@@ -187,10 +207,22 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
     } else {
         println!("model      {}", report.model);
         println!("device     {}", report.device);
-        println!("input      {} ({} docs, {} tokens, max {} tokens/doc)", report.input, report.docs, report.tokens, report.max_tokens);
-        println!("batches    {} (budget {} tokens), best of {}", report.batches, report.batch_tokens, report.repeat);
-        println!("throughput {:.0} tokens/s, {:.1} docs/s ({:.3}s)", report.tokens_per_s, report.docs_per_s, report.seconds);
-        println!("latency    p50 {:.1} ms, p99 {:.1} ms per batch", report.batch_p50_ms, report.batch_p99_ms);
+        println!(
+            "input      {} ({} docs, {} tokens, max {} tokens/doc)",
+            report.input, report.docs, report.tokens, report.max_tokens
+        );
+        println!(
+            "batches    {} (budget {} tokens), best of {}",
+            report.batches, report.batch_tokens, report.repeat
+        );
+        println!(
+            "throughput {:.0} tokens/s, {:.1} docs/s ({:.3}s)",
+            report.tokens_per_s, report.docs_per_s, report.seconds
+        );
+        println!(
+            "latency    p50 {:.1} ms, p99 {:.1} ms per batch",
+            report.batch_p50_ms, report.batch_p99_ms
+        );
         if let Some(r) = report.tokenize_docs_per_s {
             println!("tokenize   {r:.0} docs/s (not included above)");
         }

@@ -39,7 +39,12 @@ pub struct JobOptions {
 
 impl Default for JobOptions {
     fn default() -> Self {
-        JobOptions { fields: FieldNames::default(), strict: false, chunk_records: 4096, progress: true }
+        JobOptions {
+            fields: FieldNames::default(),
+            strict: false,
+            chunk_records: 4096,
+            progress: true,
+        }
     }
 }
 
@@ -72,12 +77,19 @@ pub fn run_job(
     }
     let total_bytes: u64 = inputs
         .iter()
-        .map(|p| std::fs::metadata(p).map(|m| m.len()).map_err(|e| anyhow::anyhow!("cannot open input {}: {e}", p.display())))
+        .map(|p| {
+            std::fs::metadata(p)
+                .map(|m| m.len())
+                .map_err(|e| anyhow::anyhow!("cannot open input {}: {e}", p.display()))
+        })
         .sum::<Result<u64>>()?;
     let bar = progress_bar(opts.progress, total_bytes);
     let mut sink: Box<dyn RecordSink> = Box::new(corpus::JsonlWriter::create(output)?);
     let start = Instant::now();
-    let mut summary = JobSummary { files: inputs.len(), ..Default::default() };
+    let mut summary = JobSummary {
+        files: inputs.len(),
+        ..Default::default()
+    };
     let mut done_bytes = 0u64;
     for path in inputs {
         let mut chunk: Vec<Record> = Vec::with_capacity(opts.chunk_records);
@@ -144,7 +156,10 @@ fn process_chunk(
         .collect();
     let encoded: Vec<Result<Vec<u32>>> = {
         use rayon::prelude::*;
-        texts.par_iter().map(|(_, t)| scorer.tokenize_one(t)).collect()
+        texts
+            .par_iter()
+            .map(|(_, t)| scorer.tokenize_one(t))
+            .collect()
     };
     let mut failures: BTreeMap<usize, RecordError> = BTreeMap::new();
     let mut ids = Vec::with_capacity(texts.len());
@@ -156,7 +171,10 @@ fn process_chunk(
                 owners.push(*i);
             }
             Err(e) => {
-                failures.insert(*i, RecordError::Failed(format!("{}: {e:#}", chunk[*i].location)));
+                failures.insert(
+                    *i,
+                    RecordError::Failed(format!("{}: {e:#}", chunk[*i].location)),
+                );
             }
         }
     }
@@ -165,8 +183,12 @@ fn process_chunk(
             let s = scorer.score_ids(&ids)?;
             (0..ids.len())
                 .map(|d| {
-                    let m: Map<String, Value> =
-                        s.labels.iter().zip(s.row(d)).map(|(l, v)| (l.clone(), json!(v))).collect();
+                    let m: Map<String, Value> = s
+                        .labels
+                        .iter()
+                        .zip(s.row(d))
+                        .map(|(l, v)| (l.clone(), json!(v)))
+                        .collect();
                     Value::Object(m)
                 })
                 .collect()

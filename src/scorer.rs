@@ -12,19 +12,14 @@ use crate::model::{self, Encoder};
 use crate::text::TextEncoder;
 
 /// Options for [`Scorer::load_with`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
     /// Truncation limit in tokens, special tokens included. Default: `sentence_bert_config.json`
     /// `max_seq_length` when present, else the model's `max_position_embeddings`.
     pub max_tokens: Option<usize>,
-    /// How documents are packed into batches.
-    pub packer: Packer,
-}
-
-impl Default for LoadOptions {
-    fn default() -> Self {
-        LoadOptions { max_tokens: None, packer: Packer::default() }
-    }
+    /// How documents are packed into batches; `None` picks the device's default
+    /// ([`engine::default_packer`]).
+    pub packer: Option<Packer>,
 }
 
 /// A documents × outputs matrix of scores, with the output names.
@@ -96,7 +91,10 @@ impl Scorer {
         let encoder = model::load_encoder(&cfg, &weights, device)
             .with_context(|| format!("cannot load model {}", dir.display()))?;
         let max_pos = encoder.max_positions();
-        let max_tokens = opts.max_tokens.or(sentence.max_seq_length).unwrap_or(max_pos);
+        let max_tokens = opts
+            .max_tokens
+            .or(sentence.max_seq_length)
+            .unwrap_or(max_pos);
         if max_tokens > max_pos {
             bail!("max_tokens {max_tokens} exceeds the model's max_position_embeddings {max_pos}");
         }
@@ -119,7 +117,10 @@ impl Scorer {
                 } else {
                     ProblemType::SingleLabel
                 });
-                Some(HeadInfo { labels, problem_type })
+                Some(HeadInfo {
+                    labels,
+                    problem_type,
+                })
             }
         };
         Ok(Scorer {
@@ -128,7 +129,9 @@ impl Scorer {
             text,
             sentence,
             head,
-            packer: opts.packer,
+            packer: opts
+                .packer
+                .unwrap_or_else(|| engine::default_packer(device)),
             device_note,
         })
     }
@@ -188,7 +191,10 @@ impl Scorer {
     /// Like [`score`](Self::score) on already tokenized documents.
     pub fn score_ids(&self, ids: &[Vec<u32>]) -> Result<Scores> {
         let head = self.head.as_ref().with_context(|| {
-            format!("{} has no classification head: it can embed but not score", self.dir.display())
+            format!(
+                "{} has no classification head: it can embed but not score",
+                self.dir.display()
+            )
         })?;
         let n = head.labels.len();
         let mut values = self.run(ids, n, |b| self.encoder.logits(b))?;
@@ -196,10 +202,15 @@ impl Scorer {
             match head.problem_type {
                 ProblemType::Regression => {}
                 ProblemType::SingleLabel => softmax(row),
-                ProblemType::MultiLabel => row.iter_mut().for_each(|v| *v = 1.0 / (1.0 + (-*v).exp())),
+                ProblemType::MultiLabel => {
+                    row.iter_mut().for_each(|v| *v = 1.0 / (1.0 + (-*v).exp()))
+                }
             }
         }
-        Ok(Scores { labels: head.labels.clone(), values })
+        Ok(Scores {
+            labels: head.labels.clone(),
+            values,
+        })
     }
 
     /// Raw head outputs (logits) without the softmax/sigmoid of [`score`](Self::score).
@@ -249,7 +260,8 @@ impl Scorer {
         for batch in self.packer.pack(ids) {
             let rows = forward(&batch)?;
             for (s, &doc) in batch.docs.iter().enumerate() {
-                out[doc * width..(doc + 1) * width].copy_from_slice(&rows[s * width..(s + 1) * width]);
+                out[doc * width..(doc + 1) * width]
+                    .copy_from_slice(&rows[s * width..(s + 1) * width]);
             }
         }
         Ok(out)

@@ -14,22 +14,44 @@ fn texts() -> Vec<String> {
         .map(|c| c["text"].as_str().unwrap().to_string())
         .collect();
     for i in 0..20 {
-        t.push(format!("document {i}: {}", "the quick brown fox jumps over the lazy dog ".repeat(i * 3)));
+        t.push(format!(
+            "document {i}: {}",
+            "the quick brown fox jumps over the lazy dog ".repeat(i * 3)
+        ));
     }
     t
 }
 
 fn scorer(dir: &std::path::Path, batch_tokens: usize, max_seqs: usize) -> Scorer {
-    let packer = Packer { max_batch_tokens: batch_tokens, max_batch_seqs: max_seqs, sort_window: 7 };
-    Scorer::load_with(dir, Device::Cpu, LoadOptions { max_tokens: None, packer }).unwrap()
+    let packer = Packer {
+        max_batch_tokens: batch_tokens,
+        max_batch_seqs: max_seqs,
+        sort_window: 7,
+    };
+    Scorer::load_with(
+        dir,
+        Device::Cpu,
+        LoadOptions {
+            max_tokens: None,
+            packer: Some(packer),
+        },
+    )
+    .unwrap()
 }
 
 /// Equal up to f32 summation-order noise (GEMM blocking differs with the number of rows), relative
 /// to the row's magnitude; a batching bug (cross-sequence attention, misplaced rows) is far larger.
 fn assert_close(a: &[f32], b: &[f32], what: &str) {
-    let m = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    let m = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max);
     let scale = b.iter().fold(1.0f32, |s, y| s.max(y.abs()));
-    assert!(m <= 2e-6 * scale, "{what}: batched and single differ by {m:e} (scale {scale})");
+    assert!(
+        m <= 2e-6 * scale,
+        "{what}: batched and single differ by {m:e} (scale {scale})"
+    );
 }
 
 #[test]
@@ -39,7 +61,10 @@ fn minilm_batched_equals_single_and_order_does_not_matter() {
     let single = scorer(&dir, 1, 1);
     let big = scorer(&dir, 4096, 64);
     let tiny = scorer(&dir, 300, 3);
-    let reference: Vec<Vec<f32>> = t.iter().map(|x| single.embed(&[x]).unwrap().row(0).to_vec()).collect();
+    let reference: Vec<Vec<f32>> = t
+        .iter()
+        .map(|x| single.embed(&[x]).unwrap().row(0).to_vec())
+        .collect();
     for s in [&big, &tiny] {
         let e = s.embed(&t).unwrap();
         for (i, r) in reference.iter().enumerate() {
@@ -62,6 +87,10 @@ fn classifier_scores_do_not_depend_on_batching() {
     let batched = scorer(&dir, 512, 16);
     let s = batched.score(&t).unwrap();
     for (i, x) in t.iter().enumerate() {
-        assert_close(s.row(i), single.score(&[x]).unwrap().row(0), &format!("doc {i}"));
+        assert_close(
+            s.row(i),
+            single.score(&[x]).unwrap().row(0),
+            &format!("doc {i}"),
+        );
     }
 }

@@ -10,11 +10,18 @@ use common::*;
 use serde_json::Value;
 
 fn mira(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_mira")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_mira"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn lines(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 const MIXED: &[u8] = b"{\"id\":\"a\",\"text\":\"A short document.\",\"source\":\"web\"}\n\
@@ -34,31 +41,65 @@ fn score_writes_every_record_in_order_with_errors_inline() {
     let out = tmp.path().join("out.jsonl");
     let stats = tmp.path().join("stats.json");
     let model = fixture_model("bert-cls-regression");
-    let o = mira(&["score", "--model", model.to_str().unwrap(), "--input", input.to_str().unwrap(),
-        "--output", out.to_str().unwrap(), "--device", "cpu", "--stats", stats.to_str().unwrap()]);
+    let o = mira(&[
+        "score",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--stats",
+        stats.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let rows = lines(&out);
     let input_name = input.display().to_string();
     let ids: Vec<&str> = rows.iter().map(|r| r["id"].as_str().unwrap()).collect();
     // Unparseable lines (malformed JSON, invalid UTF-8) fall back to `<file>:<line>`.
-    let (l2, l3, l6) = (format!("{input_name}:2"), format!("{input_name}:3"), format!("{input_name}:6"));
+    let (l2, l3, l6) = (
+        format!("{input_name}:2"),
+        format!("{input_name}:3"),
+        format!("{input_name}:6"),
+    );
     assert_eq!(ids, vec!["a", &l2, &l3, "no-text", &l6, "num", "z"]);
     assert_eq!(rows[0]["source"], "web");
     assert_eq!(rows[0]["scores"].as_object().unwrap().len(), 12);
     assert!(rows[1]["scores"].is_object() && rows[6]["scores"].is_object());
-    for (i, kind) in [(2, "malformed_json"), (3, "missing_text"), (4, "invalid_utf8"), (5, "text_not_string")] {
+    for (i, kind) in [
+        (2, "malformed_json"),
+        (3, "missing_text"),
+        (4, "invalid_utf8"),
+        (5, "text_not_string"),
+    ] {
         let err = rows[i]["error"].as_str().unwrap();
-        assert!(err.starts_with(kind) && err.contains(&input_name), "row {i}: {err}");
+        assert!(
+            err.starts_with(kind) && err.contains(&input_name),
+            "row {i}: {err}"
+        );
         assert!(rows[i].get("scores").is_none());
     }
     let s: Value = serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
-    assert_eq!((s["records"].as_u64(), s["ok"].as_u64()), (Some(7), Some(3)));
+    assert_eq!(
+        (s["records"].as_u64(), s["ok"].as_u64()),
+        (Some(7), Some(3))
+    );
     assert_eq!(s["errors"]["malformed_json"], 1);
-    // The library gives the same scores as the CLI.
+    // The library, given the same usable documents, gives the same scores as the CLI.
     let scorer = mira::Scorer::load(&model, mira::Device::Cpu).unwrap();
-    let lib = scorer.score(&["A short document."]).unwrap();
-    let cli: Vec<f32> = lib.labels.iter().map(|l| rows[0]["scores"][l].as_f64().unwrap() as f32).collect();
-    assert_eq!(cli, lib.row(0));
+    let lib = scorer
+        .score(&["A short document.", "no id here", ""])
+        .unwrap();
+    for (i, row) in [0, 1, 6].into_iter().enumerate() {
+        let cli: Vec<f32> = lib
+            .labels
+            .iter()
+            .map(|l| rows[row]["scores"][l].as_f64().unwrap() as f32)
+            .collect();
+        assert_eq!(cli, lib.row(i), "row {row}");
+    }
 }
 
 #[test]
@@ -68,12 +109,26 @@ fn strict_mode_fails_fast_naming_file_and_line() {
     std::fs::write(&input, MIXED).unwrap();
     let out = tmp.path().join("out.jsonl");
     let model = fixture_model("bert-cls-regression");
-    let o = mira(&["score", "--model", model.to_str().unwrap(), "--input", input.to_str().unwrap(),
-        "--output", out.to_str().unwrap(), "--strict"]);
+    let o = mira(&[
+        "score",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--strict",
+    ]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains(&format!("{}:3", input.display())) && err.contains("malformed_json"), "{err}");
-    assert!(!out.exists(), "a failed job must not leave a partial output in place");
+    assert!(
+        err.contains(&format!("{}:3", input.display())) && err.contains("malformed_json"),
+        "{err}"
+    );
+    assert!(
+        !out.exists(),
+        "a failed job must not leave a partial output in place"
+    );
 }
 
 #[test]
@@ -82,23 +137,49 @@ fn embed_matches_library_and_missing_input_is_named() {
     let a = tmp.path().join("a.jsonl");
     let b = tmp.path().join("b.jsonl");
     std::fs::write(&a, "{\"id\":\"1\",\"text\":\"first file\"}\n").unwrap();
-    std::fs::write(&b, "{\"id\":\"2\",\"body\":\"second file\"}\n{\"id\":\"3\",\"body\":\"more\"}\n").unwrap();
+    std::fs::write(
+        &b,
+        "{\"id\":\"2\",\"body\":\"second file\"}\n{\"id\":\"3\",\"body\":\"more\"}\n",
+    )
+    .unwrap();
     let out = tmp.path().join("emb.jsonl");
     let model = fixture_model("bert-base-bf16");
-    let o = mira(&["embed", "--model", model.to_str().unwrap(), "--input", b.to_str().unwrap(),
-        "--output", out.to_str().unwrap(), "--text-field", "body"]);
+    let o = mira(&[
+        "embed",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        b.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--text-field",
+        "body",
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let rows = lines(&out);
     assert_eq!(rows.len(), 2);
     let scorer = mira::Scorer::load(&model, mira::Device::Cpu).unwrap();
     let lib = scorer.embed(&["second file", "more"]).unwrap();
     for (i, r) in rows.iter().enumerate() {
-        let got: Vec<f32> = r["embedding"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        let got: Vec<f32> = r["embedding"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
         assert_eq!(got, lib.row(i));
     }
     let missing = tmp.path().join("missing.jsonl");
-    let o = mira(&["embed", "--model", model.to_str().unwrap(), "--input", a.to_str().unwrap(),
-        missing.to_str().unwrap(), "--output", out.to_str().unwrap()]);
+    let o = mira(&[
+        "embed",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        a.to_str().unwrap(),
+        missing.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("missing.jsonl"));
 }
@@ -109,7 +190,15 @@ fn devices_and_unavailable_backends() {
     assert!(o.status.success());
     assert!(String::from_utf8_lossy(&o.stdout).contains("cpu"));
     let model = fixture_model("bert-base-bf16");
-    let o = mira(&["bench", "--model", model.to_str().unwrap(), "--device", "cuda:1", "--docs", "4"]);
+    let o = mira(&[
+        "bench",
+        "--model",
+        model.to_str().unwrap(),
+        "--device",
+        "cuda:1",
+        "--docs",
+        "4",
+    ]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("cuda:1"));
 }
@@ -117,8 +206,18 @@ fn devices_and_unavailable_backends() {
 #[test]
 fn bench_reports_json_throughput() {
     let model = fixture_model("bert-cls-regression");
-    let o = mira(&["bench", "--model", model.to_str().unwrap(), "--device", "cpu", "--docs", "50",
-        "--repeat", "1", "--json"]);
+    let o = mira(&[
+        "bench",
+        "--model",
+        model.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--docs",
+        "50",
+        "--repeat",
+        "1",
+        "--json",
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let r: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(r["docs"], 50);

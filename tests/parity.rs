@@ -7,8 +7,15 @@ use common::*;
 use mira::{Device, LoadOptions, Scorer};
 
 fn load(dir: &std::path::Path, max_tokens: usize) -> Scorer {
-    Scorer::load_with(dir, Device::Cpu, LoadOptions { max_tokens: Some(max_tokens), ..Default::default() })
-        .unwrap_or_else(|e| panic!("load {}: {e:#}", dir.display()))
+    Scorer::load_with(
+        dir,
+        Device::Cpu,
+        LoadOptions {
+            max_tokens: Some(max_tokens),
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("load {}: {e:#}", dir.display()))
 }
 
 /// Check token ids and embeddings of every case in every setting of an embed golden.
@@ -23,11 +30,17 @@ fn check_embed(dir: &std::path::Path, golden_name: &str) {
         let tokens = scorer.tokenize(&texts).unwrap();
         let emb = scorer.embed(&texts).unwrap();
         for (i, c) in cases.iter().enumerate() {
-            let label = format!("{golden_name} max_tokens={max_tokens} case {i} ({:.30?})", texts[i]);
+            let label = format!(
+                "{golden_name} max_tokens={max_tokens} case {i} ({:.30?})",
+                texts[i]
+            );
             assert_eq!(tokens[i], ids(&c["ids"]), "{label}: token ids differ");
             let want = floats(&c["output"]);
             let (m, cos) = (max_abs(emb.row(i), &want), cosine(emb.row(i), &want));
-            assert!(m <= 1e-4 && cos >= 0.99999, "{label}: max abs {m:e}, cosine {cos}");
+            assert!(
+                m <= 1e-4 && cos >= 0.99999,
+                "{label}: max abs {m:e}, cosine {cos}"
+            );
         }
     }
 }
@@ -41,7 +54,10 @@ fn minilm_embeddings_match_sentence_transformers() {
 fn minilm_default_truncation_is_sentence_bert_max_seq_length() {
     let scorer = Scorer::load(minilm_dir(), Device::Cpu).unwrap();
     let g = golden("minilm");
-    assert_eq!(scorer.max_tokens() as u64, g["settings"][0]["max_tokens"].as_u64().unwrap());
+    assert_eq!(
+        scorer.max_tokens() as u64,
+        g["settings"][0]["max_tokens"].as_u64().unwrap()
+    );
     assert_eq!(scorer.pooling(), (mira::Pooling::Mean, true));
 }
 
@@ -55,8 +71,12 @@ fn check_score(name: &str) {
     let dir = fixture_model(name);
     let g = golden(name);
     assert_eq!(g["kind"], "score");
-    let labels: Vec<String> =
-        g["labels"].as_array().unwrap().iter().map(|l| l.as_str().unwrap().to_string()).collect();
+    let labels: Vec<String> = g["labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap().to_string())
+        .collect();
     for setting in g["settings"].as_array().unwrap() {
         let max_tokens = setting["max_tokens"].as_u64().unwrap() as usize;
         let scorer = load(&dir, max_tokens);
@@ -73,8 +93,15 @@ fn check_score(name: &str) {
             let want = floats(&c["logits"]);
             let got = &logits[i * n..(i + 1) * n];
             let (m, cos) = (max_abs(got, &want), cosine(got, &want));
-            assert!(m <= 1e-4 && cos >= 0.99999, "{label}: logits max abs {m:e}, cosine {cos}");
-            let want_scores = if c.get("probs").is_some() { floats(&c["probs"]) } else { want };
+            assert!(
+                m <= 1e-4 && cos >= 0.99999,
+                "{label}: logits max abs {m:e}, cosine {cos}"
+            );
+            let want_scores = if c.get("probs").is_some() {
+                floats(&c["probs"])
+            } else {
+                want
+            };
             let m = max_abs(scores.row(i), &want_scores);
             assert!(m <= 1e-4, "{label}: scores max abs {m:e}");
         }

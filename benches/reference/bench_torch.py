@@ -63,6 +63,17 @@ def timed(fn, repeat, warmup_fn):
     return out, runs
 
 
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def report(engine, args, n_docs, n_tokens, runs, extra=None, as_json=False):
     best = min(runs)
     rec = {
@@ -79,7 +90,8 @@ def report(engine, args, n_docs, n_tokens, runs, extra=None, as_json=False):
         "runs_s": [round(r, 4) for r in runs],
         "tokens_per_s": round(n_tokens / best, 1),
         "docs_per_s": round(n_docs / best, 2),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
         "torch": torch.__version__,
     }
     if extra:

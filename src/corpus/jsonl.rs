@@ -21,14 +21,26 @@ pub struct JsonlReader<R> {
 
 impl JsonlReader<BufReader<File>> {
     pub fn open(path: &Path, fields: FieldNames) -> Result<Self> {
-        let file = File::open(path).with_context(|| format!("cannot open input {}", path.display()))?;
-        Ok(JsonlReader::new(path.display().to_string(), BufReader::with_capacity(1 << 20, file), fields))
+        let file =
+            File::open(path).with_context(|| format!("cannot open input {}", path.display()))?;
+        Ok(JsonlReader::new(
+            path.display().to_string(),
+            BufReader::with_capacity(1 << 20, file),
+            fields,
+        ))
     }
 }
 
 impl<R: BufRead> JsonlReader<R> {
     pub fn new(name: String, reader: R, fields: FieldNames) -> Self {
-        JsonlReader { name, reader, line: 0, fields, buf: Vec::new(), bytes_read: 0 }
+        JsonlReader {
+            name,
+            reader,
+            line: 0,
+            fields,
+            buf: Vec::new(),
+            bytes_read: 0,
+        }
     }
 
     /// Bytes consumed so far (for progress).
@@ -56,7 +68,11 @@ impl<R: BufRead> JsonlReader<R> {
         };
         let value: Value = match serde_json::from_str(text) {
             Ok(Value::Object(map)) => Value::Object(map),
-            Ok(_) => return fail(RecordError::MalformedJson(format!("{location}: not a JSON object"))),
+            Ok(_) => {
+                return fail(RecordError::MalformedJson(format!(
+                    "{location}: not a JSON object"
+                )))
+            }
             Err(e) => return fail(RecordError::MalformedJson(format!("{location}: {e}"))),
         };
         let id = match value.get(&self.fields.id) {
@@ -80,7 +96,12 @@ impl<R: BufRead> JsonlReader<R> {
                 self.fields.text
             ))),
         };
-        Record { id, source, text, location }
+        Record {
+            id,
+            source,
+            text,
+            location,
+        }
     }
 }
 
@@ -107,8 +128,11 @@ impl<R: BufRead> Iterator for JsonlReader<R> {
                     return Some(Ok(self.parse(&line)));
                 }
                 Err(e) => {
-                    return Some(Err(anyhow::Error::new(e)
-                        .context(format!("{}:{}: read error", self.name, self.line + 1))))
+                    return Some(Err(anyhow::Error::new(e).context(format!(
+                        "{}:{}: read error",
+                        self.name,
+                        self.line + 1
+                    ))))
                 }
             }
         }
@@ -124,14 +148,20 @@ pub struct JsonlWriter {
 impl JsonlWriter {
     pub fn create(path: &Path) -> Result<JsonlWriter> {
         if path.as_os_str() == "-" {
-            return Ok(JsonlWriter { out: BufWriter::new(Box::new(std::io::stdout())), tmp: None });
+            return Ok(JsonlWriter {
+                out: BufWriter::new(Box::new(std::io::stdout())),
+                tmp: None,
+            });
         }
-        let file_name = path.file_name().with_context(|| format!("invalid output path {}", path.display()))?;
+        let file_name = path
+            .file_name()
+            .with_context(|| format!("invalid output path {}", path.display()))?;
         let mut tmp_name = std::ffi::OsString::from(".");
         tmp_name.push(file_name);
         tmp_name.push(".tmp");
         let tmp = path.with_file_name(tmp_name);
-        let file = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        let file =
+            File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
         Ok(JsonlWriter {
             out: BufWriter::with_capacity(1 << 20, Box::new(file)),
             tmp: Some((tmp, path.to_path_buf())),
@@ -149,8 +179,9 @@ impl RecordSink for JsonlWriter {
     fn finish(mut self: Box<Self>) -> Result<()> {
         self.out.flush()?;
         if let Some((tmp, dest)) = self.tmp.take() {
-            std::fs::rename(&tmp, &dest)
-                .with_context(|| format!("cannot rename {} to {}", tmp.display(), dest.display()))?;
+            std::fs::rename(&tmp, &dest).with_context(|| {
+                format!("cannot rename {} to {}", tmp.display(), dest.display())
+            })?;
         }
         Ok(())
     }
@@ -161,7 +192,9 @@ mod tests {
     use super::*;
 
     fn read(bytes: &[u8]) -> Vec<Record> {
-        JsonlReader::new("f.jsonl".into(), bytes, FieldNames::default()).map(|r| r.unwrap()).collect()
+        JsonlReader::new("f.jsonl".into(), bytes, FieldNames::default())
+            .map(|r| r.unwrap())
+            .collect()
     }
 
     #[test]
@@ -169,7 +202,10 @@ mod tests {
         let input = b"{\"id\":\"a\",\"text\":\"x\",\"source\":\"s\"}\n\n{\"text\":\"y\"}\r\n{bad\n\xff\xfe\n{\"id\":7}\n{\"text\":3}\n[1]";
         let recs = read(input);
         assert_eq!(recs.len(), 7);
-        assert_eq!((recs[0].id.as_str(), recs[0].source.as_deref()), ("a", Some("s")));
+        assert_eq!(
+            (recs[0].id.as_str(), recs[0].source.as_deref()),
+            ("a", Some("s"))
+        );
         assert_eq!(recs[1].id, "f.jsonl:3");
         assert_eq!(recs[1].text, Ok("y".into()));
         assert_eq!(recs[2].text.as_ref().unwrap_err().kind(), "malformed_json");
@@ -179,6 +215,11 @@ mod tests {
         assert_eq!(recs[4].text.as_ref().unwrap_err().kind(), "missing_text");
         assert_eq!(recs[5].text.as_ref().unwrap_err().kind(), "text_not_string");
         assert_eq!(recs[6].text.as_ref().unwrap_err().kind(), "malformed_json");
-        assert!(recs[2].text.as_ref().unwrap_err().to_string().contains("f.jsonl:4"));
+        assert!(recs[2]
+            .text
+            .as_ref()
+            .unwrap_err()
+            .to_string()
+            .contains("f.jsonl:4"));
     }
 }

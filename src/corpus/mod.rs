@@ -23,7 +23,11 @@ pub struct FieldNames {
 
 impl Default for FieldNames {
     fn default() -> Self {
-        FieldNames { text: "text".into(), id: "id".into(), source: "source".into() }
+        FieldNames {
+            text: "text".into(),
+            id: "id".into(),
+            source: "source".into(),
+        }
     }
 }
 

@@ -69,7 +69,11 @@ pub struct Packer {
 
 impl Default for Packer {
     fn default() -> Self {
-        Packer { max_batch_tokens: 16384, max_batch_seqs: 1024, sort_window: 4096 }
+        Packer {
+            max_batch_tokens: 16384,
+            max_batch_seqs: 1024,
+            sort_window: 4096,
+        }
     }
 }
 
@@ -91,14 +95,18 @@ impl Packer {
             for i in order {
                 let len = seqs[i].len();
                 if !current.is_empty() && (tokens + len > budget || current.len() >= max_seqs) {
-                    batches.push(Batch::from_sequences(current.drain(..).map(|d| (d, &seqs[d][..]))));
+                    batches.push(Batch::from_sequences(
+                        current.drain(..).map(|d| (d, &seqs[d][..])),
+                    ));
                     tokens = 0;
                 }
                 current.push(i);
                 tokens += len;
             }
             if !current.is_empty() {
-                batches.push(Batch::from_sequences(current.into_iter().map(|d| (d, &seqs[d][..]))));
+                batches.push(Batch::from_sequences(
+                    current.into_iter().map(|d| (d, &seqs[d][..])),
+                ));
             }
             start = end;
         }
@@ -111,14 +119,21 @@ mod tests {
     use super::*;
 
     fn docs(lens: &[usize]) -> Vec<Vec<u32>> {
-        lens.iter().enumerate().map(|(d, &n)| (0..n as u32).map(|t| t + 1000 * d as u32).collect()).collect()
+        lens.iter()
+            .enumerate()
+            .map(|(d, &n)| (0..n as u32).map(|t| t + 1000 * d as u32).collect())
+            .collect()
     }
 
     #[test]
     fn every_document_lands_once_within_budget() {
         let lens: Vec<usize> = (0..500).map(|i| 1 + (i * 7919) % 300).collect();
         let seqs = docs(&lens);
-        let packer = Packer { max_batch_tokens: 1000, max_batch_seqs: 16, sort_window: 64 };
+        let packer = Packer {
+            max_batch_tokens: 1000,
+            max_batch_seqs: 16,
+            sort_window: 64,
+        };
         let batches = packer.pack(&seqs);
         let mut seen = vec![0; seqs.len()];
         for b in &batches {
@@ -129,9 +144,15 @@ mod tests {
                 let d = b.docs[s];
                 seen[d] += 1;
                 assert_eq!(&b.ids[b.range(s)], &seqs[d][..]);
-                assert_eq!(b.positions[b.range(s)], (0..seqs[d].len() as u32).collect::<Vec<_>>());
+                assert_eq!(
+                    b.positions[b.range(s)],
+                    (0..seqs[d].len() as u32).collect::<Vec<_>>()
+                );
             }
-            assert_eq!(b.max_seqlen, (0..b.n_seqs()).map(|s| b.range(s).len()).max().unwrap());
+            assert_eq!(
+                b.max_seqlen,
+                (0..b.n_seqs()).map(|s| b.range(s).len()).max().unwrap()
+            );
         }
         assert!(seen.iter().all(|&c| c == 1));
     }
@@ -139,7 +160,12 @@ mod tests {
     #[test]
     fn oversized_document_gets_its_own_batch_and_windows_sort_by_length() {
         let seqs = docs(&[3, 50, 4, 2]);
-        let batches = Packer { max_batch_tokens: 10, max_batch_seqs: 8, sort_window: 8 }.pack(&seqs);
+        let batches = Packer {
+            max_batch_tokens: 10,
+            max_batch_seqs: 8,
+            sort_window: 8,
+        }
+        .pack(&seqs);
         assert_eq!(batches[0].docs, vec![1]);
         assert_eq!(batches[1].docs, vec![2, 0, 3]);
     }

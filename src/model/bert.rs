@@ -69,7 +69,8 @@ impl<B: Backend> Loader<'_, B> {
     /// Rows `row..row+1` of a `[rows, cols]` table, as `[1, cols]`.
     fn row(&self, name: &str, rows: usize, cols: usize, row: usize) -> Result<B::Tensor> {
         let data = self.w.f32(name, &[rows, cols])?;
-        self.be.weight(data[row * cols..(row + 1) * cols].to_vec(), 1, cols)
+        self.be
+            .weight(data[row * cols..(row + 1) * cols].to_vec(), 1, cols)
     }
 }
 
@@ -79,7 +80,10 @@ impl<B: Backend> Bert<B> {
         let h = cfg.hidden_size;
         let i = cfg.intermediate_size;
         let p = weights.prefix().to_string();
-        let ld = Loader { be: &be, w: weights };
+        let ld = Loader {
+            be: &be,
+            w: weights,
+        };
         let eps = cfg.layer_norm_eps as f32;
         let e = format!("{p}embeddings");
         let embeddings = EmbeddingTables {
@@ -89,7 +93,12 @@ impl<B: Backend> Bert<B> {
                 cfg.max_position_embeddings,
                 h,
             )?),
-            token_type: Some(ld.row(&format!("{e}.token_type_embeddings.weight"), cfg.type_vocab_size, h, 0)?),
+            token_type: Some(ld.row(
+                &format!("{e}.token_type_embeddings.weight"),
+                cfg.type_vocab_size,
+                h,
+                0,
+            )?),
             norm_weight: ld.vector(&format!("{e}.LayerNorm.weight"), h)?,
             norm_bias: Some(ld.vector(&format!("{e}.LayerNorm.bias"), h)?),
             eps,
@@ -137,7 +146,14 @@ impl<B: Backend> Bert<B> {
             None
         };
         let act = Activation::from_hf(&cfg.hidden_act)?;
-        Ok(Bert { be, cfg: cfg.clone(), act, embeddings, layers, head })
+        Ok(Bert {
+            be,
+            cfg: cfg.clone(),
+            act,
+            embeddings,
+            layers,
+            head,
+        })
     }
 
     /// Number of classifier outputs (0 without a head).
@@ -162,7 +178,8 @@ impl<B: Backend> Bert<B> {
     }
 
     fn upload(&self, batch: &Batch) -> Result<B::Batch> {
-        self.be.upload_batch(batch, self.cfg.vocab_size, self.cfg.max_position_embeddings)
+        self.be
+            .upload_batch(batch, self.cfg.vocab_size, self.cfg.max_position_embeddings)
     }
 }
 
@@ -191,13 +208,22 @@ impl<B: Backend> super::Encoder for Bert<B> {
     }
 
     fn logits(&self, batch: &Batch) -> Result<Vec<f32>> {
-        let head = self.head.as_ref().context("this checkpoint has no classification head")?;
+        let head = self
+            .head
+            .as_ref()
+            .context("this checkpoint has no classification head")?;
         let b = self.upload(batch)?;
         let x = self.encode(&b)?;
         let cls = self.be.pool(&x, &b, Pooling::Cls)?; // [n_seqs, H]
-        let pooled = self.be.linear(&cls, &head.pooler_w, Some(&head.pooler_b), Activation::Tanh)?;
-        let logits =
-            self.be.linear(&pooled, &head.classifier_w, Some(&head.classifier_b), Activation::None)?;
+        let pooled =
+            self.be
+                .linear(&cls, &head.pooler_w, Some(&head.pooler_b), Activation::Tanh)?;
+        let logits = self.be.linear(
+            &pooled,
+            &head.classifier_w,
+            Some(&head.classifier_b),
+            Activation::None,
+        )?;
         self.be.download(&logits) // [n_seqs, L]
     }
 }

@@ -17,7 +17,10 @@ pub enum Task {
     /// `BertModel`: the encoder alone; used for embeddings.
     Encoder,
     /// `BertForSequenceClassification`: pooler + classifier with `num_labels` outputs.
-    SequenceClassification { problem_type: ProblemType, labels: Vec<String> },
+    SequenceClassification {
+        problem_type: ProblemType,
+        labels: Vec<String>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,7 +116,9 @@ impl ModelConfig {
                         bail!("position_embedding_type '{p}' is not supported (only 'absolute')");
                     }
                 }
-                if c.num_attention_heads == 0 || c.hidden_size % c.num_attention_heads != 0 {
+                if c.num_attention_heads == 0
+                    || !c.hidden_size.is_multiple_of(c.num_attention_heads)
+                {
                     bail!(
                         "hidden_size {} is not divisible by num_attention_heads {}",
                         c.hidden_size,
@@ -124,13 +129,18 @@ impl ModelConfig {
                 Arch::Bert(c)
             }
             "" => bail!("config has no model_type; supported model types: bert"),
-            other => bail!(
+            other => {
+                bail!(
                 "unsupported architecture '{}' (model_type '{other}'); supported model types: bert",
                 if architecture.is_empty() { "?" } else { &architecture }
-            ),
+            )
+            }
         };
         if !architecture.is_empty()
-            && !matches!(architecture.as_str(), "BertModel" | "BertForSequenceClassification")
+            && !matches!(
+                architecture.as_str(),
+                "BertModel" | "BertForSequenceClassification"
+            )
         {
             bail!(
                 "unsupported architecture '{architecture}'; supported: BertModel, \
@@ -149,7 +159,12 @@ impl ModelConfig {
             Some("multi_label_classification") => Some(ProblemType::MultiLabel),
             Some(other) => bail!("unknown problem_type '{other}'"),
         };
-        Ok(ModelConfig { arch, architecture, declared_labels, problem_type })
+        Ok(ModelConfig {
+            arch,
+            architecture,
+            declared_labels,
+            problem_type,
+        })
     }
 }
 
@@ -157,7 +172,9 @@ impl ModelConfig {
 fn labels_from_id2label(map: &BTreeMap<String, String>) -> Result<Vec<String>> {
     let mut pairs = Vec::with_capacity(map.len());
     for (k, v) in map {
-        let i: usize = k.parse().with_context(|| format!("id2label key '{k}' is not an integer"))?;
+        let i: usize = k
+            .parse()
+            .with_context(|| format!("id2label key '{k}' is not an integer"))?;
         pairs.push((i, v.clone()));
     }
     pairs.sort();
@@ -184,10 +201,14 @@ mod tests {
 
     #[test]
     fn unsupported_model_type_is_named() {
-        let err = ModelConfig::from_json(r#"{"model_type":"gpt2","architectures":["GPT2LMHeadModel"]}"#)
-            .unwrap_err();
+        let err =
+            ModelConfig::from_json(r#"{"model_type":"gpt2","architectures":["GPT2LMHeadModel"]}"#)
+                .unwrap_err();
         let msg = format!("{err:#}");
-        assert!(msg.contains("GPT2LMHeadModel") && msg.contains("gpt2"), "{msg}");
+        assert!(
+            msg.contains("GPT2LMHeadModel") && msg.contains("gpt2"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -28,14 +28,20 @@ pub trait Encoder: Send + Sync {
 }
 
 /// Build the encoder described by `cfg` from `weights` on a concrete `device`.
-pub fn load_encoder(cfg: &ModelConfig, weights: &Weights, device: Device) -> Result<Box<dyn Encoder>> {
+pub fn load_encoder(
+    cfg: &ModelConfig,
+    weights: &Weights,
+    device: Device,
+) -> Result<Box<dyn Encoder>> {
     let with_head = match cfg.architecture.as_str() {
         "BertForSequenceClassification" => true,
         "BertModel" => false,
         _ => weights.contains("classifier.weight"),
     };
     match (&cfg.arch, device) {
-        (Arch::Bert(c), Device::Cpu) => Ok(Box::new(bert::Bert::load(CpuBackend, c, weights, with_head)?)),
+        (Arch::Bert(c), Device::Cpu) => Ok(Box::new(bert::Bert::load(
+            CpuBackend, c, weights, with_head,
+        )?)),
         (_, other) => bail!("device '{other}' is not available in this build"),
     }
 }

@@ -39,7 +39,10 @@ impl TensorRef<'_> {
     pub fn to_f32(&self) -> Result<Vec<f32>> {
         let b = self.bytes;
         Ok(match self.dtype {
-            Dtype::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            Dtype::F32 => b
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
             Dtype::F16 => b
                 .chunks_exact(2)
                 .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
@@ -48,7 +51,10 @@ impl TensorRef<'_> {
                 .chunks_exact(2)
                 .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
                 .collect(),
-            other => bail!("tensor '{}' has dtype {other:?}; supported: F32, F16, BF16", self.name),
+            other => bail!(
+                "tensor '{}' has dtype {other:?}; supported: F32, F16, BF16",
+                self.name
+            ),
         })
     }
 }
@@ -103,7 +109,11 @@ impl Weights {
         } else {
             String::new()
         };
-        Ok(Weights { shards, index, prefix })
+        Ok(Weights {
+            shards,
+            index,
+            prefix,
+        })
     }
 
     /// The encoder prefix detected in tensor names (`""` or `"bert."`).
@@ -117,9 +127,10 @@ impl Weights {
 
     /// Look up a tensor by its full name (no prefix added).
     pub fn get(&self, name: &str) -> Result<TensorRef<'_>> {
-        let &s = self.index.get(name).ok_or_else(|| {
-            anyhow!("tensor '{name}' not found in {}", self.describe_files())
-        })?;
+        let &s = self
+            .index
+            .get(name)
+            .ok_or_else(|| anyhow!("tensor '{name}' not found in {}", self.describe_files()))?;
         let shard = &self.shards[s];
         let info: &TensorInfo = shard.meta.info(name).expect("indexed tensor");
         let start = 8 + shard.header_len + info.data_offsets.0;
@@ -154,7 +165,11 @@ impl Weights {
     }
 
     fn describe_files(&self) -> String {
-        let names: Vec<String> = self.shards.iter().map(|s| s.path.display().to_string()).collect();
+        let names: Vec<String> = self
+            .shards
+            .iter()
+            .map(|s| s.path.display().to_string())
+            .collect();
         names.join(", ")
     }
 }
@@ -163,9 +178,18 @@ fn open_shard(path: &Path) -> Result<Shard> {
     let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     // SAFETY: the file is opened read-only and mapped read-only; like every mmap-based loader we
     // assume nobody truncates the checkpoint while it is being served.
-    let mmap = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot mmap {}", path.display()))?;
+    let mmap =
+        unsafe { Mmap::map(&file) }.with_context(|| format!("cannot mmap {}", path.display()))?;
     let (header_len, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| {
-        anyhow!("{} is not a valid safetensors file (corrupt or truncated): {e}", path.display())
+        anyhow!(
+            "{} is not a valid safetensors file (corrupt or truncated): {e}",
+            path.display()
+        )
     })?;
-    Ok(Shard { path: path.to_path_buf(), mmap, header_len, meta })
+    Ok(Shard {
+        path: path.to_path_buf(),
+        mmap,
+        header_len,
+        meta,
+    })
 }

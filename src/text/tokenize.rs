@@ -31,7 +31,9 @@ impl TextEncoder {
             p.added_tokens(false)
         });
         if max_tokens <= specials {
-            bail!("max_tokens {max_tokens} leaves no room for text after {specials} special tokens");
+            bail!(
+                "max_tokens {max_tokens} leaves no room for text after {specials} special tokens"
+            );
         }
         tok.with_padding(None);
         tok.with_truncation(Some(TruncationParams {
@@ -72,7 +74,9 @@ impl TextEncoder {
     }
 
     fn encode_raw(&self, text: &str) -> Result<tokenizers::Encoding> {
-        self.tok.encode_fast(text, true).map_err(|e| anyhow!("tokenization failed: {e}"))
+        self.tok
+            .encode_fast(text, true)
+            .map_err(|e| anyhow!("tokenization failed: {e}"))
     }
 }
 

@@ -40,10 +40,19 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Upload a batch's ids, positions and sequence boundaries. `vocab` and `max_positions` bound
     /// the ids and positions so that a bad id is an error, not an out-of-bounds read.
-    fn upload_batch(&self, batch: &Batch, vocab: usize, max_positions: usize) -> Result<Self::Batch>;
+    fn upload_batch(
+        &self,
+        batch: &Batch,
+        vocab: usize,
+        max_positions: usize,
+    ) -> Result<Self::Batch>;
 
     /// Gather word (+ position + token-type) embeddings and apply LayerNorm. Out: `[T, H]`.
-    fn embed(&self, batch: &Self::Batch, tables: &EmbeddingTables<Self::Tensor>) -> Result<Self::Tensor>;
+    fn embed(
+        &self,
+        batch: &Self::Batch,
+        tables: &EmbeddingTables<Self::Tensor>,
+    ) -> Result<Self::Tensor>;
 
     /// `act(x · wᵀ + b)`: x `[T, K]`, w `[N, K]`, b `[1, N]`. Out: `[T, N]`.
     fn linear(

@@ -25,7 +25,10 @@ pub fn exp(x: f32) -> f32 {
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // n + 1.5·2^23 holds n in its low mantissa bits: read it back with integer ops (a float to
+    // int `as` cast saturates and checks NaN, which blocks vectorisation).
+    let n_int = (n + ROUND).to_bits() as i32 - 0x4B40_0000;
+    let scale = f32::from_bits(((n_int + 127) as u32) << 23);
     p * scale
 }
 
@@ -40,7 +43,7 @@ pub fn erf(x: f32) -> f32 {
     p = p * x2 + -2.101_024_1e-6;
     p = p * x2 + -5.692_506_4e-5;
     p = p * x2 + -7.349_906_3e-4;
-    p = p * x2 + -2.954_599_8e-3;
+    p = p * x2 + -2.954_6e-3;
     p = p * x2 + -1.609_603_3e-2;
     let mut q = -1.456_607_2e-5_f32;
     q = q * x2 + -2.133_740_6e-4;
@@ -72,28 +75,86 @@ pub fn silu(x: f32) -> f32 {
     x / (1.0 + exp(-x))
 }
 
-/// Define `pub fn $name(args)` that runs `$body` compiled for AVX2+FMA when the CPU has them and
-/// for the baseline target otherwise. The body must only call `#[inline(always)]` helpers so that
-/// it is compiled (and vectorised) inside each variant.
+/// `a·b + c`, fused where the variant being compiled has FMA (see [`multiversion!`]); a plain
+/// multiply-add otherwise (`mul_add` without hardware FMA is a slow libm call).
+#[inline(always)]
+pub fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// Maximum and sum of `exp(x - max)` written back, over a row, with 16 independent lanes so that
+/// the reductions vectorise (a single running float sum is a serial dependency chain).
+#[inline(always)]
+pub fn softmax_row(row: &mut [f32]) {
+    const L: usize = 16;
+    let mut lanes = [f32::NEG_INFINITY; L];
+    let mut chunks = row.chunks_exact(L);
+    for c in &mut chunks {
+        for (m, &x) in lanes.iter_mut().zip(c) {
+            *m = if x > *m { x } else { *m };
+        }
+    }
+    let mut max = lanes
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+    for &x in chunks.remainder() {
+        max = if x > max { x } else { max };
+    }
+    let mut sums = [0f32; L];
+    let mut chunks = row.chunks_exact_mut(L);
+    for c in &mut chunks {
+        for (s, x) in sums.iter_mut().zip(c.iter_mut()) {
+            *x = exp(*x - max);
+            *s += *x;
+        }
+    }
+    let mut sum: f32 = sums.iter().sum();
+    for x in chunks.into_remainder() {
+        *x = exp(*x - max);
+        sum += *x;
+    }
+    let inv = 1.0 / sum;
+    row.iter_mut().for_each(|x| *x *= inv);
+}
+
+/// Define `pub fn $name(args)` that runs `$body` compiled for AVX-512 or AVX2+FMA when the CPU has
+/// them and for the baseline target otherwise. The body must only call `#[inline(always)]` helpers so that
+/// it is compiled (and vectorised) inside each variant. Inside the body, the const `FMA` tells
+/// whether the variant has fused multiply-add (use [`madd`]).
 macro_rules! multiversion {
     ($(#[$m:meta])* pub fn $name:ident($($arg:ident : $ty:ty),*) $body:block) => {
         $(#[$m])*
         pub fn $name($($arg: $ty),*) {
             #[inline(always)]
-            fn body($($arg: $ty),*) $body
+            #[allow(clippy::too_many_arguments)]
+            fn body<const FMA: bool>($($arg: $ty),*) $body
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx512($($arg: $ty),*) { body::<true>($($arg),*) }
+                if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512vl") {
+                    // SAFETY: the CPU supports AVX-512F/VL (and so AVX2 and FMA), checked just above.
+                    return unsafe { avx512($($arg),*) };
+                }
                 #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2($($arg: $ty),*) { body($($arg),*) }
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx2($($arg: $ty),*) { body::<true>($($arg),*) }
                 if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
                     // SAFETY: the CPU supports AVX2 and FMA, checked just above.
                     return unsafe { avx2($($arg),*) };
                 }
             }
-            body($($arg),*)
+            body::<false>($($arg),*)
         }
     };
 }
+
+pub(crate) use multiversion;
 
 multiversion! {
     /// Apply `f` element-wise, chosen by activation kind (0 none, 1 gelu, 2 gelu-tanh, 3 relu,
@@ -121,14 +182,7 @@ multiversion! {
     /// Softmax of each row of `x` (`[rows, cols]`) in place.
     pub fn softmax_rows(x: &mut [f32], cols: usize) {
         for row in x.chunks_exact_mut(cols) {
-            let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-            let mut sum = 0.0f32;
-            for v in row.iter_mut() {
-                *v = exp(*v - max);
-                sum += *v;
-            }
-            let inv = 1.0 / sum;
-            row.iter_mut().for_each(|v| *v *= inv);
+            softmax_row(row);
         }
     }
 }
@@ -171,7 +225,10 @@ mod tests {
         for x in grid(-87.0, 88.0, 200_000) {
             let got = exp(x as f32) as f64;
             let want = libm::exp(x as f32 as f64);
-            assert!(((got - want) / want).abs() < 4e-7, "exp({x}) = {got}, want {want}");
+            assert!(
+                ((got - want) / want).abs() < 4e-7,
+                "exp({x}) = {got}, want {want}"
+            );
         }
     }
 
@@ -188,12 +245,21 @@ mod tests {
     fn tanh_and_gelus_match_libm() {
         for x in grid(-12.0, 12.0, 100_000) {
             let xf = x as f32 as f64;
-            assert!((tanh(xf as f32) as f64 - libm::tanh(xf)).abs() < 3e-7, "tanh({x})");
+            assert!(
+                (tanh(xf as f32) as f64 - libm::tanh(xf)).abs() < 3e-7,
+                "tanh({x})"
+            );
             let want = 0.5 * xf * (1.0 + libm::erf(xf / std::f64::consts::SQRT_2));
-            assert!((gelu_erf(xf as f32) as f64 - want).abs() < 2e-6 * (1.0 + xf.abs()), "gelu({x})");
+            assert!(
+                (gelu_erf(xf as f32) as f64 - want).abs() < 2e-6 * (1.0 + xf.abs()),
+                "gelu({x})"
+            );
             let c = (2.0 / std::f64::consts::PI).sqrt();
             let want = 0.5 * xf * (1.0 + libm::tanh(c * (xf + 0.044715 * xf * xf * xf)));
-            assert!((gelu_tanh(xf as f32) as f64 - want).abs() < 2e-6 * (1.0 + xf.abs()), "gelu_tanh({x})");
+            assert!(
+                (gelu_tanh(xf as f32) as f64 - want).abs() < 2e-6 * (1.0 + xf.abs()),
+                "gelu_tanh({x})"
+            );
         }
     }
 

@@ -1,0 +1,177 @@
+//! Varlen multi-head attention on the CPU, one (sequence, head) at a time.
+//!
+//! The trick: repack the head's K as Kᵀ `[d, keys]` and V as `[keys, d]`, both contiguous and
+//! zero-padded to multiples of the register tile, so both products become register-tiled
+//! micro-kernels that LLVM vectorises: `S = Q·Kᵀ` accumulates a 4×32 tile of scores over `d`
+//! (two vector loads of Kᵀ, four broadcasts of Q, eight FMAs per step with AVX-512), and
+//! `O = P·V` accumulates a 4×32 tile of outputs over the keys. Queries go in blocks of `QBLOCK`
+//! rows so the score block stays in L2, and a sliding window only packs and visits the keys the
+//! block can see.
+
+use super::math;
+
+/// Query rows per block: the score block is `QBLOCK × keys` floats.
+const QBLOCK: usize = 64;
+/// Register tile: rows of queries and columns (keys for Q·Kᵀ, head dims for P·V).
+const TR: usize = 4;
+const TC: usize = 32;
+
+fn round_up(n: usize, m: usize) -> usize {
+    n.div_ceil(m) * m
+}
+
+/// Per-thread scratch, reused across tasks.
+#[derive(Default)]
+pub struct Scratch {
+    q: Vec<f32>,
+    kt: Vec<f32>,
+    v: Vec<f32>,
+    s: Vec<f32>,
+    o: Vec<f32>,
+}
+
+/// One head of one sequence.
+pub struct HeadView<'a> {
+    /// The batch's `[T, 3H]` qkv rows of this sequence, starting at its first token.
+    pub qkv: &'a [f32],
+    /// Row stride of `qkv` (3H).
+    pub stride: usize,
+    /// Column of this head's Q block (K is at `+ h`, V at `+ 2h`).
+    pub col: usize,
+    pub h: usize,
+    pub d: usize,
+    pub len: usize,
+    pub scale: f32,
+    pub window: Option<usize>,
+}
+
+/// Attend one head of one sequence; `out(row, values)` receives each query row's `d` outputs.
+pub fn attend(hv: &HeadView, scratch: &mut Scratch, mut out: impl FnMut(usize, &[f32])) {
+    let (d, len) = (hv.d, hv.len);
+    let dp = round_up(d, TC);
+    for q0 in (0..len).step_by(QBLOCK) {
+        let rows = QBLOCK.min(len - q0);
+        let rows_p = round_up(rows, TR);
+        let (k0, k1) = match hv.window {
+            Some(w) => (q0.saturating_sub(w / 2), (q0 + rows + w / 2).min(len)),
+            None => (0, len),
+        };
+        let keys = k1 - k0;
+        let keys_p = round_up(keys, TC);
+        // Pack K and V only when the key range changes (always, for windows; once, otherwise).
+        if q0 == 0 || hv.window.is_some() {
+            pack_kv(hv, k0, keys, keys_p, dp, scratch);
+        }
+        // Q block, pre-scaled, [rows_p, dp] zero-padded.
+        scratch.q.clear();
+        scratch.q.resize(rows_p * dp, 0.0);
+        for r in 0..rows {
+            let src = &hv.qkv[(q0 + r) * hv.stride + hv.col..][..d];
+            for (dst, s) in scratch.q[r * dp..r * dp + d].iter_mut().zip(src) {
+                *dst = s * hv.scale;
+            }
+        }
+        // Scores and outputs are overwritten in full by `block`: grow, never clear.
+        grow(&mut scratch.s, rows_p * keys_p);
+        grow(&mut scratch.o, rows_p * dp);
+        let Scratch { q, kt, v, s, o } = scratch;
+        block(
+            q,
+            kt,
+            v,
+            s,
+            o,
+            rows_p,
+            dp,
+            keys,
+            keys_p,
+            q0 as isize - k0 as isize,
+            hv.window.unwrap_or(0) as isize,
+        );
+        for r in 0..rows {
+            out(q0 + r, &o[r * dp..r * dp + d]);
+        }
+    }
+}
+
+fn grow(v: &mut Vec<f32>, n: usize) {
+    if v.len() < n {
+        v.resize(n, 0.0);
+    }
+}
+
+fn pack_kv(hv: &HeadView, k0: usize, keys: usize, keys_p: usize, dp: usize, scratch: &mut Scratch) {
+    let d = hv.d;
+    scratch.kt.clear();
+    scratch.kt.resize(dp * keys_p, 0.0);
+    scratch.v.clear();
+    scratch.v.resize(keys_p * dp, 0.0);
+    for j in 0..keys {
+        let row = &hv.qkv[(k0 + j) * hv.stride + hv.col..];
+        for p in 0..d {
+            scratch.kt[p * keys_p + j] = row[hv.h + p];
+        }
+        scratch.v[j * dp..j * dp + d].copy_from_slice(&row[2 * hv.h..2 * hv.h + d]);
+    }
+}
+
+super::math::multiversion! {
+    /// Scores, window mask, softmax and P·V for one query block (all buffers padded).
+    /// `offset` = first query row − first key row; `window` = 0 for global attention.
+    #[allow(clippy::too_many_arguments)]
+    pub fn block(q: &[f32], kt: &[f32], v: &[f32], s: &mut [f32], o: &mut [f32], rows_p: usize, dp: usize, keys: usize, keys_p: usize, offset: isize, window: isize) {
+        // S = Q · Kᵀ, 4×32 tiles.
+        for i in (0..rows_p).step_by(TR) {
+            for j in (0..keys_p).step_by(TC) {
+                let mut acc = [[0f32; TC]; TR];
+                for p in 0..dp {
+                    // Copies, so the tile row lives in registers across the TR rows.
+                    let k: [f32; TC] = kt[p * keys_p + j..][..TC].try_into().unwrap();
+                    let qs: [f32; TR] = std::array::from_fn(|r| q[(i + r) * dp + p]);
+                    for r in 0..TR {
+                        let qv = qs[r];
+                        for c in 0..TC {
+                            acc[r][c] = math::madd::<FMA>(qv, k[c], acc[r][c]);
+                        }
+                    }
+                }
+                for r in 0..TR {
+                    s[(i + r) * keys_p + j..][..TC].copy_from_slice(&acc[r]);
+                }
+            }
+        }
+        // Mask and softmax each row over the real keys; padded keys get probability 0.
+        for i in 0..rows_p {
+            let row = &mut s[i * keys_p..(i + 1) * keys_p];
+            if window > 0 {
+                let qi = i as isize + offset;
+                for (j, x) in row[..keys].iter_mut().enumerate() {
+                    if (qi - j as isize).abs() > window / 2 {
+                        *x = f32::NEG_INFINITY;
+                    }
+                }
+            }
+            math::softmax_row(&mut row[..keys]);
+            row[keys..].iter_mut().for_each(|x| *x = 0.0);
+        }
+        // O = P · V, 4×32 tiles over the head dimension.
+        for i in (0..rows_p).step_by(TR) {
+            for c0 in (0..dp).step_by(TC) {
+                let mut acc = [[0f32; TC]; TR];
+                for j in 0..keys {
+                    let vv: [f32; TC] = v[j * dp + c0..][..TC].try_into().unwrap();
+                    let ps: [f32; TR] = std::array::from_fn(|r| s[(i + r) * keys_p + j]);
+                    for r in 0..TR {
+                        let pv = ps[r];
+                        for c in 0..TC {
+                            acc[r][c] = math::madd::<FMA>(pv, vv[c], acc[r][c]);
+                        }
+                    }
+                }
+                for r in 0..TR {
+                    o[(i + r) * dp + c0..][..TC].copy_from_slice(&acc[r]);
+                }
+            }
+        }
+    }
+}
