@@ -1,0 +1,46 @@
+//! Tokenization: the byte-trim shortcut for long documents gives exactly the ids of encoding the
+//! whole text, and truncation counts the special tokens.
+
+mod common;
+
+use common::*;
+use mira::{Device, LoadOptions, Scorer};
+use tokenizers::{Tokenizer, TruncationParams};
+
+/// The reference: the whole text through `tokenizers`, truncated, no trimming.
+fn full_encode(dir: &std::path::Path, text: &str, max_tokens: usize) -> Vec<u32> {
+    let mut tok = Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+    tok.with_padding(None);
+    tok.with_truncation(Some(TruncationParams { max_length: max_tokens, ..Default::default() }))
+        .unwrap();
+    tok.encode(text, true).unwrap().get_ids().to_vec()
+}
+
+#[test]
+fn trimmed_long_documents_tokenize_like_the_full_text() {
+    let dir = minilm_dir();
+    let g = golden("minilm");
+    let cases = g["settings"][0]["cases"].as_array().unwrap();
+    let texts: Vec<String> = cases.iter().map(|c| c["text"].as_str().unwrap().to_string()).collect();
+    let joined = texts.join("\n");
+    let long = [
+        // Prose and code, far beyond 16 bytes per token of budget.
+        joined.repeat(20),
+        // No whitespace at all: the trim cannot cut, so the full text is encoded.
+        "数据选择".repeat(5000),
+        // Whitespace-heavy: most bytes produce no tokens, so the trimmed text is too short and
+        // the full text must be used.
+        format!("{}{}", " \n\t".repeat(3000), joined.repeat(3)),
+        // A single enormous word after a short prefix.
+        format!("start {}", "x".repeat(50_000)),
+    ];
+    for max_tokens in [16, 128, 256] {
+        let opts = LoadOptions { max_tokens: Some(max_tokens), ..Default::default() };
+        let scorer = Scorer::load_with(&dir, Device::Cpu, opts).unwrap();
+        for (i, text) in long.iter().enumerate() {
+            let got = scorer.tokenize_one(text).unwrap();
+            assert_eq!(got, full_encode(&dir, text, max_tokens), "text {i} at {max_tokens}");
+            assert!(got.len() <= max_tokens);
+        }
+    }
+}
