@@ -11,8 +11,11 @@ use tokenizers::{Tokenizer, TruncationParams};
 fn full_encode(dir: &std::path::Path, text: &str, max_tokens: usize) -> Vec<u32> {
     let mut tok = Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
     tok.with_padding(None);
-    tok.with_truncation(Some(TruncationParams { max_length: max_tokens, ..Default::default() }))
-        .unwrap();
+    tok.with_truncation(Some(TruncationParams {
+        max_length: max_tokens,
+        ..Default::default()
+    }))
+    .unwrap();
     tok.encode(text, true).unwrap().get_ids().to_vec()
 }
 
@@ -21,7 +24,10 @@ fn trimmed_long_documents_tokenize_like_the_full_text() {
     let dir = minilm_dir();
     let g = golden("minilm");
     let cases = g["settings"][0]["cases"].as_array().unwrap();
-    let texts: Vec<String> = cases.iter().map(|c| c["text"].as_str().unwrap().to_string()).collect();
+    let texts: Vec<String> = cases
+        .iter()
+        .map(|c| c["text"].as_str().unwrap().to_string())
+        .collect();
     let joined = texts.join("\n");
     let long = [
         // Prose and code, far beyond 16 bytes per token of budget.
@@ -35,11 +41,18 @@ fn trimmed_long_documents_tokenize_like_the_full_text() {
         format!("start {}", "x".repeat(50_000)),
     ];
     for max_tokens in [16, 128, 256] {
-        let opts = LoadOptions { max_tokens: Some(max_tokens), ..Default::default() };
+        let opts = LoadOptions {
+            max_tokens: Some(max_tokens),
+            ..Default::default()
+        };
         let scorer = Scorer::load_with(&dir, Device::Cpu, opts).unwrap();
         for (i, text) in long.iter().enumerate() {
             let got = scorer.tokenize_one(text).unwrap();
-            assert_eq!(got, full_encode(&dir, text, max_tokens), "text {i} at {max_tokens}");
+            assert_eq!(
+                got,
+                full_encode(&dir, text, max_tokens),
+                "text {i} at {max_tokens}"
+            );
             assert!(got.len() <= max_tokens);
         }
     }

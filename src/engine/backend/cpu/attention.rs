@@ -140,7 +140,8 @@ super::math::multiversion! {
                 }
             }
         }
-        // Mask and softmax each row over the real keys; padded keys get probability 0.
+        // Mask and exponentiate each row over the real keys; padded keys get weight 0.
+        let mut inv_sum = [0f32; QBLOCK];
         for i in 0..rows_p {
             let row = &mut s[i * keys_p..(i + 1) * keys_p];
             if window > 0 {
@@ -151,7 +152,8 @@ super::math::multiversion! {
                     }
                 }
             }
-            math::softmax_row(&mut row[..keys]);
+            // Unnormalised: P·V rows are divided by the sum afterwards (one pass fewer over S).
+            inv_sum[i] = 1.0 / math::exp_row(&mut row[..keys]);
             row[keys..].iter_mut().for_each(|x| *x = 0.0);
         }
         // O = P · V, 4×32 tiles over the head dimension.
@@ -169,7 +171,10 @@ super::math::multiversion! {
                     }
                 }
                 for r in 0..TR {
-                    o[(i + r) * dp + c0..][..TC].copy_from_slice(&acc[r]);
+                    let inv = inv_sum[i + r];
+                    for (dst, a) in o[(i + r) * dp + c0..][..TC].iter_mut().zip(acc[r]) {
+                        *dst = a * inv;
+                    }
                 }
             }
         }

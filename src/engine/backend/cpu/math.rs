@@ -86,10 +86,17 @@ pub fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     }
 }
 
-/// Maximum and sum of `exp(x - max)` written back, over a row, with 16 independent lanes so that
-/// the reductions vectorise (a single running float sum is a serial dependency chain).
+/// Softmax of a row in place.
 #[inline(always)]
 pub fn softmax_row(row: &mut [f32]) {
+    let inv = 1.0 / exp_row(row);
+    row.iter_mut().for_each(|x| *x *= inv);
+}
+
+/// `x = exp(x - max(row))` in place; returns the sum (the softmax denominator). Reductions use
+/// 16 independent lanes so that they vectorise (one running float sum is a serial chain).
+#[inline(always)]
+pub fn exp_row(row: &mut [f32]) -> f32 {
     const L: usize = 16;
     let mut lanes = [f32::NEG_INFINITY; L];
     let mut chunks = row.chunks_exact(L);
@@ -117,8 +124,7 @@ pub fn softmax_row(row: &mut [f32]) {
         *x = exp(*x - max);
         sum += *x;
     }
-    let inv = 1.0 / sum;
-    row.iter_mut().for_each(|x| *x *= inv);
+    sum
 }
 
 /// Define `pub fn $name(args)` that runs `$body` compiled for AVX-512 or AVX2+FMA when the CPU has
