@@ -168,13 +168,28 @@ impl Scorer {
     }
 
     /// Token ids of each text (truncated, special tokens included), tokenized in parallel.
+    /// Fails on the first text the model cannot take (see [`tokenize_one`](Self::tokenize_one)).
     pub fn tokenize<S: AsRef<str> + Sync>(&self, texts: &[S]) -> Result<Vec<Vec<u32>>> {
-        self.text.encode_batch(texts)
+        use rayon::prelude::*;
+        texts
+            .par_iter()
+            .map(|t| self.tokenize_one(t.as_ref()))
+            .collect()
     }
 
-    /// Token ids of one text.
+    /// Token ids of one text, checked against the model: at least one token, every id inside the
+    /// model's vocabulary (a tokenizer with added tokens the checkpoint was not resized for fails
+    /// here, per record, rather than the whole batch).
     pub fn tokenize_one(&self, text: &str) -> Result<Vec<u32>> {
-        self.text.encode(text)
+        let ids = self.text.encode(text)?;
+        if ids.is_empty() {
+            bail!("the text has no tokens (the tokenizer adds no special tokens)");
+        }
+        let vocab = self.encoder.vocab_size();
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            bail!("token id {bad} is outside the model's vocabulary of {vocab} (tokenizer and checkpoint disagree)");
+        }
+        Ok(ids)
     }
 
     /// Size of the tokenizer's vocabulary.
@@ -256,6 +271,9 @@ impl Scorer {
         width: usize,
         forward: impl Fn(&Batch) -> Result<Vec<f32>>,
     ) -> Result<Vec<f32>> {
+        if let Some(i) = ids.iter().position(Vec::is_empty) {
+            bail!("document {i} has no tokens");
+        }
         let mut out = vec![0f32; ids.len() * width];
         for batch in self.packer.pack(ids) {
             let rows = forward(&batch)?;

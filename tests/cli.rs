@@ -129,6 +129,15 @@ fn strict_mode_fails_fast_naming_file_and_line() {
         !out.exists(),
         "a failed job must not leave a partial output in place"
     );
+    let left: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        left,
+        vec![std::ffi::OsString::from("in.jsonl")],
+        "temporary files left behind"
+    );
 }
 
 #[test]
@@ -223,4 +232,48 @@ fn bench_reports_json_throughput() {
     assert_eq!(r["docs"], 50);
     assert!(r["tokens_per_s"].as_f64().unwrap() > 0.0);
     assert!(r["batch_p99_ms"].as_f64().unwrap() >= r["batch_p50_ms"].as_f64().unwrap());
+}
+
+#[test]
+fn token_outside_the_model_vocabulary_fails_only_its_record() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    copy_dir(&fixture_model("bert-cls-regression"), &model);
+    // A tokenizer with an added token the checkpoint was never resized for.
+    let tok_path = model.join("tokenizer.json");
+    let mut tok: Value =
+        serde_json::from_str(&std::fs::read_to_string(&tok_path).unwrap()).unwrap();
+    let vocab = tok["model"]["vocab"].as_object().unwrap().len();
+    tok["added_tokens"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "id": vocab, "content": "<extra>", "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": false
+        }));
+    std::fs::write(&tok_path, tok.to_string()).unwrap();
+    let input = tmp.path().join("in.jsonl");
+    std::fs::write(
+        &input,
+        "{\"id\":\"ok\",\"text\":\"fine text\"}\n{\"id\":\"bad\",\"text\":\"has <extra> in it\"}\n",
+    )
+    .unwrap();
+    let out = tmp.path().join("out.jsonl");
+    let o = mira(&[
+        "score",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rows = lines(&out);
+    assert!(rows[0]["scores"].is_object());
+    let err = rows[1]["error"].as_str().unwrap();
+    assert!(
+        err.contains("in.jsonl:2") && err.contains("vocabulary"),
+        "{err}"
+    );
 }

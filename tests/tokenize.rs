@@ -46,7 +46,9 @@ fn trimmed_long_documents_tokenize_like_the_full_text() {
             ..Default::default()
         };
         let scorer = Scorer::load_with(&dir, Device::Cpu, opts).unwrap();
-        for (i, text) in long.iter().enumerate() {
+        let mut texts = long.to_vec();
+        texts.extend([boundary_text(max_tokens, 1), boundary_text(max_tokens, 2)]);
+        for (i, text) in texts.iter().enumerate() {
             let got = scorer.tokenize_one(text).unwrap();
             assert_eq!(
                 got,
@@ -56,4 +58,21 @@ fn trimmed_long_documents_tokenize_like_the_full_text() {
             assert!(got.len() <= max_tokens);
         }
     }
+}
+
+/// A text whose byte-trim cut (16 bytes per token of budget) lands on the space after the last of
+/// `max_tokens - short` one-token words, with padding spaces before and an unbroken word across
+/// the budget after. `short = 1`: the trimmed text overflows by exactly one token (the shortcut
+/// applies); `short = 2`: it fits exactly (the full text must be encoded).
+fn boundary_text(max_tokens: usize, short: usize) -> String {
+    let budget = 16 * max_tokens;
+    let words = max_tokens - short;
+    let pad = budget - 2 * words - 10;
+    format!(
+        "{}{}{} {}",
+        " ".repeat(pad),
+        "a ".repeat(words),
+        "b".repeat(200),
+        "tail words ".repeat(50)
+    )
 }

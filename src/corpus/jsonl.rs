@@ -139,51 +139,88 @@ impl<R: BufRead> Iterator for JsonlReader<R> {
     }
 }
 
-/// Writes JSON lines to a temporary file renamed into place on `finish`, or to stdout for `-`.
+/// Writes JSON lines to a temporary file beside the destination, synced and renamed into place
+/// on `finish`, or to stdout for `-`. A writer dropped without `finish` (an error, `--strict`)
+/// removes its temporary file and leaves any previous output untouched.
 pub struct JsonlWriter {
-    out: BufWriter<Box<dyn Write + Send>>,
-    tmp: Option<(PathBuf, PathBuf)>,
+    out: Output,
+}
+
+enum Output {
+    Stdout(BufWriter<std::io::Stdout>),
+    File {
+        file: BufWriter<File>,
+        tmp: PathBuf,
+        dest: PathBuf,
+    },
+    Finished,
 }
 
 impl JsonlWriter {
     pub fn create(path: &Path) -> Result<JsonlWriter> {
         if path.as_os_str() == "-" {
             return Ok(JsonlWriter {
-                out: BufWriter::new(Box::new(std::io::stdout())),
-                tmp: None,
+                out: Output::Stdout(BufWriter::new(std::io::stdout())),
             });
         }
         let file_name = path
             .file_name()
             .with_context(|| format!("invalid output path {}", path.display()))?;
+        // Hidden, and unique per process so concurrent jobs never share a temporary file.
         let mut tmp_name = std::ffi::OsString::from(".");
         tmp_name.push(file_name);
-        tmp_name.push(".tmp");
+        tmp_name.push(format!(".{}.tmp", std::process::id()));
         let tmp = path.with_file_name(tmp_name);
         let file =
             File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
         Ok(JsonlWriter {
-            out: BufWriter::with_capacity(1 << 20, Box::new(file)),
-            tmp: Some((tmp, path.to_path_buf())),
+            out: Output::File {
+                file: BufWriter::with_capacity(1 << 20, file),
+                tmp,
+                dest: path.to_path_buf(),
+            },
         })
+    }
+
+    fn writer(&mut self) -> &mut dyn Write {
+        match &mut self.out {
+            Output::Stdout(w) => w,
+            Output::File { file, .. } => file,
+            Output::Finished => unreachable!("write after finish"),
+        }
     }
 }
 
 impl RecordSink for JsonlWriter {
     fn write(&mut self, value: &Value) -> Result<()> {
-        serde_json::to_writer(&mut self.out, value)?;
-        self.out.write_all(b"\n")?;
+        let w = self.writer();
+        serde_json::to_writer(&mut *w, value)?;
+        w.write_all(b"\n")?;
         Ok(())
     }
 
     fn finish(mut self: Box<Self>) -> Result<()> {
-        self.out.flush()?;
-        if let Some((tmp, dest)) = self.tmp.take() {
-            std::fs::rename(&tmp, &dest).with_context(|| {
-                format!("cannot rename {} to {}", tmp.display(), dest.display())
-            })?;
+        match std::mem::replace(&mut self.out, Output::Finished) {
+            Output::Stdout(mut w) => w.flush()?,
+            Output::File { file, tmp, dest } => {
+                let file = file.into_inner().map_err(|e| e.into_error())?;
+                file.sync_all()
+                    .with_context(|| format!("cannot sync {}", tmp.display()))?;
+                std::fs::rename(&tmp, &dest).with_context(|| {
+                    format!("cannot rename {} to {}", tmp.display(), dest.display())
+                })?;
+            }
+            Output::Finished => {}
         }
         Ok(())
+    }
+}
+
+impl Drop for JsonlWriter {
+    fn drop(&mut self) {
+        if let Output::File { tmp, .. } = &self.out {
+            let _ = std::fs::remove_file(tmp);
+        }
     }
 }
 

@@ -22,7 +22,8 @@ pub struct Batch {
 }
 
 impl Batch {
-    /// Build a batch from `(document index, token ids)` pairs, in the order given.
+    /// Build a batch from `(document index, token ids)` pairs, in the order given. Backends
+    /// reject batches with empty sequences ([`Batch::validate`]).
     pub fn from_sequences<'a>(seqs: impl IntoIterator<Item = (usize, &'a [u32])>) -> Batch {
         let mut b = Batch {
             ids: Vec::new(),
@@ -32,7 +33,6 @@ impl Batch {
             max_seqlen: 0,
         };
         for (doc, ids) in seqs {
-            assert!(!ids.is_empty(), "a sequence needs at least one token");
             b.ids.extend_from_slice(ids);
             b.positions.extend(0..ids.len() as u32);
             b.cu_seqlens.push(b.ids.len() as u32);
@@ -40,6 +40,35 @@ impl Batch {
             b.max_seqlen = b.max_seqlen.max(ids.len());
         }
         b
+    }
+
+    /// Check the invariants the kernels index by: `cu_seqlens` starts at 0, strictly increases
+    /// (no empty sequence) and ends at the token count; one position per token, each below
+    /// `max_positions`; one document index per sequence; ids below `vocab`.
+    pub fn validate(&self, vocab: usize, max_positions: usize) -> anyhow::Result<()> {
+        use anyhow::bail;
+        let n = self.ids.len();
+        let last = self.cu_seqlens.last().map(|&c| c as usize);
+        if self.cu_seqlens.first() != Some(&0) || last != Some(n) {
+            bail!("malformed batch: cu_seqlens must run from 0 to the {n} tokens");
+        }
+        if self.cu_seqlens.windows(2).any(|w| w[1] <= w[0]) {
+            bail!("malformed batch: empty or out-of-order sequence in cu_seqlens");
+        }
+        if self.positions.len() != n || self.docs.len() != self.cu_seqlens.len() - 1 {
+            bail!("malformed batch: positions or docs do not match the sequences");
+        }
+        if let Some(&p) = self
+            .positions
+            .iter()
+            .find(|&&p| p as usize >= max_positions)
+        {
+            bail!("position {p} exceeds the model's {max_positions} positions");
+        }
+        if let Some(&bad) = self.ids.iter().find(|&&id| id as usize >= vocab) {
+            bail!("token id {bad} is out of range for the model's vocabulary of {vocab}");
+        }
+        Ok(())
     }
 
     pub fn n_seqs(&self) -> usize {

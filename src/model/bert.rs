@@ -200,6 +200,10 @@ impl<B: Backend> super::Encoder for Bert<B> {
         self.cfg.max_position_embeddings
     }
 
+    fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+
     fn pooled(&self, batch: &Batch, pooling: Pooling) -> Result<Vec<f32>> {
         let b = self.upload(batch)?;
         let x = self.encode(&b)?;

@@ -21,6 +21,8 @@ pub trait Encoder: Send + Sync {
     /// Classifier outputs; 0 when the checkpoint has no head.
     fn num_outputs(&self) -> usize;
     fn max_positions(&self) -> usize;
+    /// Rows of the word-embedding table: token ids must be below this.
+    fn vocab_size(&self) -> usize;
     /// Pooled final hidden states, `[n_seqs, hidden]`, sequences in batch order.
     fn pooled(&self, batch: &Batch, pooling: Pooling) -> Result<Vec<f32>>;
     /// Raw head outputs, `[n_seqs, num_outputs]`, sequences in batch order.

@@ -1,15 +1,16 @@
 //! Tokenization with `tokenizers`: padding off, truncation to `max_tokens` including the special
-//! tokens, documents encoded in parallel.
+//! tokens. (Documents are encoded in parallel by the caller, `Scorer::tokenize`.)
 //!
 //! A huge document is first trimmed to a byte budget at a whitespace boundary; when the trimmed
 //! text still overflows the token limit, its first `max_tokens` ids are exactly those of the full
 //! text (pre-tokenizers split at whitespace, so nothing before the cut depends on what follows),
-//! and a 10 MB record costs no more than a 10 KB one. Otherwise the full text is encoded.
+//! and a 10 MB record costs no more than a 10 KB one. Otherwise (no whitespace in the upper half
+//! of the budget, as in CJK or minified text, or too few tokens before the cut) the full text is
+//! encoded.
 
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Result};
-use rayon::prelude::*;
 use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
 /// Bytes of text kept per token of budget before encoding (generous: English averages ~4).
@@ -66,11 +67,6 @@ impl TextEncoder {
             }
         }
         Ok(self.encode_raw(text)?.get_ids().to_vec())
-    }
-
-    /// Token ids of many documents, encoded in parallel, in input order.
-    pub fn encode_batch<S: AsRef<str> + Sync>(&self, texts: &[S]) -> Result<Vec<Vec<u32>>> {
-        texts.par_iter().map(|t| self.encode(t.as_ref())).collect()
     }
 
     fn encode_raw(&self, text: &str) -> Result<tokenizers::Encoding> {

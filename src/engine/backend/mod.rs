@@ -38,8 +38,9 @@ pub trait Backend: Send + Sync + 'static {
     /// Upload a weight given in f32, `[rows, cols]`.
     fn weight(&self, data: Vec<f32>, rows: usize, cols: usize) -> Result<Self::Tensor>;
 
-    /// Upload a batch's ids, positions and sequence boundaries. `vocab` and `max_positions` bound
-    /// the ids and positions so that a bad id is an error, not an out-of-bounds read.
+    /// Upload a batch's ids, positions and sequence boundaries after [`Batch::validate`] (`vocab`
+    /// and `max_positions` bound the ids and positions): a malformed batch is an error, never an
+    /// out-of-bounds read.
     fn upload_batch(
         &self,
         batch: &Batch,

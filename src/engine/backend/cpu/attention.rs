@@ -15,6 +15,8 @@ const QBLOCK: usize = 64;
 /// Register tile: rows of queries and columns (keys for Q·Kᵀ, head dims for P·V).
 const TR: usize = 4;
 const TC: usize = 32;
+// Padded query rows must stay inside the block (`inv_sum` has QBLOCK entries).
+const _: () = assert!(QBLOCK.is_multiple_of(TR));
 
 fn round_up(n: usize, m: usize) -> usize {
     n.div_ceil(m) * m

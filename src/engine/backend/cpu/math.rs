@@ -3,8 +3,8 @@
 //! `exp`, `erf` and `tanh` from libm are scalar calls that block auto-vectorisation; at BERT sizes
 //! the GELU after the FFN up-projection and the softmax in attention would cost a large fraction of
 //! the GEMM time. These versions are plain arithmetic (clamp, polynomial, bit tricks), so a loop
-//! over a slice vectorises; the `*_slice` entry points are compiled twice, once for AVX2+FMA
-//! (chosen at run time) and once for the baseline target.
+//! over a slice vectorises; the `multiversion!` entry points are compiled three times (AVX-512,
+//! AVX2+FMA, baseline) and pick one at run time.
 //! Accuracy (checked in tests against f64 libm): |exp err| ≤ 2 ulp-ish relative 3e-7,
 //! |erf err| ≤ 6e-7 absolute (a few ulp of 1).
 
@@ -143,8 +143,12 @@ macro_rules! multiversion {
                 #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
                 #[allow(clippy::too_many_arguments)]
                 unsafe fn avx512($($arg: $ty),*) { body::<true>($($arg),*) }
-                if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512vl") {
-                    // SAFETY: the CPU supports AVX-512F/VL (and so AVX2 and FMA), checked just above.
+                if std::is_x86_feature_detected!("avx512f")
+                    && std::is_x86_feature_detected!("avx512vl")
+                    && std::is_x86_feature_detected!("avx2")
+                    && std::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU supports every feature enabled on `avx512`, checked above.
                     return unsafe { avx512($($arg),*) };
                 }
                 #[target_feature(enable = "avx2,fma")]

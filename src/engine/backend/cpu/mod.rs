@@ -9,29 +9,42 @@ pub mod math;
 
 use std::mem::MaybeUninit;
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{ensure, Result};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::{Backend, EmbeddingTables};
 use crate::engine::{Activation, Batch, Pooling};
 
-/// A row-major f32 matrix in host memory.
+/// A row-major f32 matrix in host memory. Fields are private so that `data.len() == rows * cols`
+/// always holds: the unsafe GEMM calls rely on it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CpuTensor {
-    pub data: Vec<f32>,
-    pub rows: usize,
-    pub cols: usize,
+    data: Vec<f32>,
+    rows: usize,
+    cols: usize,
 }
 
 impl CpuTensor {
-    pub fn new(data: Vec<f32>, rows: usize, cols: usize) -> CpuTensor {
+    fn new(data: Vec<f32>, rows: usize, cols: usize) -> CpuTensor {
         assert_eq!(
             data.len(),
             rows * cols,
             "tensor data does not match its shape"
         );
         CpuTensor { data, rows, cols }
+    }
+
+    pub fn data(&self) -> &[f32] {
+        &self.data
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
     }
 }
 
@@ -138,15 +151,8 @@ impl Backend for CpuBackend {
     }
 
     fn upload_batch(&self, batch: &Batch, vocab: usize, max_positions: usize) -> Result<CpuBatch> {
-        if let Some(&bad) = batch.ids.iter().find(|&&id| id as usize >= vocab) {
-            bail!("token id {bad} is out of range for the model's vocabulary of {vocab}");
-        }
-        if batch.max_seqlen > max_positions {
-            bail!(
-                "a sequence of {} tokens exceeds the model's {max_positions} positions",
-                batch.max_seqlen
-            );
-        }
+        // The kernels index with these values: a malformed batch must be an error, not UB.
+        batch.validate(vocab, max_positions)?;
         Ok(CpuBatch {
             ids: batch.ids.clone(),
             positions: batch.positions.clone(),
@@ -299,6 +305,10 @@ impl Backend for CpuBackend {
         ensure!(
             qkv.rows == batch.ids.len(),
             "attention: qkv rows do not match the batch"
+        );
+        ensure!(
+            window != Some(0),
+            "attention: a sliding window must be at least 1 token"
         );
         let d = h / heads;
         let mut out = uninit(qkv.rows * h);

@@ -1,0 +1,285 @@
+//! Every CPU backend op against a naive float64 reference on fresh random inputs at awkward sizes
+//! (not multiples of any tile). GPU backends will run the same bodies against the CPU op.
+
+use mira::engine::backend::cpu::CpuBackend;
+use mira::engine::backend::{Backend, EmbeddingTables};
+use mira::engine::{Activation, Batch, Pooling};
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> f64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 11) as f64 / (1u64 << 53) as f64
+    }
+    /// Uniform in [-scale, scale).
+    fn vec(&mut self, n: usize, scale: f64) -> Vec<f32> {
+        (0..n)
+            .map(|_| ((self.next() * 2.0 - 1.0) * scale) as f32)
+            .collect()
+    }
+}
+
+fn assert_close(got: &[f32], want: &[f64], tol: f64, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(g.is_finite(), "{what}[{i}] is {g}");
+        assert!(
+            (*g as f64 - w).abs() <= tol * (1.0 + w.abs()),
+            "{what}[{i}]: got {g}, want {w}"
+        );
+    }
+}
+
+fn batch(lens: &[usize]) -> Batch {
+    let seqs: Vec<Vec<u32>> = lens
+        .iter()
+        .map(|&l| (0..l as u32).map(|t| t % 7).collect())
+        .collect();
+    Batch::from_sequences(seqs.iter().enumerate().map(|(d, s)| (d, &s[..])))
+}
+
+fn act_ref(x: f64, act: Activation) -> f64 {
+    match act {
+        Activation::None => x,
+        Activation::Gelu => 0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2)),
+        Activation::GeluTanh => {
+            0.5 * x
+                * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh())
+        }
+        Activation::Relu => x.max(0.0),
+        Activation::Silu => x / (1.0 + (-x).exp()),
+        Activation::Tanh => x.tanh(),
+    }
+}
+
+#[test]
+fn linear_with_bias_and_every_activation() {
+    let be = CpuBackend;
+    let mut rng = Rng(0x5eed);
+    for (m, k, n) in [(1, 1, 1), (7, 33, 65), (130, 97, 31), (3, 384, 1153)] {
+        let x = rng.vec(m * k, 1.0);
+        let w = rng.vec(n * k, 1.0);
+        let b = rng.vec(n, 1.0);
+        let (xt, wt, bt) = (
+            be.weight(x.clone(), m, k).unwrap(),
+            be.weight(w.clone(), n, k).unwrap(),
+            be.weight(b.clone(), 1, n).unwrap(),
+        );
+        for act in [
+            Activation::None,
+            Activation::Gelu,
+            Activation::GeluTanh,
+            Activation::Relu,
+            Activation::Silu,
+            Activation::Tanh,
+        ] {
+            for bias in [false, true] {
+                let out = be.linear(&xt, &wt, bias.then_some(&bt), act).unwrap();
+                let mut want = vec![0f64; m * n];
+                for i in 0..m {
+                    for j in 0..n {
+                        let mut acc = if bias { b[j] as f64 } else { 0.0 };
+                        for p in 0..k {
+                            acc += x[i * k + p] as f64 * w[j * k + p] as f64;
+                        }
+                        want[i * n + j] = act_ref(acc, act);
+                    }
+                }
+                assert_close(
+                    out.data(),
+                    &want,
+                    2e-5 * (k as f64).sqrt(),
+                    &format!("linear {m}x{k}x{n} {act:?} bias={bias}"),
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn add_layernorm_matches_reference() {
+    let be = CpuBackend;
+    let mut rng = Rng(7);
+    for (rows, cols) in [(1, 1), (5, 37), (67, 384)] {
+        let x = rng.vec(rows * cols, 3.0);
+        let r = rng.vec(rows * cols, 3.0);
+        let w = rng.vec(cols, 1.0);
+        let b = rng.vec(cols, 1.0);
+        let out = be
+            .add_layernorm(
+                be.weight(x.clone(), rows, cols).unwrap(),
+                &be.weight(r.clone(), rows, cols).unwrap(),
+                &be.weight(w.clone(), 1, cols).unwrap(),
+                Some(&be.weight(b.clone(), 1, cols).unwrap()),
+                1e-5,
+            )
+            .unwrap();
+        let mut want = vec![0f64; rows * cols];
+        for i in 0..rows {
+            let v: Vec<f64> = (0..cols)
+                .map(|c| x[i * cols + c] as f64 + r[i * cols + c] as f64)
+                .collect();
+            let mean = v.iter().sum::<f64>() / cols as f64;
+            let var = v.iter().map(|a| (a - mean).powi(2)).sum::<f64>() / cols as f64;
+            for c in 0..cols {
+                want[i * cols + c] =
+                    (v[c] - mean) / (var + 1e-5).sqrt() * w[c] as f64 + b[c] as f64;
+            }
+        }
+        assert_close(
+            out.data(),
+            &want,
+            2e-5,
+            &format!("add_layernorm {rows}x{cols}"),
+        );
+    }
+}
+
+/// Naive attention in f64: per sequence and head, softmax(q·kᵀ/√d) v over keys with |i-j| ≤ w/2.
+fn attention_ref(
+    qkv: &[f32],
+    lens: &[usize],
+    heads: usize,
+    h: usize,
+    window: Option<usize>,
+) -> Vec<f64> {
+    let d = h / heads;
+    let total: usize = lens.iter().sum();
+    let mut out = vec![0f64; total * h];
+    let mut start = 0;
+    for &len in lens {
+        for hd in 0..heads {
+            for i in 0..len {
+                let q = |p: usize| qkv[(start + i) * 3 * h + hd * d + p] as f64;
+                let keys: Vec<usize> = (0..len)
+                    .filter(|&j| window.is_none_or(|w| i.abs_diff(j) <= w / 2))
+                    .collect();
+                let scores: Vec<f64> = keys
+                    .iter()
+                    .map(|&j| {
+                        (0..d)
+                            .map(|p| q(p) * qkv[(start + j) * 3 * h + h + hd * d + p] as f64)
+                            .sum::<f64>()
+                            / (d as f64).sqrt()
+                    })
+                    .collect();
+                let max = scores.iter().cloned().fold(f64::MIN, f64::max);
+                let z: f64 = scores.iter().map(|s| (s - max).exp()).sum();
+                for (s, &j) in scores.iter().zip(&keys) {
+                    let p = (s - max).exp() / z;
+                    for c in 0..d {
+                        out[(start + i) * h + hd * d + c] +=
+                            p * qkv[(start + j) * 3 * h + 2 * h + hd * d + c] as f64;
+                    }
+                }
+            }
+        }
+        start += len;
+    }
+    out
+}
+
+#[test]
+fn varlen_attention_with_and_without_windows() {
+    let be = CpuBackend;
+    let mut rng = Rng(42);
+    for (heads, d) in [(3, 8), (2, 64), (1, 80), (12, 32)] {
+        let h = heads * d;
+        for lens in [vec![1], vec![5, 63, 64], vec![65, 1, 130], vec![200]] {
+            let b = batch(&lens);
+            let dev = be.upload_batch(&b, 7, 512).unwrap();
+            let total: usize = lens.iter().sum();
+            let qkv = rng.vec(total * 3 * h, 2.0);
+            let qkv_t = be.weight(qkv.clone(), total, 3 * h).unwrap();
+            for window in [None, Some(1), Some(7), Some(128)] {
+                let out = be.attention(&qkv_t, &dev, heads, window).unwrap();
+                let want = attention_ref(&qkv, &lens, heads, h, window);
+                assert_close(
+                    out.data(),
+                    &want,
+                    2e-5,
+                    &format!("attention heads={heads} d={d} lens={lens:?} window={window:?}"),
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn embed_and_pool_match_reference() {
+    let be = CpuBackend;
+    let mut rng = Rng(99);
+    let (vocab, maxpos, h) = (7, 140, 19);
+    let word = rng.vec(vocab * h, 1.0);
+    let pos = rng.vec(maxpos * h, 1.0);
+    let typ = rng.vec(h, 1.0);
+    let (lw, lb) = (rng.vec(h, 1.0), rng.vec(h, 1.0));
+    let tables = EmbeddingTables {
+        word: be.weight(word.clone(), vocab, h).unwrap(),
+        position: Some(be.weight(pos.clone(), maxpos, h).unwrap()),
+        token_type: Some(be.weight(typ.clone(), 1, h).unwrap()),
+        norm_weight: be.weight(lw.clone(), 1, h).unwrap(),
+        norm_bias: Some(be.weight(lb.clone(), 1, h).unwrap()),
+        eps: 1e-12,
+    };
+    let lens = [3, 1, 130];
+    let b = batch(&lens);
+    let dev = be.upload_batch(&b, vocab, maxpos).unwrap();
+    let x = be.embed(&dev, &tables).unwrap();
+    let mut want = Vec::new();
+    for (t, (&id, &p)) in b.ids.iter().zip(&b.positions).enumerate() {
+        let v: Vec<f64> = (0..h)
+            .map(|c| {
+                word[id as usize * h + c] as f64 + pos[p as usize * h + c] as f64 + typ[c] as f64
+            })
+            .collect();
+        let mean = v.iter().sum::<f64>() / h as f64;
+        let var = v.iter().map(|a| (a - mean).powi(2)).sum::<f64>() / h as f64;
+        want.extend(
+            (0..h).map(|c| (v[c] - mean) / (var + 1e-12).sqrt() * lw[c] as f64 + lb[c] as f64),
+        );
+        assert_eq!(t * h, want.len() - h);
+    }
+    assert_close(x.data(), &want, 2e-5, "embed");
+    let cls = be.pool(&x, &dev, Pooling::Cls).unwrap();
+    let mean = be.pool(&x, &dev, Pooling::Mean).unwrap();
+    let mut start = 0;
+    for (s, &len) in lens.iter().enumerate() {
+        let first: Vec<f64> = want[start * h..(start + 1) * h].to_vec();
+        assert_close(&cls.data()[s * h..(s + 1) * h], &first, 1e-6, "cls pool");
+        let avg: Vec<f64> = (0..h)
+            .map(|c| (start..start + len).map(|t| want[t * h + c]).sum::<f64>() / len as f64)
+            .collect();
+        assert_close(&mean.data()[s * h..(s + 1) * h], &avg, 2e-5, "mean pool");
+        start += len;
+    }
+}
+
+#[test]
+fn malformed_batches_are_errors_not_ub() {
+    let be = CpuBackend;
+    let mut b = batch(&[3, 2]);
+    assert!(be.upload_batch(&b, 7, 8).is_ok());
+    b.cu_seqlens = vec![0, 1];
+    assert!(
+        be.upload_batch(&b, 7, 8).is_err(),
+        "cu_seqlens short of the tokens"
+    );
+    let mut b = batch(&[3, 2]);
+    b.cu_seqlens = vec![0, 3, 3, 5];
+    b.docs.push(2);
+    assert!(be.upload_batch(&b, 7, 8).is_err(), "empty sequence");
+    assert!(
+        be.upload_batch(&batch(&[3, 2]), 2, 8).is_err(),
+        "id outside the vocabulary"
+    );
+    assert!(
+        be.upload_batch(&batch(&[9]), 7, 8).is_err(),
+        "position beyond the table"
+    );
+    let qkv = be.weight(vec![0.0; 5 * 12], 5, 12).unwrap();
+    let dev = be.upload_batch(&batch(&[3, 2]), 7, 8).unwrap();
+    assert!(be.attention(&qkv, &dev, 2, Some(0)).is_err(), "zero window");
+}
