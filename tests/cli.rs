@@ -16,6 +16,21 @@ fn mira(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// `mira CMD --model MODEL --input INPUTS... --output OUT EXTRA...`
+fn job(
+    cmd: &str,
+    model: &Path,
+    inputs: &[&Path],
+    out: &Path,
+    extra: &[&str],
+) -> std::process::Output {
+    let mut args = vec![cmd, "--model", model.to_str().unwrap(), "--input"];
+    args.extend(inputs.iter().map(|p| p.to_str().unwrap()));
+    args.extend(["--output", out.to_str().unwrap()]);
+    args.extend(extra);
+    mira(&args)
+}
+
 fn lines(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path)
         .unwrap()
@@ -41,19 +56,13 @@ fn score_writes_every_record_in_order_with_errors_inline() {
     let out = tmp.path().join("out.jsonl");
     let stats = tmp.path().join("stats.json");
     let model = fixture_model("bert-cls-regression");
-    let o = mira(&[
+    let o = job(
         "score",
-        "--model",
-        model.to_str().unwrap(),
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-        "--device",
-        "cpu",
-        "--stats",
-        stats.to_str().unwrap(),
-    ]);
+        &model,
+        &[&input],
+        &out,
+        &["--device", "cpu", "--stats", stats.to_str().unwrap()],
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let rows = lines(&out);
     let input_name = input.display().to_string();
@@ -109,16 +118,7 @@ fn strict_mode_fails_fast_naming_file_and_line() {
     std::fs::write(&input, MIXED).unwrap();
     let out = tmp.path().join("out.jsonl");
     let model = fixture_model("bert-cls-regression");
-    let o = mira(&[
-        "score",
-        "--model",
-        model.to_str().unwrap(),
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-        "--strict",
-    ]);
+    let o = job("score", &model, &[&input], &out, &["--strict"]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
@@ -153,17 +153,7 @@ fn embed_matches_library_and_missing_input_is_named() {
     .unwrap();
     let out = tmp.path().join("emb.jsonl");
     let model = fixture_model("bert-base-bf16");
-    let o = mira(&[
-        "embed",
-        "--model",
-        model.to_str().unwrap(),
-        "--input",
-        b.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-        "--text-field",
-        "body",
-    ]);
+    let o = job("embed", &model, &[&b], &out, &["--text-field", "body"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let rows = lines(&out);
     assert_eq!(rows.len(), 2);
@@ -179,16 +169,7 @@ fn embed_matches_library_and_missing_input_is_named() {
         assert_eq!(got, lib.row(i));
     }
     let missing = tmp.path().join("missing.jsonl");
-    let o = mira(&[
-        "embed",
-        "--model",
-        model.to_str().unwrap(),
-        "--input",
-        a.to_str().unwrap(),
-        missing.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-    ]);
+    let o = job("embed", &model, &[&a, &missing], &out, &[]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("missing.jsonl"));
 }
@@ -259,15 +240,7 @@ fn token_outside_the_model_vocabulary_fails_only_its_record() {
     )
     .unwrap();
     let out = tmp.path().join("out.jsonl");
-    let o = mira(&[
-        "score",
-        "--model",
-        model.to_str().unwrap(),
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-    ]);
+    let o = job("score", &model, &[&input], &out, &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let rows = lines(&out);
     assert!(rows[0]["scores"].is_object());
