@@ -230,7 +230,7 @@ fn process_chunk(
         Task::Score => "scores",
         Task::Embed => "embedding",
     };
-    let mut results = owners.iter().zip(outputs).peekable();
+    let mut results = owners.iter().zip(outputs);
     for (i, rec) in chunk.iter().enumerate() {
         summary.records += 1;
         let mut obj = Map::new();
