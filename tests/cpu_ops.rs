@@ -283,3 +283,127 @@ fn malformed_batches_are_errors_not_ub() {
     let dev = be.upload_batch(&batch(&[3, 2]), 7, 8).unwrap();
     assert!(be.attention(&qkv, &dev, 2, Some(0)).is_err(), "zero window");
 }
+
+#[test]
+fn add_norm_and_layernorm_match_reference() {
+    let be = CpuBackend;
+    let mut rng = Rng(11);
+    for (rows, cols) in [(1, 3), (9, 48), (70, 64)] {
+        let x = rng.vec(rows * cols, 2.0);
+        let d = rng.vec(rows * cols, 2.0);
+        let w = rng.vec(cols, 1.0);
+        let b = rng.vec(cols, 1.0);
+        let (wt, bt) = (
+            be.weight(w.clone(), 1, cols).unwrap(),
+            be.weight(b.clone(), 1, cols).unwrap(),
+        );
+        let norm = |v: &[f64], bias: bool| -> Vec<f64> {
+            let mean = v.iter().sum::<f64>() / cols as f64;
+            let var = v.iter().map(|a| (a - mean).powi(2)).sum::<f64>() / cols as f64;
+            (0..cols)
+                .map(|c| {
+                    (v[c] - mean) / (var + 1e-5).sqrt() * w[c] as f64
+                        + if bias { b[c] as f64 } else { 0.0 }
+                })
+                .collect()
+        };
+        for bias in [false, true] {
+            let mut xt = be.weight(x.clone(), rows, cols).unwrap();
+            let out = be
+                .add_norm(
+                    &mut xt,
+                    &be.weight(d.clone(), rows, cols).unwrap(),
+                    &wt,
+                    bias.then_some(&bt),
+                    1e-5,
+                )
+                .unwrap();
+            let sum: Vec<f64> = x
+                .iter()
+                .zip(&d)
+                .map(|(a, b)| *a as f64 + *b as f64)
+                .collect();
+            assert_close(xt.data(), &sum, 1e-6, "add_norm residual");
+            let want: Vec<f64> = sum.chunks(cols).flat_map(|r| norm(r, bias)).collect();
+            assert_close(out.data(), &want, 2e-5, "add_norm output");
+            let ln = be
+                .layernorm(
+                    &be.weight(x.clone(), rows, cols).unwrap(),
+                    &wt,
+                    bias.then_some(&bt),
+                    1e-5,
+                )
+                .unwrap();
+            let xs: Vec<f64> = x.iter().map(|v| *v as f64).collect();
+            let want: Vec<f64> = xs.chunks(cols).flat_map(|r| norm(r, bias)).collect();
+            assert_close(ln.data(), &want, 2e-5, "layernorm");
+        }
+    }
+}
+
+#[test]
+fn rope_rotates_q_and_k_at_sequence_positions() {
+    let be = CpuBackend;
+    let mut rng = Rng(5);
+    for (heads, d, theta) in [(2, 8, 10_000.0f64), (3, 16, 160_000.0), (1, 64, 10_000.0)] {
+        let h = heads * d;
+        let lens = [1, 7, 300];
+        let b = batch(&lens);
+        let dev = be.upload_batch(&b, 7, 512).unwrap();
+        let total: usize = lens.iter().sum();
+        let qkv = rng.vec(total * 3 * h, 1.0);
+        let out = be
+            .rope(
+                be.weight(qkv.clone(), total, 3 * h).unwrap(),
+                &dev,
+                heads,
+                theta as f32,
+            )
+            .unwrap();
+        let mut want: Vec<f64> = qkv.iter().map(|v| *v as f64).collect();
+        for (t, &p) in b.positions.iter().enumerate() {
+            for blk in 0..2 * heads {
+                let base = t * 3 * h + blk * d;
+                for i in 0..d / 2 {
+                    let angle = p as f64 * theta.powf(-((2 * i) as f64) / d as f64);
+                    let (x1, x2) = (qkv[base + i] as f64, qkv[base + i + d / 2] as f64);
+                    want[base + i] = x1 * angle.cos() - x2 * angle.sin();
+                    want[base + i + d / 2] = x2 * angle.cos() + x1 * angle.sin();
+                }
+            }
+        }
+        // Angles are formed in f32 (as transformers does), so allow for p·ulp(freq) at p < 300.
+        assert_close(
+            out.data(),
+            &want,
+            1e-4,
+            &format!("rope heads={heads} d={d}"),
+        );
+    }
+}
+
+#[test]
+fn geglu_matches_reference() {
+    let be = CpuBackend;
+    let mut rng = Rng(3);
+    for (rows, inter) in [(1, 1), (13, 96), (40, 1152)] {
+        let x = rng.vec(rows * 2 * inter, 3.0);
+        for act in [Activation::Gelu, Activation::GeluTanh, Activation::Silu] {
+            let out = be
+                .geglu(&be.weight(x.clone(), rows, 2 * inter).unwrap(), act)
+                .unwrap();
+            let want: Vec<f64> = (0..rows * inter)
+                .map(|k| {
+                    let (r, c) = (k / inter, k % inter);
+                    act_ref(x[r * 2 * inter + c] as f64, act) * x[r * 2 * inter + inter + c] as f64
+                })
+                .collect();
+            assert_close(
+                out.data(),
+                &want,
+                2e-5,
+                &format!("geglu {rows}x{inter} {act:?}"),
+            );
+        }
+    }
+}

@@ -11,6 +11,8 @@ use serde::Deserialize;
 
 use crate::engine::Activation;
 
+const SUPPORTED_TYPES: &str = "bert, modernbert";
+
 /// What the checkpoint computes on top of the encoder.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Task {
@@ -62,6 +64,177 @@ fn default_eps() -> f64 {
     1e-12
 }
 
+/// Hyper-parameters of ModernBERT (`model_type: "modernbert"`), normalised from either the
+/// original Hub style (`global_attn_every_n_layers`, `global_rope_theta`, `local_rope_theta`) or
+/// the transformers 5 style (`layer_types`, `rope_parameters`).
+#[derive(Debug, Clone)]
+pub struct ModernBertConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub max_position_embeddings: usize,
+    pub hidden_activation: String,
+    pub norm_eps: f64,
+    pub norm_bias: bool,
+    pub attention_bias: bool,
+    pub mlp_bias: bool,
+    pub classifier_bias: bool,
+    pub classifier_pooling: crate::engine::Pooling,
+    pub classifier_activation: String,
+    /// Sliding-window width of local layers: keys with `|i - j| <= local_attention / 2`.
+    pub local_attention: usize,
+    /// Per layer: global (full) attention, else sliding-window.
+    pub global_layers: Vec<bool>,
+    pub global_rope_theta: f64,
+    pub local_rope_theta: f64,
+}
+
+#[derive(Deserialize)]
+struct ModernBertRaw {
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    max_position_embeddings: usize,
+    #[serde(default = "default_act")]
+    hidden_activation: String,
+    #[serde(default = "default_mb_eps")]
+    norm_eps: f64,
+    #[serde(default)]
+    norm_bias: bool,
+    #[serde(default)]
+    attention_bias: bool,
+    #[serde(default)]
+    mlp_bias: bool,
+    #[serde(default)]
+    classifier_bias: bool,
+    #[serde(default = "default_cls")]
+    classifier_pooling: String,
+    #[serde(default = "default_act")]
+    classifier_activation: String,
+    #[serde(default = "default_local_attention")]
+    local_attention: usize,
+    global_attn_every_n_layers: Option<usize>,
+    global_rope_theta: Option<f64>,
+    local_rope_theta: Option<f64>,
+    layer_types: Option<Vec<String>>,
+    rope_parameters: Option<BTreeMap<String, RopeParameters>>,
+}
+
+#[derive(Deserialize)]
+struct RopeParameters {
+    #[serde(default = "default_rope_type")]
+    rope_type: String,
+    rope_theta: f64,
+}
+
+fn default_mb_eps() -> f64 {
+    1e-5
+}
+fn default_cls() -> String {
+    "cls".into()
+}
+fn default_local_attention() -> usize {
+    128
+}
+fn default_rope_type() -> String {
+    "default".into()
+}
+
+impl ModernBertConfig {
+    fn from_value(value: serde_json::Value) -> Result<ModernBertConfig> {
+        let r: ModernBertRaw = serde_json::from_value(value)?;
+        let global_layers = match (&r.layer_types, r.global_attn_every_n_layers) {
+            (Some(types), _) => {
+                if types.len() != r.num_hidden_layers {
+                    bail!(
+                        "layer_types has {} entries for {} layers",
+                        types.len(),
+                        r.num_hidden_layers
+                    );
+                }
+                types
+                    .iter()
+                    .map(|t| match t.as_str() {
+                        "full_attention" => Ok(true),
+                        "sliding_attention" => Ok(false),
+                        other => bail!("unknown layer type '{other}'"),
+                    })
+                    .collect::<Result<Vec<bool>>>()?
+            }
+            (None, n) => {
+                let n = n.unwrap_or(3);
+                if n == 0 {
+                    bail!("global_attn_every_n_layers must be at least 1");
+                }
+                (0..r.num_hidden_layers).map(|i| i % n == 0).collect()
+            }
+        };
+        let (mut global_theta, mut local_theta) = (
+            r.global_rope_theta.unwrap_or(160_000.0),
+            r.local_rope_theta.unwrap_or(10_000.0),
+        );
+        if let Some(params) = &r.rope_parameters {
+            for (kind, p) in params {
+                if p.rope_type != "default" {
+                    bail!(
+                        "rope_type '{}' is not supported (only 'default')",
+                        p.rope_type
+                    );
+                }
+                match kind.as_str() {
+                    "full_attention" => global_theta = p.rope_theta,
+                    "sliding_attention" => local_theta = p.rope_theta,
+                    other => bail!("unknown rope_parameters entry '{other}'"),
+                }
+            }
+        }
+        let classifier_pooling = match r.classifier_pooling.as_str() {
+            "cls" => crate::engine::Pooling::Cls,
+            "mean" => crate::engine::Pooling::Mean,
+            other => bail!("classifier_pooling '{other}' is not supported (cls, mean)"),
+        };
+        if r.num_attention_heads == 0
+            || !r.hidden_size.is_multiple_of(r.num_attention_heads)
+            || !(r.hidden_size / r.num_attention_heads).is_multiple_of(2)
+        {
+            bail!(
+                "hidden_size {} must split into {} heads of even size",
+                r.hidden_size,
+                r.num_attention_heads
+            );
+        }
+        if r.local_attention < 2 {
+            bail!("local_attention must be at least 2");
+        }
+        Activation::from_hf(&r.hidden_activation)?;
+        Activation::from_hf(&r.classifier_activation)?;
+        Ok(ModernBertConfig {
+            vocab_size: r.vocab_size,
+            hidden_size: r.hidden_size,
+            intermediate_size: r.intermediate_size,
+            num_hidden_layers: r.num_hidden_layers,
+            num_attention_heads: r.num_attention_heads,
+            max_position_embeddings: r.max_position_embeddings,
+            hidden_activation: r.hidden_activation,
+            norm_eps: r.norm_eps,
+            norm_bias: r.norm_bias,
+            attention_bias: r.attention_bias,
+            mlp_bias: r.mlp_bias,
+            classifier_bias: r.classifier_bias,
+            classifier_pooling,
+            classifier_activation: r.classifier_activation,
+            local_attention: r.local_attention,
+            global_layers,
+            global_rope_theta: global_theta,
+            local_rope_theta: local_theta,
+        })
+    }
+}
+
 /// The fields every architecture shares.
 #[derive(Debug, Clone, Deserialize)]
 struct Common {
@@ -90,6 +263,7 @@ pub struct ModelConfig {
 #[derive(Debug, Clone)]
 pub enum Arch {
     Bert(BertConfig),
+    ModernBert(ModernBertConfig),
 }
 
 impl ModelConfig {
@@ -116,9 +290,7 @@ impl ModelConfig {
                         bail!("position_embedding_type '{p}' is not supported (only 'absolute')");
                     }
                 }
-                if c.num_attention_heads == 0
-                    || !c.hidden_size.is_multiple_of(c.num_attention_heads)
-                {
+                if c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) {
                     bail!(
                         "hidden_size {} is not divisible by num_attention_heads {}",
                         c.hidden_size,
@@ -128,23 +300,21 @@ impl ModelConfig {
                 Activation::from_hf(&c.hidden_act)?;
                 Arch::Bert(c)
             }
-            "" => bail!("config has no model_type; supported model types: bert"),
-            other => {
-                bail!(
-                "unsupported architecture '{}' (model_type '{other}'); supported model types: bert",
+            "modernbert" => Arch::ModernBert(ModernBertConfig::from_value(value)?),
+            "" => bail!("config has no model_type; supported model types: {SUPPORTED_TYPES}"),
+            other => bail!(
+                "unsupported architecture '{}' (model_type '{other}'); supported model types: {SUPPORTED_TYPES}",
                 if architecture.is_empty() { "?" } else { &architecture }
-            )
-            }
+            ),
         };
-        if !architecture.is_empty()
-            && !matches!(
-                architecture.as_str(),
-                "BertModel" | "BertForSequenceClassification"
-            )
-        {
+        let supported: &[&str] = match arch {
+            Arch::Bert(_) => &["BertModel", "BertForSequenceClassification"],
+            Arch::ModernBert(_) => &["ModernBertModel", "ModernBertForSequenceClassification"],
+        };
+        if !architecture.is_empty() && !supported.contains(&architecture.as_str()) {
             bail!(
-                "unsupported architecture '{architecture}'; supported: BertModel, \
-                 BertForSequenceClassification"
+                "unsupported architecture '{architecture}'; supported: {}",
+                supported.join(", ")
             );
         }
         let declared_labels = match (&common.id2label, common.num_labels) {

@@ -2,6 +2,7 @@
 
 pub mod bert;
 pub mod config;
+pub mod modernbert;
 pub mod st;
 pub mod weights;
 
@@ -14,7 +15,8 @@ use crate::engine::{Batch, Device, Pooling};
 use config::{Arch, ModelConfig};
 use weights::Weights;
 
-/// A loaded encoder on some device: the dyn-safe face of `Bert<B>` for every backend `B`.
+/// A loaded encoder on some device: the dyn-safe face of `Bert<B>` / `ModernBert<B>` for every
+/// backend `B`.
 pub trait Encoder: Send + Sync {
     fn device_name(&self) -> String;
     fn hidden_size(&self) -> usize;
@@ -36,12 +38,15 @@ pub fn load_encoder(
     device: Device,
 ) -> Result<Box<dyn Encoder>> {
     let with_head = match cfg.architecture.as_str() {
-        "BertForSequenceClassification" => true,
-        "BertModel" => false,
+        "BertForSequenceClassification" | "ModernBertForSequenceClassification" => true,
+        "BertModel" | "ModernBertModel" => false,
         _ => weights.contains("classifier.weight"),
     };
     match (&cfg.arch, device) {
         (Arch::Bert(c), Device::Cpu) => Ok(Box::new(bert::Bert::load(
+            CpuBackend, c, weights, with_head,
+        )?)),
+        (Arch::ModernBert(c), Device::Cpu) => Ok(Box::new(modernbert::ModernBert::load(
             CpuBackend, c, weights, with_head,
         )?)),
         (_, other) => bail!("device '{other}' is not available in this build"),

@@ -1,6 +1,6 @@
 //! Memory-mapped safetensors weights: a single `model.safetensors` or shards listed in
 //! `model.safetensors.index.json`. Tensors are looked up by their checkpoint name with an optional
-//! prefix (`bert.`), checked against the shape the model expects, and converted to f32 on request.
+//! prefix (`bert.`, `model.`), checked against the shape the model expects, and converted to f32 on request.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -22,7 +22,7 @@ pub struct Weights {
     shards: Vec<Shard>,
     /// tensor name -> shard index
     index: HashMap<String, usize>,
-    /// Prefix in front of every encoder tensor name (`""` or `"bert."`).
+    /// Prefix in front of every encoder tensor name (`""`, `"bert."` or `"model."`).
     prefix: String,
 }
 
@@ -104,11 +104,16 @@ impl Weights {
                 dir.display()
             );
         }
-        let prefix = if index.contains_key("bert.embeddings.word_embeddings.weight") {
-            "bert.".to_string()
-        } else {
-            String::new()
-        };
+        // Task models nest the encoder under `bert.` (BERT) or `model.` (ModernBERT).
+        let prefix = ["bert.", "model."]
+            .into_iter()
+            .find(|p| {
+                index
+                    .keys()
+                    .any(|k| k.starts_with(&format!("{p}embeddings.")))
+            })
+            .unwrap_or("")
+            .to_string();
         Ok(Weights {
             shards,
             index,
@@ -116,7 +121,7 @@ impl Weights {
         })
     }
 
-    /// The encoder prefix detected in tensor names (`""` or `"bert."`).
+    /// The encoder prefix detected in tensor names (`""`, `"bert."` or `"model."`).
     pub fn prefix(&self) -> &str {
         &self.prefix
     }

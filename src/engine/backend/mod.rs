@@ -74,6 +74,41 @@ pub trait Backend: Send + Sync + 'static {
         eps: f32,
     ) -> Result<Self::Tensor>;
 
+    /// Pre-norm residual step: `x += delta` in place, and return `LayerNorm(x)` as a new tensor
+    /// (the residual stream keeps the un-normalised sum). `[T, H]`; weight/bias `[1, H]`.
+    fn add_norm(
+        &self,
+        x: &mut Self::Tensor,
+        delta: &Self::Tensor,
+        weight: &Self::Tensor,
+        bias: Option<&Self::Tensor>,
+        eps: f32,
+    ) -> Result<Self::Tensor>;
+
+    /// `LayerNorm(x)` as a new tensor. `[T, H]`; weight/bias `[1, H]`.
+    fn layernorm(
+        &self,
+        x: &Self::Tensor,
+        weight: &Self::Tensor,
+        bias: Option<&Self::Tensor>,
+        eps: f32,
+    ) -> Result<Self::Tensor>;
+
+    /// Rotary position embedding on the Q and K blocks of `qkv` (`[T, 3H]`), in place, at each
+    /// token's position within its sequence: the rotate-half convention of Hugging Face
+    /// (`x·cos + rotate_half(x)·sin`, frequencies `theta^(-2i/d)` for `i < d/2`).
+    fn rope(
+        &self,
+        qkv: Self::Tensor,
+        batch: &Self::Batch,
+        heads: usize,
+        theta: f32,
+    ) -> Result<Self::Tensor>;
+
+    /// Gated linear unit: `x` is `[T, 2I]` (input half, then gate half); out `[T, I]` =
+    /// `act(input) · gate` (GeGLU with a GELU activation).
+    fn geglu(&self, x: &Self::Tensor, act: Activation) -> Result<Self::Tensor>;
+
     /// Per-sequence multi-head attention `softmax(Q·Kᵀ·scale)·V` over the ragged batch.
     /// `qkv` is `[T, 3H]` with Q, K and V side by side; heads are contiguous `H/heads` column
     /// blocks of each. `window`: only keys with `|i - j| <= window/2` are attended (sliding-window

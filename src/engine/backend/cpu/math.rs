@@ -222,6 +222,30 @@ multiversion! {
     }
 }
 
+multiversion! {
+    /// `x += delta; out = LayerNorm(x) · w + b` for each row (`b` may be empty).
+    pub fn add_norm_rows(x: &mut [f32], delta: &[f32], out: &mut [f32], w: &[f32], b: &[f32], eps: f32) {
+        let cols = w.len();
+        for ((row, d), o) in x.chunks_exact_mut(cols).zip(delta.chunks_exact(cols)).zip(out.chunks_exact_mut(cols)) {
+            row.iter_mut().zip(d).for_each(|(v, d)| *v += *d);
+            o.copy_from_slice(row);
+        }
+        add_layernorm_rows(out, &[], w, b, eps);
+    }
+}
+
+multiversion! {
+    /// `out[r][c] = act(x[r][c]) · x[r][I + c]` for `x` of rows `2I` wide (activation kinds as in
+    /// [`bias_act_rows`]).
+    pub fn geglu_rows(x: &[f32], out: &mut [f32], inter: usize, kind: u8) {
+        for (xr, o) in x.chunks_exact(2 * inter).zip(out.chunks_exact_mut(inter)) {
+            o.copy_from_slice(&xr[..inter]);
+            bias_act_rows(o, &[], inter, kind);
+            o.iter_mut().zip(&xr[inter..]).for_each(|(v, g)| *v *= *g);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -123,6 +123,18 @@ unsafe fn assume_init(v: Vec<MaybeUninit<f32>>) -> Vec<f32> {
     unsafe { Vec::from_raw_parts(v.as_mut_ptr() as *mut f32, v.len(), v.capacity()) }
 }
 
+/// The activation code of `math::bias_act_rows`.
+fn act_kind(act: Activation) -> u8 {
+    match act {
+        Activation::None => 0,
+        Activation::Gelu => 1,
+        Activation::GeluTanh => 2,
+        Activation::Relu => 3,
+        Activation::Silu => 4,
+        Activation::Tanh => 5,
+    }
+}
+
 /// Rows of `out` per rayon task in element-wise passes: big enough to amortise scheduling.
 fn rows_per_task(rows: usize, cols: usize) -> usize {
     let target = 16 * 1024 / cols.max(1);
@@ -239,14 +251,7 @@ impl Backend for CpuBackend {
         }
         // SAFETY: with read_dst = false the GEMM wrote every element of the [m, n] output.
         let mut out = unsafe { assume_init(out) };
-        let kind = match act {
-            Activation::None => 0,
-            Activation::Gelu => 1,
-            Activation::GeluTanh => 2,
-            Activation::Relu => 3,
-            Activation::Silu => 4,
-            Activation::Tanh => 5,
-        };
+        let kind = act_kind(act);
         // Epilogue: bias and activation in one vectorised pass per block of rows (measured
         // faster than accumulating the GEMM onto prefilled bias rows).
         let bias = b.map(|b| &b.data[..]).unwrap_or(&[]);
@@ -283,6 +288,148 @@ impl Backend for CpuBackend {
             .zip(residual.data.par_chunks(chunk * cols))
             .for_each(|(rows, res)| math::add_layernorm_rows(rows, res, &weight.data, bias, eps));
         Ok(x)
+    }
+
+    fn add_norm(
+        &self,
+        x: &mut CpuTensor,
+        delta: &CpuTensor,
+        weight: &CpuTensor,
+        bias: Option<&CpuTensor>,
+        eps: f32,
+    ) -> Result<CpuTensor> {
+        ensure!(
+            x.rows == delta.rows && x.cols == delta.cols && weight.data.len() == x.cols,
+            "add_norm: shapes [{}, {}] + [{}, {}] with norm of {}",
+            x.rows,
+            x.cols,
+            delta.rows,
+            delta.cols,
+            weight.data.len()
+        );
+        let cols = x.cols;
+        let bias = bias.map(|b| &b.data[..]).unwrap_or(&[]);
+        let mut out = uninit(x.data.len());
+        let chunk = rows_per_task(x.rows, cols) * cols;
+        {
+            // SAFETY: MaybeUninit<f32> and f32 have the same layout; every element is written by
+            // `add_norm_rows` (it copies each row before normalising it) before `assume_init`.
+            let out_f32 =
+                unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut f32, out.len()) };
+            x.data
+                .par_chunks_mut(chunk)
+                .zip(delta.data.par_chunks(chunk))
+                .zip(out_f32.par_chunks_mut(chunk))
+                .for_each(|((xr, dr), or)| {
+                    math::add_norm_rows(xr, dr, or, &weight.data, bias, eps)
+                });
+        }
+        // SAFETY: see above.
+        let out = unsafe { assume_init(out) };
+        Ok(CpuTensor::new(out, x.rows, cols))
+    }
+
+    fn layernorm(
+        &self,
+        x: &CpuTensor,
+        weight: &CpuTensor,
+        bias: Option<&CpuTensor>,
+        eps: f32,
+    ) -> Result<CpuTensor> {
+        ensure!(
+            weight.data.len() == x.cols,
+            "layernorm: {} columns, norm of {}",
+            x.cols,
+            weight.data.len()
+        );
+        let mut out = x.clone();
+        let bias = bias.map(|b| &b.data[..]).unwrap_or(&[]);
+        let chunk = rows_per_task(x.rows, x.cols) * x.cols;
+        out.data
+            .par_chunks_mut(chunk)
+            .for_each(|rows| math::add_layernorm_rows(rows, &[], &weight.data, bias, eps));
+        Ok(out)
+    }
+
+    fn rope(
+        &self,
+        mut qkv: CpuTensor,
+        batch: &CpuBatch,
+        heads: usize,
+        theta: f32,
+    ) -> Result<CpuTensor> {
+        ensure!(
+            qkv.cols.is_multiple_of(3) && heads > 0,
+            "rope: qkv has {} columns",
+            qkv.cols
+        );
+        let h = qkv.cols / 3;
+        ensure!(
+            h.is_multiple_of(heads) && (h / heads).is_multiple_of(2),
+            "rope: head size must be even"
+        );
+        ensure!(
+            qkv.rows == batch.ids.len(),
+            "rope: qkv rows do not match the batch"
+        );
+        let d = h / heads;
+        let half = d / 2;
+        // Frequencies and angles in f32 exactly as transformers computes them (its rotary
+        // embedding runs in float32 even for a float64 model), cos/sin then taken in f64.
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0 / theta.powf((2 * i) as f32 / d as f32))
+            .collect();
+        let max_pos = batch
+            .positions
+            .iter()
+            .copied()
+            .max()
+            .map_or(0, |p| p as usize + 1);
+        let mut cos = vec![0f32; max_pos * half];
+        let mut sin = vec![0f32; max_pos * half];
+        for p in 0..max_pos {
+            for (i, f) in inv_freq.iter().enumerate() {
+                let angle = (p as f32 * f) as f64;
+                cos[p * half + i] = angle.cos() as f32;
+                sin[p * half + i] = angle.sin() as f32;
+            }
+        }
+        let cols = qkv.cols;
+        let positions = &batch.positions;
+        qkv.data
+            .par_chunks_mut(cols)
+            .zip(positions.par_iter())
+            .for_each(|(row, &p)| {
+                let (c, s) = (
+                    &cos[p as usize * half..][..half],
+                    &sin[p as usize * half..][..half],
+                );
+                // Q and K blocks, every head: (x1, x2) -> (x1·cos - x2·sin, x2·cos + x1·sin).
+                for head in row[..2 * h].chunks_exact_mut(d) {
+                    let (x1, x2) = head.split_at_mut(half);
+                    for i in 0..half {
+                        let (a, b) = (x1[i], x2[i]);
+                        x1[i] = a * c[i] - b * s[i];
+                        x2[i] = b * c[i] + a * s[i];
+                    }
+                }
+            });
+        Ok(qkv)
+    }
+
+    fn geglu(&self, x: &CpuTensor, act: Activation) -> Result<CpuTensor> {
+        ensure!(
+            x.cols.is_multiple_of(2),
+            "geglu: input has an odd number of columns ({})",
+            x.cols
+        );
+        let inter = x.cols / 2;
+        let mut out = vec![0f32; x.rows * inter];
+        let rows = rows_per_task(x.rows, x.cols);
+        out.par_chunks_mut(rows * inter)
+            .zip(x.data.par_chunks(rows * x.cols))
+            .for_each(|(o, xr)| math::geglu_rows(xr, o, inter, act_kind(act)));
+        Ok(CpuTensor::new(out, x.rows, inter))
     }
 
     fn attention(
