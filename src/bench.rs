@@ -72,8 +72,14 @@ pub fn run(scorer: &Scorer, ids: &[Vec<u32>], repeat: usize, input: &str) -> Res
 
 /// Deterministic synthetic documents: token ids drawn uniformly from the upper vocabulary, lengths drawn from a
 /// log-normal mix (median ~150 tokens, a long tail) capped at `max_tokens`. Throughput depends on
-/// lengths only, so this stands in when no corpus is given.
-pub fn synthetic_docs(n: usize, max_tokens: usize, vocab: usize) -> Vec<Vec<u32>> {
+/// lengths only, so this stands in when no corpus is given. `length` fixes every document's length
+/// instead (it must fit `max_tokens`).
+pub fn synthetic_docs(
+    n: usize,
+    max_tokens: usize,
+    vocab: usize,
+    length: Option<usize>,
+) -> Result<Vec<Vec<u32>>> {
     let mut state = 0x9E37_79B9_7F4A_7C15u64;
     let mut next = move || {
         // xorshift64*: uniform in (0, 1)
@@ -82,16 +88,24 @@ pub fn synthetic_docs(n: usize, max_tokens: usize, vocab: usize) -> Vec<Vec<u32>
         state ^= state >> 27;
         ((state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 + 0.5) / (1u64 << 53) as f64
     };
+    if let Some(len) = length {
+        anyhow::ensure!(
+            (1..=max_tokens).contains(&len),
+            "--length {len} must be between 1 and the model's max_tokens {max_tokens}"
+        );
+    }
     let hi = vocab.max(2) as u64;
     let lo = (hi / 4).min(1000);
-    (0..n)
+    Ok((0..n)
         .map(|_| {
             // Box–Muller normal -> log-normal length.
             let z = (-2.0 * next().ln()).sqrt() * (2.0 * std::f64::consts::PI * next()).cos();
-            let len = ((150f64.ln() + 0.9 * z).exp() as usize).clamp(8, max_tokens.max(8));
+            let len = length.unwrap_or(
+                ((150f64.ln() + 0.9 * z).exp() as usize).clamp(8.min(max_tokens), max_tokens),
+            );
             (0..len)
                 .map(|_| (lo + (next() * (hi - lo) as f64) as u64).min(hi - 1) as u32)
                 .collect()
         })
-        .collect()
+        .collect())
 }

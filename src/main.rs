@@ -88,6 +88,10 @@ struct BenchArgs {
     /// Synthetic documents when no --input is given
     #[arg(long, default_value_t = 2000)]
     docs: usize,
+    /// Give every synthetic document exactly this many tokens (for cost-versus-length curves)
+    /// instead of the default log-normal length mix
+    #[arg(long)]
+    length: Option<usize>,
     /// Timed passes over the input (the best is reported)
     #[arg(long, default_value_t = 3)]
     repeat: usize,
@@ -194,11 +198,15 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
             let rate = texts.len() as f64 / t.elapsed().as_secs_f64();
             (ids, path.display().to_string(), Some(rate))
         }
-        None => (
-            bench::synthetic_docs(a.docs, scorer.max_tokens(), scorer.vocab_size()),
-            format!("synthetic ({} docs)", a.docs),
-            None,
-        ),
+        None => {
+            let docs =
+                bench::synthetic_docs(a.docs, scorer.max_tokens(), scorer.vocab_size(), a.length)?;
+            let what = match a.length {
+                Some(n) => format!("synthetic ({} docs of {n} tokens)", a.docs),
+                None => format!("synthetic ({} docs, log-normal lengths)", a.docs),
+            };
+            (docs, what, None)
+        }
     };
     let mut report = bench::run(&scorer, &ids, a.repeat, &input)?;
     report.tokenize_docs_per_s = tok_rate;

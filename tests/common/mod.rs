@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use mira::{Device, LoadOptions, Scorer};
 use serde_json::Value;
 
 pub fn repo() -> PathBuf {
@@ -75,6 +76,87 @@ pub fn copy_dir(src: &Path, dst: &Path) {
             copy_dir(&e.path(), &to);
         } else {
             std::fs::copy(e.path(), to).unwrap();
+        }
+    }
+}
+
+pub fn load(dir: &std::path::Path, max_tokens: usize) -> Scorer {
+    Scorer::load_with(
+        dir,
+        Device::Cpu,
+        LoadOptions {
+            max_tokens: Some(max_tokens),
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("load {}: {e:#}", dir.display()))
+}
+
+/// Check token ids and embeddings of every case in every setting of an embed golden.
+pub fn check_embed(dir: &std::path::Path, golden_name: &str) {
+    let g = golden(golden_name);
+    assert_eq!(g["kind"], "embed");
+    for setting in g["settings"].as_array().unwrap() {
+        let max_tokens = setting["max_tokens"].as_u64().unwrap() as usize;
+        let scorer = load(dir, max_tokens);
+        let cases = setting["cases"].as_array().unwrap();
+        let texts: Vec<&str> = cases.iter().map(|c| c["text"].as_str().unwrap()).collect();
+        let tokens = scorer.tokenize(&texts).unwrap();
+        let emb = scorer.embed(&texts).unwrap();
+        for (i, c) in cases.iter().enumerate() {
+            let label = format!(
+                "{golden_name} max_tokens={max_tokens} case {i} ({:.30?})",
+                texts[i]
+            );
+            assert_eq!(tokens[i], ids(&c["ids"]), "{label}: token ids differ");
+            let want = floats(&c["output"]);
+            let (m, cos) = (max_abs(emb.row(i), &want), cosine(emb.row(i), &want));
+            assert!(
+                m <= 1e-4 && cos >= 0.99999,
+                "{label}: max abs {m:e}, cosine {cos}"
+            );
+        }
+    }
+}
+
+/// Check ids, raw logits and (for classification) probabilities of a score golden.
+pub fn check_score(name: &str) {
+    let dir = fixture_model(name);
+    let g = golden(name);
+    assert_eq!(g["kind"], "score");
+    let labels: Vec<String> = g["labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap().to_string())
+        .collect();
+    for setting in g["settings"].as_array().unwrap() {
+        let max_tokens = setting["max_tokens"].as_u64().unwrap() as usize;
+        let scorer = load(&dir, max_tokens);
+        assert_eq!(scorer.head().unwrap().labels, labels);
+        let cases = setting["cases"].as_array().unwrap();
+        let texts: Vec<&str> = cases.iter().map(|c| c["text"].as_str().unwrap()).collect();
+        let tokens = scorer.tokenize(&texts).unwrap();
+        let logits = scorer.logits_ids(&tokens).unwrap();
+        let scores = scorer.score(&texts).unwrap();
+        let n = labels.len();
+        for (i, c) in cases.iter().enumerate() {
+            let label = format!("{name} max_tokens={max_tokens} case {i}");
+            assert_eq!(tokens[i], ids(&c["ids"]), "{label}: token ids differ");
+            let want = floats(&c["logits"]);
+            let got = &logits[i * n..(i + 1) * n];
+            let (m, cos) = (max_abs(got, &want), cosine(got, &want));
+            assert!(
+                m <= 1e-4 && cos >= 0.99999,
+                "{label}: logits max abs {m:e}, cosine {cos}"
+            );
+            let want_scores = if c.get("probs").is_some() {
+                floats(&c["probs"])
+            } else {
+                want
+            };
+            let m = max_abs(scores.row(i), &want_scores);
+            assert!(m <= 1e-4, "{label}: scores max abs {m:e}");
         }
     }
 }
