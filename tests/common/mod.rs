@@ -103,6 +103,7 @@ pub fn check_embed(dir: &std::path::Path, golden_name: &str) {
         let texts: Vec<&str> = cases.iter().map(|c| c["text"].as_str().unwrap()).collect();
         let tokens = scorer.tokenize(&texts).unwrap();
         let emb = scorer.embed(&texts).unwrap();
+        let mut worst = (0f64, 1f64); // (max abs, min cosine), printed for the record
         for (i, c) in cases.iter().enumerate() {
             let label = format!(
                 "{golden_name} max_tokens={max_tokens} case {i} ({:.30?})",
@@ -111,11 +112,16 @@ pub fn check_embed(dir: &std::path::Path, golden_name: &str) {
             assert_eq!(tokens[i], ids(&c["ids"]), "{label}: token ids differ");
             let want = floats(&c["output"]);
             let (m, cos) = (max_abs(emb.row(i), &want), cosine(emb.row(i), &want));
+            worst = (worst.0.max(m), worst.1.min(cos));
             assert!(
                 m <= 1e-4 && cos >= 0.99999,
                 "{label}: max abs {m:e}, cosine {cos}"
             );
         }
+        eprintln!(
+            "{golden_name} max_tokens={max_tokens}: worst max abs {:.2e}, min cosine {:.8}",
+            worst.0, worst.1
+        );
     }
 }
 
@@ -140,12 +146,14 @@ pub fn check_score(name: &str) {
         let logits = scorer.logits_ids(&tokens).unwrap();
         let scores = scorer.score(&texts).unwrap();
         let n = labels.len();
+        let mut worst = (0f64, 1f64); // (max abs, min cosine), printed for the record
         for (i, c) in cases.iter().enumerate() {
             let label = format!("{name} max_tokens={max_tokens} case {i}");
             assert_eq!(tokens[i], ids(&c["ids"]), "{label}: token ids differ");
             let want = floats(&c["logits"]);
             let got = &logits[i * n..(i + 1) * n];
             let (m, cos) = (max_abs(got, &want), cosine(got, &want));
+            worst = (worst.0.max(m), worst.1.min(cos));
             assert!(
                 m <= 1e-4 && cos >= 0.99999,
                 "{label}: logits max abs {m:e}, cosine {cos}"
@@ -158,5 +166,9 @@ pub fn check_score(name: &str) {
             let m = max_abs(scores.row(i), &want_scores);
             assert!(m <= 1e-4, "{label}: scores max abs {m:e}");
         }
+        eprintln!(
+            "{name} max_tokens={max_tokens}: worst max abs {:.2e}, min cosine {:.8}",
+            worst.0, worst.1
+        );
     }
 }
