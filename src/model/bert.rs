@@ -6,6 +6,7 @@
 use anyhow::{Context, Result};
 
 use super::weights::Weights;
+use super::Loader;
 use crate::engine::backend::EmbeddingTables;
 use crate::engine::{Activation, Backend, Batch, Pooling};
 use crate::model::config::BertConfig;
@@ -49,29 +50,6 @@ pub struct Bert<B: Backend> {
     embeddings: EmbeddingTables<B::Tensor>,
     layers: Vec<Layer<B>>,
     head: Option<ClassifierHead<B>>,
-}
-
-/// Loads tensors under a prefix, checking shapes and naming the tensor on error.
-struct Loader<'a, B: Backend> {
-    be: &'a B,
-    w: &'a Weights,
-}
-
-impl<B: Backend> Loader<'_, B> {
-    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<B::Tensor> {
-        let data = self.w.f32(name, &[rows, cols])?;
-        self.be.weight(data, rows, cols)
-    }
-    fn vector(&self, name: &str, n: usize) -> Result<B::Tensor> {
-        let data = self.w.f32(name, &[n])?;
-        self.be.weight(data, 1, n)
-    }
-    /// Rows `row..row+1` of a `[rows, cols]` table, as `[1, cols]`.
-    fn row(&self, name: &str, rows: usize, cols: usize, row: usize) -> Result<B::Tensor> {
-        let data = self.w.f32(name, &[rows, cols])?;
-        self.be
-            .weight(data[row * cols..(row + 1) * cols].to_vec(), 1, cols)
-    }
 }
 
 impl<B: Backend> Bert<B> {

@@ -31,6 +31,37 @@ pub trait Encoder: Send + Sync {
     fn logits(&self, batch: &Batch) -> Result<Vec<f32>>;
 }
 
+/// Uploads checkpoint tensors to a backend, checking each against the shape the model expects
+/// (errors name the tensor and its file).
+pub(crate) struct Loader<'a, B: crate::engine::Backend> {
+    pub be: &'a B,
+    pub w: &'a Weights,
+}
+
+impl<B: crate::engine::Backend> Loader<'_, B> {
+    /// A `[rows, cols]` matrix.
+    pub fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<B::Tensor> {
+        self.be.weight(self.w.f32(name, &[rows, cols])?, rows, cols)
+    }
+
+    /// A `[n]` vector, as `[1, n]`.
+    pub fn vector(&self, name: &str, n: usize) -> Result<B::Tensor> {
+        self.be.weight(self.w.f32(name, &[n])?, 1, n)
+    }
+
+    /// Row `row` of a `[rows, cols]` table, as `[1, cols]`.
+    pub fn row(&self, name: &str, rows: usize, cols: usize, row: usize) -> Result<B::Tensor> {
+        let data = self.w.f32(name, &[rows, cols])?;
+        self.be
+            .weight(data[row * cols..(row + 1) * cols].to_vec(), 1, cols)
+    }
+
+    /// A `[n]` bias that exists only when the config says so.
+    pub fn bias(&self, present: bool, name: &str, n: usize) -> Result<Option<B::Tensor>> {
+        present.then(|| self.vector(name, n)).transpose()
+    }
+}
+
 /// Build the encoder described by `cfg` from `weights` on a concrete `device`.
 pub fn load_encoder(
     cfg: &ModelConfig,

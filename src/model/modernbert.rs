@@ -10,6 +10,7 @@
 use anyhow::{Context, Result};
 
 use super::weights::Weights;
+use super::Loader;
 use crate::engine::backend::EmbeddingTables;
 use crate::engine::{Activation, Backend, Batch, Pooling};
 use crate::model::config::ModernBertConfig;
@@ -64,27 +65,12 @@ pub struct ModernBert<B: Backend> {
     head: Option<Head<B>>,
 }
 
-struct Loader<'a, B: Backend> {
-    be: &'a B,
-    w: &'a Weights,
-}
-
-impl<B: Backend> Loader<'_, B> {
-    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<B::Tensor> {
-        self.be.weight(self.w.f32(name, &[rows, cols])?, rows, cols)
-    }
-    fn vector(&self, name: &str, n: usize) -> Result<B::Tensor> {
-        self.be.weight(self.w.f32(name, &[n])?, 1, n)
-    }
-    fn bias(&self, present: bool, name: &str, n: usize) -> Result<Option<B::Tensor>> {
-        present.then(|| self.vector(name, n)).transpose()
-    }
-    fn norm(&self, name: &str, n: usize, bias: bool) -> Result<Norm<B>> {
-        Ok(Norm {
-            weight: self.vector(&format!("{name}.weight"), n)?,
-            bias: self.bias(bias, &format!("{name}.bias"), n)?,
-        })
-    }
+/// Load a LayerNorm (`{name}.weight`, and `{name}.bias` when `bias`).
+fn load_norm<B: Backend>(ld: &Loader<B>, name: &str, n: usize, bias: bool) -> Result<Norm<B>> {
+    Ok(Norm {
+        weight: ld.vector(&format!("{name}.weight"), n)?,
+        bias: ld.bias(bias, &format!("{name}.bias"), n)?,
+    })
 }
 
 impl<B: Backend> ModernBert<B> {
@@ -100,7 +86,7 @@ impl<B: Backend> ModernBert<B> {
             be: &be,
             w: weights,
         };
-        let embed_norm = ld.norm(&format!("{p}embeddings.norm"), h, cfg.norm_bias)?;
+        let embed_norm = load_norm(&ld, &format!("{p}embeddings.norm"), h, cfg.norm_bias)?;
         let embeddings = EmbeddingTables {
             word: ld.matrix(
                 &format!("{p}embeddings.tok_embeddings.weight"),
@@ -120,13 +106,13 @@ impl<B: Backend> ModernBert<B> {
                 attn_norm: if l == 0 {
                     None
                 } else {
-                    Some(ld.norm(&format!("{n}.attn_norm"), h, cfg.norm_bias)?)
+                    Some(load_norm(&ld, &format!("{n}.attn_norm"), h, cfg.norm_bias)?)
                 },
                 wqkv: ld.matrix(&format!("{n}.attn.Wqkv.weight"), 3 * h, h)?,
                 wqkv_b: ld.bias(cfg.attention_bias, &format!("{n}.attn.Wqkv.bias"), 3 * h)?,
                 wo: ld.matrix(&format!("{n}.attn.Wo.weight"), h, h)?,
                 wo_b: ld.bias(cfg.attention_bias, &format!("{n}.attn.Wo.bias"), h)?,
-                mlp_norm: ld.norm(&format!("{n}.mlp_norm"), h, cfg.norm_bias)?,
+                mlp_norm: load_norm(&ld, &format!("{n}.mlp_norm"), h, cfg.norm_bias)?,
                 wi: ld.matrix(&format!("{n}.mlp.Wi.weight"), 2 * i, h)?,
                 wi_b: ld.bias(cfg.mlp_bias, &format!("{n}.mlp.Wi.bias"), 2 * i)?,
                 wo_mlp: ld.matrix(&format!("{n}.mlp.Wo.weight"), h, i)?,
@@ -134,7 +120,7 @@ impl<B: Backend> ModernBert<B> {
                 global: cfg.global_layers[l],
             });
         }
-        let final_norm = ld.norm(&format!("{p}final_norm"), h, cfg.norm_bias)?;
+        let final_norm = load_norm(&ld, &format!("{p}final_norm"), h, cfg.norm_bias)?;
         let head = if with_head {
             let labels = weights
                 .get("classifier.weight")
@@ -146,7 +132,7 @@ impl<B: Backend> ModernBert<B> {
             Some(Head {
                 dense: ld.matrix("head.dense.weight", h, h)?,
                 dense_b: ld.bias(cfg.classifier_bias, "head.dense.bias", h)?,
-                norm: ld.norm("head.norm", h, cfg.norm_bias)?,
+                norm: load_norm(&ld, "head.norm", h, cfg.norm_bias)?,
                 classifier: ld.matrix("classifier.weight", labels, h)?,
                 classifier_b: ld.vector("classifier.bias", labels)?,
                 labels,
