@@ -381,6 +381,60 @@ mod tests {
         );
     }
 
+    const MB_BASE: &str = r#""model_type":"modernbert","vocab_size":10,"hidden_size":8,
+        "intermediate_size":12,"num_hidden_layers":4,"num_attention_heads":2,
+        "max_position_embeddings":64,"local_attention":8"#;
+
+    fn modernbert(extra: &str) -> Result<ModernBertConfig> {
+        match ModelConfig::from_json(&format!("{{{MB_BASE}{extra}}}"))?.arch {
+            Arch::ModernBert(c) => Ok(c),
+            Arch::Bert(_) => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn modernbert_config_styles_agree() {
+        let old = modernbert(
+            r#","global_attn_every_n_layers":2,"global_rope_theta":80000.0,"local_rope_theta":20000.0"#,
+        )
+        .unwrap();
+        let new = modernbert(
+            r#","layer_types":["full_attention","sliding_attention","full_attention","sliding_attention"],
+            "rope_parameters":{"full_attention":{"rope_type":"default","rope_theta":80000.0},
+                               "sliding_attention":{"rope_type":"default","rope_theta":20000.0}}"#,
+        )
+        .unwrap();
+        for c in [&old, &new] {
+            assert_eq!(c.global_layers, vec![true, false, true, false]);
+            assert_eq!(
+                (c.global_rope_theta, c.local_rope_theta),
+                (80000.0, 20000.0)
+            );
+        }
+        // Defaults of the original ModernBERT: every 3rd layer global, thetas 160k / 10k.
+        let d = modernbert("").unwrap();
+        assert_eq!(d.global_layers, vec![true, false, false, true]);
+        assert_eq!(
+            (d.global_rope_theta, d.local_rope_theta),
+            (160000.0, 10000.0)
+        );
+    }
+
+    #[test]
+    fn modernbert_config_errors_are_named() {
+        let err = |extra: &str| format!("{:#}", modernbert(extra).unwrap_err());
+        assert!(err(
+            r#","rope_parameters":{"full_attention":{"rope_type":"yarn","rope_theta":1.0}}"#
+        )
+        .contains("yarn"));
+        assert!(err(r#","layer_types":["full_attention"]"#).contains("layer_types"));
+        assert!(err(r#","layer_types":["a","b","c","d"]"#).contains("unknown layer type 'a'"));
+        assert!(err(r#","classifier_pooling":"max""#).contains("classifier_pooling"));
+        assert!(
+            err(r#","architectures":["ModernBertForMaskedLM"]"#).contains("ModernBertForMaskedLM")
+        );
+    }
+
     #[test]
     fn unknown_activation_is_rejected() {
         let json = r#"{"model_type":"bert","vocab_size":10,"hidden_size":4,"num_hidden_layers":1,
