@@ -56,7 +56,8 @@ struct ModelArgs {
 struct JobArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Input JSONL files
+    /// Input files (.jsonl/.json/.ndjson, optionally .gz or .zst), directories (read
+    /// recursively) or glob patterns; one output line per record, in this order
     #[arg(long, required = true, num_args = 1..)]
     input: Vec<PathBuf>,
     /// Output JSONL file (`-` for stdout); written atomically
@@ -147,6 +148,7 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn job(a: JobArgs, task: Task) -> Result<()> {
+    let inputs = corpus::expand_inputs(&a.input)?;
     let scorer = load(&a.model)?;
     let opts = JobOptions {
         fields: FieldNames {
@@ -158,7 +160,7 @@ fn job(a: JobArgs, task: Task) -> Result<()> {
         progress: std::io::stderr().is_terminal(),
         ..JobOptions::default()
     };
-    let summary = pipeline::run_job(&scorer, task, &a.input, &a.output, &opts)?;
+    let summary = pipeline::run_job(&scorer, task, &inputs, &a.output, &opts)?;
     let text = serde_json::to_string_pretty(&summary)?;
     if let Some(path) = &a.stats {
         std::fs::write(path, &text).with_context(|| format!("cannot write {}", path.display()))?;

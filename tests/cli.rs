@@ -250,3 +250,48 @@ fn token_outside_the_model_vocabulary_fails_only_its_record() {
         "{err}"
     );
 }
+
+#[test]
+fn directory_of_compressed_inputs_keeps_every_row_and_counts_read_errors() {
+    use std::io::Write;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("corpus");
+    std::fs::create_dir_all(&dir).unwrap();
+    let rows = |prefix: &str, n: usize| -> String {
+        (0..n)
+            .map(|i| format!("{{\"id\":\"{prefix}{i}\",\"text\":\"text {i}\"}}\n"))
+            .collect()
+    };
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(rows("g", 3).as_bytes()).unwrap();
+    std::fs::write(dir.join("1.jsonl.gz"), gz.finish().unwrap()).unwrap();
+    std::fs::write(
+        dir.join("2.jsonl.zst"),
+        zstd::encode_all(rows("z", 2).as_bytes(), 3).unwrap(),
+    )
+    .unwrap();
+    let broken = zstd::encode_all(rows("x", 4).as_bytes(), 3).unwrap();
+    std::fs::write(dir.join("3.jsonl.zst"), &broken[..broken.len() - 8]).unwrap();
+    let out = tmp.path().join("out.jsonl");
+    let stats = tmp.path().join("stats.json");
+    let model = fixture_model("bert-cls-regression");
+    let o = job(
+        "score",
+        &model,
+        &[&dir],
+        &out,
+        &["--stats", stats.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got = lines(&out);
+    let ids: Vec<&str> = got.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert_eq!(&ids[..5], ["g0", "g1", "g2", "z0", "z1"]);
+    assert_eq!(got.len(), 6, "the truncated file is one error row: {ids:?}");
+    assert!(got[5]["error"].as_str().unwrap().starts_with("read_error"));
+    let s: Value = serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
+    assert_eq!(
+        (s["records"].as_u64(), s["ok"].as_u64(), s["files"].as_u64()),
+        (Some(6), Some(5), Some(3))
+    );
+    assert_eq!(s["errors"]["read_error"], 1);
+}

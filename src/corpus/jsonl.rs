@@ -2,7 +2,7 @@
 //! line yields exactly one [`Record`], valid or not, so input rows equal output rows.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::io::{BufRead, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -17,18 +17,8 @@ pub struct JsonlReader<R> {
     fields: FieldNames,
     buf: Vec<u8>,
     bytes_read: u64,
-}
-
-impl JsonlReader<BufReader<File>> {
-    pub fn open(path: &Path, fields: FieldNames) -> Result<Self> {
-        let file =
-            File::open(path).with_context(|| format!("cannot open input {}", path.display()))?;
-        Ok(JsonlReader::new(
-            path.display().to_string(),
-            BufReader::with_capacity(1 << 20, file),
-            fields,
-        ))
-    }
+    /// A read error ended the stream.
+    failed: bool,
 }
 
 impl<R: BufRead> JsonlReader<R> {
@@ -40,6 +30,7 @@ impl<R: BufRead> JsonlReader<R> {
             fields,
             buf: Vec::new(),
             bytes_read: 0,
+            failed: false,
         }
     }
 
@@ -109,6 +100,9 @@ impl<R: BufRead> Iterator for JsonlReader<R> {
     type Item = Result<Record>;
 
     fn next(&mut self) -> Option<Result<Record>> {
+        if self.failed {
+            return None;
+        }
         loop {
             self.buf.clear();
             match self.reader.read_until(b'\n', &mut self.buf) {
@@ -128,11 +122,19 @@ impl<R: BufRead> Iterator for JsonlReader<R> {
                     return Some(Ok(self.parse(&line)));
                 }
                 Err(e) => {
-                    return Some(Err(anyhow::Error::new(e).context(format!(
-                        "{}:{}: read error",
-                        self.name,
-                        self.line + 1
-                    ))))
+                    // A truncated or corrupt stream: one error row stands for the rest of the
+                    // file (whatever the partial line held), then the file ends.
+                    self.failed = true;
+                    self.line += 1;
+                    let location = format!("{}:{}", self.name, self.line);
+                    return Some(Ok(Record {
+                        id: location.clone(),
+                        source: None,
+                        text: Err(RecordError::ReadError(format!(
+                            "{location}: cannot read further ({e}); the rest of the file is lost"
+                        ))),
+                        location,
+                    }));
                 }
             }
         }
