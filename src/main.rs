@@ -3,11 +3,11 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use mira::corpus::{self, FieldNames};
-use mira::pipeline::{self, JobOptions, Task};
+use mira::pipeline::{self, JobOptions, Output, Task};
 use mira::{bench, engine, Device, LoadOptions, Packer, Scorer};
 
 #[derive(Parser)]
@@ -60,9 +60,24 @@ struct JobArgs {
     /// recursively) or glob patterns; one output line per record, in this order
     #[arg(long, required = true, num_args = 1..)]
     input: Vec<PathBuf>,
-    /// Output JSONL file (`-` for stdout); written atomically
+    /// One output JSONL file for all inputs (`-` for stdout); written atomically
+    #[arg(
+        long,
+        required_unless_present = "output_dir",
+        conflicts_with = "output_dir"
+    )]
+    output: Option<PathBuf>,
+    /// One output per input file under this directory (mirroring the inputs' relative paths),
+    /// each with a `.done` marker; a rerun skips finished files, so a killed job resumes
     #[arg(long)]
-    output: PathBuf,
+    output_dir: Option<PathBuf>,
+    /// This worker's index among --world-size workers; it takes files[rank::world_size]
+    /// [default: $SLURM_ARRAY_TASK_ID - $SLURM_ARRAY_TASK_MIN, else 0]
+    #[arg(long)]
+    rank: Option<usize>,
+    /// Number of workers sharing the inputs [default: $SLURM_ARRAY_TASK_COUNT, else 1]
+    #[arg(long)]
+    world_size: Option<usize>,
     #[arg(long, default_value = "text")]
     text_field: String,
     #[arg(long, default_value = "id")]
@@ -148,7 +163,11 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn job(a: JobArgs, task: Task) -> Result<()> {
-    let inputs = corpus::expand_inputs(&a.input)?;
+    let (rank, world_size) = sharding(a.rank, a.world_size)?;
+    if world_size > 1 && a.output_dir.is_none() {
+        bail!("sharding over {world_size} workers needs --output-dir (one output per input file)");
+    }
+    let inputs = corpus::shard(corpus::expand_inputs(&a.input)?, rank, world_size)?;
     let scorer = load(&a.model)?;
     let opts = JobOptions {
         fields: FieldNames {
@@ -160,10 +179,21 @@ fn job(a: JobArgs, task: Task) -> Result<()> {
         progress: std::io::stderr().is_terminal(),
         ..JobOptions::default()
     };
-    let summary = pipeline::run_job(&scorer, task, &inputs, &a.output, &opts)?;
+    let output = match (&a.output, &a.output_dir) {
+        (_, Some(dir)) => Output::PerFile(dir.clone()),
+        (Some(file), None) => Output::File(file.clone()),
+        (None, None) => unreachable!("clap requires one of --output and --output-dir"),
+    };
+    let summary = pipeline::run_job(&scorer, task, &inputs, &output, &opts)?;
     let text = serde_json::to_string_pretty(&summary)?;
     if let Some(path) = &a.stats {
         std::fs::write(path, &text).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if summary.files_skipped > 0 {
+        eprintln!(
+            "{} of {} files already done, skipped",
+            summary.files_skipped, summary.files
+        );
     }
     eprintln!(
         "{} records ({} ok, {} with errors) in {:.2}s on {}: {:.1} docs/s, {:.0} tokens/s",
@@ -179,6 +209,36 @@ fn job(a: JobArgs, task: Task) -> Result<()> {
         eprintln!("  {kind}: {n}");
     }
     Ok(())
+}
+
+/// `--rank`/`--world-size`, defaulting to the SLURM array variables.
+fn sharding(rank: Option<usize>, world_size: Option<usize>) -> Result<(usize, usize)> {
+    let env = |name: &str| -> Result<Option<usize>> {
+        match std::env::var(name) {
+            Ok(v) => v
+                .parse()
+                .map(Some)
+                .with_context(|| format!("{name}={v} is not a number")),
+            Err(_) => Ok(None),
+        }
+    };
+    let world_size = match world_size {
+        Some(w) => w,
+        None => env("SLURM_ARRAY_TASK_COUNT")?.unwrap_or(1),
+    };
+    let rank = match rank {
+        Some(r) => r,
+        None => match env("SLURM_ARRAY_TASK_ID")? {
+            Some(id) => id
+                .checked_sub(env("SLURM_ARRAY_TASK_MIN")?.unwrap_or(0))
+                .context("SLURM_ARRAY_TASK_ID is below SLURM_ARRAY_TASK_MIN")?,
+            None => 0,
+        },
+    };
+    if world_size == 0 || rank >= world_size {
+        bail!("--rank {rank} must be below --world-size {world_size}");
+    }
+    Ok((rank, world_size))
 }
 
 fn bench_cmd(a: BenchArgs) -> Result<()> {

@@ -14,7 +14,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::corpus::{self, FieldNames, Record, RecordError, RecordSink};
+use crate::corpus::{self, FieldNames, InputFile, Record, RecordError, RecordSink};
 use crate::Scorer;
 
 /// What the job computes for each record.
@@ -52,6 +52,8 @@ impl Default for JobOptions {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct JobSummary {
     pub files: usize,
+    /// Files whose output was already complete (resume).
+    pub files_skipped: usize,
     pub records: usize,
     pub ok: usize,
     pub errors: BTreeMap<String, usize>,
@@ -61,12 +63,23 @@ pub struct JobSummary {
     pub tokens_per_s: f64,
 }
 
-/// Run `task` over every input file, writing one line per record to `output` (`-` for stdout).
+/// Where a job writes.
+#[derive(Debug, Clone)]
+pub enum Output {
+    /// Every record of every input, in order, to one file (`-` for stdout).
+    File(PathBuf),
+    /// One output per input under this directory, mirroring the input's relative path, each
+    /// written atomically and followed by a `<output>.done` marker; inputs whose output and marker
+    /// both exist are skipped, so a killed job resumes where it stopped.
+    PerFile(PathBuf),
+}
+
+/// Run `task` over every input file, writing one line per record to `output`.
 pub fn run_job(
     scorer: &Scorer,
     task: Task,
-    inputs: &[PathBuf],
-    output: &Path,
+    inputs: &[InputFile],
+    output: &Output,
     opts: &JobOptions,
 ) -> Result<JobSummary> {
     if task == Task::Score && scorer.head().is_none() {
@@ -77,41 +90,117 @@ pub fn run_job(
     }
     let total_bytes: u64 = inputs
         .iter()
-        .map(|p| {
-            std::fs::metadata(p)
+        .map(|f| {
+            std::fs::metadata(&f.path)
                 .map(|m| m.len())
-                .map_err(|e| anyhow::anyhow!("cannot open input {}: {e}", p.display()))
+                .map_err(|e| anyhow::anyhow!("cannot open input {}: {e}", f.path.display()))
         })
         .sum::<Result<u64>>()?;
     let bar = progress_bar(opts.progress, total_bytes);
-    let mut sink: Box<dyn RecordSink> = Box::new(corpus::JsonlWriter::create(output)?);
     let start = Instant::now();
     let mut summary = JobSummary {
         files: inputs.len(),
         ..Default::default()
     };
     let mut done_bytes = 0u64;
-    for path in inputs {
-        let mut chunk: Vec<Record> = Vec::with_capacity(opts.chunk_records);
-        let file_bytes = std::fs::metadata(path)?.len();
-        for rec in corpus::open_input(path, &opts.fields)? {
-            chunk.push(rec?);
-            if chunk.len() == opts.chunk_records {
-                process_chunk(scorer, task, &mut chunk, sink.as_mut(), opts, &mut summary)?;
-                update(&bar, &summary, start);
-            }
+    let mut single: Option<Box<dyn RecordSink>> = match output {
+        Output::File(path) => Some(Box::new(corpus::JsonlWriter::create(path)?)),
+        Output::PerFile(dir) => {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            None
         }
-        process_chunk(scorer, task, &mut chunk, sink.as_mut(), opts, &mut summary)?;
+    };
+    for input in inputs {
+        let file_bytes = std::fs::metadata(&input.path)?.len();
+        match (&mut single, output) {
+            (Some(sink), _) => run_file(
+                scorer,
+                task,
+                input,
+                sink.as_mut(),
+                opts,
+                &mut summary,
+                &bar,
+                start,
+            )?,
+            (None, Output::PerFile(dir)) => {
+                let out = dir.join(corpus::output_name(&input.rel));
+                let marker = done_marker(&out);
+                if marker.exists() && out.exists() {
+                    summary.files_skipped += 1;
+                } else {
+                    if let Some(parent) = out.parent() {
+                        std::fs::create_dir_all(parent)
+                            .with_context(|| format!("cannot create {}", parent.display()))?;
+                    }
+                    corpus::remove_stale_temps(&out)?;
+                    let mut sink: Box<dyn RecordSink> =
+                        Box::new(corpus::JsonlWriter::create(&out)?);
+                    let before = summary.clone();
+                    run_file(
+                        scorer,
+                        task,
+                        input,
+                        sink.as_mut(),
+                        opts,
+                        &mut summary,
+                        &bar,
+                        start,
+                    )?;
+                    sink.finish()?;
+                    let file_summary = serde_json::json!({
+                        "input": input.path.display().to_string(),
+                        "records": summary.records - before.records,
+                        "ok": summary.ok - before.ok,
+                    });
+                    corpus::write_atomic(&marker, format!("{file_summary}\n").as_bytes())?;
+                }
+            }
+            (None, Output::File(_)) => unreachable!("a single output always has a sink"),
+        }
         done_bytes += file_bytes;
         bar.set_position(done_bytes);
         update(&bar, &summary, start);
     }
-    sink.finish()?;
+    if let Some(sink) = single {
+        sink.finish()?;
+    }
     bar.finish_and_clear();
     summary.seconds = start.elapsed().as_secs_f64();
     summary.docs_per_s = summary.records as f64 / summary.seconds.max(1e-9);
     summary.tokens_per_s = summary.tokens as f64 / summary.seconds.max(1e-9);
     Ok(summary)
+}
+
+/// `<output>.done`, written after the output is complete.
+pub fn done_marker(out: &Path) -> PathBuf {
+    let mut name = out.as_os_str().to_os_string();
+    name.push(".done");
+    PathBuf::from(name)
+}
+
+/// Read one input file in chunks and run each chunk into `sink`.
+#[allow(clippy::too_many_arguments)]
+fn run_file(
+    scorer: &Scorer,
+    task: Task,
+    input: &InputFile,
+    sink: &mut dyn RecordSink,
+    opts: &JobOptions,
+    summary: &mut JobSummary,
+    bar: &ProgressBar,
+    start: Instant,
+) -> Result<()> {
+    let mut chunk: Vec<Record> = Vec::with_capacity(opts.chunk_records);
+    for rec in corpus::open_input(&input.path, &opts.fields)? {
+        chunk.push(rec?);
+        if chunk.len() == opts.chunk_records {
+            process_chunk(scorer, task, &mut chunk, sink, opts, summary)?;
+            update(bar, summary, start);
+        }
+    }
+    process_chunk(scorer, task, &mut chunk, sink, opts, summary)
 }
 
 fn progress_bar(enabled: bool, total: u64) -> ProgressBar {

@@ -97,10 +97,7 @@ fn directories_and_globs_expand_in_sorted_order() {
         std::fs::write(root.join(f), b"").unwrap();
     }
     let files = corpus::expand_inputs(std::slice::from_ref(&root)).unwrap();
-    let rel: Vec<String> = files
-        .iter()
-        .map(|f| f.strip_prefix(&root).unwrap().display().to_string())
-        .collect();
+    let rel: Vec<String> = files.iter().map(|f| f.rel.display().to_string()).collect();
     assert_eq!(
         rel,
         [
@@ -110,17 +107,31 @@ fn directories_and_globs_expand_in_sorted_order() {
             "top.ndjson"
         ]
     );
+    assert!(files.iter().all(|f| f.path == root.join(&f.rel)));
+    let outs: Vec<String> = files
+        .iter()
+        .map(|f| corpus::output_name(&f.rel).display().to_string())
+        .collect();
+    assert_eq!(
+        outs,
+        ["a/x.jsonl", "b/nested/z.jsonl", "b/y.jsonl", "top.jsonl"]
+    );
     let pattern = root.join("*/*.js*");
     let globbed = corpus::expand_inputs(&[pattern, root.join("a/x.jsonl")]).unwrap();
     let rel: Vec<String> = globbed
         .iter()
-        .map(|f| f.strip_prefix(&root).unwrap().display().to_string())
+        .map(|f| f.path.strip_prefix(&root).unwrap().display().to_string())
         .collect();
     assert_eq!(
         rel,
         ["a/x.jsonl", "b/y.json.gz"],
         "sorted, duplicates dropped"
     );
+    // Two inputs with the same name would collide in an output directory.
+    std::fs::write(root.join("b/x.jsonl"), b"").unwrap();
+    let clash = corpus::expand_inputs(&[root.join("a/x.jsonl"), root.join("b/x.jsonl")]);
+    let clash = clash.unwrap_err().to_string();
+    assert!(clash.contains("share the output name"), "{clash}");
     let missing = corpus::expand_inputs(&[root.join("nope.jsonl")])
         .unwrap_err()
         .to_string();

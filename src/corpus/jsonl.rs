@@ -165,14 +165,8 @@ impl JsonlWriter {
                 out: Output::Stdout(BufWriter::new(std::io::stdout())),
             });
         }
-        let file_name = path
-            .file_name()
-            .with_context(|| format!("invalid output path {}", path.display()))?;
         // Hidden, and unique per process so concurrent jobs never share a temporary file.
-        let mut tmp_name = std::ffi::OsString::from(".");
-        tmp_name.push(file_name);
-        tmp_name.push(format!(".{}.tmp", std::process::id()));
-        let tmp = path.with_file_name(tmp_name);
+        let tmp = temp_name(path, std::process::id())?;
         let file =
             File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
         Ok(JsonlWriter {
@@ -191,6 +185,51 @@ impl JsonlWriter {
             Output::Finished => unreachable!("write after finish"),
         }
     }
+}
+
+/// The hidden temporary name `JsonlWriter` writes `path` under, for this process.
+fn temp_name(path: &Path, pid: u32) -> Result<PathBuf> {
+    let file_name = path
+        .file_name()
+        .with_context(|| format!("invalid output path {}", path.display()))?;
+    let mut tmp = std::ffi::OsString::from(".");
+    tmp.push(file_name);
+    tmp.push(format!(".{pid}.tmp"));
+    Ok(path.with_file_name(tmp))
+}
+
+/// Remove temporary files that killed writers of `path` left behind (`.NAME.<pid>.tmp`).
+pub fn remove_stale_temps(path: &Path) -> Result<()> {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Ok(());
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let prefix = format!(".{}.", name.to_string_lossy());
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for e in entries.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if n.starts_with(&prefix) && n.ends_with(".tmp") {
+            std::fs::remove_file(e.path())
+                .with_context(|| format!("cannot remove stale {}", e.path().display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Write `bytes` to `path` atomically (synced temporary file, then rename).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = temp_name(path, std::process::id())?;
+    let mut f = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
 }
 
 impl RecordSink for JsonlWriter {

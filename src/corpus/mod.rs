@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-pub use jsonl::{JsonlReader, JsonlWriter};
+pub use jsonl::{remove_stale_temps, write_atomic, JsonlReader, JsonlWriter};
 
 /// Which JSON fields hold the text, id and source.
 #[derive(Debug, Clone)]
@@ -134,11 +134,25 @@ pub fn open_input(
     )))
 }
 
+/// One file to read, and its path relative to the input it came from (a directory argument's
+/// files keep their sub-path; a file or glob match is known by its file name). Per-file outputs
+/// mirror `rel`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InputFile {
+    pub path: PathBuf,
+    pub rel: PathBuf,
+}
+
 /// Expand command-line inputs into the files to read, in a deterministic order: a file is taken
 /// as it is; a directory contributes every supported file below it (recursively, sorted); a
-/// pattern with `*`, `?` or `[` is a glob (sorted). A path that matches nothing is an error.
-pub fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
+/// pattern with `*`, `?` or `[` is a glob (sorted). A path that matches nothing is an error, and
+/// so are two files that would share an output name.
+pub fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<InputFile>> {
     let mut files = Vec::new();
+    let by_name = |p: PathBuf| {
+        let rel = PathBuf::from(p.file_name().unwrap_or_default());
+        InputFile { path: p, rel }
+    };
     for input in inputs {
         let text = input.to_string_lossy();
         if !input.exists() && text.contains(['*', '?', '[']) {
@@ -149,17 +163,26 @@ pub fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
             matched.retain(|p| p.is_file());
             matched.sort();
             anyhow::ensure!(!matched.is_empty(), "no input files match {text}");
-            files.extend(matched);
+            files.extend(matched.into_iter().map(by_name));
         } else if input.is_dir() {
-            let before = files.len();
-            walk(input, &mut files)?;
+            let mut found = Vec::new();
+            walk(input, &mut found)?;
             anyhow::ensure!(
-                files.len() > before,
+                !found.is_empty(),
                 "no .jsonl/.json(.gz/.zst) files under {}",
                 input.display()
             );
+            files.extend(found.into_iter().map(|p| {
+                InputFile {
+                    rel: p
+                        .strip_prefix(input)
+                        .expect("walked below the input")
+                        .to_path_buf(),
+                    path: p,
+                }
+            }));
         } else if input.is_file() {
-            files.push(input.clone());
+            files.push(by_name(input.clone()));
         } else {
             anyhow::bail!(
                 "cannot open input {}: no such file or directory",
@@ -167,9 +190,46 @@ pub fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
             );
         }
     }
-    let mut seen = std::collections::HashSet::new();
-    files.retain(|f| seen.insert(f.clone()));
+    let mut seen_paths = std::collections::HashSet::new();
+    files.retain(|f| seen_paths.insert(f.path.clone()));
+    let mut seen_rel = std::collections::HashMap::new();
+    for f in &files {
+        if let Some(other) = seen_rel.insert(f.rel.clone(), f.path.clone()) {
+            anyhow::bail!(
+                "inputs {} and {} would share the output name {}",
+                other.display(),
+                f.path.display(),
+                f.rel.display()
+            );
+        }
+    }
     Ok(files)
+}
+
+/// The files of rank `rank` among `world_size` workers: `files[rank::world_size]`.
+pub fn shard(files: Vec<InputFile>, rank: usize, world_size: usize) -> Result<Vec<InputFile>> {
+    anyhow::ensure!(
+        world_size >= 1 && rank < world_size,
+        "rank {rank} is not below world size {world_size}"
+    );
+    Ok(files.into_iter().skip(rank).step_by(world_size).collect())
+}
+
+/// Output path (relative) for an input: compression and JSON extension replaced by `.jsonl`.
+pub fn output_name(rel: &Path) -> PathBuf {
+    let mut name = rel.to_string_lossy().into_owned();
+    for c in [".gz", ".zst"] {
+        if let Some(stripped) = name.strip_suffix(c) {
+            name = stripped.to_string();
+        }
+    }
+    for e in JSONL_EXTENSIONS {
+        if let Some(stripped) = name.strip_suffix(e) {
+            name = stripped.to_string();
+            break;
+        }
+    }
+    PathBuf::from(format!("{name}.jsonl"))
 }
 
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {

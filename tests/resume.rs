@@ -1,0 +1,187 @@
+//! Per-file outputs, resume after SIGKILL, and sharding: a killed job reruns to outputs
+//! byte-identical to an uninterrupted run, and the ranks of a sharded run together write exactly
+//! the single-process outputs.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+fn make_corpus(root: &Path, files: usize, records: usize) {
+    for f in 0..files {
+        let sub = root.join(format!("part{}", f % 3));
+        std::fs::create_dir_all(&sub).unwrap();
+        let text: String = (0..records)
+            .map(|r| {
+                format!(
+                    "{{\"id\":\"f{f}r{r}\",\"text\":\"file {f} record {r}: {}\"}}\n",
+                    "some words here ".repeat(r % 7)
+                )
+            })
+            .collect();
+        std::fs::write(sub.join(format!("doc{f:02}.jsonl")), text).unwrap();
+    }
+}
+
+fn score(input: &Path, out: &Path, extra: &[&str]) -> Command {
+    let model = fixture_model("bert-cls-regression");
+    let mut c = Command::new(env!("CARGO_BIN_EXE_mira"));
+    c.args([
+        "score",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+    ])
+    .args(["--output-dir", out.to_str().unwrap(), "--device", "cpu"])
+    .args(extra)
+    .env_remove("SLURM_ARRAY_TASK_ID")
+    .env_remove("SLURM_ARRAY_TASK_COUNT")
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    c
+}
+
+/// Every file below `dir` (relative path -> bytes).
+fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, Vec<u8>>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(root, &p, out);
+            } else {
+                out.insert(
+                    p.strip_prefix(root).unwrap().to_path_buf(),
+                    std::fs::read(&p).unwrap(),
+                );
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    if dir.exists() {
+        walk(dir, dir, &mut out);
+    }
+    out
+}
+
+#[test]
+fn outputs_mirror_inputs_and_a_rerun_skips_finished_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (input, out) = (tmp.path().join("in"), tmp.path().join("out"));
+    make_corpus(&input, 4, 20);
+    let o = score(&input, &out, &[]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let snap = snapshot(&out);
+    for f in 0..4 {
+        let rel = PathBuf::from(format!("part{}/doc{f:02}.jsonl", f % 3));
+        let lines = String::from_utf8(snap[&rel].clone()).unwrap();
+        assert_eq!(lines.lines().count(), 20, "{}", rel.display());
+        assert!(lines.starts_with(&format!("{{\"id\":\"f{f}r0\"")));
+        assert!(snap.contains_key(&PathBuf::from(format!("{}.done", rel.display()))));
+    }
+    let stats = tmp.path().join("stats.json");
+    let o = score(&input, &out, &["--stats", stats.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
+    assert_eq!(
+        (
+            s["files"].as_u64(),
+            s["files_skipped"].as_u64(),
+            s["records"].as_u64()
+        ),
+        (Some(4), Some(4), Some(0))
+    );
+    assert_eq!(
+        snapshot(&out),
+        snap,
+        "a rerun must not touch finished outputs"
+    );
+}
+
+#[test]
+fn killed_runs_resume_to_byte_identical_outputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("in");
+    make_corpus(&input, 12, 3000);
+    let reference = tmp.path().join("reference");
+    let o = score(&input, &reference, &[]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let want = snapshot(&reference);
+
+    let out = tmp.path().join("out");
+    let mut killed_mid_run = 0;
+    for delay_ms in [150, 400, 700, 1000, 1400] {
+        let mut child = score(&input, &out, &[]).spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap(); // SIGKILL
+            killed_mid_run += 1;
+        }
+        child.wait().unwrap();
+    }
+    assert!(killed_mid_run > 0, "no run was killed before it finished");
+    let o = score(&input, &out, &[]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        snapshot(&out).keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>(),
+        "same files, no temporaries left"
+    );
+    for (rel, bytes) in &want {
+        if rel.extension().is_some_and(|e| e == "jsonl") {
+            assert!(
+                snapshot(&out)[rel] == *bytes,
+                "{} differs from the uninterrupted run",
+                rel.display()
+            );
+        }
+    }
+}
+
+#[test]
+fn shards_partition_the_files_and_together_equal_one_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("in");
+    make_corpus(&input, 7, 5);
+    let single = tmp.path().join("single");
+    assert!(score(&input, &single, &[]).status().unwrap().success());
+    let sharded = tmp.path().join("sharded");
+    let mut per_rank = Vec::new();
+    for rank in 0..3 {
+        // Rank from the SLURM array variables for rank 2, from flags otherwise.
+        let mut c = score(&input, &sharded, &[]);
+        if rank == 2 {
+            c.env("SLURM_ARRAY_TASK_ID", "3")
+                .env("SLURM_ARRAY_TASK_MIN", "1")
+                .env("SLURM_ARRAY_TASK_COUNT", "3");
+        } else {
+            c.args(["--rank", &rank.to_string(), "--world-size", "3"]);
+        }
+        let before = snapshot(&sharded).len();
+        assert!(c.status().unwrap().success());
+        per_rank.push(snapshot(&sharded).len() - before);
+    }
+    assert_eq!(
+        per_rank,
+        vec![6, 4, 4],
+        "files[rank::3] of 7 files, output + marker each"
+    );
+    let (a, b) = (snapshot(&single), snapshot(&sharded));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for (rel, bytes) in &a {
+        if rel.extension().is_some_and(|e| e == "jsonl") {
+            assert!(b[rel] == *bytes, "{}", rel.display());
+        }
+    }
+    let o = score(&input, &sharded, &["--rank", "3", "--world-size", "3"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--rank 3"));
+}
