@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use mira::corpus::{self, FieldNames};
-use mira::pipeline::{self, JobOptions, Output, Task};
+use mira::pipeline::{self, Format, JobOptions, Output, Task};
 use mira::{bench, engine, Device, LoadOptions, Packer, Scorer};
 
 #[derive(Parser)]
@@ -84,6 +84,16 @@ struct JobArgs {
     id_field: String,
     #[arg(long, default_value = "source")]
     source_field: String,
+    /// Output rows: `jsonl` (id, source, scores or embedding) or `dolma` (attribute side-cars
+    /// under <output-dir>/attributes/<experiment>/, for `dolma mix`; needs --experiment)
+    #[arg(long, default_value = "jsonl", value_parser = ["jsonl", "dolma"])]
+    format: String,
+    /// dolma experiment name (attribute keys are <experiment>__<model>__<label>)
+    #[arg(long, required_if_eq("format", "dolma"))]
+    experiment: Option<String>,
+    /// Model name in dolma attribute keys [default: the model folder's name]
+    #[arg(long)]
+    model_name: Option<String>,
     /// Stop at the first unusable record instead of writing it with an `error` field
     #[arg(long)]
     strict: bool,
@@ -169,7 +179,24 @@ fn job(a: JobArgs, task: Task) -> Result<()> {
     }
     let inputs = corpus::shard(corpus::expand_inputs(&a.input)?, rank, world_size)?;
     let scorer = load(&a.model)?;
+    let format = match a.format.as_str() {
+        "dolma" => Format::Dolma {
+            experiment: match a.experiment.clone() {
+                Some(e) if !e.is_empty() && !e.contains(['/', '\\']) && e != ".." => e,
+                Some(e) => bail!("--experiment '{e}' must be a plain name (it becomes a folder)"),
+                None => bail!("--format dolma needs --experiment"),
+            },
+            model: a.model_name.clone().unwrap_or_else(|| {
+                a.model
+                    .model
+                    .file_name()
+                    .map_or("model".into(), |n| n.to_string_lossy().into_owned())
+            }),
+        },
+        _ => Format::Jsonl,
+    };
     let opts = JobOptions {
+        format,
         fields: FieldNames {
             text: a.text_field,
             id: a.id_field,

@@ -26,8 +26,21 @@ pub enum Task {
     Score,
 }
 
+/// How output rows look.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Format {
+    /// `{"id", "source", "scores": {...}}` or `{"id", "source", "embedding": [...]}`.
+    Jsonl,
+    /// dolma attribute side-cars: `{"id", "source", "attributes": {"<experiment>__<model>__<label>":
+    /// [[0, n_chars, score]]}}`, spans in Unicode code points, written to
+    /// `<output-dir>/attributes/<experiment>/<the input's relative path>` (same name and
+    /// compression as the documents file), one row per document row, in order.
+    Dolma { experiment: String, model: String },
+}
+
 #[derive(Debug, Clone)]
 pub struct JobOptions {
+    pub format: Format,
     pub fields: FieldNames,
     /// Fail on the first bad record (naming file and line) instead of writing an error row.
     pub strict: bool,
@@ -40,6 +53,7 @@ pub struct JobOptions {
 impl Default for JobOptions {
     fn default() -> Self {
         JobOptions {
+            format: Format::Jsonl,
             fields: FieldNames::default(),
             strict: false,
             chunk_records: 4096,
@@ -82,6 +96,14 @@ pub fn run_job(
     output: &Output,
     opts: &JobOptions,
 ) -> Result<JobSummary> {
+    if matches!(opts.format, Format::Dolma { .. }) {
+        if task != Task::Score {
+            bail!("dolma attributes hold scores: use `mira score` with --format dolma");
+        }
+        if !matches!(output, Output::PerFile(_)) {
+            bail!("--format dolma writes one attribute file per input: use --output-dir");
+        }
+    }
     if task == Task::Score && scorer.head().is_none() {
         bail!(
             "{} has no classification head: use `mira embed`, or a checkpoint with a classifier",
@@ -125,7 +147,12 @@ pub fn run_job(
                 start,
             )?,
             (None, Output::PerFile(dir)) => {
-                let out = dir.join(corpus::output_name(&input.rel));
+                let out = match &opts.format {
+                    Format::Jsonl => dir.join(corpus::output_name(&input.rel)),
+                    Format::Dolma { experiment, .. } => {
+                        dir.join("attributes").join(experiment).join(&input.rel)
+                    }
+                };
                 let marker = done_marker(&out);
                 if marker.exists() && out.exists() {
                     summary.files_skipped += 1;
@@ -315,9 +342,10 @@ fn process_chunk(
                 .collect()
         }
     };
-    let key = match task {
-        Task::Score => "scores",
-        Task::Embed => "embedding",
+    let key = match (&opts.format, task) {
+        (Format::Dolma { .. }, _) => "attributes",
+        (Format::Jsonl, Task::Score) => "scores",
+        (Format::Jsonl, Task::Embed) => "embedding",
     };
     let mut results = owners.iter().zip(outputs);
     for (i, rec) in chunk.iter().enumerate() {
@@ -343,12 +371,31 @@ fn process_chunk(
                 result = Some(value);
             }
         }
+        if let (Format::Dolma { experiment, model }, Some(Value::Object(scores))) =
+            (&opts.format, &result)
+        {
+            let n_chars = rec.text.as_ref().map_or(0, |t| t.chars().count());
+            let attributes: Map<String, Value> = scores
+                .iter()
+                .map(|(label, v)| {
+                    (
+                        format!("{experiment}__{model}__{label}"),
+                        serde_json::json!([[0, n_chars, v]]),
+                    )
+                })
+                .collect();
+            result = Some(Value::Object(attributes));
+        }
         let error = rec.text.as_ref().err().or(failures.get(&i));
         if let Some(err) = error {
             if opts.strict {
                 bail!("{err}");
             }
             *summary.errors.entry(err.kind().to_string()).or_default() += 1;
+            if matches!(opts.format, Format::Dolma { .. }) {
+                // Rows must stay aligned with the documents file: an empty attribute set.
+                obj.insert(key.into(), Value::Object(Map::new()));
+            }
             obj.insert("error".into(), Value::String(err.to_string()));
         } else if let Some(value) = result {
             summary.ok += 1;

@@ -185,3 +185,61 @@ fn shards_partition_the_files_and_together_equal_one_process() {
         .unwrap();
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--rank 3"));
 }
+
+#[test]
+fn dolma_attributes_mirror_the_documents_files() {
+    use std::io::{Read, Write};
+    let tmp = tempfile::tempdir().unwrap();
+    let docs = tmp.path().join("dataset/documents/web");
+    std::fs::create_dir_all(&docs).unwrap();
+    let rows = "{\"id\":\"a\",\"text\":\"h\u{e9}llo \u{4e16}\u{754c}\",\"source\":\"web\",\"metadata\":{}}\n\
+                {\"id\":\"b\"}\n\
+                {\"id\":\"c\",\"text\":\"plain ascii text\",\"source\":\"web\"}\n";
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(rows.as_bytes()).unwrap();
+    std::fs::write(docs.join("0000.json.gz"), gz.finish().unwrap()).unwrap();
+    let root = tmp.path().join("dataset");
+    let o = score(
+        &root.join("documents"),
+        &root,
+        &["--format", "dolma", "--experiment", "quality"],
+    )
+    .output()
+    .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Same relative path, name and compression as the documents file.
+    let attr = root.join("attributes/quality/web/0000.json.gz");
+    let mut text = String::new();
+    flate2::read::MultiGzDecoder::new(std::fs::File::open(&attr).unwrap())
+        .read_to_string(&mut text)
+        .unwrap();
+    let got: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let ids: Vec<&str> = got.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["a", "b", "c"], "same rows in the same order");
+    assert_eq!(got[0]["source"], "web");
+    let attrs = got[0]["attributes"].as_object().unwrap();
+    assert_eq!(attrs.len(), 12);
+    let span = &attrs["quality__bert-cls-regression__clarity"];
+    // "héllo 世界" is 8 code points (12 bytes).
+    assert_eq!(
+        (span[0][0].as_u64(), span[0][1].as_u64()),
+        (Some(0), Some(8))
+    );
+    assert!(span[0][2].is_f64() && span.as_array().unwrap().len() == 1);
+    assert_eq!(
+        got[2]["attributes"]["quality__bert-cls-regression__clarity"][0][1],
+        16
+    );
+    assert!(got[1]["attributes"].as_object().unwrap().is_empty() && got[1]["error"].is_string());
+    // The scores are the model's scores.
+    let scorer =
+        mira::Scorer::load(fixture_model("bert-cls-regression"), mira::Device::Cpu).unwrap();
+    let s = scorer
+        .score(&["h\u{e9}llo \u{4e16}\u{754c}", "plain ascii text"])
+        .unwrap();
+    let clarity = s.labels.iter().position(|l| l == "clarity").unwrap();
+    assert_eq!(span[0][2].as_f64().unwrap() as f32, s.row(0)[clarity]);
+}

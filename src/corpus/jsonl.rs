@@ -141,8 +141,9 @@ impl<R: BufRead> Iterator for JsonlReader<R> {
     }
 }
 
-/// Writes JSON lines to a temporary file beside the destination, synced and renamed into place
-/// on `finish`, or to stdout for `-`. A writer dropped without `finish` (an error, `--strict`)
+/// Writes JSON lines (gzip or zstd compressed when the destination ends in `.gz` / `.zst`) to a
+/// temporary file beside the destination, synced and renamed into place on `finish`, or to stdout
+/// for `-`. A writer dropped without `finish` (an error, `--strict`)
 /// removes its temporary file and leaves any previous output untouched.
 pub struct JsonlWriter {
     out: Output,
@@ -151,11 +152,53 @@ pub struct JsonlWriter {
 enum Output {
     Stdout(BufWriter<std::io::Stdout>),
     File {
-        file: BufWriter<File>,
+        file: Encoder,
         tmp: PathBuf,
         dest: PathBuf,
     },
     Finished,
+}
+
+/// The file's compression, chosen by the destination's extension (`.gz`, `.zst`, else plain).
+enum Encoder {
+    Plain(BufWriter<File>),
+    Gzip(flate2::write::GzEncoder<BufWriter<File>>),
+    Zstd(zstd::stream::write::Encoder<'static, BufWriter<File>>),
+}
+
+impl Encoder {
+    fn new(dest: &Path, file: File) -> Result<Encoder> {
+        let buf = BufWriter::with_capacity(1 << 20, file);
+        let name = dest.to_string_lossy();
+        Ok(if name.ends_with(".gz") {
+            Encoder::Gzip(flate2::write::GzEncoder::new(
+                buf,
+                flate2::Compression::default(),
+            ))
+        } else if name.ends_with(".zst") {
+            Encoder::Zstd(zstd::stream::write::Encoder::new(buf, 3)?)
+        } else {
+            Encoder::Plain(buf)
+        })
+    }
+
+    fn writer(&mut self) -> &mut dyn Write {
+        match self {
+            Encoder::Plain(w) => w,
+            Encoder::Gzip(w) => w,
+            Encoder::Zstd(w) => w,
+        }
+    }
+
+    /// End the compressed stream and hand back the file.
+    fn finish(self) -> Result<File> {
+        let buf = match self {
+            Encoder::Plain(w) => w,
+            Encoder::Gzip(w) => w.finish()?,
+            Encoder::Zstd(w) => w.finish()?,
+        };
+        Ok(buf.into_inner().map_err(|e| e.into_error())?)
+    }
 }
 
 impl JsonlWriter {
@@ -171,7 +214,7 @@ impl JsonlWriter {
             File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
         Ok(JsonlWriter {
             out: Output::File {
-                file: BufWriter::with_capacity(1 << 20, file),
+                file: Encoder::new(path, file)?,
                 tmp,
                 dest: path.to_path_buf(),
             },
@@ -181,7 +224,7 @@ impl JsonlWriter {
     fn writer(&mut self) -> &mut dyn Write {
         match &mut self.out {
             Output::Stdout(w) => w,
-            Output::File { file, .. } => file,
+            Output::File { file, .. } => file.writer(),
             Output::Finished => unreachable!("write after finish"),
         }
     }
@@ -244,7 +287,7 @@ impl RecordSink for JsonlWriter {
         match std::mem::replace(&mut self.out, Output::Finished) {
             Output::Stdout(mut w) => w.flush()?,
             Output::File { file, tmp, dest } => {
-                let file = file.into_inner().map_err(|e| e.into_error())?;
+                let file = file.finish()?;
                 file.sync_all()
                     .with_context(|| format!("cannot sync {}", tmp.display()))?;
                 std::fs::rename(&tmp, &dest).with_context(|| {
