@@ -7,6 +7,9 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -89,6 +92,12 @@ pub enum Output {
 }
 
 /// Run `task` over every input file, writing one line per record to `output`.
+///
+/// Four stages on their own threads, joined by bounded channels so memory stays bounded however
+/// large the corpus: a reader (chunks of records, file by file), a tokenizer (rayon-parallel within
+/// a chunk), the engine (pack + forward), and the writer (this thread). Every stage is a FIFO, so
+/// chunks reach the writer in input order, and the engine works on one chunk while the next is
+/// being read and tokenized.
 pub fn run_job(
     scorer: &Scorer,
     task: Task,
@@ -110,86 +119,112 @@ pub fn run_job(
             scorer.model_dir().display()
         );
     }
-    let total_bytes: u64 = inputs
-        .iter()
-        .map(|f| {
-            std::fs::metadata(&f.path)
-                .map(|m| m.len())
-                .map_err(|e| anyhow::anyhow!("cannot open input {}: {e}", f.path.display()))
-        })
-        .sum::<Result<u64>>()?;
-    let bar = progress_bar(opts.progress, total_bytes);
     let start = Instant::now();
     let mut summary = JobSummary {
         files: inputs.len(),
         ..Default::default()
     };
-    let mut done_bytes = 0u64;
-    let mut single: Option<Box<dyn RecordSink>> = match output {
-        Output::File(path) => Some(Box::new(corpus::JsonlWriter::create(path)?)),
+    // Per-file outputs already complete are skipped (resume).
+    let mut todo: Vec<(&InputFile, Option<PathBuf>)> = Vec::new();
+    match output {
+        Output::File(_) => todo.extend(inputs.iter().map(|f| (f, None))),
         Output::PerFile(dir) => {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
-            None
-        }
-    };
-    for input in inputs {
-        let file_bytes = std::fs::metadata(&input.path)?.len();
-        match (&mut single, output) {
-            (Some(sink), _) => run_file(
-                scorer,
-                task,
-                input,
-                sink.as_mut(),
-                opts,
-                &mut summary,
-                &bar,
-                start,
-            )?,
-            (None, Output::PerFile(dir)) => {
+            for f in inputs {
                 let out = match &opts.format {
-                    Format::Jsonl => dir.join(corpus::output_name(&input.rel)),
+                    Format::Jsonl => dir.join(corpus::output_name(&f.rel)),
                     Format::Dolma { experiment, .. } => {
-                        dir.join("attributes").join(experiment).join(&input.rel)
+                        dir.join("attributes").join(experiment).join(&f.rel)
                     }
                 };
-                let marker = done_marker(&out);
-                if marker.exists() && out.exists() {
+                if done_marker(&out).exists() && out.exists() {
                     summary.files_skipped += 1;
                 } else {
-                    if let Some(parent) = out.parent() {
-                        std::fs::create_dir_all(parent)
-                            .with_context(|| format!("cannot create {}", parent.display()))?;
-                    }
-                    corpus::remove_stale_temps(&out)?;
-                    let mut sink: Box<dyn RecordSink> =
-                        Box::new(corpus::JsonlWriter::create(&out)?);
-                    let before = summary.clone();
-                    run_file(
-                        scorer,
-                        task,
-                        input,
-                        sink.as_mut(),
-                        opts,
-                        &mut summary,
-                        &bar,
-                        start,
-                    )?;
-                    sink.finish()?;
-                    let file_summary = serde_json::json!({
-                        "input": input.path.display().to_string(),
-                        "records": summary.records - before.records,
-                        "ok": summary.ok - before.ok,
-                    });
-                    corpus::write_atomic(&marker, format!("{file_summary}\n").as_bytes())?;
+                    todo.push((f, Some(out)));
                 }
             }
-            (None, Output::File(_)) => unreachable!("a single output always has a sink"),
         }
-        done_bytes += file_bytes;
-        bar.set_position(done_bytes);
-        update(&bar, &summary, start);
     }
+    let total_bytes: u64 = todo
+        .iter()
+        .map(|(f, _)| std::fs::metadata(&f.path).map_or(0, |m| m.len()))
+        .sum();
+    let bar = progress_bar(opts.progress, total_bytes);
+    let mut single: Option<Box<dyn RecordSink>> = match output {
+        Output::File(path) => Some(Box::new(corpus::JsonlWriter::create(path)?)),
+        Output::PerFile(_) => None,
+    };
+    std::thread::scope(|scope| -> Result<()> {
+        let (read_tx, read_rx) = sync_channel::<Result<Chunk>>(2);
+        let (tok_tx, tok_rx) = sync_channel::<Result<Tokenized>>(2);
+        let (run_tx, run_rx) = sync_channel::<Result<(Tokenized, Vec<Value>)>>(1);
+        let files: Vec<&InputFile> = todo.iter().map(|(f, _)| *f).collect();
+        scope.spawn(move || read_stage(&files, opts, read_tx));
+        scope.spawn(move || {
+            for chunk in read_rx {
+                if tok_tx
+                    .send(chunk.map(|c| tokenize_chunk(scorer, c)))
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        scope.spawn(move || {
+            for tok in tok_rx {
+                let scored = tok.and_then(|t| run_chunk(scorer, task, &t).map(|out| (t, out)));
+                if run_tx.send(scored).is_err() {
+                    return;
+                }
+            }
+        });
+        // Writer: open each file's output on its first chunk, finish it on its last.
+        let mut sink: Option<Box<dyn RecordSink>> = None;
+        let mut done_bytes = 0u64;
+        for scored in run_rx {
+            let (tok, outputs) = scored?;
+            let (input, out) = &todo[tok.chunk.file];
+            if let (None, Some(out)) = (&sink, out) {
+                if let Some(parent) = out.parent() {
+                    std::fs::create_dir_all(parent)
+                        .with_context(|| format!("cannot create {}", parent.display()))?;
+                }
+                corpus::remove_stale_temps(out)?;
+                sink = Some(Box::new(corpus::JsonlWriter::create(out)?));
+            }
+            let writer = match (&mut single, &mut sink) {
+                (Some(w), _) | (None, Some(w)) => w.as_mut(),
+                (None, None) => unreachable!("a per-file sink is opened above"),
+            };
+            let before = (summary.records, summary.ok);
+            write_chunk(&tok, outputs, writer, opts, &mut summary)?;
+            tok.chunk
+                .file_records
+                .fetch_add(summary.records - before.0, Ordering::Relaxed);
+            tok.chunk
+                .file_ok
+                .fetch_add(summary.ok - before.1, Ordering::Relaxed);
+            if tok.chunk.last {
+                if let (Some(w), Some(out)) = (sink.take(), out) {
+                    w.finish()?;
+                    let file_summary = serde_json::json!({
+                        "input": input.path.display().to_string(),
+                        "records": tok.chunk.file_records.load(Ordering::Relaxed),
+                        "ok": tok.chunk.file_ok.load(Ordering::Relaxed),
+                    });
+                    corpus::write_atomic(
+                        &done_marker(out),
+                        format!("{file_summary}\n").as_bytes(),
+                    )?;
+                }
+                done_bytes += std::fs::metadata(&input.path).map_or(0, |m| m.len());
+                bar.set_position(done_bytes);
+            }
+            update(&bar, &summary, start);
+        }
+        Ok(())
+    })?;
     if let Some(sink) = single {
         sink.finish()?;
     }
@@ -207,27 +242,67 @@ pub fn done_marker(out: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// Read one input file in chunks and run each chunk into `sink`.
-#[allow(clippy::too_many_arguments)]
-fn run_file(
-    scorer: &Scorer,
-    task: Task,
-    input: &InputFile,
-    sink: &mut dyn RecordSink,
-    opts: &JobOptions,
-    summary: &mut JobSummary,
-    bar: &ProgressBar,
-    start: Instant,
-) -> Result<()> {
-    let mut chunk: Vec<Record> = Vec::with_capacity(opts.chunk_records);
-    for rec in corpus::open_input(&input.path, &opts.fields)? {
-        chunk.push(rec?);
-        if chunk.len() == opts.chunk_records {
-            process_chunk(scorer, task, &mut chunk, sink, opts, summary)?;
-            update(bar, summary, start);
+/// A run of consecutive records of one input file.
+struct Chunk {
+    /// Index into the job's list of files to do.
+    file: usize,
+    records: Vec<Record>,
+    /// The file's final chunk (a file always sends one, even when empty).
+    last: bool,
+    /// Running per-file counts for the done marker, shared by the file's chunks.
+    file_records: Arc<AtomicUsize>,
+    file_ok: Arc<AtomicUsize>,
+}
+
+/// A chunk with the token ids of its usable records.
+struct Tokenized {
+    chunk: Chunk,
+    /// Token ids of the usable records, and the chunk index each belongs to.
+    ids: Vec<Vec<u32>>,
+    owners: Vec<usize>,
+    /// Records the tokenizer refused.
+    failures: BTreeMap<usize, RecordError>,
+}
+
+/// Reader stage: every file in order, in chunks of `opts.chunk_records`.
+fn read_stage(files: &[&InputFile], opts: &JobOptions, tx: SyncSender<Result<Chunk>>) {
+    for (i, f) in files.iter().enumerate() {
+        let (file_records, file_ok) =
+            (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let chunk = |records, last| Chunk {
+            file: i,
+            records,
+            last,
+            file_records: file_records.clone(),
+            file_ok: file_ok.clone(),
+        };
+        let reader = match corpus::open_input(&f.path, &opts.fields) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = tx.send(Err(e));
+                return;
+            }
+        };
+        let mut records = Vec::with_capacity(opts.chunk_records);
+        for rec in reader {
+            match rec {
+                Ok(r) => records.push(r),
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            }
+            if records.len() == opts.chunk_records {
+                let full = std::mem::replace(&mut records, Vec::with_capacity(opts.chunk_records));
+                if tx.send(Ok(chunk(full, false))).is_err() {
+                    return;
+                }
+            }
+        }
+        if tx.send(Ok(chunk(records, true))).is_err() {
+            return;
         }
     }
-    process_chunk(scorer, task, &mut chunk, sink, opts, summary)
 }
 
 fn progress_bar(enabled: bool, total: u64) -> ProgressBar {
@@ -279,31 +354,21 @@ fn f32_value(v: f32) -> Value {
     serde_json::Number::from_f64(short).map_or(Value::Null, Value::Number)
 }
 
-fn process_chunk(
-    scorer: &Scorer,
-    task: Task,
-    chunk: &mut Vec<Record>,
-    sink: &mut dyn RecordSink,
-    opts: &JobOptions,
-    summary: &mut JobSummary,
-) -> Result<()> {
-    if chunk.is_empty() {
-        return Ok(());
-    }
-    // Tokenize the usable records in parallel; a tokenizer failure marks only its record.
+/// Tokenizer stage: token ids of the usable records, in parallel; a tokenizer failure marks only
+/// its record.
+fn tokenize_chunk(scorer: &Scorer, chunk: Chunk) -> Tokenized {
+    use rayon::prelude::*;
     let texts: Vec<(usize, &str)> = chunk
+        .records
         .iter()
         .enumerate()
         .filter_map(|(i, r)| r.text.as_ref().ok().map(|t| (i, t.as_str())))
         .collect();
-    let encoded: Vec<Result<Vec<u32>>> = {
-        use rayon::prelude::*;
-        texts
-            .par_iter()
-            .map(|(_, t)| scorer.tokenize_one(t))
-            .collect()
-    };
-    let mut failures: BTreeMap<usize, RecordError> = BTreeMap::new();
+    let encoded: Vec<Result<Vec<u32>>> = texts
+        .par_iter()
+        .map(|(_, t)| scorer.tokenize_one(t))
+        .collect();
+    let mut failures = BTreeMap::new();
     let mut ids = Vec::with_capacity(texts.len());
     let mut owners = Vec::with_capacity(texts.len());
     for ((i, _), enc) in texts.iter().zip(encoded) {
@@ -315,15 +380,27 @@ fn process_chunk(
             Err(e) => {
                 failures.insert(
                     *i,
-                    RecordError::Failed(format!("{}: {e:#}", chunk[*i].location)),
+                    RecordError::Failed(format!("{}: {e:#}", chunk.records[*i].location)),
                 );
             }
         }
     }
-    let outputs: Vec<Value> = match task {
+    Tokenized {
+        chunk,
+        ids,
+        owners,
+        failures,
+    }
+}
+
+/// Engine stage: one JSON value per tokenized record (a label -> score map, or an embedding).
+fn run_chunk(scorer: &Scorer, task: Task, t: &Tokenized) -> Result<Vec<Value>> {
+    Ok(match task {
         Task::Score => {
-            let s = scorer.score_ids(&ids).with_context(|| span(chunk))?;
-            (0..ids.len())
+            let s = scorer
+                .score_ids(&t.ids)
+                .with_context(|| span(&t.chunk.records))?;
+            (0..t.ids.len())
                 .map(|d| {
                     let m: Map<String, Value> = s
                         .labels
@@ -336,19 +413,32 @@ fn process_chunk(
                 .collect()
         }
         Task::Embed => {
-            let e = scorer.embed_ids(&ids).with_context(|| span(chunk))?;
-            (0..ids.len())
+            let e = scorer
+                .embed_ids(&t.ids)
+                .with_context(|| span(&t.chunk.records))?;
+            (0..t.ids.len())
                 .map(|d| Value::Array(e.row(d).iter().map(|v| f32_value(*v)).collect()))
                 .collect()
         }
-    };
-    let key = match (&opts.format, task) {
+    })
+}
+
+/// Writer stage: one output row per input record, in order, with errors inline.
+fn write_chunk(
+    t: &Tokenized,
+    outputs: Vec<Value>,
+    sink: &mut dyn RecordSink,
+    opts: &JobOptions,
+    summary: &mut JobSummary,
+) -> Result<()> {
+    let mut failures = t.failures.clone();
+    let key = match (&opts.format, outputs.first()) {
         (Format::Dolma { .. }, _) => "attributes",
-        (Format::Jsonl, Task::Score) => "scores",
-        (Format::Jsonl, Task::Embed) => "embedding",
+        (Format::Jsonl, Some(Value::Array(_))) => "embedding",
+        (Format::Jsonl, _) => "scores",
     };
-    let mut results = owners.iter().zip(outputs);
-    for (i, rec) in chunk.iter().enumerate() {
+    let mut results = t.owners.iter().zip(outputs);
+    for (i, rec) in t.chunk.records.iter().enumerate() {
         summary.records += 1;
         let mut obj = Map::new();
         obj.insert("id".into(), Value::String(rec.id.clone()));
@@ -360,13 +450,8 @@ fn process_chunk(
             let (&owner, value) = results.next().expect("one result per usable record");
             debug_assert_eq!(owner, i);
             if contains_non_finite(&value) {
-                failures.insert(
-                    i,
-                    RecordError::Failed(format!(
-                        "{}: the model produced NaN or infinity",
-                        rec.location
-                    )),
-                );
+                let msg = format!("{}: the model produced NaN or infinity", rec.location);
+                failures.insert(i, RecordError::Failed(msg));
             } else {
                 result = Some(value);
             }
@@ -403,7 +488,6 @@ fn process_chunk(
         }
         sink.write(&Value::Object(obj))?;
     }
-    summary.tokens += ids.iter().map(Vec::len).sum::<usize>();
-    chunk.clear();
+    summary.tokens += t.ids.iter().map(Vec::len).sum::<usize>();
     Ok(())
 }

@@ -243,3 +243,69 @@ fn dolma_attributes_mirror_the_documents_files() {
     let clarity = s.labels.iter().position(|l| l == "clarity").unwrap();
     assert_eq!(span[0][2].as_f64().unwrap() as f32, s.row(0)[clarity]);
 }
+
+#[test]
+fn chunk_size_does_not_change_outputs_and_empty_files_get_empty_outputs() {
+    use mira::corpus::{expand_inputs, FieldNames};
+    use mira::pipeline::{run_job, Format, JobOptions, Output, Task};
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("in");
+    make_corpus(&input, 3, 50);
+    std::fs::write(input.join("part0/empty.jsonl"), b"").unwrap();
+    let scorer =
+        mira::Scorer::load(fixture_model("bert-cls-regression"), mira::Device::Cpu).unwrap();
+    let files = expand_inputs(std::slice::from_ref(&input)).unwrap();
+    let run = |chunk_records: usize, out: &Path| {
+        let opts = JobOptions {
+            format: Format::Jsonl,
+            fields: FieldNames::default(),
+            strict: false,
+            chunk_records,
+            progress: false,
+        };
+        run_job(
+            &scorer,
+            Task::Score,
+            &files,
+            &Output::PerFile(out.to_path_buf()),
+            &opts,
+        )
+        .unwrap()
+    };
+    let (big, small) = (tmp.path().join("big"), tmp.path().join("small"));
+    let s1 = run(4096, &big);
+    let s2 = run(7, &small);
+    assert_eq!(
+        (s1.records, s2.records, s2.ok, s2.files),
+        (150, 150, 150, 4)
+    );
+    // Same files, rows, ids and order; scores equal up to batch-composition float noise.
+    let (a, b) = (snapshot(&big), snapshot(&small));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for (rel, bytes) in &a {
+        if rel.extension().is_none_or(|e| e != "jsonl") {
+            continue;
+        }
+        let parse = |x: &[u8]| -> Vec<serde_json::Value> {
+            String::from_utf8_lossy(x)
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect()
+        };
+        let (ra, rb) = (parse(bytes), parse(&b[rel]));
+        assert_eq!(ra.len(), rb.len(), "{}", rel.display());
+        for (x, y) in ra.iter().zip(&rb) {
+            assert_eq!(x["id"], y["id"]);
+            for (label, v) in x["scores"].as_object().unwrap() {
+                let (v, w) = (v.as_f64().unwrap(), y["scores"][label].as_f64().unwrap());
+                assert!(
+                    (v - w).abs() <= 1e-5 * (1.0 + v.abs()),
+                    "{} {label}: {v} vs {w}",
+                    x["id"]
+                );
+            }
+        }
+    }
+    assert_eq!(snapshot(&small)[&PathBuf::from("part0/empty.jsonl")], b"");
+    assert!(small.join("part0/empty.jsonl.done").exists());
+}
