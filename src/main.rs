@@ -84,9 +84,10 @@ struct JobArgs {
     id_field: String,
     #[arg(long, default_value = "source")]
     source_field: String,
-    /// Output rows: `jsonl` (id, source, scores or embedding) or `dolma` (attribute side-cars
+    /// Output rows: `jsonl` (id, source, scores or embedding), `parquet` (id, source, error and a
+    /// float32 column per label, or an embedding list column) or `dolma` (attribute side-cars
     /// under <output-dir>/attributes/<experiment>/, for `dolma mix`; needs --experiment)
-    #[arg(long, default_value = "jsonl", value_parser = ["jsonl", "dolma"])]
+    #[arg(long, default_value = "jsonl", value_parser = ["jsonl", "parquet", "dolma"])]
     format: String,
     /// dolma experiment name (attribute keys are <experiment>__<model>__<label>)
     #[arg(long, required_if_eq("format", "dolma"))]
@@ -193,6 +194,7 @@ fn job(a: JobArgs, task: Task) -> Result<()> {
                     .map_or("model".into(), |n| n.to_string_lossy().into_owned())
             }),
         },
+        "parquet" => Format::Parquet,
         _ => Format::Jsonl,
     };
     let opts = JobOptions {

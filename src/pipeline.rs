@@ -39,6 +39,9 @@ pub enum Format {
     /// `<output-dir>/attributes/<experiment>/<the input's relative path>` (same name and
     /// compression as the documents file), one row per document row, in order.
     Dolma { experiment: String, model: String },
+    /// Parquet: `id`, `source`, `error` and one `float32` column per label (or an `embedding`
+    /// list column).
+    Parquet,
 }
 
 #[derive(Debug, Clone)]
@@ -133,7 +136,8 @@ pub fn run_job(
                 .with_context(|| format!("cannot create {}", dir.display()))?;
             for f in inputs {
                 let out = match &opts.format {
-                    Format::Jsonl => dir.join(corpus::output_name(&f.rel)),
+                    Format::Jsonl => dir.join(corpus::output_name(&f.rel, "jsonl")),
+                    Format::Parquet => dir.join(corpus::output_name(&f.rel, "parquet")),
                     Format::Dolma { experiment, .. } => {
                         dir.join("attributes").join(experiment).join(&f.rel)
                     }
@@ -151,8 +155,17 @@ pub fn run_job(
         .map(|(f, _)| std::fs::metadata(&f.path).map_or(0, |m| m.len()))
         .sum();
     let bar = progress_bar(opts.progress, total_bytes);
+    let create = |path: &Path| -> Result<Box<dyn RecordSink>> {
+        Ok(match opts.format {
+            Format::Parquet => Box::new(corpus::ParquetWriter::create(
+                path,
+                parquet_columns(scorer, task),
+            )?),
+            _ => Box::new(corpus::JsonlWriter::create(path)?),
+        })
+    };
     let mut single: Option<Box<dyn RecordSink>> = match output {
-        Output::File(path) => Some(Box::new(corpus::JsonlWriter::create(path)?)),
+        Output::File(path) => Some(create(path)?),
         Output::PerFile(_) => None,
     };
     std::thread::scope(|scope| -> Result<()> {
@@ -191,7 +204,7 @@ pub fn run_job(
                         .with_context(|| format!("cannot create {}", parent.display()))?;
                 }
                 corpus::remove_stale_temps(out)?;
-                sink = Some(Box::new(corpus::JsonlWriter::create(out)?));
+                sink = Some(create(out)?);
             }
             let writer = match (&mut single, &mut sink) {
                 (Some(w), _) | (None, Some(w)) => w.as_mut(),
@@ -233,6 +246,14 @@ pub fn run_job(
     summary.docs_per_s = summary.records as f64 / summary.seconds.max(1e-9);
     summary.tokens_per_s = summary.tokens as f64 / summary.seconds.max(1e-9);
     Ok(summary)
+}
+
+/// The columns of a Parquet output for this task.
+fn parquet_columns(scorer: &Scorer, task: Task) -> corpus::ParquetColumns {
+    match (task, scorer.head()) {
+        (Task::Score, Some(head)) => corpus::ParquetColumns::Scores(head.labels.clone()),
+        _ => corpus::ParquetColumns::Embedding(scorer.embedding_dim()),
+    }
 }
 
 /// `<output>.done`, written after the output is complete.
@@ -434,8 +455,8 @@ fn write_chunk(
     let mut failures = t.failures.clone();
     let key = match (&opts.format, outputs.first()) {
         (Format::Dolma { .. }, _) => "attributes",
-        (Format::Jsonl, Some(Value::Array(_))) => "embedding",
-        (Format::Jsonl, _) => "scores",
+        (_, Some(Value::Array(_))) => "embedding",
+        (_, _) => "scores",
     };
     let mut results = t.owners.iter().zip(outputs);
     for (i, rec) in t.chunk.records.iter().enumerate() {

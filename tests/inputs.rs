@@ -110,7 +110,7 @@ fn directories_and_globs_expand_in_sorted_order() {
     assert!(files.iter().all(|f| f.path == root.join(&f.rel)));
     let outs: Vec<String> = files
         .iter()
-        .map(|f| corpus::output_name(&f.rel).display().to_string())
+        .map(|f| corpus::output_name(&f.rel, "jsonl").display().to_string())
         .collect();
     assert_eq!(
         outs,
@@ -141,7 +141,7 @@ fn directories_and_globs_expand_in_sorted_order() {
         .to_string();
     assert!(nothing.contains("no input files match"), "{nothing}");
     let parquet = tmp.path().join("x.parquet");
-    std::fs::write(&parquet, b"PAR1").unwrap();
+    std::fs::write(&parquet, b"PAR1 but not really").unwrap();
     let err = corpus::open_input(&parquet, &FieldNames::default())
         .err()
         .unwrap()

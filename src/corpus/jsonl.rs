@@ -231,7 +231,7 @@ impl JsonlWriter {
 }
 
 /// The hidden temporary name `JsonlWriter` writes `path` under, for this process.
-fn temp_name(path: &Path, pid: u32) -> Result<PathBuf> {
+pub(crate) fn temp_name(path: &Path, pid: u32) -> Result<PathBuf> {
     let file_name = path
         .file_name()
         .with_context(|| format!("invalid output path {}", path.display()))?;

@@ -2,10 +2,11 @@
 //! [`Record`]s and writes JSON values back out, one per input record, in input order.
 //!
 //! The seam for richer formats (Parquet, dolma side-cars, resume) is [`open_input`] (a record
-//! iterator per file, plain/gzip/zstd JSON Lines today) and [`RecordSink`] (an ordered writer);
+//! iterator per file: plain/gzip/zstd JSON Lines or Parquet) and [`RecordSink`] (an ordered writer);
 //! [`expand_inputs`] turns files, directories and globs into the list of files.
 
 pub mod jsonl;
+pub mod parquet;
 
 use std::fmt;
 use std::io::{BufReader, Read};
@@ -14,6 +15,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 
 pub use jsonl::{remove_stale_temps, write_atomic, JsonlReader, JsonlWriter};
+pub use parquet::{ParquetColumns, ParquetReader, ParquetWriter};
 
 /// Which JSON fields hold the text, id and source.
 #[derive(Debug, Clone)]
@@ -88,20 +90,21 @@ pub struct Record {
     pub location: String,
 }
 
-/// Extensions of the inputs mira reads (plain, gzip or zstd JSON Lines).
+/// Extensions of the inputs mira reads (plain, gzip or zstd JSON Lines; and `.parquet`).
 const JSONL_EXTENSIONS: &[&str] = &[".jsonl", ".json", ".ndjson"];
 const COMPRESSIONS: &[&str] = &["", ".gz", ".zst"];
 
 fn is_supported(path: &Path) -> bool {
     let name = path.to_string_lossy();
-    JSONL_EXTENSIONS.iter().any(|e| {
-        COMPRESSIONS
-            .iter()
-            .any(|c| name.ends_with(&format!("{e}{c}")))
-    })
+    name.ends_with(".parquet")
+        || JSONL_EXTENSIONS.iter().any(|e| {
+            COMPRESSIONS
+                .iter()
+                .any(|c| name.ends_with(&format!("{e}{c}")))
+        })
 }
 
-/// Open an input file as a stream of records, choosing the reader by extension:
+/// Open an input file as a stream of records, choosing the reader by extension: `.parquet`, or
 /// `.jsonl`/`.json`/`.ndjson`, optionally `.gz` (multi-member gzip, as dolma writes) or `.zst`.
 pub fn open_input(
     path: &Path,
@@ -109,7 +112,7 @@ pub fn open_input(
 ) -> Result<Box<dyn Iterator<Item = Result<Record>> + Send>> {
     let name = path.to_string_lossy();
     if name.ends_with(".parquet") {
-        anyhow::bail!("{}: Parquet inputs are not supported yet", path.display());
+        return Ok(Box::new(ParquetReader::open(path, fields.clone())?));
     }
     let file = std::fs::File::open(path)
         .with_context(|| format!("cannot open input {}", path.display()))?;
@@ -215,9 +218,13 @@ pub fn shard(files: Vec<InputFile>, rank: usize, world_size: usize) -> Result<Ve
     Ok(files.into_iter().skip(rank).step_by(world_size).collect())
 }
 
-/// Output path (relative) for an input: compression and JSON extension replaced by `.jsonl`.
-pub fn output_name(rel: &Path) -> PathBuf {
+/// Output path (relative) for an input: compression and JSON/Parquet extension replaced by
+/// `.{extension}` (`jsonl` or `parquet`).
+pub fn output_name(rel: &Path, extension: &str) -> PathBuf {
     let mut name = rel.to_string_lossy().into_owned();
+    if let Some(stripped) = name.strip_suffix(".parquet") {
+        return PathBuf::from(format!("{stripped}.{extension}"));
+    }
     for c in [".gz", ".zst"] {
         if let Some(stripped) = name.strip_suffix(c) {
             name = stripped.to_string();
@@ -229,7 +236,7 @@ pub fn output_name(rel: &Path) -> PathBuf {
             break;
         }
     }
-    PathBuf::from(format!("{name}.jsonl"))
+    PathBuf::from(format!("{name}.{extension}"))
 }
 
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
