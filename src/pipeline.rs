@@ -195,6 +195,7 @@ pub fn run_job(
         // Writer: open each file's output on its first chunk, finish it on its last.
         let mut sink: Option<Box<dyn RecordSink>> = None;
         let mut done_bytes = 0u64;
+        let (mut files_done, mut read_errors_before_file) = (0usize, 0usize);
         for scored in run_rx {
             let (tok, outputs) = scored?;
             let (input, out) = &todo[tok.chunk.file];
@@ -219,22 +220,28 @@ pub fn run_job(
                 .file_ok
                 .fetch_add(summary.ok - before.1, Ordering::Relaxed);
             if tok.chunk.last {
+                files_done += 1;
                 if let (Some(w), Some(out)) = (sink.take(), out) {
                     w.finish()?;
-                    let file_summary = serde_json::json!({
-                        "input": input.path.display().to_string(),
-                        "records": tok.chunk.file_records.load(Ordering::Relaxed),
-                        "ok": tok.chunk.file_ok.load(Ordering::Relaxed),
-                    });
-                    corpus::write_atomic(
-                        &done_marker(out),
-                        format!("{file_summary}\n").as_bytes(),
-                    )?;
+                    // A file that could not be read to its end gets no marker: a rerun retries it.
+                    let read_errors = summary.errors.get("read_error").copied().unwrap_or(0);
+                    let complete = read_errors == read_errors_before_file;
+                    read_errors_before_file = read_errors;
+                    if complete {
+                        let file_summary = serde_json::json!({
+                            "input": input.path.display().to_string(),
+                            "records": tok.chunk.file_records.load(Ordering::Relaxed),
+                            "ok": tok.chunk.file_ok.load(Ordering::Relaxed),
+                        });
+                        let marker = format!("{file_summary}\n");
+                        corpus::write_atomic(&done_marker(out), marker.as_bytes())?;
+                    }
                 }
                 done_bytes += std::fs::metadata(&input.path).map_or(0, |m| m.len());
                 bar.set_position(done_bytes);
             }
             update(&bar, &summary, start);
+            bar.set_prefix(format!("files {files_done}/{}", todo.len()));
         }
         Ok(())
     })?;
@@ -300,8 +307,18 @@ fn read_stage(files: &[&InputFile], opts: &JobOptions, tx: SyncSender<Result<Chu
         let reader = match corpus::open_input(&f.path, &opts.fields) {
             Ok(r) => r,
             Err(e) => {
-                let _ = tx.send(Err(e));
-                return;
+                // An unreadable file is one error row; the job goes on with the next file.
+                let location = format!("{}:0", f.path.display());
+                let row = Record {
+                    id: location.clone(),
+                    source: None,
+                    text: Err(RecordError::ReadError(format!("{e:#}"))),
+                    location,
+                };
+                if tx.send(Ok(chunk(vec![row], true))).is_err() {
+                    return;
+                }
+                continue;
             }
         };
         let mut records = Vec::with_capacity(opts.chunk_records);
@@ -333,7 +350,7 @@ fn progress_bar(enabled: bool, total: u64) -> ProgressBar {
     // indicatif draws nothing when stderr is not a terminal.
     let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
     bar.set_style(
-        ProgressStyle::with_template("{bar:30} {bytes}/{total_bytes} {msg} eta {eta}")
+        ProgressStyle::with_template("{prefix} {bar:30} {bytes}/{total_bytes} {msg} eta {eta}")
             .expect("valid template"),
     );
     bar
@@ -385,11 +402,23 @@ fn tokenize_chunk(scorer: &Scorer, chunk: Chunk) -> Tokenized {
         .enumerate()
         .filter_map(|(i, r)| r.text.as_ref().ok().map(|t| (i, t.as_str())))
         .collect();
+    let mut failures = BTreeMap::new();
+    // An empty (or whitespace-only) document has nothing to score: an error row, not a score.
+    let texts: Vec<(usize, &str)> = texts
+        .into_iter()
+        .filter(|(i, t)| {
+            let empty = t.trim().is_empty();
+            if empty {
+                let msg = format!("{}: the text is empty", chunk.records[*i].location);
+                failures.insert(*i, RecordError::EmptyText(msg));
+            }
+            !empty
+        })
+        .collect();
     let encoded: Vec<Result<Vec<u32>>> = texts
         .par_iter()
         .map(|(_, t)| scorer.tokenize_one(t))
         .collect();
-    let mut failures = BTreeMap::new();
     let mut ids = Vec::with_capacity(texts.len());
     let mut owners = Vec::with_capacity(texts.len());
     for ((i, _), enc) in texts.iter().zip(encoded) {

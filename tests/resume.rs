@@ -309,3 +309,71 @@ fn chunk_size_does_not_change_outputs_and_empty_files_get_empty_outputs() {
     assert_eq!(snapshot(&small)[&PathBuf::from("part0/empty.jsonl")], b"");
     assert!(small.join("part0/empty.jsonl.done").exists());
 }
+
+#[test]
+fn unreadable_files_enormous_and_empty_documents_keep_row_accounting() {
+    use mira::corpus::{FieldNames, InputFile};
+    use mira::pipeline::{run_job, Format, JobOptions, Output, Task};
+    let tmp = tempfile::tempdir().unwrap();
+    let good = tmp.path().join("good.jsonl");
+    let huge = "word ".repeat(1_000_000); // 5 MB on one line
+    std::fs::write(
+        &good,
+        format!("{{\"id\":\"big\",\"text\":\"{huge}\"}}\n{{\"id\":\"empty\",\"text\":\"\"}}\n{{\"id\":\"blank\",\"text\":\" \\n\\t \"}}\n{{\"id\":\"ok\",\"text\":\"fine\"}}\n"),
+    )
+    .unwrap();
+    // Vanished between listing and reading (root can read any file, so use a missing one).
+    let gone = InputFile {
+        path: tmp.path().join("gone.jsonl"),
+        rel: "gone.jsonl".into(),
+    };
+    let files = vec![
+        gone,
+        InputFile {
+            path: good.clone(),
+            rel: "good.jsonl".into(),
+        },
+    ];
+    let scorer =
+        mira::Scorer::load(fixture_model("bert-cls-regression"), mira::Device::Cpu).unwrap();
+    let out = tmp.path().join("out");
+    let opts = JobOptions {
+        format: Format::Jsonl,
+        fields: FieldNames::default(),
+        strict: false,
+        chunk_records: 4096,
+        progress: false,
+    };
+    let s = run_job(
+        &scorer,
+        Task::Score,
+        &files,
+        &Output::PerFile(out.clone()),
+        &opts,
+    )
+    .unwrap();
+    assert_eq!((s.records, s.ok), (5, 2));
+    assert_eq!((s.errors["read_error"], s.errors["empty_text"]), (1, 2));
+    let gone_rows = std::fs::read_to_string(out.join("gone.jsonl")).unwrap();
+    assert!(
+        gone_rows.contains("read_error") && gone_rows.contains("gone.jsonl"),
+        "{gone_rows}"
+    );
+    assert!(
+        !out.join("gone.jsonl.done").exists(),
+        "an unreadable file is retried on the next run"
+    );
+    assert!(out.join("good.jsonl.done").exists());
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(out.join("good.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let ids: Vec<&str> = rows.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["big", "empty", "blank", "ok"]);
+    assert!(
+        rows[0]["scores"].is_object(),
+        "an enormous document is truncated and scored"
+    );
+    assert!(rows[1]["error"].as_str().unwrap().starts_with("empty_text"));
+}

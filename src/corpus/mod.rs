@@ -46,6 +46,8 @@ pub enum RecordError {
     MissingText(String),
     /// The text field is not a string.
     TextNotString(String),
+    /// The text is empty or whitespace only.
+    EmptyText(String),
     /// The tokenizer or model refused the record.
     Failed(String),
     /// The file could not be read past this point (truncated or corrupt gzip/zstd stream, I/O
@@ -61,6 +63,7 @@ impl RecordError {
             RecordError::MalformedJson(_) => "malformed_json",
             RecordError::MissingText(_) => "missing_text",
             RecordError::TextNotString(_) => "text_not_string",
+            RecordError::EmptyText(_) => "empty_text",
             RecordError::Failed(_) => "failed",
             RecordError::ReadError(_) => "read_error",
         }
@@ -74,6 +77,7 @@ impl fmt::Display for RecordError {
             | RecordError::MalformedJson(m)
             | RecordError::MissingText(m)
             | RecordError::TextNotString(m)
+            | RecordError::EmptyText(m)
             | RecordError::Failed(m)
             | RecordError::ReadError(m) => write!(f, "{}: {m}", self.kind()),
         }
