@@ -95,6 +95,10 @@ struct JobArgs {
     /// Model name in dolma attribute keys [default: the model folder's name]
     #[arg(long)]
     model_name: Option<String>,
+    /// Copy every field of each JSON Lines input record into its output row (the results are
+    /// added as `scores`/`embedding`/`error`, replacing fields of those names)
+    #[arg(long)]
+    keep_input: bool,
     /// Stop at the first unusable record instead of writing it with an `error` field
     #[arg(long)]
     strict: bool,
@@ -203,6 +207,7 @@ fn job(a: JobArgs, task: Task) -> Result<()> {
             text: a.text_field,
             id: a.id_field,
             source: a.source_field,
+            keep_input: a.keep_input,
         },
         strict: a.strict,
         progress: std::io::stderr().is_terminal(),

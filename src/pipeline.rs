@@ -116,6 +116,9 @@ pub fn run_job(
             bail!("--format dolma writes one attribute file per input: use --output-dir");
         }
     }
+    if opts.fields.keep_input && opts.format != Format::Jsonl {
+        bail!("--keep-input copies input records into JSON Lines outputs: use --format jsonl");
+    }
     if task == Task::Score && scorer.head().is_none() {
         bail!(
             "{} has no classification head: use `mira embed`, or a checkpoint with a classifier",
@@ -314,6 +317,7 @@ fn read_stage(files: &[&InputFile], opts: &JobOptions, tx: SyncSender<Result<Chu
                     source: None,
                     text: Err(RecordError::ReadError(format!("{e:#}"))),
                     location,
+                    input: None,
                 };
                 if tx.send(Ok(chunk(vec![row], true))).is_err() {
                     return;
@@ -490,7 +494,8 @@ fn write_chunk(
     let mut results = t.owners.iter().zip(outputs);
     for (i, rec) in t.chunk.records.iter().enumerate() {
         summary.records += 1;
-        let mut obj = Map::new();
+        // With --keep-input the output row is the input object plus the results.
+        let mut obj = rec.input.clone().unwrap_or_default();
         obj.insert("id".into(), Value::String(rec.id.clone()));
         if let Some(src) = &rec.source {
             obj.insert("source".into(), Value::String(src.clone()));

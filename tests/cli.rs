@@ -294,3 +294,37 @@ fn directory_of_compressed_inputs_keeps_every_row_and_counts_read_errors() {
     );
     assert_eq!(s["errors"]["read_error"], 1);
 }
+
+#[test]
+fn keep_input_copies_each_record_into_its_row() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("in.jsonl");
+    std::fs::write(
+        &input,
+        "{\"id\":\"a\",\"text\":\"hello there\",\"metadata\":{\"url\":\"u\"},\"n\":3}\n{\"text\":\"\",\"lang\":\"en\"}\n",
+    )
+    .unwrap();
+    let out = tmp.path().join("out.jsonl");
+    let model = fixture_model("bert-cls-regression");
+    let o = job("score", &model, &[&input], &out, &["--keep-input"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rows = lines(&out);
+    assert_eq!(rows[0]["text"], "hello there");
+    assert_eq!(
+        (rows[0]["metadata"]["url"].as_str(), rows[0]["n"].as_u64()),
+        (Some("u"), Some(3))
+    );
+    assert!(rows[0]["scores"].is_object());
+    assert_eq!(rows[1]["lang"], "en");
+    assert!(
+        rows[1]["id"].as_str().unwrap().ends_with("in.jsonl:2") && rows[1]["error"].is_string()
+    );
+    let o = job(
+        "score",
+        &model,
+        &[&input],
+        &tmp.path().join("o.parquet"),
+        &["--keep-input", "--format", "parquet"],
+    );
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--keep-input"));
+}

@@ -47,6 +47,7 @@ impl<R: BufRead> JsonlReader<R> {
             source: None,
             text: Err(e),
             location: location.clone(),
+            input: None,
         };
         let text = match std::str::from_utf8(line) {
             Ok(t) => t,
@@ -87,11 +88,16 @@ impl<R: BufRead> JsonlReader<R> {
                 self.fields.text
             ))),
         };
+        let input = match (self.fields.keep_input, value) {
+            (true, Value::Object(map)) => Some(map),
+            _ => None,
+        };
         Record {
             id,
             source,
             text,
             location,
+            input,
         }
     }
 }
@@ -134,6 +140,7 @@ impl<R: BufRead> Iterator for JsonlReader<R> {
                             "{location}: cannot read further ({e}); the rest of the file is lost"
                         ))),
                         location,
+                        input: None,
                     }));
                 }
             }

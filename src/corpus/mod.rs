@@ -23,6 +23,8 @@ pub struct FieldNames {
     pub text: String,
     pub id: String,
     pub source: String,
+    /// Keep each JSON Lines record's whole object ([`Record::input`]) for the output.
+    pub keep_input: bool,
 }
 
 impl Default for FieldNames {
@@ -31,6 +33,7 @@ impl Default for FieldNames {
             text: "text".into(),
             id: "id".into(),
             source: "source".into(),
+            keep_input: false,
         }
     }
 }
@@ -92,6 +95,8 @@ pub struct Record {
     pub text: Result<String, RecordError>,
     /// `file:line`, for error messages.
     pub location: String,
+    /// The whole input object, when the reader was asked to keep it (JSON Lines inputs).
+    pub input: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// Extensions of the inputs mira reads (plain, gzip or zstd JSON Lines; and `.parquet`).

@@ -79,6 +79,7 @@ impl ParquetReader {
             source,
             text,
             location,
+            input: None,
         }
     }
 }
@@ -152,6 +153,7 @@ impl Iterator for ParquetReader {
                             "{location}: cannot read further ({e}); the rest of the file is lost"
                         ))),
                         location,
+                        input: None,
                     }));
                 }
             }
