@@ -311,14 +311,7 @@ fn read_stage(files: &[&InputFile], opts: &JobOptions, tx: SyncSender<Result<Chu
             Ok(r) => r,
             Err(e) => {
                 // An unreadable file is one error row; the job goes on with the next file.
-                let location = format!("{}:0", f.path.display());
-                let row = Record {
-                    id: location.clone(),
-                    source: None,
-                    text: Err(RecordError::ReadError(format!("{e:#}"))),
-                    location,
-                    input: None,
-                };
+                let row = Record::unreadable(format!("{}:0", f.path.display()), format!("{e:#}"));
                 if tx.send(Ok(chunk(vec![row], true))).is_err() {
                     return;
                 }

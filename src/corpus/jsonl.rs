@@ -133,15 +133,9 @@ impl<R: BufRead> Iterator for JsonlReader<R> {
                     self.failed = true;
                     self.line += 1;
                     let location = format!("{}:{}", self.name, self.line);
-                    return Some(Ok(Record {
-                        id: location.clone(),
-                        source: None,
-                        text: Err(RecordError::ReadError(format!(
-                            "{location}: cannot read further ({e}); the rest of the file is lost"
-                        ))),
-                        location,
-                        input: None,
-                    }));
+                    let message =
+                        format!("cannot read further ({e}); the rest of the file is lost");
+                    return Some(Ok(Record::unreadable(location, message)));
                 }
             }
         }

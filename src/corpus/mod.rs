@@ -99,6 +99,20 @@ pub struct Record {
     pub input: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
+impl Record {
+    /// The row that stands for the unreadable rest of a file (or a whole unreadable file):
+    /// id and location `location`, a `read_error`.
+    pub fn unreadable(location: String, message: String) -> Record {
+        Record {
+            id: location.clone(),
+            source: None,
+            text: Err(RecordError::ReadError(format!("{location}: {message}"))),
+            location,
+            input: None,
+        }
+    }
+}
+
 /// Extensions of the inputs mira reads (plain, gzip or zstd JSON Lines; and `.parquet`).
 const JSONL_EXTENSIONS: &[&str] = &[".jsonl", ".json", ".ndjson"];
 const COMPRESSIONS: &[&str] = &["", ".gz", ".zst"];

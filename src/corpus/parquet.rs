@@ -146,15 +146,9 @@ impl Iterator for ParquetReader {
                     self.failed = true;
                     self.row += 1;
                     let location = format!("{}:row {}", self.name, self.row);
-                    return Some(Ok(Record {
-                        id: location.clone(),
-                        source: None,
-                        text: Err(RecordError::ReadError(format!(
-                            "{location}: cannot read further ({e}); the rest of the file is lost"
-                        ))),
-                        location,
-                        input: None,
-                    }));
+                    let message =
+                        format!("cannot read further ({e}); the rest of the file is lost");
+                    return Some(Ok(Record::unreadable(location, message)));
                 }
             }
         }
