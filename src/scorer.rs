@@ -159,6 +159,11 @@ impl Scorer {
         self.head.as_ref()
     }
 
+    /// Pooling and normalisation used by [`embed`](Self::embed).
+    pub fn pooling(&self) -> (Pooling, bool) {
+        (self.sentence.pooling, self.sentence.normalize)
+    }
+
     pub fn embedding_dim(&self) -> usize {
         self.encoder.hidden_size()
     }
@@ -294,11 +299,4 @@ fn softmax(row: &mut [f32]) {
         sum += *v;
     }
     row.iter_mut().for_each(|v| *v /= sum);
-}
-
-/// Pooling mode used by [`Scorer::embed`] (exposed for reports).
-impl Scorer {
-    pub fn pooling(&self) -> (Pooling, bool) {
-        (self.sentence.pooling, self.sentence.normalize)
-    }
 }

@@ -16,7 +16,6 @@ pub struct JsonlReader<R> {
     line: usize,
     fields: FieldNames,
     buf: Vec<u8>,
-    bytes_read: u64,
     /// A read error ended the stream.
     failed: bool,
 }
@@ -29,14 +28,8 @@ impl<R: BufRead> JsonlReader<R> {
             line: 0,
             fields,
             buf: Vec::new(),
-            bytes_read: 0,
             failed: false,
         }
-    }
-
-    /// Bytes consumed so far (for progress).
-    pub fn bytes_read(&self) -> u64 {
-        self.bytes_read
     }
 
     fn parse(&self, line: &[u8]) -> Record {
@@ -113,8 +106,7 @@ impl<R: BufRead> Iterator for JsonlReader<R> {
             self.buf.clear();
             match self.reader.read_until(b'\n', &mut self.buf) {
                 Ok(0) => return None,
-                Ok(n) => {
-                    self.bytes_read += n as u64;
+                Ok(_) => {
                     self.line += 1;
                     let mut end = self.buf.len();
                     while end > 0 && matches!(self.buf[end - 1], b'\n' | b'\r') {
