@@ -2,9 +2,10 @@
 """Build the bundled sample corpus (JSONL) from real text shipped by packages.
 
 Sources (the `source` field of each record):
-  python-code  Python files from pinned PyPI sdists, chunked by top-level def/class
-  docs         README / CHANGES / HISTORY / docs/*.rst|md from the same sdists, split into sections
-  licenses     license texts from Debian's base-files (/usr/share/common-licenses/*)
+  python-code/<pkg>  Python files from pinned PyPI sdists, chunked by top-level def/class
+  docs/<pkg>         README / CHANGES / HISTORY / docs/*.rst|md from the same sdists, split into sections
+  licenses           license texts from Debian's base-files (/usr/share/common-licenses/*)
+(<pkg> is the sdist's name: several sources per kind, as in a real mid-training mix.)
 
 Nothing here is invented text: every record is a verbatim slice of a shipped file.
 Deterministic: pinned versions + sha256-checked sdists, sorted file order, no randomness.
@@ -278,12 +279,12 @@ def main():
         pkg = f"{name}=={ver}"
         for path in sorted(files):
             if code_re.match(path):
-                add("python-code", pkg, path, chunk_python(files[path]))
+                add(f"python-code/{name}", pkg, path, chunk_python(files[path]))
     for name, ver, _, files in sdists:
         pkg = f"{name}=={ver}"
         for path in sorted(files):
             if DOC_RE.match(path):
-                add("docs", pkg, path, split_doc(files[path], path.endswith(".md")))
+                add(f"docs/{name}", pkg, path, split_doc(files[path], path.endswith(".md")))
 
     if not os.path.isdir(LICENSE_DIR):
         sys.exit(f"collect_sample: {LICENSE_DIR} not found (Debian base-files)")
@@ -307,9 +308,9 @@ def main():
     counts = Counter(r["source"] for r in records)
     lens = sorted(len(r["text"]) for r in records)
     print(f"collect_sample: wrote {len(records)} records to {args.out}")
-    for src in ("python-code", "docs", "licenses"):
+    for src in sorted(counts):
         sl = sorted(len(r["text"]) for r in records if r["source"] == src)
-        print(f"  {src:12s} {counts[src]:4d} records, {sum(sl):8d} chars (median {sl[len(sl) // 2]})")
+        print(f"  {src:24s} {counts[src]:4d} records, {sum(sl):8d} chars (median {sl[len(sl) // 2]})")
     buckets = [(0, 500), (500, 2000), (2000, 4000), (4000, 10 ** 9)]
     mix = ", ".join(
         f"{a}-{b if b < 10 ** 9 else ''}: {sum(a <= x < b for x in lens)}" for a, b in buckets

@@ -22,4 +22,5 @@ if ! command -v cargo >/dev/null; then
 fi
 
 scripts/fetch_model.sh
-[ -s .data/sample/corpus.jsonl ] || python3 scripts/collect_sample.py --out .data/sample/corpus.jsonl
+# (Rebuilt when it predates per-package sources such as "docs/click".)
+grep -q '"source": "docs/' .data/sample/corpus.jsonl 2>/dev/null || python3 scripts/collect_sample.py --out .data/sample/corpus.jsonl

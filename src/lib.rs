@@ -21,3 +21,4 @@ pub mod text;
 
 pub use engine::{Batch, Device, Packer, Pooling};
 pub use scorer::{Embeddings, HeadInfo, LoadOptions, Scorer, Scores};
+pub mod select;

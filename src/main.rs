@@ -10,6 +10,8 @@ use mira::corpus::{self, FieldNames};
 use mira::pipeline::{self, Format, JobOptions, Output, Task};
 use mira::{bench, engine, Device, LoadOptions, Packer, Scorer};
 
+mod select_cli;
+
 #[derive(Parser)]
 #[command(
     name = "mira",
@@ -31,6 +33,20 @@ enum Command {
     Bench(BenchArgs),
     /// List the backends and adapters available here
     Devices,
+    /// MIRA 1: group sources by content (per-source mean embeddings, k-means) -> groups.json
+    Group(select_cli::GroupArgs),
+    /// MIRA 2: a teacher judges samples free-form; clustered judgments become rubric anchors
+    Discover(select_cli::DiscoverArgs),
+    /// MIRA 3: teacher scores per anchor (or ingest labels made elsewhere) -> labels.jsonl
+    Label(select_cli::LabelArgs),
+    /// MIRA 4: a student per group (frozen encoder + ridge head) and its validation report
+    Distill(select_cli::DistillArgs),
+    /// MIRA 5: mask (source, anchor) cells whose validation MAE/Spearman miss thresholds
+    Reliability(select_cli::ReliabilityArgs),
+    /// MIRA 6: score the corpus with the students and keep a token budget, with a report
+    Select(select_cli::SelectArgs),
+    /// All MIRA steps from one TOML config, resumable step by step
+    Run(select_cli::RunArgs),
 }
 
 #[derive(Args)]
@@ -168,6 +184,13 @@ fn run(cli: Cli) -> Result<()> {
         Command::Embed(a) => job(a, Task::Embed),
         Command::Score(a) => job(a, Task::Score),
         Command::Bench(a) => bench_cmd(a),
+        Command::Group(a) => select_cli::group_cmd(a),
+        Command::Discover(a) => select_cli::discover_cmd(a),
+        Command::Label(a) => select_cli::label_cmd(a),
+        Command::Distill(a) => select_cli::distill_cmd(a),
+        Command::Reliability(a) => select_cli::reliability_cmd(a),
+        Command::Select(a) => select_cli::select_cmd(a),
+        Command::Run(a) => select_cli::run_cmd(a),
         Command::Devices => {
             for (name, status) in engine::list_devices() {
                 println!("{name:6} {status}");

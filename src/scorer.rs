@@ -260,6 +260,21 @@ impl Scorer {
         Ok(Embeddings { dim, values })
     }
 
+    /// What a linear head reads (`[docs, hidden]`): for BERT the pooler output. `mira distill`
+    /// fits its regression heads on these, so a student is exactly this encoder plus a
+    /// `classifier` layer.
+    pub fn features_ids(&self, ids: &[Vec<u32>]) -> Result<Embeddings> {
+        let dim = self.encoder.hidden_size();
+        let values = self.run(ids, dim, |b| self.encoder.features(b))?;
+        Ok(Embeddings { dim, values })
+    }
+
+    /// Token count of the whole text (no truncation, no special tokens): the unit of
+    /// `mira select`'s token budget.
+    pub fn count_tokens(&self, text: &str) -> Result<usize> {
+        self.text.count_tokens(text)
+    }
+
     /// Run one packed batch through the encoder and head (used by benchmarks).
     pub fn forward_batch(&self, batch: &Batch) -> Result<Vec<f32>> {
         if self.head.is_some() {

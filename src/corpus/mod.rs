@@ -137,6 +137,17 @@ pub fn open_input(
     if name.ends_with(".parquet") {
         return Ok(Box::new(ParquetReader::open(path, fields.clone())?));
     }
+    let reader = open_decompressed(path)?;
+    Ok(Box::new(JsonlReader::new(
+        path.display().to_string(),
+        reader,
+        fields.clone(),
+    )))
+}
+
+/// A buffered reader of a (possibly `.gz` or `.zst` compressed) text file.
+pub fn open_decompressed(path: &Path) -> Result<Box<dyn std::io::BufRead + Send>> {
+    let name = path.to_string_lossy();
     let file = std::fs::File::open(path)
         .with_context(|| format!("cannot open input {}", path.display()))?;
     let raw: Box<dyn Read + Send> = if name.ends_with(".gz") {
@@ -152,12 +163,7 @@ pub fn open_input(
     } else {
         Box::new(file)
     };
-    let reader = BufReader::with_capacity(1 << 20, raw);
-    Ok(Box::new(JsonlReader::new(
-        path.display().to_string(),
-        reader,
-        fields.clone(),
-    )))
+    Ok(Box::new(BufReader::with_capacity(1 << 20, raw)))
 }
 
 /// One file to read, and its path relative to the input it came from (a directory argument's

@@ -32,14 +32,17 @@ struct Layer<B: Backend> {
     out_norm_b: B::Tensor,
 }
 
-/// `BertForSequenceClassification`'s head: pooler (dense + tanh on `[CLS]`) and classifier.
-struct ClassifierHead<B: Backend> {
-    /// `pooler.dense`: `[H, H]`, `[1, H]`
-    pooler_w: B::Tensor,
-    pooler_b: B::Tensor,
-    /// `classifier`: `[L, H]`, `[1, L]`
-    classifier_w: B::Tensor,
-    classifier_b: B::Tensor,
+/// `pooler.dense` (dense + tanh on `[CLS]`): `[H, H]`, `[1, H]`. `BertModel` checkpoints carry
+/// it too; its output is what the classifier reads, and what `mira distill` fits a head on.
+struct Pooler<B: Backend> {
+    w: B::Tensor,
+    b: B::Tensor,
+}
+
+/// `BertForSequenceClassification`'s `classifier`: `[L, H]`, `[1, L]`.
+struct Classifier<B: Backend> {
+    w: B::Tensor,
+    b: B::Tensor,
     labels: usize,
 }
 
@@ -49,7 +52,8 @@ pub struct Bert<B: Backend> {
     act: Activation,
     embeddings: EmbeddingTables<B::Tensor>,
     layers: Vec<Layer<B>>,
-    head: Option<ClassifierHead<B>>,
+    pooler: Option<Pooler<B>>,
+    head: Option<Classifier<B>>,
 }
 
 impl<B: Backend> Bert<B> {
@@ -105,6 +109,15 @@ impl<B: Backend> Bert<B> {
                 out_norm_b: ld.vector(&format!("{n}.output.LayerNorm.bias"), h)?,
             });
         }
+        let pooler_name = format!("{p}pooler.dense.weight");
+        let pooler = if with_head || weights.contains(&pooler_name) {
+            Some(Pooler {
+                w: ld.matrix(&pooler_name, h, h)?,
+                b: ld.vector(&format!("{p}pooler.dense.bias"), h)?,
+            })
+        } else {
+            None
+        };
         let head = if with_head {
             let labels = weights
                 .get("classifier.weight")
@@ -113,11 +126,9 @@ impl<B: Backend> Bert<B> {
                 .first()
                 .copied()
                 .unwrap_or(0);
-            Some(ClassifierHead {
-                pooler_w: ld.matrix(&format!("{p}pooler.dense.weight"), h, h)?,
-                pooler_b: ld.vector(&format!("{p}pooler.dense.bias"), h)?,
-                classifier_w: ld.matrix("classifier.weight", labels, h)?,
-                classifier_b: ld.vector("classifier.bias", labels)?,
+            Some(Classifier {
+                w: ld.matrix("classifier.weight", labels, h)?,
+                b: ld.vector("classifier.bias", labels)?,
                 labels,
             })
         } else {
@@ -130,6 +141,7 @@ impl<B: Backend> Bert<B> {
             act,
             embeddings,
             layers,
+            pooler,
             head,
         })
     }
@@ -189,23 +201,36 @@ impl<B: Backend> super::Encoder for Bert<B> {
         self.be.download(&pooled)
     }
 
+    fn features(&self, batch: &Batch) -> Result<Vec<f32>> {
+        let b = self.upload(batch)?;
+        let pooled = self.pooler_output(&b)?;
+        self.be.download(&pooled) // [n_seqs, H]
+    }
+
     fn logits(&self, batch: &Batch) -> Result<Vec<f32>> {
         let head = self
             .head
             .as_ref()
             .context("this checkpoint has no classification head")?;
         let b = self.upload(batch)?;
-        let x = self.encode(&b)?;
-        let cls = self.be.pool(&x, &b, Pooling::Cls)?; // [n_seqs, H]
-        let pooled =
-            self.be
-                .linear(&cls, &head.pooler_w, Some(&head.pooler_b), Activation::Tanh)?;
-        let logits = self.be.linear(
-            &pooled,
-            &head.classifier_w,
-            Some(&head.classifier_b),
-            Activation::None,
-        )?;
+        let pooled = self.pooler_output(&b)?; // [n_seqs, H]
+        let logits = self
+            .be
+            .linear(&pooled, &head.w, Some(&head.b), Activation::None)?;
         self.be.download(&logits) // [n_seqs, L]
+    }
+}
+
+impl<B: Backend> Bert<B> {
+    /// tanh(pooler.dense([CLS])): `[n_seqs, H]`.
+    fn pooler_output(&self, b: &B::Batch) -> Result<B::Tensor> {
+        let pooler = self
+            .pooler
+            .as_ref()
+            .context("this checkpoint has no pooler (pooler.dense)")?;
+        let x = self.encode(b)?;
+        let cls = self.be.pool(&x, b, Pooling::Cls)?; // [n_seqs, H]
+        self.be
+            .linear(&cls, &pooler.w, Some(&pooler.b), Activation::Tanh)
     }
 }

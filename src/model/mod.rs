@@ -27,6 +27,9 @@ pub trait Encoder: Send + Sync {
     fn vocab_size(&self) -> usize;
     /// Pooled final hidden states, `[n_seqs, hidden]`, sequences in batch order.
     fn pooled(&self, batch: &Batch, pooling: Pooling) -> Result<Vec<f32>>;
+    /// What a linear classifier reads, `[n_seqs, hidden]`: for BERT the pooler output
+    /// tanh(W·h_[CLS] + b). `mira distill` fits its heads on these.
+    fn features(&self, batch: &Batch) -> Result<Vec<f32>>;
     /// Raw head outputs, `[n_seqs, num_outputs]`, sequences in batch order.
     fn logits(&self, batch: &Batch) -> Result<Vec<f32>>;
 }

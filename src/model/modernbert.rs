@@ -246,6 +246,13 @@ impl<B: Backend> super::Encoder for ModernBert<B> {
         self.be.download(&self.be.pool(&x, &b, pooling)?)
     }
 
+    fn features(&self, _batch: &Batch) -> Result<Vec<f32>> {
+        anyhow::bail!(
+            "head features (for distillation) need a BERT encoder with a pooler; \
+             ModernBERT heads are not fitted by mira yet"
+        )
+    }
+
     fn logits(&self, batch: &Batch) -> Result<Vec<f32>> {
         let head = self
             .head

@@ -18,6 +18,8 @@ const BYTES_PER_TOKEN: usize = 16;
 
 pub struct TextEncoder {
     tok: Tokenizer,
+    /// The same tokenizer without truncation, for counting whole documents' tokens.
+    counter: Tokenizer,
     max_tokens: usize,
 }
 
@@ -37,6 +39,10 @@ impl TextEncoder {
             );
         }
         tok.with_padding(None);
+        let mut counter = tok.clone();
+        counter
+            .with_truncation(None)
+            .map_err(|e| anyhow!("cannot unset truncation on {}: {e}", path.display()))?;
         tok.with_truncation(Some(TruncationParams {
             max_length: max_tokens,
             strategy: TruncationStrategy::LongestFirst,
@@ -44,7 +50,11 @@ impl TextEncoder {
             direction: TruncationDirection::Right,
         }))
         .map_err(|e| anyhow!("cannot set truncation on {}: {e}", path.display()))?;
-        Ok(TextEncoder { tok, max_tokens })
+        Ok(TextEncoder {
+            tok,
+            counter,
+            max_tokens,
+        })
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -67,6 +77,15 @@ impl TextEncoder {
             }
         }
         Ok(self.encode_raw(text)?.get_ids().to_vec())
+    }
+
+    /// Tokens in the whole text, special tokens excluded.
+    pub fn count_tokens(&self, text: &str) -> Result<usize> {
+        Ok(self
+            .counter
+            .encode_fast(text, false)
+            .map_err(|e| anyhow!("tokenization failed: {e}"))?
+            .len())
     }
 
     fn encode_raw(&self, text: &str) -> Result<tokenizers::Encoding> {

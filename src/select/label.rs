@@ -1,0 +1,609 @@
+//! Step 3, `mira label`: teacher scores on every anchor, or labels produced elsewhere.
+//!
+//! The teacher scores a sample per group on each anchor of the group's rubric (0-10 with a short
+//! rationale). Ingestion reads datatrove inference output (`metadata.rollout_results`) and
+//! score-column files in the FineWeb-Edu / cosmopedia style (`score`, `int_score`, `label`),
+//! JSONL or Parquet. Either way the result is `labels.jsonl`: one row per record with id,
+//! source, group, `split` (train / validation, by a hash of the id), text and per-anchor
+//! scores; rows the teacher could not label carry an `error` instead, so nothing is dropped
+//! silently.
+
+use std::collections::BTreeMap;
+use std::io::BufRead;
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+
+use super::discover::{anchor_id, number};
+use super::teacher::{extract_json, ChatRequest, Teacher};
+use super::{clip, read_rubric, rubric_path, sample_records, source_of, stats, Anchor, Groups};
+use crate::corpus::{FieldNames, InputFile};
+
+/// One labelled record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LabelRow {
+    pub id: String,
+    pub source: String,
+    pub group: String,
+    /// `train` or `validation`.
+    pub split: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    /// anchor -> score, in rubric order.
+    #[serde(default)]
+    pub scores: Map<String, Value>,
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub rationales: Map<String, Value>,
+    /// Why this record has no scores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// `teacher:<model>` or `ingest:<file>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
+}
+
+impl LabelRow {
+    pub fn score(&self, anchor: &str) -> Option<f64> {
+        self.scores.get(anchor).and_then(Value::as_f64)
+    }
+}
+
+pub const TRAIN: &str = "train";
+pub const VALIDATION: &str = "validation";
+
+/// The split of a record: validation for a `fraction` of ids, by a stable hash.
+pub fn split_of(id: &str, fraction: f64) -> &'static str {
+    if (stats::keyed_hash(0x5EED_5A17, id) % 1_000_000) as f64 / 1e6 < fraction {
+        VALIDATION
+    } else {
+        TRAIN
+    }
+}
+
+/// Read `labels.jsonl`, checking every row.
+pub fn read_labels(path: &Path) -> Result<Vec<LabelRow>> {
+    let file = crate::corpus::open_decompressed(path)
+        .with_context(|| format!("cannot read labels {}", path.display()))?;
+    let mut rows = Vec::new();
+    for (i, line) in file.lines().enumerate() {
+        let line = line.with_context(|| format!("{}:{}: unreadable", path.display(), i + 1))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let row: LabelRow = serde_json::from_str(&line)
+            .with_context(|| format!("{}:{}: not a label row", path.display(), i + 1))?;
+        if row.split != TRAIN && row.split != VALIDATION {
+            bail!(
+                "{}:{}: split '{}' is neither train nor validation",
+                path.display(),
+                i + 1,
+                row.split
+            );
+        }
+        for (k, v) in &row.scores {
+            if !v.as_f64().is_some_and(f64::is_finite) {
+                bail!(
+                    "{}:{}: score '{k}' is not a finite number: {v}",
+                    path.display(),
+                    i + 1
+                );
+            }
+        }
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
+pub fn write_labels(path: &Path, rows: &[LabelRow]) -> Result<()> {
+    let mut out = String::new();
+    for r in rows {
+        out.push_str(&serde_json::to_string(r)?);
+        out.push('\n');
+    }
+    crate::corpus::jsonl::write_atomic(path, out.as_bytes())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Teacher labelling
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+pub struct LabelOptions {
+    pub records_per_group: usize,
+    pub validation_fraction: f64,
+    pub max_chars: usize,
+    pub seed: u64,
+    pub fields: FieldNames,
+}
+
+impl Default for LabelOptions {
+    fn default() -> Self {
+        LabelOptions {
+            records_per_group: 200,
+            validation_fraction: 0.2,
+            max_chars: 3000,
+            seed: 3,
+            fields: FieldNames::default(),
+        }
+    }
+}
+
+pub const SCORE_SYSTEM: &str = "You are an expert data curator scoring documents that may be used \
+to train a language model. Score the document on every quality dimension listed, from 0 (worst) \
+to 10 (best), each with a short rationale. Reply with JSON only.";
+
+pub fn score_schema(anchors: &[Anchor]) -> Value {
+    let mut props = Map::new();
+    for a in anchors {
+        props.insert(
+            a.name.clone(),
+            json!({
+                "type": "object",
+                "properties": {
+                    "score": {"type": "integer", "minimum": 0, "maximum": 10},
+                    "rationale": {"type": "string", "maxLength": 120}
+                },
+                "required": ["score", "rationale"]
+            }),
+        );
+    }
+    let names: Vec<&str> = anchors.iter().map(|a| a.name.as_str()).collect();
+    json!({"type": "object", "properties": props, "required": names})
+}
+
+pub fn score_request(
+    anchors: &[Anchor],
+    source: &str,
+    text: &str,
+    max_chars: usize,
+) -> ChatRequest {
+    let mut user = String::from("Quality dimensions:\n");
+    for a in anchors {
+        user.push_str(&format!("- {}: {}\n", a.name, a.definition));
+    }
+    user.push_str(&format!(
+        "\nSource: {source}\n\nDocument:\n<<<\n{}\n>>>\n\nReply in the form {{\"{}\": {{\"score\": 0, \"rationale\": \"...\"}}, ...}} with every dimension.",
+        clip(text, max_chars),
+        anchors[0].name
+    ));
+    ChatRequest {
+        system: SCORE_SYSTEM.to_string(),
+        user,
+        schema: Some(score_schema(anchors)),
+        max_tokens: (60 * anchors.len() as u32).max(200),
+    }
+}
+
+/// Flatten a reply object into key -> (score, rationale): values may be numbers, numeric
+/// strings or objects with `score`/`rating` (and `rationale`/`reason`); a wrapper object
+/// (`{"scores": {...}}`) or an array of `{"name", "score"}` items is unwrapped.
+fn flatten_scores(v: &Value) -> BTreeMap<String, (Option<f64>, String)> {
+    let mut out = BTreeMap::new();
+    match v {
+        Value::Array(items) => {
+            for it in items {
+                if let Some(o) = it.as_object() {
+                    let name = ["name", "dimension", "anchor", "criterion"]
+                        .iter()
+                        .find_map(|k| o.get(*k).and_then(Value::as_str));
+                    if let Some(name) = name {
+                        out.insert(anchor_id(name), item_score(it));
+                    }
+                }
+            }
+        }
+        Value::Object(o) => {
+            for (k, val) in o {
+                match val {
+                    Value::Object(inner)
+                        if !inner.contains_key("score") && !inner.contains_key("rating") =>
+                    {
+                        out.extend(flatten_scores(val))
+                    }
+                    Value::Array(_) => out.extend(flatten_scores(val)),
+                    _ => {
+                        out.insert(anchor_id(k), item_score(val));
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+    out
+}
+
+fn item_score(v: &Value) -> (Option<f64>, String) {
+    match v {
+        Value::Object(o) => (
+            ["score", "rating", "value"]
+                .iter()
+                .find_map(|k| o.get(*k).and_then(number)),
+            ["rationale", "reason", "explanation"]
+                .iter()
+                .find_map(|k| o.get(*k).and_then(Value::as_str))
+                .unwrap_or("")
+                .to_string(),
+        ),
+        other => (number(other), String::new()),
+    }
+}
+
+/// Parse a scoring reply: every anchor needs a score in [0, 10].
+pub fn parse_scores(
+    reply: &str,
+    anchors: &[Anchor],
+) -> Result<(Map<String, Value>, Map<String, Value>)> {
+    let v = extract_json(reply).ok_or_else(|| anyhow!("no JSON in the reply"))?;
+    let flat = flatten_scores(&v);
+    let mut scores = Map::new();
+    let mut rationales = Map::new();
+    let mut missing = Vec::new();
+    for a in anchors {
+        match flat.get(&anchor_id(&a.name)) {
+            Some((Some(s), why)) if (0.0..=10.0).contains(s) => {
+                scores.insert(a.name.clone(), json!(s));
+                if !why.is_empty() {
+                    rationales.insert(a.name.clone(), json!(why));
+                }
+            }
+            Some((Some(s), _)) => bail!("score {s} for '{}' is outside 0-10", a.name),
+            _ => missing.push(a.name.as_str()),
+        }
+    }
+    if !missing.is_empty() {
+        bail!("no score for {}", missing.join(", "));
+    }
+    Ok((scores, rationales))
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LabelSummary {
+    pub rows: usize,
+    pub labelled: usize,
+    pub failed: usize,
+    pub per_group: BTreeMap<String, usize>,
+    pub teacher: super::teacher::TeacherStats,
+}
+
+/// Score samples of every group on its rubric and write `labels.jsonl`.
+pub fn label(
+    teacher: &Teacher,
+    files: &[InputFile],
+    groups: &Groups,
+    rubrics: &Path,
+    out: &Path,
+    opts: &LabelOptions,
+) -> Result<LabelSummary> {
+    let mut rubric = BTreeMap::new();
+    for g in groups.names() {
+        rubric.insert(g.clone(), read_rubric(&rubric_path(rubrics, &g))?);
+    }
+    let (samples, _) = sample_records(
+        files,
+        &opts.fields,
+        opts.records_per_group,
+        opts.seed,
+        |r| groups.group_of(&source_of(r)).map(str::to_string),
+    )?;
+    let mut rows = Vec::new();
+    let mut per_group = BTreeMap::new();
+    for (group, recs) in &samples {
+        let anchors = &rubric[group];
+        let reqs: Vec<ChatRequest> = recs
+            .iter()
+            .map(|r| {
+                score_request(
+                    anchors,
+                    &source_of(r),
+                    r.text.as_deref().unwrap(),
+                    opts.max_chars,
+                )
+            })
+            .collect();
+        let replies = teacher.ask_all(&reqs, &format!("label {group}"), |reply| {
+            parse_scores(reply, anchors)
+        });
+        per_group.insert(group.clone(), recs.len());
+        for (r, reply) in recs.iter().zip(replies) {
+            let mut row = LabelRow {
+                id: r.id.clone(),
+                source: source_of(r),
+                group: group.clone(),
+                split: split_of(&r.id, opts.validation_fraction).to_string(),
+                text: r.text.as_ref().ok().cloned(),
+                scores: Map::new(),
+                rationales: Map::new(),
+                error: None,
+                origin: Some(format!("teacher:{}", teacher.config().model)),
+            };
+            match reply {
+                Ok((s, why)) => {
+                    row.scores = s;
+                    row.rationales = why;
+                }
+                Err(e) => row.error = Some(format!("{e:#}")),
+            }
+            rows.push(row);
+        }
+    }
+    write_labels(out, &rows)?;
+    let failed = rows.iter().filter(|r| r.error.is_some()).count();
+    Ok(LabelSummary {
+        rows: rows.len(),
+        labelled: rows.len() - failed,
+        failed,
+        per_group,
+        teacher: teacher.stats(),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ingestion
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IngestFormat {
+    /// datatrove when a row has `metadata.rollout_results`, else score columns.
+    Auto,
+    Datatrove,
+    ScoreColumns,
+}
+
+impl std::str::FromStr for IngestFormat {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(IngestFormat::Auto),
+            "datatrove" => Ok(IngestFormat::Datatrove),
+            "score-columns" | "columns" => Ok(IngestFormat::ScoreColumns),
+            _ => bail!("unknown label format '{s}': auto, datatrove or score-columns"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct IngestOptions {
+    pub format: IngestFormat,
+    /// Score columns, in order of preference; with `all_columns` every present one is an anchor.
+    pub columns: Vec<String>,
+    pub all_columns: bool,
+    /// Allowed score range (inclusive).
+    pub range: (f64, f64),
+    pub validation_fraction: f64,
+    pub fields: FieldNames,
+}
+
+impl Default for IngestOptions {
+    fn default() -> Self {
+        IngestOptions {
+            format: IngestFormat::Auto,
+            columns: vec!["score".into(), "int_score".into(), "label".into()],
+            all_columns: false,
+            range: (0.0, 10.0),
+            validation_fraction: 0.2,
+            fields: FieldNames::default(),
+        }
+    }
+}
+
+/// Rows of a JSONL (optionally compressed) or Parquet file as JSON objects, with locations.
+fn json_rows(path: &Path) -> Result<Vec<(String, Result<Map<String, Value>>)>> {
+    let name = path.display().to_string();
+    if name.ends_with(".parquet") {
+        let file = std::fs::File::open(path).with_context(|| format!("cannot open {name}"))?;
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+            .and_then(|b| b.build())
+            .map_err(|e| anyhow!("{name} is not a readable Parquet file: {e}"))?;
+        let mut rows = Vec::new();
+        for batch in reader {
+            let batch = batch.map_err(|e| anyhow!("{name}: {e}"))?;
+            let mut buf = Vec::new();
+            let mut w = arrow_json::ArrayWriter::new(&mut buf);
+            w.write(&batch).map_err(|e| anyhow!("{name}: {e}"))?;
+            w.finish().map_err(|e| anyhow!("{name}: {e}"))?;
+            drop(w);
+            let arr: Vec<Map<String, Value>> = if buf.is_empty() {
+                Vec::new()
+            } else {
+                serde_json::from_slice(&buf)?
+            };
+            for obj in arr {
+                rows.push((format!("{name}:row {}", rows.len()), Ok(obj)));
+            }
+        }
+        return Ok(rows);
+    }
+    let reader = crate::corpus::open_decompressed(path)?;
+    let mut rows = Vec::new();
+    for (i, line) in reader.lines().enumerate() {
+        let loc = format!("{name}:{}", i + 1);
+        let line = line.with_context(|| format!("{loc}: unreadable"))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let row = serde_json::from_str::<Value>(&line)
+            .map_err(|e| anyhow!("{loc}: malformed JSON: {e}"))
+            .and_then(|v| match v {
+                Value::Object(o) => Ok(o),
+                _ => Err(anyhow!("{loc}: not a JSON object")),
+            });
+        rows.push((loc, row));
+    }
+    Ok(rows)
+}
+
+/// Scores in one datatrove rollout result: an InferenceResult (`{"text": reply, ...}`) whose
+/// text holds JSON scores or "score: N"; a scores object; or a bare number.
+fn rollout_scores(v: &Value) -> Result<BTreeMap<String, f64>> {
+    let from_flat = |flat: BTreeMap<String, (Option<f64>, String)>| -> BTreeMap<String, f64> {
+        flat.into_iter()
+            .filter_map(|(k, (s, _))| s.map(|s| (k, s)))
+            .collect()
+    };
+    match v {
+        Value::Number(_) => Ok(BTreeMap::from([("score".to_string(), number(v).unwrap())])),
+        Value::Object(o) if o.contains_key("text") => {
+            let text = o["text"]
+                .as_str()
+                .ok_or_else(|| anyhow!("rollout 'text' is not a string"))?;
+            if let Some(j) = extract_json(text) {
+                if let Some(n) = number(&j) {
+                    return Ok(BTreeMap::from([("score".to_string(), n)]));
+                }
+                let s = from_flat(flatten_scores(&j));
+                if !s.is_empty() {
+                    return Ok(s);
+                }
+            }
+            last_score_in_text(text)
+                .map(|n| BTreeMap::from([("score".to_string(), n)]))
+                .ok_or_else(|| anyhow!("no score found in rollout text: {}", clip(text, 120)))
+        }
+        Value::Object(_) => {
+            let s = from_flat(flatten_scores(v));
+            if s.is_empty() {
+                bail!("rollout result has no numeric scores");
+            }
+            Ok(s)
+        }
+        Value::String(t) => last_score_in_text(t)
+            .map(|n| BTreeMap::from([("score".to_string(), n)]))
+            .ok_or_else(|| anyhow!("no score found in rollout text: {}", clip(t, 120))),
+        _ => bail!("rollout result is neither text, an object nor a number"),
+    }
+}
+
+/// The number after the last "score" in a text ("Educational score: 3", "Score: 4/5").
+fn last_score_in_text(text: &str) -> Option<f64> {
+    let lower = text.to_ascii_lowercase();
+    let pos = lower.rfind("score")?;
+    let rest = &text[pos + 5..];
+    let start = rest.find(|c: char| c.is_ascii_digit())?;
+    if rest[..start].chars().any(|c| c.is_alphabetic()) {
+        return None;
+    }
+    let num: String = rest[start..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    num.trim_end_matches('.').parse().ok()
+}
+
+/// Read labels produced elsewhere into label rows. Sources map to groups through `groups`
+/// (every source must be known), or all fall in group `all` without one.
+pub fn ingest(
+    files: &[InputFile],
+    groups: Option<&Groups>,
+    opts: &IngestOptions,
+) -> Result<Vec<LabelRow>> {
+    let (lo, hi) = opts.range;
+    let mut out = Vec::new();
+    for f in files {
+        for (loc, row) in json_rows(&f.path)? {
+            let row = row?;
+            let text = match row.get(&opts.fields.text) {
+                Some(Value::String(t)) if !t.trim().is_empty() => t.clone(),
+                Some(Value::String(_)) => bail!("{loc}: '{}' is empty", opts.fields.text),
+                Some(_) => bail!("{loc}: '{}' is not a string", opts.fields.text),
+                None => bail!("{loc}: no '{}' field", opts.fields.text),
+            };
+            let id = match row.get(&opts.fields.id) {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Number(n)) => n.to_string(),
+                _ => loc.clone(),
+            };
+            let source = row
+                .get(&opts.fields.source)
+                .and_then(Value::as_str)
+                .unwrap_or("unknown")
+                .to_string();
+            let group = match groups {
+                Some(g) => g
+                    .group_of(&source)
+                    .ok_or_else(|| anyhow!("{loc}: source '{source}' is not in groups.json"))?
+                    .to_string(),
+                None => "all".to_string(),
+            };
+            let rollouts = row.get("metadata").and_then(|m| m.get("rollout_results"));
+            let use_datatrove = match opts.format {
+                IngestFormat::Datatrove => true,
+                IngestFormat::ScoreColumns => false,
+                IngestFormat::Auto => rollouts.is_some(),
+            };
+            let mut scores: BTreeMap<String, f64> = BTreeMap::new();
+            let mut ordered: Vec<String> = Vec::new();
+            if use_datatrove {
+                let list = rollouts.and_then(Value::as_array).ok_or_else(|| {
+                    anyhow!("{loc}: no metadata.rollout_results list (datatrove format)")
+                })?;
+                if list.is_empty() {
+                    bail!("{loc}: metadata.rollout_results is empty");
+                }
+                // Several rollouts: the mean per key.
+                let mut sums: BTreeMap<String, (f64, usize)> = BTreeMap::new();
+                for (k, r) in list.iter().enumerate() {
+                    let s = rollout_scores(r).with_context(|| format!("{loc}: rollout {k}"))?;
+                    for (name, v) in s {
+                        if !ordered.contains(&name) {
+                            ordered.push(name.clone());
+                        }
+                        let e = sums.entry(name).or_default();
+                        e.0 += v;
+                        e.1 += 1;
+                    }
+                }
+                scores = sums
+                    .into_iter()
+                    .map(|(k, (s, n))| (k, s / n as f64))
+                    .collect();
+            } else {
+                for c in &opts.columns {
+                    if let Some(v) = row.get(c) {
+                        if v.is_null() {
+                            continue;
+                        }
+                        let n = number(v).ok_or_else(|| {
+                            anyhow!("{loc}: label column '{c}' is not a number: {v}")
+                        })?;
+                        scores.insert(c.clone(), n);
+                        ordered.push(c.clone());
+                        if !opts.all_columns {
+                            break;
+                        }
+                    }
+                }
+                if scores.is_empty() {
+                    bail!(
+                        "{loc}: none of the label columns {:?} is present",
+                        opts.columns
+                    );
+                }
+            }
+            let mut map = Map::new();
+            for name in ordered {
+                let v = scores[&name];
+                if !v.is_finite() || v < lo || v > hi {
+                    bail!("{loc}: label '{name}' = {v} is outside the allowed range [{lo}, {hi}] (see --label-range)");
+                }
+                map.insert(name, json!(v));
+            }
+            out.push(LabelRow {
+                split: split_of(&id, opts.validation_fraction).to_string(),
+                id,
+                source,
+                group,
+                text: Some(text),
+                scores: map,
+                rationales: Map::new(),
+                error: None,
+                origin: Some(format!("ingest:{}", f.path.display())),
+            });
+        }
+    }
+    if out.is_empty() {
+        bail!("no label rows in the inputs");
+    }
+    Ok(out)
+}

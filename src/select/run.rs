@@ -1,0 +1,595 @@
+//! `mira run CONFIG.toml`: the whole method from one file, step by step, resumable.
+//!
+//! Each step records a fingerprint of its settings and of the steps before it in
+//! `<work_dir>/steps/<step>.json`; a rerun skips a step whose fingerprint and outputs are
+//! unchanged and redoes it (and everything after) otherwise. Teacher replies are cached on disk,
+//! so a killed run resumes without paying twice.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::discover::{self, DiscoverOptions};
+use super::distill::{self, DistillOptions};
+use super::group::{self, GroupOptions};
+use super::label::{self, IngestFormat, IngestOptions, LabelOptions};
+use super::reliability::{self, Thresholds};
+use super::retain::{self, SelectOptions};
+use super::teacher::{Teacher, TeacherConfig};
+use super::{read_rubric, rubric_path, Groups};
+use crate::corpus::{self, FieldNames};
+use crate::{Device, Scorer};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// Where every step writes (relative paths in the config are relative to the config file).
+    pub work_dir: PathBuf,
+    /// Corpus files, directories or globs.
+    pub inputs: Vec<PathBuf>,
+    /// The encoder for grouping, rubric clustering and the students.
+    pub encoder: PathBuf,
+    #[serde(default = "default_device")]
+    pub device: String,
+    #[serde(default)]
+    pub fields: Fields,
+    #[serde(default)]
+    pub group: GroupSection,
+    pub teacher: Option<TeacherSection>,
+    #[serde(default)]
+    pub discover: DiscoverSection,
+    #[serde(default)]
+    pub label: LabelSection,
+    #[serde(default)]
+    pub reliability: ReliabilitySection,
+    #[serde(default)]
+    pub select: SelectSection,
+}
+
+fn default_device() -> String {
+    "auto".into()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Fields {
+    pub text: String,
+    pub id: String,
+    pub source: String,
+}
+impl Default for Fields {
+    fn default() -> Self {
+        Fields {
+            text: "text".into(),
+            id: "id".into(),
+            source: "source".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GroupSection {
+    /// 0: choose by silhouette.
+    pub k: usize,
+    pub max_k: usize,
+    pub per_source: usize,
+}
+impl Default for GroupSection {
+    fn default() -> Self {
+        let d = GroupOptions::default();
+        GroupSection {
+            k: 0,
+            max_k: d.max_k,
+            per_source: d.per_source,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TeacherSection {
+    pub base_url: String,
+    pub model: String,
+    /// Environment variable holding the API key.
+    #[serde(default = "default_key_env")]
+    pub api_key_env: String,
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+    #[serde(default = "default_timeout")]
+    pub timeout_s: f64,
+    #[serde(default)]
+    pub price_prompt_per_mtok: f64,
+    #[serde(default)]
+    pub price_completion_per_mtok: f64,
+}
+fn default_key_env() -> String {
+    "OPENAI_API_KEY".into()
+}
+fn default_concurrency() -> usize {
+    4
+}
+fn default_timeout() -> f64 {
+    300.0
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiscoverSection {
+    pub records_per_group: usize,
+    pub anchors: usize,
+    /// Use these rubrics (a folder of `<group>.jsonl`) instead of asking the teacher.
+    pub rubrics: Option<PathBuf>,
+}
+impl Default for DiscoverSection {
+    fn default() -> Self {
+        let d = DiscoverOptions::default();
+        DiscoverSection {
+            records_per_group: d.records_per_group,
+            anchors: d.anchors,
+            rubrics: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LabelSection {
+    pub records_per_group: usize,
+    pub validation_fraction: f64,
+    /// Use this labels file (from an earlier `mira label`) instead of asking the teacher.
+    pub labels: Option<PathBuf>,
+    /// Or ingest labels produced elsewhere (datatrove output, score columns).
+    pub ingest: Vec<PathBuf>,
+    pub ingest_format: String,
+    pub label_range: [f64; 2],
+}
+impl Default for LabelSection {
+    fn default() -> Self {
+        let d = LabelOptions::default();
+        LabelSection {
+            records_per_group: d.records_per_group,
+            validation_fraction: d.validation_fraction,
+            labels: None,
+            ingest: Vec::new(),
+            ingest_format: "auto".into(),
+            label_range: [0.0, 10.0],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReliabilitySection {
+    pub max_mae: f64,
+    pub min_spearman: f64,
+    pub min_count: usize,
+}
+impl Default for ReliabilitySection {
+    fn default() -> Self {
+        let t = Thresholds::default();
+        ReliabilitySection {
+            max_mae: t.max_mae,
+            min_spearman: t.min_spearman,
+            min_count: t.min_count,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SelectSection {
+    pub budget: f64,
+    pub cutoff: String,
+    pub trim: f64,
+    pub unknown_source: String,
+}
+impl Default for SelectSection {
+    fn default() -> Self {
+        SelectSection {
+            budget: 0.5,
+            cutoff: "group".into(),
+            trim: 0.1,
+            unknown_source: "error".into(),
+        }
+    }
+}
+
+impl RunConfig {
+    pub fn load(path: &Path) -> Result<RunConfig> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let mut cfg: RunConfig =
+            toml::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut cfg.work_dir);
+        fix(&mut cfg.encoder);
+        cfg.inputs.iter_mut().for_each(fix);
+        cfg.label.ingest.iter_mut().for_each(fix);
+        if let Some(p) = cfg.discover.rubrics.as_mut() {
+            fix(p)
+        }
+        if let Some(p) = cfg.label.labels.as_mut() {
+            fix(p)
+        }
+        Ok(cfg)
+    }
+
+    fn field_names(&self) -> FieldNames {
+        FieldNames {
+            text: self.fields.text.clone(),
+            id: self.fields.id.clone(),
+            source: self.fields.source.clone(),
+            keep_input: false,
+        }
+    }
+}
+
+/// Fingerprint of a step: its settings and the fingerprint of what it depends on.
+fn fingerprint(parts: &[&dyn erased::Json]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update(p.json().as_bytes());
+        h.update([0]);
+    }
+    h.finalize()
+        .iter()
+        .take(12)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+mod erased {
+    pub trait Json {
+        fn json(&self) -> String;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn json(&self) -> String {
+            serde_json::to_string(self).unwrap_or_default()
+        }
+    }
+}
+
+struct Steps {
+    dir: PathBuf,
+}
+
+impl Steps {
+    fn done(&self, step: &str, fp: &str, outputs: &[&Path]) -> bool {
+        let stamp =
+            std::fs::read_to_string(self.dir.join(format!("{step}.json"))).unwrap_or_default();
+        stamp.contains(&format!("\"{fp}\"")) && outputs.iter().all(|p| p.exists())
+    }
+    fn mark(&self, step: &str, fp: &str, seconds: f64, summary: serde_json::Value) -> Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        let v = serde_json::json!({"step": step, "fingerprint": fp, "seconds": seconds, "summary": summary});
+        crate::corpus::jsonl::write_atomic(
+            &self.dir.join(format!("{step}.json")),
+            serde_json::to_string_pretty(&v)?.as_bytes(),
+        )
+    }
+}
+
+fn say(step: &str, msg: &str) {
+    eprintln!("mira run [{step}] {msg}");
+}
+
+/// Run every step of `cfg`; returns the selection.
+pub fn run(cfg: &RunConfig, progress: bool) -> Result<retain::Selection> {
+    let device: Device = cfg.device.parse()?;
+    let work = &cfg.work_dir;
+    std::fs::create_dir_all(work).with_context(|| format!("cannot create {}", work.display()))?;
+    let steps = Steps {
+        dir: work.join("steps"),
+    };
+    let fields = cfg.field_names();
+    let files = corpus::expand_inputs(&cfg.inputs)?;
+    let inputs_fp: Vec<(String, u64, Option<std::time::SystemTime>)> = files
+        .iter()
+        .map(|f| {
+            let m = std::fs::metadata(&f.path).ok();
+            (
+                f.path.display().to_string(),
+                m.as_ref().map_or(0, |m| m.len()),
+                m.and_then(|m| m.modified().ok()),
+            )
+        })
+        .collect();
+    let encoder = Scorer::load(&cfg.encoder, device)?;
+    if let Some(note) = encoder.device_note() {
+        eprintln!("mira: {note}");
+    }
+    let teacher = match &cfg.teacher {
+        Some(t) => {
+            let mut tc = TeacherConfig::new(&t.base_url, &t.model);
+            tc.api_key = std::env::var(&t.api_key_env).ok().filter(|k| !k.is_empty());
+            tc.concurrency = t.concurrency;
+            tc.timeout = std::time::Duration::from_secs_f64(t.timeout_s);
+            tc.cache_dir = Some(work.join("teacher-cache"));
+            tc.price_prompt_per_mtok = t.price_prompt_per_mtok;
+            tc.price_completion_per_mtok = t.price_completion_per_mtok;
+            tc.progress = progress;
+            Some(Teacher::new(tc)?)
+        }
+        None => None,
+    };
+    let need_teacher = |what: &str| -> Result<&Teacher> {
+        teacher.as_ref().ok_or_else(|| {
+            anyhow!("{what} needs a [teacher] section (or shipped {what} results in the config)")
+        })
+    };
+
+    // 1. group
+    let groups_path = work.join("groups.json");
+    let fp_group = fingerprint(&[&"group", &inputs_fp, &cfg.encoder, &cfg.group, &cfg.fields]);
+    if steps.done("group", &fp_group, &[&groups_path]) {
+        say("group", "up to date");
+    } else {
+        let t = Instant::now();
+        let opts = GroupOptions {
+            k: (cfg.group.k > 0).then_some(cfg.group.k),
+            max_k: cfg.group.max_k,
+            per_source: cfg.group.per_source,
+            fields: fields.clone(),
+            ..Default::default()
+        };
+        let g = group::group_sources(&encoder, &files, &opts)?;
+        group::write(&g, &groups_path)?;
+        say(
+            "group",
+            &format!(
+                "{} sources in {} groups -> {}",
+                g.groups.len(),
+                g.k,
+                groups_path.display()
+            ),
+        );
+        steps.mark(
+            "group",
+            &fp_group,
+            t.elapsed().as_secs_f64(),
+            serde_json::json!({"k": g.k}),
+        )?;
+    }
+    let groups = Groups::load(&groups_path)?;
+
+    // 2. discover
+    let rubrics = work.join("rubrics");
+    let fp_discover = fingerprint(&[
+        &"discover",
+        &fp_group,
+        &cfg.discover,
+        &cfg.teacher.as_ref().map(|t| &t.model),
+    ]);
+    let rubric_files: Vec<PathBuf> = groups
+        .names()
+        .iter()
+        .map(|g| rubric_path(&rubrics, g))
+        .collect();
+    let rubric_refs: Vec<&Path> = rubric_files.iter().map(PathBuf::as_path).collect();
+    if steps.done("discover", &fp_discover, &rubric_refs) {
+        say("discover", "up to date");
+    } else if !cfg.label.ingest.is_empty() {
+        say(
+            "discover",
+            "skipped: labels are ingested, their columns are the anchors",
+        );
+    } else {
+        let t = Instant::now();
+        let summary = if let Some(src) = &cfg.discover.rubrics {
+            std::fs::create_dir_all(&rubrics)?;
+            for g in groups.names() {
+                let from = rubric_path(src, &g);
+                read_rubric(&from).with_context(|| format!("shipped rubric for group {g}"))?;
+                std::fs::copy(&from, rubric_path(&rubrics, &g))?;
+            }
+            say(
+                "discover",
+                &format!("using the rubrics in {}", src.display()),
+            );
+            serde_json::json!({"rubrics": src})
+        } else {
+            let opts = DiscoverOptions {
+                records_per_group: cfg.discover.records_per_group,
+                anchors: cfg.discover.anchors,
+                fields: fields.clone(),
+                ..Default::default()
+            };
+            let s = discover::discover(
+                need_teacher("discover")?,
+                &encoder,
+                &files,
+                &groups,
+                &rubrics,
+                &opts,
+            )?;
+            say(
+                "discover",
+                &format!("anchors per group {:?} -> {}", s.anchors, rubrics.display()),
+            );
+            serde_json::to_value(&s)?
+        };
+        steps.mark("discover", &fp_discover, t.elapsed().as_secs_f64(), summary)?;
+    }
+
+    // 3. label
+    let labels_path = work.join("labels.jsonl");
+    let fp_label = fingerprint(&[&"label", &fp_discover, &cfg.label]);
+    if steps.done("label", &fp_label, &[&labels_path]) {
+        say("label", "up to date");
+    } else {
+        let t = Instant::now();
+        let summary = if !cfg.label.ingest.is_empty() {
+            let opts = IngestOptions {
+                format: cfg.label.ingest_format.parse::<IngestFormat>()?,
+                range: (cfg.label.label_range[0], cfg.label.label_range[1]),
+                validation_fraction: cfg.label.validation_fraction,
+                fields: fields.clone(),
+                ..Default::default()
+            };
+            let rows = label::ingest(
+                &corpus::expand_inputs(&cfg.label.ingest)?,
+                Some(&groups),
+                &opts,
+            )?;
+            label::write_labels(&labels_path, &rows)?;
+            serde_json::json!({"ingested": rows.len()})
+        } else if let Some(src) = &cfg.label.labels {
+            let rows = label::read_labels(src)?;
+            for r in &rows {
+                if groups.group_of(&r.source) != Some(r.group.as_str()) {
+                    bail!(
+                        "{}: record {} of source '{}' was labelled in group '{}' but groups.json puts the source in {:?}: these labels were made with a different grouping",
+                        src.display(), r.id, r.source, r.group, groups.group_of(&r.source)
+                    );
+                }
+            }
+            label::write_labels(&labels_path, &rows)?;
+            say(
+                "label",
+                &format!("using the {} labels in {}", rows.len(), src.display()),
+            );
+            serde_json::json!({"labels": src, "rows": rows.len()})
+        } else {
+            let opts = LabelOptions {
+                records_per_group: cfg.label.records_per_group,
+                validation_fraction: cfg.label.validation_fraction,
+                fields: fields.clone(),
+                ..Default::default()
+            };
+            let s = label::label(
+                need_teacher("label")?,
+                &files,
+                &groups,
+                &rubrics,
+                &labels_path,
+                &opts,
+            )?;
+            say(
+                "label",
+                &format!(
+                    "{} rows ({} failed) -> {}",
+                    s.rows,
+                    s.failed,
+                    labels_path.display()
+                ),
+            );
+            serde_json::to_value(&s)?
+        };
+        steps.mark("label", &fp_label, t.elapsed().as_secs_f64(), summary)?;
+    }
+
+    // 4. distill
+    let students = work.join("students");
+    let validation_path = students.join("validation.json");
+    let fp_distill = fingerprint(&[&"distill", &fp_label, &cfg.encoder]);
+    if steps.done("distill", &fp_distill, &[&validation_path]) {
+        say("distill", "up to date");
+    } else {
+        let t = Instant::now();
+        let rows = label::read_labels(&labels_path)?;
+        let v = distill::distill(&encoder, &rows, &students, &DistillOptions::default())?;
+        say(
+            "distill",
+            &format!("{} students -> {}", v.students.len(), students.display()),
+        );
+        steps.mark(
+            "distill",
+            &fp_distill,
+            t.elapsed().as_secs_f64(),
+            serde_json::json!({"students": v.students.len()}),
+        )?;
+    }
+
+    // 5. reliability
+    let rel_path = work.join("reliability.json");
+    let fp_rel = fingerprint(&[&"reliability", &fp_distill, &cfg.reliability]);
+    if steps.done("reliability", &fp_rel, &[&rel_path]) {
+        say("reliability", "up to date");
+    } else {
+        let t = Instant::now();
+        let v = distill::read_validation(&validation_path)?;
+        let th = Thresholds {
+            max_mae: cfg.reliability.max_mae,
+            min_spearman: cfg.reliability.min_spearman,
+            min_count: cfg.reliability.min_count,
+        };
+        let r = reliability::mask(&v, &th);
+        reliability::write(&r, &rel_path)?;
+        let masked = r.cells.iter().filter(|c| c.masked).count();
+        say(
+            "reliability",
+            &format!(
+                "{masked} of {} (source, anchor) cells masked",
+                r.cells.len()
+            ),
+        );
+        steps.mark(
+            "reliability",
+            &fp_rel,
+            t.elapsed().as_secs_f64(),
+            serde_json::json!({"masked": masked}),
+        )?;
+    }
+
+    // 6. select
+    let selected = work.join("selected");
+    let fp_select = fingerprint(&[&"select", &fp_rel, &cfg.select, &inputs_fp]);
+    let sel_json = selected.join("selection.json");
+    if steps.done("select", &fp_select, &[&sel_json]) {
+        say("select", "up to date");
+        let text = std::fs::read_to_string(&sel_json)?;
+        return Ok(serde_json::from_str(&text)?);
+    }
+    let prior = std::fs::read_to_string(steps.dir.join("select.json")).unwrap_or_default();
+    if selected.exists() && !prior.contains(&fp_select) && !prior.is_empty() {
+        // Settings changed since a previous (possibly partial) selection: start afresh.
+        std::fs::remove_dir_all(&selected)?;
+    }
+    // Fingerprint first, so partial work of this same configuration is resumed, not discarded.
+    steps.mark(
+        "select",
+        &fp_select,
+        0.0,
+        serde_json::json!({"state": "running"}),
+    )?;
+    let t = Instant::now();
+    let opts = SelectOptions {
+        budget: cfg.select.budget,
+        cutoff: cfg.select.cutoff.parse()?,
+        trim: cfg.select.trim,
+        unknown: cfg.select.unknown_source.parse()?,
+        fields,
+        device,
+        progress,
+        ..Default::default()
+    };
+    let rel = reliability::Reliability::load(&rel_path)?;
+    let sel = retain::select(&files, &groups, &students, &rel, &selected, &opts)?;
+    say(
+        "select",
+        &format!(
+            "kept {} of {} tokens ({} of {} records) -> {}",
+            sel.total.tokens_kept,
+            sel.total.tokens,
+            sel.total.records_kept,
+            sel.total.records,
+            selected.join("report.md").display()
+        ),
+    );
+    steps.mark(
+        "select",
+        &fp_select,
+        t.elapsed().as_secs_f64(),
+        retain::summary_json(&sel),
+    )?;
+    Ok(sel)
+}

@@ -1,0 +1,540 @@
+//! The teacher: any OpenAI-compatible chat-completions endpoint (vLLM, SGLang, llama.cpp's
+//! `llama-server`, OpenAI).
+//!
+//! - Bounded concurrency (`concurrency` worker threads), results in request order.
+//! - Retries with exponential backoff (and `Retry-After`) on 429, 5xx, time-outs and dropped
+//!   connections; other 4xx fail that request at once.
+//! - Structured output: requests carry a JSON schema (`response_format: json_schema`); a server
+//!   that rejects it is asked again with `json_object`, then with no `response_format`, and the
+//!   client remembers the level that worked. Replies are parsed tolerantly ([`extract_json`]).
+//! - A reply the caller cannot use (malformed or truncated JSON) is asked for again, as a new
+//!   *attempt*, up to `max_attempts` per request.
+//! - An on-disk cache keyed by the request (model, messages, sampling parameters, attempt), so a
+//!   killed run resumes without paying twice; token counts and cost in [`TeacherStats`].
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::corpus::jsonl::write_atomic;
+
+/// Where and how to reach the teacher.
+#[derive(Debug, Clone)]
+pub struct TeacherConfig {
+    /// Base URL up to `/v1` (e.g. `http://127.0.0.1:8080/v1`); `/chat/completions` is appended.
+    pub base_url: String,
+    pub model: String,
+    pub api_key: Option<String>,
+    /// Requests in flight at once.
+    pub concurrency: usize,
+    /// Transport-level retries per attempt (429, 5xx, time-outs, dropped connections).
+    pub max_retries: u32,
+    /// Fresh attempts when a reply is unusable (malformed or truncated JSON).
+    pub max_attempts: u32,
+    /// Time limit of one HTTP request.
+    pub timeout: Duration,
+    /// First backoff delay; doubles per retry (capped at 60 s), with jitter.
+    pub backoff: Duration,
+    pub temperature: f64,
+    /// Response cache directory; `None` disables caching.
+    pub cache_dir: Option<PathBuf>,
+    /// Prices in currency units per million prompt / completion tokens (0: not counted).
+    pub price_prompt_per_mtok: f64,
+    pub price_completion_per_mtok: f64,
+    pub progress: bool,
+}
+
+impl TeacherConfig {
+    pub fn new(base_url: &str, model: &str) -> TeacherConfig {
+        TeacherConfig {
+            base_url: base_url.trim_end_matches('/').to_string(),
+            model: model.to_string(),
+            api_key: None,
+            concurrency: 4,
+            max_retries: 6,
+            max_attempts: 3,
+            timeout: Duration::from_secs(300),
+            backoff: Duration::from_millis(500),
+            temperature: 0.0,
+            cache_dir: None,
+            price_prompt_per_mtok: 0.0,
+            price_completion_per_mtok: 0.0,
+            progress: false,
+        }
+    }
+}
+
+/// One chat request: a system and a user message, the JSON schema the reply should follow.
+#[derive(Debug, Clone)]
+pub struct ChatRequest {
+    pub system: String,
+    pub user: String,
+    pub schema: Option<Value>,
+    pub max_tokens: u32,
+}
+
+/// Counts over a teacher's life (fresh requests only are paid; cache hits are free).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct TeacherStats {
+    /// Logical requests asked of [`Teacher::ask`].
+    pub requests: u64,
+    /// HTTP requests sent (including retries).
+    pub http_requests: u64,
+    pub cache_hits: u64,
+    pub retries: u64,
+    /// Replies that were unusable and asked for again.
+    pub rejected_replies: u64,
+    /// Requests that failed for good.
+    pub failures: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cost: f64,
+}
+
+/// The response-format levels tried in order.
+const FORMAT_SCHEMA: u8 = 0;
+const FORMAT_OBJECT: u8 = 1;
+const FORMAT_NONE: u8 = 2;
+
+pub struct Teacher {
+    cfg: TeacherConfig,
+    agent: ureq::Agent,
+    format_level: AtomicU8,
+    stats: Mutex<TeacherStats>,
+}
+
+enum Failure {
+    /// Worth retrying after a pause.
+    Transient(String, Option<Duration>),
+    /// The server rejected `response_format`: step down a level.
+    FormatRejected(String),
+    Fatal(String),
+}
+
+impl Teacher {
+    pub fn new(cfg: TeacherConfig) -> Result<Teacher> {
+        if !(cfg.base_url.starts_with("http://") || cfg.base_url.starts_with("https://")) {
+            bail!(
+                "teacher base URL '{}' must start with http:// or https://",
+                cfg.base_url
+            );
+        }
+        if let Some(dir) = &cfg.cache_dir {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create cache dir {}", dir.display()))?;
+        }
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(cfg.timeout))
+            .http_status_as_error(false)
+            .build()
+            .into();
+        Ok(Teacher {
+            cfg,
+            agent,
+            format_level: AtomicU8::new(FORMAT_SCHEMA),
+            stats: Mutex::new(TeacherStats::default()),
+        })
+    }
+
+    pub fn config(&self) -> &TeacherConfig {
+        &self.cfg
+    }
+
+    pub fn stats(&self) -> TeacherStats {
+        self.stats.lock().unwrap().clone()
+    }
+
+    /// Ask every request (at most `concurrency` in flight) and parse each reply with `parse`;
+    /// results come back in request order. A reply `parse` rejects is asked for again as a new
+    /// attempt; a request that fails for good yields its error (the others go on).
+    pub fn ask_all<T: Send>(
+        &self,
+        requests: &[ChatRequest],
+        what: &str,
+        parse: impl Fn(&str) -> Result<T> + Sync,
+    ) -> Vec<Result<T>> {
+        let bar = super::count_bar(requests.len() as u64, self.cfg.progress, what);
+        let next = Mutex::new(0usize);
+        let results: Mutex<Vec<Option<Result<T>>>> =
+            Mutex::new((0..requests.len()).map(|_| None).collect());
+        std::thread::scope(|s| {
+            for _ in 0..self.cfg.concurrency.max(1).min(requests.len().max(1)) {
+                s.spawn(|| loop {
+                    let i = {
+                        let mut n = next.lock().unwrap();
+                        let i = *n;
+                        *n += 1;
+                        i
+                    };
+                    if i >= requests.len() {
+                        break;
+                    }
+                    let r = self.ask(&requests[i], &parse);
+                    results.lock().unwrap()[i] = Some(r);
+                    bar.inc(1);
+                });
+            }
+        });
+        bar.finish_and_clear();
+        results
+            .into_inner()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.expect("every request answered"))
+            .collect()
+    }
+
+    /// One logical request: cached or fresh attempts until `parse` accepts a reply.
+    pub fn ask<T>(&self, req: &ChatRequest, parse: impl Fn(&str) -> Result<T>) -> Result<T> {
+        self.stats.lock().unwrap().requests += 1;
+        let mut last_err = anyhow!("no attempt made");
+        for attempt in 0..self.cfg.max_attempts.max(1) {
+            let content = match self.complete(req, attempt) {
+                Ok(c) => c,
+                Err(e) => {
+                    self.stats.lock().unwrap().failures += 1;
+                    return Err(e);
+                }
+            };
+            match parse(&content) {
+                Ok(v) => return Ok(v),
+                Err(e) => {
+                    self.stats.lock().unwrap().rejected_replies += 1;
+                    last_err = e.context(format!(
+                        "unusable reply (attempt {}): {}",
+                        attempt + 1,
+                        preview(&content)
+                    ));
+                }
+            }
+        }
+        self.stats.lock().unwrap().failures += 1;
+        Err(last_err)
+    }
+
+    /// The cache key: everything that decides the answer, not where the server lives.
+    fn cache_key(&self, req: &ChatRequest, attempt: u32) -> String {
+        let key = json!({
+            "model": self.cfg.model,
+            "system": req.system,
+            "user": req.user,
+            "schema": req.schema,
+            "max_tokens": req.max_tokens,
+            "temperature": self.cfg.temperature,
+            "attempt": attempt,
+        });
+        let digest = Sha256::digest(key.to_string().as_bytes());
+        digest.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn cache_path(&self, key: &str) -> Option<PathBuf> {
+        self.cfg
+            .cache_dir
+            .as_ref()
+            .map(|d| d.join(&key[..2]).join(format!("{key}.json")))
+    }
+
+    /// The reply text of one attempt, from the cache or the server.
+    fn complete(&self, req: &ChatRequest, attempt: u32) -> Result<String> {
+        let key = self.cache_key(req, attempt);
+        let path = self.cache_path(&key);
+        if let Some(p) = &path {
+            if let Ok(bytes) = std::fs::read(p) {
+                if let Ok(v) = serde_json::from_slice::<Value>(&bytes) {
+                    if let Some(c) = v["content"].as_str() {
+                        self.stats.lock().unwrap().cache_hits += 1;
+                        return Ok(c.to_string());
+                    }
+                }
+            }
+        }
+        let reply = self.post_with_retries(req, attempt)?;
+        let content = reply["choices"][0]["message"]["content"]
+            .as_str()
+            .ok_or_else(|| {
+                anyhow!(
+                    "reply has no choices[0].message.content: {}",
+                    preview(&reply.to_string())
+                )
+            })?
+            .to_string();
+        {
+            let mut st = self.stats.lock().unwrap();
+            let pt = reply["usage"]["prompt_tokens"].as_u64().unwrap_or(0);
+            let ct = reply["usage"]["completion_tokens"].as_u64().unwrap_or(0);
+            st.prompt_tokens += pt;
+            st.completion_tokens += ct;
+            st.cost += pt as f64 * self.cfg.price_prompt_per_mtok / 1e6
+                + ct as f64 * self.cfg.price_completion_per_mtok / 1e6;
+        }
+        if let Some(p) = &path {
+            std::fs::create_dir_all(p.parent().unwrap())?;
+            let entry = json!({
+                "model": self.cfg.model,
+                "attempt": attempt,
+                "content": content,
+                "finish_reason": reply["choices"][0]["finish_reason"],
+                "usage": reply["usage"],
+            });
+            write_atomic(p, format!("{entry}\n").as_bytes())?;
+        }
+        Ok(content)
+    }
+
+    fn body(&self, req: &ChatRequest, attempt: u32, level: u8) -> Value {
+        // Later attempts sample (a deterministic server would repeat an unusable reply).
+        let temperature = if attempt == 0 {
+            self.cfg.temperature
+        } else {
+            self.cfg.temperature.max(0.7)
+        };
+        let mut body = json!({
+            "model": self.cfg.model,
+            "messages": [
+                {"role": "system", "content": req.system},
+                {"role": "user", "content": req.user},
+            ],
+            "temperature": temperature,
+            "max_tokens": req.max_tokens,
+            "seed": attempt,
+        });
+        match (level, &req.schema) {
+            (FORMAT_SCHEMA, Some(schema)) => {
+                body["response_format"] = json!({
+                    "type": "json_schema",
+                    "json_schema": {"name": "reply", "schema": schema},
+                })
+            }
+            (FORMAT_SCHEMA, None) | (FORMAT_OBJECT, _) => {
+                body["response_format"] = json!({"type": "json_object"})
+            }
+            _ => {}
+        }
+        body
+    }
+
+    fn post_with_retries(&self, req: &ChatRequest, attempt: u32) -> Result<Value> {
+        let mut retry = 0u32;
+        loop {
+            let level = self.format_level.load(Ordering::Relaxed);
+            let body = self.body(req, attempt, level);
+            self.stats.lock().unwrap().http_requests += 1;
+            match self.post(&body) {
+                Ok(v) => return Ok(v),
+                Err(Failure::FormatRejected(msg)) if level < FORMAT_NONE => {
+                    // Step down once for everyone; no pause, not counted as a retry.
+                    let _ = self.format_level.compare_exchange(
+                        level,
+                        level + 1,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
+                    log::debug(&format!(
+                        "teacher rejected response_format ({msg}); stepping down"
+                    ));
+                }
+                Err(Failure::FormatRejected(msg)) | Err(Failure::Fatal(msg)) => bail!("{msg}"),
+                Err(Failure::Transient(msg, after)) => {
+                    if retry >= self.cfg.max_retries {
+                        bail!("{msg} (gave up after {} retries)", retry);
+                    }
+                    let base = self.cfg.backoff.as_secs_f64() * 2f64.powi(retry as i32);
+                    let jitter =
+                        1.0 + (super::stats::keyed_hash(retry as u64, &msg) % 1000) as f64 / 4000.0;
+                    let wait = after
+                        .map(|d| d.as_secs_f64())
+                        .unwrap_or(base * jitter)
+                        .min(60.0);
+                    std::thread::sleep(Duration::from_secs_f64(wait));
+                    retry += 1;
+                    self.stats.lock().unwrap().retries += 1;
+                }
+            }
+        }
+    }
+
+    fn post(&self, body: &Value) -> Result<Value, Failure> {
+        let url = format!("{}/chat/completions", self.cfg.base_url);
+        let started = Instant::now();
+        let mut request = self
+            .agent
+            .post(&url)
+            .header("Content-Type", "application/json");
+        if let Some(key) = &self.cfg.api_key {
+            request = request.header("Authorization", &format!("Bearer {key}"));
+        }
+        let mut resp = match request.send(body.to_string().as_bytes()) {
+            Ok(r) => r,
+            Err(e) => {
+                return Err(Failure::Transient(
+                    format!("{url}: {e} after {:.1}s", started.elapsed().as_secs_f64()),
+                    None,
+                ))
+            }
+        };
+        let status = resp.status().as_u16();
+        let retry_after = resp
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map(Duration::from_secs_f64);
+        let text = match resp.body_mut().read_to_string() {
+            Ok(t) => t,
+            Err(e) => {
+                return Err(Failure::Transient(
+                    format!("{url}: reading reply: {e}"),
+                    None,
+                ))
+            }
+        };
+        match status {
+            200..=299 => serde_json::from_str::<Value>(&text).map_err(|e| {
+                // A cut-off body is a transport failure, not the model's answer.
+                Failure::Transient(
+                    format!("{url}: reply is not JSON ({e}): {}", preview(&text)),
+                    None,
+                )
+            }),
+            429 | 408 | 500..=599 => Err(Failure::Transient(
+                format!("{url}: HTTP {status}: {}", preview(&text)),
+                retry_after,
+            )),
+            400 | 422
+                if body.get("response_format").is_some()
+                    && (text.contains("response_format")
+                        || text.contains("json_schema")
+                        || text.contains("grammar")) =>
+            {
+                Err(Failure::FormatRejected(format!(
+                    "HTTP {status}: {}",
+                    preview(&text)
+                )))
+            }
+            _ => Err(Failure::Fatal(format!(
+                "{url}: HTTP {status}: {}",
+                preview(&text)
+            ))),
+        }
+    }
+}
+
+mod log {
+    pub fn debug(msg: &str) {
+        if std::env::var_os("MIRA_DEBUG").is_some() {
+            eprintln!("mira: {msg}");
+        }
+    }
+}
+
+fn preview(s: &str) -> String {
+    let s = s.trim();
+    if s.chars().count() <= 200 {
+        s.to_string()
+    } else {
+        format!("{}…", s.chars().take(200).collect::<String>())
+    }
+}
+
+/// The JSON value in a model's reply, tolerantly: the whole text; else the text inside a
+/// ```` ``` ```` fence; else the first balanced `{...}` or `[...]`; else (a reply cut off by
+/// the token limit) the longest prefix made valid by closing its open strings and brackets.
+pub fn extract_json(text: &str) -> Option<Value> {
+    let t = text.trim();
+    if let Ok(v) = serde_json::from_str::<Value>(t) {
+        return Some(v);
+    }
+    if let Some(start) = t.find("```") {
+        let rest = &t[start + 3..];
+        let rest = rest.trim_start_matches(|c: char| c.is_ascii_alphabetic());
+        if let Some(end) = rest.find("```") {
+            if let Ok(v) = serde_json::from_str::<Value>(rest[..end].trim()) {
+                return Some(v);
+            }
+        }
+    }
+    let start = t.find(['{', '['])?;
+    let body = &t[start..];
+    // Scan for the end of the first balanced value, tracking strings.
+    let mut stack = Vec::new();
+    let mut in_str = false;
+    let mut escaped = false;
+    for (i, c) in body.char_indices() {
+        if in_str {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' => escaped = true,
+                '"' => in_str = false,
+                _ => {}
+            }
+            continue;
+        }
+        match c {
+            '"' => in_str = true,
+            '{' => stack.push('}'),
+            '[' => stack.push(']'),
+            '}' | ']' => {
+                stack.pop();
+                if stack.is_empty() {
+                    return serde_json::from_str(&body[..=i]).ok();
+                }
+            }
+            _ => {}
+        }
+    }
+    repair_truncated(body)
+}
+
+/// Close a JSON text cut off mid-way: drop a dangling partial token, close the open string and
+/// brackets. Returns the parsed value if that yields valid JSON.
+fn repair_truncated(body: &str) -> Option<Value> {
+    let mut cut = body.len();
+    // Try progressively shorter prefixes ending at a structural boundary.
+    for _ in 0..64 {
+        let prefix = &body[..cut];
+        let mut stack = Vec::new();
+        let mut in_str = false;
+        let mut escaped = false;
+        for c in prefix.chars() {
+            if in_str {
+                match c {
+                    _ if escaped => escaped = false,
+                    '\\' => escaped = true,
+                    '"' => in_str = false,
+                    _ => {}
+                }
+                continue;
+            }
+            match c {
+                '"' => in_str = true,
+                '{' => stack.push('}'),
+                '[' => stack.push(']'),
+                '}' | ']' => {
+                    stack.pop();
+                }
+                _ => {}
+            }
+        }
+        let mut fixed = prefix.trim_end().trim_end_matches(',').to_string();
+        if in_str {
+            fixed.push('"');
+        }
+        while let Some(c) = stack.pop() {
+            fixed.push(c);
+        }
+        if let Ok(v) = serde_json::from_str::<Value>(&fixed) {
+            return Some(v);
+        }
+        // Back off to the previous comma or opening bracket.
+        match prefix[..prefix.len().saturating_sub(1)].rfind([',', '{', '[']) {
+            Some(p) if p > 0 => cut = if &prefix[p..=p] == "," { p } else { p + 1 },
+            _ => return None,
+        }
+    }
+    None
+}
