@@ -167,7 +167,7 @@ fn group_distill_mask_and_select() {
             .collect()
     };
     let (w, b) = (f32s("classifier.weight"), f32s("classifier.bias"));
-    assert!(st.names().iter().any(|n| *n == "bert.pooler.dense.weight"));
+    assert!(st.names().contains(&"bert.pooler.dense.weight"));
     let student = Scorer::load(&sdir, Device::Cpu).unwrap();
     let texts: Vec<&str> = labels
         .iter()

@@ -232,7 +232,7 @@ fn a_restarted_run_pays_nothing_twice() {
     let server = serve(move |req, _| {
         let user = req["messages"][1]["content"].as_str().unwrap();
         let i: usize = user.trim_start_matches('p').parse().unwrap();
-        if i % 2 == 0 && d.load(Ordering::SeqCst) {
+        if i.is_multiple_of(2) && d.load(Ordering::SeqCst) {
             Act::Status(503, "down".into())
         } else {
             Act::Reply("{\"ok\": true}".into())

@@ -192,27 +192,42 @@ pub fn anchors_from_points(
     if points.is_empty() {
         bail!("no judgment points to cluster");
     }
-    let texts: Vec<String> = points
-        .iter()
-        .map(|p| {
-            if p.reason.is_empty() {
-                p.name.clone()
-            } else {
-                format!("{}: {}", p.name, p.reason)
+    // Identical points (a weak teacher repeats itself) are clustered once, with their count.
+    let mut texts: Vec<String> = Vec::new();
+    let mut first: Vec<usize> = Vec::new();
+    let mut weight: Vec<usize> = Vec::new();
+    for (i, p) in points.iter().enumerate() {
+        let t = if p.reason.is_empty() {
+            p.name.clone()
+        } else {
+            format!("{}: {}", p.name, p.reason)
+        };
+        match texts.iter().position(|x| *x == t) {
+            Some(j) => weight[j] += 1,
+            None => {
+                texts.push(t);
+                first.push(i);
+                weight.push(1);
             }
-        })
-        .collect();
+        }
+    }
     let emb = scorer.embed(&texts)?;
-    let k = k.min(points.len()).max(1);
+    let k = k.min(texts.len()).max(1);
     let km = stats::kmeans(&emb.values, emb.dim, k, seed, 8);
     let nearest = km.nearest_points(&emb.values);
     let mut clusters: Vec<(usize, usize)> = (0..k)
-        .map(|c| (c, km.assignment.iter().filter(|&&a| a == c).count()))
+        .map(|c| {
+            let size = (0..texts.len())
+                .filter(|&i| km.assignment[i] == c)
+                .map(|i| weight[i])
+                .sum::<usize>();
+            (c, size)
+        })
         .collect();
     clusters.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     let mut anchors: Vec<Anchor> = Vec::new();
     for (c, size) in clusters {
-        let p = &points[nearest[c]];
+        let p = &points[first[nearest[c]]];
         let mut name = anchor_id(&p.name);
         let base = name.clone();
         let mut n = 2;
@@ -222,7 +237,7 @@ pub fn anchors_from_points(
         }
         // Other members nearest the centroid first, distinct reasons only.
         let dim = emb.dim;
-        let mut members: Vec<usize> = (0..points.len())
+        let mut members: Vec<usize> = (0..texts.len())
             .filter(|&i| km.assignment[i] == c && i != nearest[c])
             .collect();
         let dist = |i: usize| -> f64 {

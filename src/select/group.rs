@@ -38,12 +38,19 @@ impl Default for GroupOptions {
     }
 }
 
+/// Sources (sorted by name), their unit-length mean embeddings `[n, dim]`, records sampled.
+pub struct SourceMeans {
+    pub names: Vec<String>,
+    pub means: Vec<f32>,
+    pub sampled: BTreeMap<String, usize>,
+}
+
 /// Per-source mean embeddings (unit length), sources sorted by name.
 pub fn source_means(
     scorer: &Scorer,
     files: &[InputFile],
     opts: &GroupOptions,
-) -> Result<(Vec<String>, Vec<f32>, BTreeMap<String, usize>)> {
+) -> Result<SourceMeans> {
     let (samples, _) = sample_records(files, &opts.fields, opts.per_source, opts.seed, |r| {
         Some(source_of(r))
     })?;
@@ -68,7 +75,11 @@ pub fn source_means(
         names.push(source.clone());
         counts.insert(source.clone(), recs.len());
     }
-    Ok((names, means, counts))
+    Ok(SourceMeans {
+        names,
+        means,
+        sampled: counts,
+    })
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f64 {
@@ -77,7 +88,11 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
 
 /// Cluster sources into groups.
 pub fn group_sources(scorer: &Scorer, files: &[InputFile], opts: &GroupOptions) -> Result<Groups> {
-    let (names, means, sampled) = source_means(scorer, files, opts)?;
+    let SourceMeans {
+        names,
+        means,
+        sampled,
+    } = source_means(scorer, files, opts)?;
     let dim = scorer.embedding_dim();
     let n = names.len();
     let mut silhouette = BTreeMap::new();

@@ -388,8 +388,11 @@ impl Default for IngestOptions {
     }
 }
 
+/// One input row: its location (`file:line` or `file:row N`) and the object, or why not.
+type JsonRow = (String, Result<Map<String, Value>>);
+
 /// Rows of a JSONL (optionally compressed) or Parquet file as JSON objects, with locations.
-fn json_rows(path: &Path) -> Result<Vec<(String, Result<Map<String, Value>>)>> {
+fn json_rows(path: &Path) -> Result<Vec<JsonRow>> {
     let name = path.display().to_string();
     if name.ends_with(".parquet") {
         let file = std::fs::File::open(path).with_context(|| format!("cannot open {name}"))?;

@@ -105,6 +105,9 @@ pub struct TeacherSection {
     pub price_prompt_per_mtok: f64,
     #[serde(default)]
     pub price_completion_per_mtok: f64,
+    /// Response cache [default: <work_dir>/teacher-cache].
+    #[serde(default)]
+    pub cache_dir: Option<PathBuf>,
 }
 fn default_key_env() -> String {
     "OPENAI_API_KEY".into()
@@ -220,6 +223,9 @@ impl RunConfig {
         if let Some(p) = cfg.label.labels.as_mut() {
             fix(p)
         }
+        if let Some(p) = cfg.teacher.as_mut().and_then(|t| t.cache_dir.as_mut()) {
+            fix(p)
+        }
         Ok(cfg)
     }
 
@@ -313,7 +319,11 @@ pub fn run(cfg: &RunConfig, progress: bool) -> Result<retain::Selection> {
             tc.api_key = std::env::var(&t.api_key_env).ok().filter(|k| !k.is_empty());
             tc.concurrency = t.concurrency;
             tc.timeout = std::time::Duration::from_secs_f64(t.timeout_s);
-            tc.cache_dir = Some(work.join("teacher-cache"));
+            tc.cache_dir = Some(
+                t.cache_dir
+                    .clone()
+                    .unwrap_or_else(|| work.join("teacher-cache")),
+            );
             tc.price_prompt_per_mtok = t.price_prompt_per_mtok;
             tc.price_completion_per_mtok = t.price_completion_per_mtok;
             tc.progress = progress;
