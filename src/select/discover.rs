@@ -52,8 +52,8 @@ pub struct Judgment {
 pub const JUDGE_SYSTEM: &str = "You are an expert data curator judging documents that may be used \
 to train a language model. Judge the document in your own terms: name the quality dimensions \
 that matter most for this kind of document (between 3 and 8), and for each give a score from 0 \
-(worst) to 10 (best) and a one-sentence reason. Reply with JSON only, in the form \
-{\"dimensions\": [{\"name\": \"...\", \"score\": 0, \"reason\": \"...\"}]}.";
+(worst) to 10 (best) after a one-sentence reason. Reply with JSON only, in the form \
+{\"dimensions\": [{\"name\": \"<dimension>\", \"reason\": \"<why>\", \"score\": <0-10>}]}.";
 
 pub fn judge_schema() -> Value {
     json!({
@@ -67,10 +67,10 @@ pub fn judge_schema() -> Value {
                     "type": "object",
                     "properties": {
                         "name": {"type": "string", "minLength": 2, "maxLength": 40},
-                        "score": {"type": "integer", "minimum": 0, "maximum": 10},
-                        "reason": {"type": "string", "minLength": 2, "maxLength": 160}
+                        "reason": {"type": "string", "minLength": 2, "maxLength": 160},
+                        "score": {"type": "integer", "minimum": 0, "maximum": 10}
                     },
-                    "required": ["name", "score", "reason"]
+                    "required": ["name", "reason", "score"]
                 }
             }
         },
@@ -289,6 +289,7 @@ pub fn discover(
     out_dir: &Path,
     opts: &DiscoverOptions,
 ) -> Result<DiscoverSummary> {
+    let before = teacher.stats();
     let (samples, _) = sample_records(
         files,
         &opts.fields,
@@ -347,6 +348,6 @@ pub fn discover(
         summary.anchors.insert(group.clone(), anchors.len());
         write_rubric(&rubric_path(out_dir, &group), &anchors)?;
     }
-    summary.teacher = teacher.stats();
+    summary.teacher = teacher.stats().since(&before);
     Ok(summary)
 }

@@ -141,11 +141,12 @@ pub fn score_schema(anchors: &[Anchor]) -> Value {
             a.name.clone(),
             json!({
                 "type": "object",
+                // Rationale first: the score is written after the reasoning, not before.
                 "properties": {
-                    "score": {"type": "integer", "minimum": 0, "maximum": 10},
-                    "rationale": {"type": "string", "maxLength": 120}
+                    "rationale": {"type": "string", "maxLength": 120},
+                    "score": {"type": "integer", "minimum": 0, "maximum": 10}
                 },
-                "required": ["score", "rationale"]
+                "required": ["rationale", "score"]
             }),
         );
     }
@@ -164,9 +165,8 @@ pub fn score_request(
         user.push_str(&format!("- {}: {}\n", a.name, a.definition));
     }
     user.push_str(&format!(
-        "\nSource: {source}\n\nDocument:\n<<<\n{}\n>>>\n\nReply in the form {{\"{}\": {{\"score\": 0, \"rationale\": \"...\"}}, ...}} with every dimension.",
+        "\nSource: {source}\n\nDocument:\n<<<\n{}\n>>>\n\nFor each dimension, first write a short rationale about this document, then a score from 0 to 10. Reply as {{\"<dimension>\": {{\"rationale\": \"<why>\", \"score\": <0-10>}}, ...}} with every dimension.",
         clip(text, max_chars),
-        anchors[0].name
     ));
     ChatRequest {
         system: SCORE_SYSTEM.to_string(),
@@ -276,6 +276,7 @@ pub fn label(
     out: &Path,
     opts: &LabelOptions,
 ) -> Result<LabelSummary> {
+    let before = teacher.stats();
     let mut rubric = BTreeMap::new();
     for g in groups.names() {
         rubric.insert(g.clone(), read_rubric(&rubric_path(rubrics, &g))?);
@@ -335,7 +336,7 @@ pub fn label(
         labelled: rows.len() - failed,
         failed,
         per_group,
-        teacher: teacher.stats(),
+        teacher: teacher.stats().since(&before),
     })
 }
 

@@ -391,11 +391,28 @@ pub fn select(
             .collect();
         let tokens: Vec<u64> = members.iter().map(|&(fi, i)| all[fi][i].tokens).collect();
         let (kept, cutoff) = budget_keep(&scores, &tokens, opts.budget);
+        if let Some(c) = cutoff {
+            // Records tied at the cutoff on both sides: input order decided between them.
+            let tied_out = scores
+                .iter()
+                .zip(&kept)
+                .filter(|(s, k)| !**k && **s == c)
+                .count();
+            if tied_out > 0 {
+                let tied_in = scores
+                    .iter()
+                    .zip(&kept)
+                    .filter(|(s, k)| **k && **s == c)
+                    .count();
+                warnings.push(format!(
+                    "{b}: {} records score exactly {c} at the cutoff ({tied_in} kept, {tied_out} dropped, in input order); the students do not separate them",
+                    tied_in + tied_out
+                ));
+            }
+            thresholds.insert(b.clone(), c);
+        }
         for (m, k) in members.iter().zip(kept) {
             keep[m.0][m.1] = k;
-        }
-        if let Some(c) = cutoff {
-            thresholds.insert(b, c);
         }
     }
 

@@ -242,8 +242,28 @@ impl RunConfig {
 /// Fingerprint of a step: its settings and the fingerprint of what it depends on.
 fn fingerprint(parts: &[&dyn erased::Json]) -> String {
     let mut h = Sha256::new();
+    // A new mira (prompts, numerics) redoes the steps.
+    h.update(env!("CARGO_PKG_VERSION").as_bytes());
     for p in parts {
         h.update(p.json().as_bytes());
+        h.update([0]);
+    }
+    h.finalize()
+        .iter()
+        .take(12)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Hash of files' contents (a missing file hashes as such): downstream steps depend on what
+/// upstream steps wrote (or a person edited), not only on their settings.
+fn contents(paths: &[&Path]) -> String {
+    let mut h = Sha256::new();
+    for p in paths {
+        match std::fs::read(p) {
+            Ok(bytes) => h.update(&bytes),
+            Err(_) => h.update(b"\0missing"),
+        }
         h.update([0]);
     }
     h.finalize()
@@ -373,17 +393,24 @@ pub fn run(cfg: &RunConfig, progress: bool) -> Result<retain::Selection> {
 
     // 2. discover
     let rubrics = work.join("rubrics");
-    let fp_discover = fingerprint(&[
-        &"discover",
-        &fp_group,
-        &cfg.discover,
-        &cfg.teacher.as_ref().map(|t| &t.model),
-    ]);
     let rubric_files: Vec<PathBuf> = groups
         .names()
         .iter()
         .map(|g| rubric_path(&rubrics, g))
         .collect();
+    let shipped_rubrics: Vec<PathBuf> = match &cfg.discover.rubrics {
+        Some(src) => groups.names().iter().map(|g| rubric_path(src, g)).collect(),
+        None => Vec::new(),
+    };
+    let shipped_refs: Vec<&Path> = shipped_rubrics.iter().map(PathBuf::as_path).collect();
+    let fp_discover = fingerprint(&[
+        &"discover",
+        &fp_group,
+        &contents(&[&groups_path]),
+        &contents(&shipped_refs),
+        &cfg.discover,
+        &cfg.teacher.as_ref().map(|t| &t.model),
+    ]);
     let rubric_refs: Vec<&Path> = rubric_files.iter().map(PathBuf::as_path).collect();
     if steps.done("discover", &fp_discover, &rubric_refs) {
         say("discover", "up to date");
@@ -432,7 +459,16 @@ pub fn run(cfg: &RunConfig, progress: bool) -> Result<retain::Selection> {
 
     // 3. label
     let labels_path = work.join("labels.jsonl");
-    let fp_label = fingerprint(&[&"label", &fp_discover, &cfg.label]);
+    let shipped_labels: Vec<&Path> = cfg.label.labels.iter().map(PathBuf::as_path).collect();
+    let ingested: Vec<&Path> = cfg.label.ingest.iter().map(PathBuf::as_path).collect();
+    let fp_label = fingerprint(&[
+        &"label",
+        &fp_discover,
+        &contents(&rubric_refs),
+        &contents(&shipped_labels),
+        &contents(&ingested),
+        &cfg.label,
+    ]);
     if steps.done("label", &fp_label, &[&labels_path]) {
         say("label", "up to date");
     } else {
@@ -500,7 +536,12 @@ pub fn run(cfg: &RunConfig, progress: bool) -> Result<retain::Selection> {
     // 4. distill
     let students = work.join("students");
     let validation_path = students.join("validation.json");
-    let fp_distill = fingerprint(&[&"distill", &fp_label, &cfg.encoder]);
+    let fp_distill = fingerprint(&[
+        &"distill",
+        &fp_label,
+        &contents(&[&labels_path]),
+        &cfg.encoder,
+    ]);
     if steps.done("distill", &fp_distill, &[&validation_path]) {
         say("distill", "up to date");
     } else {
@@ -521,7 +562,12 @@ pub fn run(cfg: &RunConfig, progress: bool) -> Result<retain::Selection> {
 
     // 5. reliability
     let rel_path = work.join("reliability.json");
-    let fp_rel = fingerprint(&[&"reliability", &fp_distill, &cfg.reliability]);
+    let fp_rel = fingerprint(&[
+        &"reliability",
+        &fp_distill,
+        &contents(&[&validation_path]),
+        &cfg.reliability,
+    ]);
     if steps.done("reliability", &fp_rel, &[&rel_path]) {
         say("reliability", "up to date");
     } else {
@@ -552,7 +598,13 @@ pub fn run(cfg: &RunConfig, progress: bool) -> Result<retain::Selection> {
 
     // 6. select
     let selected = work.join("selected");
-    let fp_select = fingerprint(&[&"select", &fp_rel, &cfg.select, &inputs_fp]);
+    let fp_select = fingerprint(&[
+        &"select",
+        &fp_rel,
+        &contents(&[&rel_path, &groups_path]),
+        &cfg.select,
+        &inputs_fp,
+    ]);
     let sel_json = selected.join("selection.json");
     if steps.done("select", &fp_select, &[&sel_json]) {
         say("select", "up to date");

@@ -96,6 +96,23 @@ pub struct TeacherStats {
     pub cost: f64,
 }
 
+impl TeacherStats {
+    /// What happened after `before` was taken (per-step counts from a shared teacher).
+    pub fn since(&self, before: &TeacherStats) -> TeacherStats {
+        TeacherStats {
+            requests: self.requests - before.requests,
+            http_requests: self.http_requests - before.http_requests,
+            cache_hits: self.cache_hits - before.cache_hits,
+            retries: self.retries - before.retries,
+            rejected_replies: self.rejected_replies - before.rejected_replies,
+            failures: self.failures - before.failures,
+            prompt_tokens: self.prompt_tokens - before.prompt_tokens,
+            completion_tokens: self.completion_tokens - before.completion_tokens,
+            cost: self.cost - before.cost,
+        }
+    }
+}
+
 /// The response-format levels tried in order.
 const FORMAT_SCHEMA: u8 = 0;
 const FORMAT_OBJECT: u8 = 1;
