@@ -321,3 +321,56 @@ fn bad_base_url_is_a_clear_error() {
         .unwrap();
     assert!(e.to_string().contains("must start with http://"), "{e}");
 }
+
+#[test]
+fn labelling_fails_loudly_when_the_teacher_answers_nothing() {
+    use mira::select::label::{label, read_labels, LabelOptions};
+    use mira::select::{write_rubric, Anchor, Groups};
+    use std::collections::BTreeMap;
+    let server = serve(|_, _| Act::Status(500, "down".into()));
+    let d = tempfile::tempdir().unwrap();
+    let corpus = d.path().join("c.jsonl");
+    std::fs::write(&corpus, "{\"id\":\"a\",\"text\":\"one\",\"source\":\"s\"}\n{\"id\":\"b\",\"text\":\"two\",\"source\":\"s\"}\n").unwrap();
+    let groups = Groups {
+        groups: BTreeMap::from([("s".to_string(), "g0".to_string())]),
+        members: BTreeMap::from([("g0".to_string(), vec!["s".to_string()])]),
+        encoder: String::new(),
+        k: 1,
+        silhouette: BTreeMap::new(),
+        sampled: BTreeMap::new(),
+        intra_similarity: BTreeMap::new(),
+        inter_similarity: BTreeMap::new(),
+    };
+    let anchor = Anchor {
+        name: "clarity".into(),
+        definition: "is it clear".into(),
+        exemplars: vec![],
+        cluster_size: 1,
+        teacher_name: "Clarity".into(),
+    };
+    write_rubric(&d.path().join("g0.jsonl"), &[anchor]).unwrap();
+    let mut cfg = config(&server.url);
+    cfg.max_retries = 1;
+    let t = Teacher::new(cfg).unwrap();
+    let files = mira::corpus::expand_inputs(&[corpus]).unwrap();
+    let out = d.path().join("labels.jsonl");
+    let e = label(
+        &t,
+        &files,
+        &groups,
+        d.path(),
+        &out,
+        &LabelOptions::default(),
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("answered none of 2 requests") && e.to_string().contains("HTTP 500"),
+        "{e}"
+    );
+    // Nothing lost: both records are in the file, each with its error.
+    let rows = read_labels(&out).unwrap();
+    assert_eq!(rows.len(), 2);
+    assert!(rows
+        .iter()
+        .all(|r| r.error.is_some() && r.scores.is_empty()));
+}

@@ -331,6 +331,14 @@ pub fn label(
     }
     write_labels(out, &rows)?;
     let failed = rows.iter().filter(|r| r.error.is_some()).count();
+    if failed == rows.len() && !rows.is_empty() {
+        bail!(
+            "the teacher answered none of {} requests (rows with errors written to {}); first error: {}",
+            rows.len(),
+            out.display(),
+            rows[0].error.as_deref().unwrap_or("")
+        );
+    }
     Ok(LabelSummary {
         rows: rows.len(),
         labelled: rows.len() - failed,
