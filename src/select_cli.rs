@@ -403,7 +403,7 @@ pub fn select_cmd(a: SelectArgs) -> Result<()> {
 
 #[derive(Args)]
 pub struct RunArgs {
-    /// The run's TOML config (see examples/sample-run.toml)
+    /// The run's TOML config (see configs/sample-run.toml)
     config: PathBuf,
 }
 
