@@ -507,16 +507,7 @@ fn ingest_datatrove_and_score_column_labels() {
         e.contains("dt2.jsonl:2") && e.contains("no score found"),
         "{e}"
     );
-    let groups = Groups {
-        groups: BTreeMap::from([("news".to_string(), "g0".to_string())]),
-        members: BTreeMap::from([("g0".to_string(), vec!["news".to_string()])]),
-        encoder: String::new(),
-        k: 1,
-        silhouette: BTreeMap::new(),
-        sampled: BTreeMap::new(),
-        intra_similarity: BTreeMap::new(),
-        inter_similarity: BTreeMap::new(),
-    };
+    let groups = Groups::from_sources(BTreeMap::from([("news".to_string(), "g0".to_string())]));
     std::fs::write(
         d.join("src.jsonl"),
         "{\"id\":\"x\",\"text\":\"t\",\"score\":1,\"source\":\"web\"}\n",

@@ -331,16 +331,7 @@ fn labelling_fails_loudly_when_the_teacher_answers_nothing() {
     let d = tempfile::tempdir().unwrap();
     let corpus = d.path().join("c.jsonl");
     std::fs::write(&corpus, "{\"id\":\"a\",\"text\":\"one\",\"source\":\"s\"}\n{\"id\":\"b\",\"text\":\"two\",\"source\":\"s\"}\n").unwrap();
-    let groups = Groups {
-        groups: BTreeMap::from([("s".to_string(), "g0".to_string())]),
-        members: BTreeMap::from([("g0".to_string(), vec!["s".to_string()])]),
-        encoder: String::new(),
-        k: 1,
-        silhouette: BTreeMap::new(),
-        sampled: BTreeMap::new(),
-        intra_similarity: BTreeMap::new(),
-        inter_similarity: BTreeMap::new(),
-    };
+    let groups = Groups::from_sources(BTreeMap::from([("s".to_string(), "g0".to_string())]));
     let anchor = Anchor {
         name: "clarity".into(),
         definition: "is it clear".into(),

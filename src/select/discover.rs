@@ -13,7 +13,7 @@ use anyhow::{bail, Result};
 use serde_json::{json, Value};
 
 use super::teacher::{extract_json, ChatRequest, Teacher};
-use super::{clip, rubric_path, sample_records, source_of, stats, write_rubric, Anchor, Groups};
+use super::{clip, rubric_path, source_of, stats, write_rubric, Anchor, Groups};
 use crate::corpus::{FieldNames, InputFile};
 use crate::Scorer;
 
@@ -290,13 +290,7 @@ pub fn discover(
     opts: &DiscoverOptions,
 ) -> Result<DiscoverSummary> {
     let before = teacher.stats();
-    let (samples, _) = sample_records(
-        files,
-        &opts.fields,
-        opts.records_per_group,
-        opts.seed,
-        |r| groups.group_of(&source_of(r)).map(str::to_string),
-    )?;
+    let samples = groups.sample(files, &opts.fields, opts.records_per_group, opts.seed)?;
     std::fs::create_dir_all(out_dir)?;
     let mut summary = DiscoverSummary {
         judged: BTreeMap::new(),

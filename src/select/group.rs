@@ -51,7 +51,7 @@ pub fn source_means(
     files: &[InputFile],
     opts: &GroupOptions,
 ) -> Result<SourceMeans> {
-    let (samples, _) = sample_records(files, &opts.fields, opts.per_source, opts.seed, |r| {
+    let samples = sample_records(files, &opts.fields, opts.per_source, opts.seed, |r| {
         Some(source_of(r))
     })?;
     if samples.is_empty() {

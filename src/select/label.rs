@@ -18,7 +18,7 @@ use serde_json::{json, Map, Value};
 
 use super::discover::{anchor_id, number};
 use super::teacher::{extract_json, ChatRequest, Teacher};
-use super::{clip, read_rubric, rubric_path, sample_records, source_of, stats, Anchor, Groups};
+use super::{clip, read_rubric, rubric_path, source_of, stats, Anchor, Groups};
 use crate::corpus::{FieldNames, InputFile};
 
 /// One labelled record.
@@ -281,13 +281,7 @@ pub fn label(
     for g in groups.names() {
         rubric.insert(g.clone(), read_rubric(&rubric_path(rubrics, &g))?);
     }
-    let (samples, _) = sample_records(
-        files,
-        &opts.fields,
-        opts.records_per_group,
-        opts.seed,
-        |r| groups.group_of(&source_of(r)).map(str::to_string),
-    )?;
+    let samples = groups.sample(files, &opts.fields, opts.records_per_group, opts.seed)?;
     let mut rows = Vec::new();
     let mut per_group = BTreeMap::new();
     for (group, recs) in &samples {

@@ -87,6 +87,41 @@ impl Groups {
         }
         Ok(g)
     }
+    /// Groups from a source -> group map (members derived; nothing else recorded).
+    pub fn from_sources(groups: BTreeMap<String, String>) -> Groups {
+        let mut members: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (source, group) in &groups {
+            members
+                .entry(group.clone())
+                .or_default()
+                .push(source.clone());
+        }
+        Groups {
+            k: members.len(),
+            groups,
+            members,
+            encoder: String::new(),
+            silhouette: BTreeMap::new(),
+            sampled: BTreeMap::new(),
+            intra_similarity: BTreeMap::new(),
+            inter_similarity: BTreeMap::new(),
+        }
+    }
+
+    /// Up to `per_group` records of each group's sources (see [`sample_records`]); sources in
+    /// no group are not sampled.
+    pub fn sample(
+        &self,
+        files: &[InputFile],
+        fields: &FieldNames,
+        per_group: usize,
+        seed: u64,
+    ) -> Result<BTreeMap<String, Vec<Record>>> {
+        sample_records(files, fields, per_group, seed, |r| {
+            self.group_of(&source_of(r)).map(str::to_string)
+        })
+    }
+
     /// The group of a source.
     pub fn group_of(&self, source: &str) -> Option<&str> {
         self.groups.get(source).map(String::as_str)
@@ -161,24 +196,22 @@ pub fn rubric_path(dir: &Path, group: &str) -> std::path::PathBuf {
 
 /// Records sampled per key: for each key, the `per_key` records with the smallest
 /// `keyed_hash(seed, id)`. Order-independent and deterministic, streaming with bounded memory.
-/// Records without text are skipped (their count is returned).
+/// Records without text are skipped.
 pub fn sample_records(
     files: &[InputFile],
     fields: &FieldNames,
     per_key: usize,
     seed: u64,
     key_of: impl Fn(&Record) -> Option<String>,
-) -> Result<(BTreeMap<String, Vec<Record>>, usize)> {
+) -> Result<BTreeMap<String, Vec<Record>>> {
     // Max-heap of (hash, tie-break) per key: the largest is evicted.
     let mut heaps: BTreeMap<String, BinaryHeap<(u64, u64, HeapRecord)>> = BTreeMap::new();
-    let mut skipped = 0usize;
     let mut seen = 0u64;
     for f in files {
         for rec in corpus::open_input(&f.path, fields)? {
             let rec = rec?;
             seen += 1;
             if rec.text.is_err() {
-                skipped += 1;
                 continue;
             }
             let Some(key) = key_of(&rec) else { continue };
@@ -202,7 +235,7 @@ pub fn sample_records(
             (k, v.into_iter().map(|(_, _, r)| r.0).collect())
         })
         .collect();
-    Ok((out, skipped))
+    Ok(out)
 }
 
 /// Orders nothing: heap entries compare by (hash, sequence), which are unique.

@@ -477,47 +477,26 @@ pub fn extract_json(text: &str) -> Option<Value> {
     }
     let start = t.find(['{', '['])?;
     let body = &t[start..];
-    // Scan for the end of the first balanced value, tracking strings.
-    let mut stack = Vec::new();
-    let mut in_str = false;
-    let mut escaped = false;
-    for (i, c) in body.char_indices() {
-        if in_str {
-            match c {
-                _ if escaped => escaped = false,
-                '\\' => escaped = true,
-                '"' => in_str = false,
-                _ => {}
-            }
-            continue;
-        }
-        match c {
-            '"' => in_str = true,
-            '{' => stack.push('}'),
-            '[' => stack.push(']'),
-            '}' | ']' => {
-                stack.pop();
-                if stack.is_empty() {
-                    return serde_json::from_str(&body[..=i]).ok();
-                }
-            }
-            _ => {}
-        }
+    match JsonScan::run(body) {
+        JsonScan { end: Some(i), .. } => serde_json::from_str(&body[..=i]).ok(),
+        _ => repair_truncated(body),
     }
-    repair_truncated(body)
 }
 
-/// Close a JSON text cut off mid-way: drop a dangling partial token, close the open string and
-/// brackets. Returns the parsed value if that yields valid JSON.
-fn repair_truncated(body: &str) -> Option<Value> {
-    let mut cut = body.len();
-    // Try progressively shorter prefixes ending at a structural boundary.
-    for _ in 0..64 {
-        let prefix = &body[..cut];
-        let mut stack = Vec::new();
+/// A string-aware scan of JSON text: where the first top-level value closes, or else the
+/// brackets (as their closers) and string left open at the end.
+struct JsonScan {
+    end: Option<usize>,
+    open: Vec<char>,
+    in_str: bool,
+}
+
+impl JsonScan {
+    fn run(text: &str) -> JsonScan {
+        let mut open = Vec::new();
         let mut in_str = false;
         let mut escaped = false;
-        for c in prefix.chars() {
+        for (i, c) in text.char_indices() {
             if in_str {
                 match c {
                     _ if escaped => escaped = false,
@@ -529,19 +508,44 @@ fn repair_truncated(body: &str) -> Option<Value> {
             }
             match c {
                 '"' => in_str = true,
-                '{' => stack.push('}'),
-                '[' => stack.push(']'),
+                '{' => open.push('}'),
+                '[' => open.push(']'),
                 '}' | ']' => {
-                    stack.pop();
+                    open.pop();
+                    if open.is_empty() {
+                        return JsonScan {
+                            end: Some(i),
+                            open,
+                            in_str,
+                        };
+                    }
                 }
                 _ => {}
             }
         }
+        JsonScan {
+            end: None,
+            open,
+            in_str,
+        }
+    }
+}
+
+/// Close a JSON text cut off mid-way: drop a dangling partial token, close the open string and
+/// brackets. Returns the parsed value if that yields valid JSON.
+fn repair_truncated(body: &str) -> Option<Value> {
+    let mut cut = body.len();
+    // Try progressively shorter prefixes ending at a structural boundary.
+    for _ in 0..64 {
+        let prefix = &body[..cut];
+        let JsonScan {
+            mut open, in_str, ..
+        } = JsonScan::run(prefix);
         let mut fixed = prefix.trim_end().trim_end_matches(',').to_string();
         if in_str {
             fixed.push('"');
         }
-        while let Some(c) = stack.pop() {
+        while let Some(c) = open.pop() {
             fixed.push(c);
         }
         if let Ok(v) = serde_json::from_str::<Value>(&fixed) {
