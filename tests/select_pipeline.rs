@@ -230,6 +230,63 @@ fn group_distill_mask_and_select() {
         gunzip(&kept1)
     );
 
+    // The same records as one Parquet file: the same records kept, written as Parquet rows.
+    {
+        use arrow_array::{Array, ArrayRef, RecordBatch, StringArray};
+        let col = |k: &str| -> ArrayRef {
+            Arc::new(StringArray::from(
+                fx.rows
+                    .iter()
+                    .map(|v| v[k].as_str().unwrap().to_string())
+                    .collect::<Vec<_>>(),
+            ))
+        };
+        let batch = RecordBatch::try_from_iter(vec![
+            ("id", col("id")),
+            ("text", col("text")),
+            ("source", col("source")),
+        ])
+        .unwrap();
+        let f = std::fs::File::create(fx.dir.join("all.parquet")).unwrap();
+        let mut w = parquet::arrow::ArrowWriter::try_new(f, batch.schema(), None).unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+        let pq = expand_inputs(&[fx.dir.join("all.parquet")]).unwrap();
+        let out_p = fx.dir.join("selected-parquet");
+        let sel_p = retain::select(&pq, g, &students, &rel, &out_p, &opts).unwrap();
+        assert_eq!(sel_p.groups, sel.groups);
+        let file = std::fs::File::open(out_p.join("kept/all.parquet")).unwrap();
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+            .unwrap()
+            .build()
+            .unwrap();
+        let mut ids = Vec::new();
+        for b in reader {
+            let b = b.unwrap();
+            assert_eq!(b.num_columns(), 3, "the input's schema");
+            let c = b
+                .column_by_name("id")
+                .unwrap()
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .unwrap()
+                .clone();
+            ids.extend((0..c.len()).map(|i| c.value(i).to_string()));
+        }
+        let kept_jsonl: Vec<String> = std::fs::read_to_string(out.join("kept/part1.jsonl"))
+            .unwrap()
+            .lines()
+            .chain(gunzip(&std::fs::read(out.join("kept/part2.jsonl.gz")).unwrap()).lines())
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(ids, kept_jsonl);
+    }
+
     // A global cutoff.
     let out_g = fx.dir.join("selected-global");
     let opts_g = SelectOptions {
