@@ -197,13 +197,14 @@ fn group_distill_mask_and_select() {
     let th = Thresholds::default();
     let rel = reliability::mask(&v, &th);
     assert_eq!(rel.cells.len(), v.cells.len());
-    for c in &rel.cells {
+    for m in &rel.cells {
+        let c = &m.cell;
         let should = c.n < th.min_count
-            || c.mae.is_none_or(|m| m > th.max_mae)
+            || c.mae.is_none_or(|v| v > th.max_mae)
             || c.spearman.is_none_or(|r| r < th.min_spearman);
-        assert_eq!(c.masked, should, "{c:?}");
-        assert_eq!(c.masked, !c.reasons.is_empty());
-        assert_eq!(rel.unmasked[&c.source].contains(&c.anchor), !c.masked);
+        assert_eq!(m.masked, should, "{m:?}");
+        assert_eq!(m.masked, !m.reasons.is_empty());
+        assert_eq!(rel.unmasked[&c.source].contains(&c.anchor), !m.masked);
     }
     reliability::write(&rel, &fx.dir.join("reliability.json")).unwrap();
 

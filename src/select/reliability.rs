@@ -9,7 +9,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::distill::Validation;
+use super::distill::{Cell, Validation};
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Thresholds {
@@ -31,14 +31,11 @@ impl Default for Thresholds {
     }
 }
 
+/// A validation cell and the mask's verdict on it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MaskedCell {
-    pub group: String,
-    pub source: String,
-    pub anchor: String,
-    pub n: usize,
-    pub mae: Option<f64>,
-    pub spearman: Option<f64>,
+    #[serde(flatten)]
+    pub cell: Cell,
     pub masked: bool,
     /// Why it is masked (empty when not).
     pub reasons: Vec<String>,
@@ -92,12 +89,7 @@ pub fn mask(v: &Validation, t: &Thresholds) -> Reliability {
             entry.push(c.anchor.clone());
         }
         cells.push(MaskedCell {
-            group: c.group.clone(),
-            source: c.source.clone(),
-            anchor: c.anchor.clone(),
-            n: c.n,
-            mae: c.mae,
-            spearman: c.spearman,
+            cell: c.clone(),
             masked,
             reasons,
         });
