@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use mira::corpus::{self, FieldNames};
+use mira::engine::Precision;
 use mira::pipeline::{self, Format, JobOptions, Output, Task};
 use mira::{bench, engine, Device, LoadOptions, Packer, Scorer};
 
@@ -63,6 +64,10 @@ struct ModelArgs {
     /// Token budget of one packed batch [default: the device's, 4096 on CPU]
     #[arg(long)]
     batch_tokens: Option<usize>,
+    /// Storage type of weights and activations on a GPU: auto (f16 where the device has it),
+    /// f32 or f16; arithmetic is f32 either way (the CPU backend is always f32)
+    #[arg(long, default_value = "auto")]
+    precision: Precision,
     /// Worker threads for the CPU backend and tokenization [default: all cores]
     #[arg(long)]
     threads: Option<usize>,
@@ -171,6 +176,7 @@ fn load(args: &ModelArgs) -> Result<Scorer> {
         LoadOptions {
             max_tokens: args.max_tokens,
             packer,
+            precision: args.precision,
         },
     )?;
     if let Some(note) = scorer.device_note() {

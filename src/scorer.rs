@@ -20,6 +20,8 @@ pub struct LoadOptions {
     /// How documents are packed into batches; `None` picks the device's default
     /// ([`engine::default_packer`]).
     pub packer: Option<Packer>,
+    /// Storage precision on GPU backends (default: f16 where the device supports it).
+    pub precision: engine::Precision,
 }
 
 /// A documents × outputs matrix of scores, with the output names.
@@ -88,7 +90,7 @@ impl Scorer {
         let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
         let sentence = SentenceConfig::load(dir)?;
         let weights = Weights::open(dir)?;
-        let encoder = model::load_encoder(&cfg, &weights, device)
+        let encoder = model::load_encoder(&cfg, &weights, device, opts.precision)
             .with_context(|| format!("cannot load model {}", dir.display()))?;
         let max_pos = encoder.max_positions();
         let max_tokens = opts
@@ -123,15 +125,29 @@ impl Scorer {
                 })
             }
         };
+        let mut packer = opts
+            .packer
+            .unwrap_or_else(|| engine::default_packer(device));
+        // A GPU binds at most so many bytes at once: batches are split to fit, and one
+        // document (which cannot be split) must fit alone.
+        if let Some(limit) = encoder.max_batch_tokens() {
+            if max_tokens > limit {
+                bail!(
+                    "{}: one document of {max_tokens} tokens needs more memory in one buffer than \
+                     {} binds (at most {limit} tokens); lower --max-tokens",
+                    dir.display(),
+                    encoder.device_name()
+                );
+            }
+            packer.max_batch_tokens = packer.max_batch_tokens.min(limit);
+        }
         Ok(Scorer {
             dir: dir.to_path_buf(),
             encoder,
             text,
             sentence,
             head,
-            packer: opts
-                .packer
-                .unwrap_or_else(|| engine::default_packer(device)),
+            packer,
             device_note,
         })
     }

@@ -34,6 +34,7 @@ fn scorer(dir: &std::path::Path, batch_tokens: usize, max_seqs: usize) -> Scorer
         LoadOptions {
             max_tokens: None,
             packer: Some(packer),
+            ..Default::default()
         },
     )
     .unwrap()

@@ -8,6 +8,7 @@ use std::str::FromStr;
 
 use anyhow::{bail, Result};
 
+pub use backend::wgpu::Precision;
 pub use backend::Backend;
 pub use batch::{Batch, Packer};
 
@@ -112,39 +113,73 @@ pub fn default_packer(device: Device) -> Packer {
 
 /// One line per backend: whether it is usable here and what it found.
 pub fn list_devices() -> Vec<(String, String)> {
-    vec![
-        (
-            "cpu".into(),
-            format!(
-                "available: {} threads, {}",
-                rayon::current_num_threads(),
-                backend::cpu::simd_level()
-            ),
+    vec![(
+        "cpu".into(),
+        format!(
+            "available: {} threads, {}",
+            rayon::current_num_threads(),
+            backend::cpu::simd_level()
         ),
-        (
+    )]
+    .into_iter()
+    .chain(wgpu_devices())
+    .chain([(
+        "cuda".into(),
+        "not built: the CUDA backend is not part of this build yet".into(),
+    )])
+    .collect()
+}
+
+/// One line per wgpu adapter (`wgpu:N`), or one saying why there is none.
+fn wgpu_devices() -> Vec<(String, String)> {
+    let adapters = backend::wgpu::adapters();
+    if adapters.is_empty() {
+        return vec![(
             "wgpu".into(),
-            "not built: the wgpu backend is not part of this build yet".into(),
-        ),
-        (
-            "cuda".into(),
-            "not built: the CUDA backend is not part of this build yet".into(),
-        ),
-    ]
+            "no adapter found (no Vulkan, Metal, DX12 or GL driver; on Linux without a GPU: \
+             apt-get install mesa-vulkan-drivers libvulkan1)"
+                .into(),
+        )];
+    }
+    adapters
+        .iter()
+        .enumerate()
+        .map(|(i, a)| (format!("wgpu:{i}"), backend::wgpu::describe(a)))
+        .collect()
+}
+
+/// Whether a wgpu adapter that beats the CPU backend exists: a real GPU, not a software
+/// rasteriser such as lavapipe (which `--device wgpu` still accepts).
+fn hardware_wgpu_adapter() -> Option<String> {
+    backend::wgpu::adapters().into_iter().find_map(|a| {
+        let info = a.get_info();
+        let usable = backend::wgpu::unusable_reason(&a.limits()).is_none();
+        (usable && info.device_type != ::wgpu::DeviceType::Cpu)
+            .then(|| format!("{} ({:?})", info.name, info.backend))
+    })
 }
 
 /// Resolve `Auto` to a concrete device and refuse devices this build cannot run.
 /// Returns the device and a note explaining an automatic choice.
 pub fn resolve(device: Device) -> Result<(Device, Option<String>)> {
     match device {
-        Device::Auto => Ok((
-            Device::Cpu,
-            Some("device auto: chose cpu (no CUDA or wgpu backend in this build)".into()),
-        )),
-        Device::Cpu => Ok((Device::Cpu, None)),
-        Device::Wgpu(_) => bail!(
-            "device '{device}' is not available: this build of mira has no wgpu backend \
-             (use --device cpu)"
-        ),
+        Device::Auto => Ok(match hardware_wgpu_adapter() {
+            Some(gpu) => (
+                Device::Wgpu(None),
+                Some(format!(
+                    "device auto: chose wgpu on {gpu} (this build has no CUDA backend)"
+                )),
+            ),
+            None => (
+                Device::Cpu,
+                Some(
+                    "device auto: chose cpu (no CUDA backend in this build, no hardware wgpu \
+                     adapter found)"
+                        .into(),
+                ),
+            ),
+        }),
+        Device::Cpu | Device::Wgpu(_) => Ok((device, None)),
         Device::Cuda(_) => bail!(
             "device '{device}' is not available: this build of mira has no CUDA backend \
              (use --device cpu)"
@@ -173,6 +208,8 @@ mod tests {
             msg.contains("cuda:0") && msg.contains("no CUDA backend"),
             "{msg}"
         );
-        assert_eq!(resolve(Device::Auto).unwrap().0, Device::Cpu);
+        let (chosen, note) = resolve(Device::Auto).unwrap();
+        assert!(matches!(chosen, Device::Cpu | Device::Wgpu(None)));
+        assert!(note.unwrap().contains(&format!("chose {}", chosen)));
     }
 }

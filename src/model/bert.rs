@@ -194,6 +194,13 @@ impl<B: Backend> super::Encoder for Bert<B> {
         self.cfg.vocab_size
     }
 
+    fn max_batch_tokens(&self) -> Option<usize> {
+        // Widest activations: the fused QKV projection and the intermediate layer.
+        let c = &self.cfg;
+        self.be
+            .max_batch_tokens((3 * c.hidden_size).max(c.intermediate_size))
+    }
+
     fn pooled(&self, batch: &Batch, pooling: Pooling) -> Result<Vec<f32>> {
         let b = self.upload(batch)?;
         let x = self.encode(&b)?;

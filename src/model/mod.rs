@@ -11,7 +11,8 @@ use std::path::Path;
 use anyhow::{bail, Result};
 
 use crate::engine::backend::cpu::CpuBackend;
-use crate::engine::{Batch, Device, Pooling};
+use crate::engine::backend::wgpu::WgpuBackend;
+use crate::engine::{Batch, Device, Pooling, Precision};
 use config::{Arch, ModelConfig};
 use weights::Weights;
 
@@ -32,6 +33,8 @@ pub trait Encoder: Send + Sync {
     fn features(&self, batch: &Batch) -> Result<Vec<f32>>;
     /// Raw head outputs, `[n_seqs, num_outputs]`, sequences in batch order.
     fn logits(&self, batch: &Batch) -> Result<Vec<f32>>;
+    /// The most tokens one batch may hold on this device (its largest binding), if bounded.
+    fn max_batch_tokens(&self) -> Option<usize>;
 }
 
 /// Uploads checkpoint tensors to a backend, checking each against the shape the model expects
@@ -65,11 +68,13 @@ impl<B: crate::engine::Backend> Loader<'_, B> {
     }
 }
 
-/// Build the encoder described by `cfg` from `weights` on a concrete `device`.
+/// Build the encoder described by `cfg` from `weights` on a concrete `device`; `precision` is
+/// the storage type on GPUs (the CPU backend is f32).
 pub fn load_encoder(
     cfg: &ModelConfig,
     weights: &Weights,
     device: Device,
+    precision: Precision,
 ) -> Result<Box<dyn Encoder>> {
     let with_head = match cfg.architecture.as_str() {
         "BertForSequenceClassification" | "ModernBertForSequenceClassification" => true,
@@ -82,6 +87,18 @@ pub fn load_encoder(
         )?)),
         (Arch::ModernBert(c), Device::Cpu) => Ok(Box::new(modernbert::ModernBert::load(
             CpuBackend, c, weights, with_head,
+        )?)),
+        (Arch::Bert(c), Device::Wgpu(n)) => Ok(Box::new(bert::Bert::load(
+            WgpuBackend::new(n, precision)?,
+            c,
+            weights,
+            with_head,
+        )?)),
+        (Arch::ModernBert(c), Device::Wgpu(n)) => Ok(Box::new(modernbert::ModernBert::load(
+            WgpuBackend::new(n, precision)?,
+            c,
+            weights,
+            with_head,
         )?)),
         (_, other) => bail!("device '{other}' is not available in this build"),
     }

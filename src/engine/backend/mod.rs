@@ -6,6 +6,7 @@
 //! backend's internals.
 
 pub mod cpu;
+pub mod wgpu;
 
 use anyhow::Result;
 
@@ -129,4 +130,11 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Wait for all queued work.
     fn sync(&self) -> Result<()>;
+
+    /// The most tokens one batch may hold when its widest activation has `widest_cols` columns,
+    /// if the device bounds it (a GPU's largest buffer binding); `None` when unbounded.
+    fn max_batch_tokens(&self, widest_cols: usize) -> Option<usize> {
+        let _ = widest_cols;
+        None
+    }
 }

@@ -1,0 +1,40 @@
+// pool: one vector per sequence of a ragged batch, [T, H] -> [n_seqs, H]: the first token
+// (mode 0, CLS) or the mean over the sequence's tokens (mode 1), one invocation per output value
+// (neighbouring invocations read neighbouring columns).
+
+struct Params {
+    n_seqs: u32,
+    cols: u32,
+    mode: u32,
+    _pad0: u32,
+}
+
+@group(0) @binding(0) var<storage, read> x: array<T>;            // [T, H]
+@group(0) @binding(1) var<storage, read> cu_seqlens: array<u32>; // [n_seqs + 1]
+@group(0) @binding(2) var<storage, read_write> out: array<T>;    // [n_seqs, H]
+@group(1) @binding(0) var<uniform> p: Params;
+
+@compute @workgroup_size(256)
+fn main(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+) {
+    let e = linear_group(wg, nwg) * 256u + li;
+    if e >= p.n_seqs * p.cols {
+        return;
+    }
+    let s = e / p.cols;
+    let c = e % p.cols;
+    let start = cu_seqlens[s];
+    let end = cu_seqlens[s + 1u];
+    if p.mode == 0u {
+        out[e] = x[start * p.cols + c];
+        return;
+    }
+    var sum = 0.0;
+    for (var t = start; t < end; t = t + 1u) {
+        sum = sum + f32(x[t * p.cols + c]);
+    }
+    out[e] = T(sum / f32(max(end - start, 1u)));
+}

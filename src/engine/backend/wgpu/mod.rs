@@ -1,0 +1,584 @@
+//! The wgpu backend: the encoder ops as WGSL compute shaders (`shaders/`, one file per op) on
+//! any Vulkan, Metal, DX12 or GL adapter.
+//!
+//! Weights are uploaded once (f16 where the adapter has `SHADER_F16` and the precision allows,
+//! f32 otherwise); activations come from a buffer pool; every op of a forward pass is recorded
+//! into one command encoder and submitted when the result is downloaded (`context.rs`).
+
+mod context;
+pub mod shaders;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{ensure, Result};
+
+pub use context::{adapters, describe, unusable_reason, Counters, Precision};
+use context::{Context, Pool};
+use shaders::Op;
+
+use super::{Backend, EmbeddingTables};
+use crate::engine::{Activation, Batch, Pooling};
+
+/// Queries per attention workgroup (`BQ` in attention.wgsl).
+const QUERY_BLOCK: usize = 64;
+/// Columns a row-reduction workgroup holds in registers (ROW_THREADS × ROW_SLOTS).
+const MAX_ROW: usize = 4096;
+
+/// A row-major matrix on the device. Activations return their buffer to the pool on drop.
+pub struct WgpuTensor {
+    buffer: Option<wgpu::Buffer>,
+    rows: usize,
+    cols: usize,
+    pool: Option<Arc<Pool>>,
+}
+
+impl WgpuTensor {
+    fn buf(&self) -> &wgpu::Buffer {
+        self.buffer
+            .as_ref()
+            .expect("tensor buffer is present until drop")
+    }
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+}
+
+impl Drop for WgpuTensor {
+    fn drop(&mut self) {
+        if let (Some(buffer), Some(pool)) = (self.buffer.take(), &self.pool) {
+            pool.give(buffer);
+        }
+    }
+}
+
+/// A batch's index data on the device.
+pub struct WgpuBatch {
+    ids: wgpu::Buffer,
+    positions: wgpu::Buffer,
+    cu_seqlens: wgpu::Buffer,
+    /// (sequence, first query) per attention workgroup; blocks never cross sequences.
+    blocks: wgpu::Buffer,
+    n_tokens: usize,
+    n_seqs: usize,
+    n_blocks: usize,
+    max_position: usize,
+}
+
+/// The wgpu backend on one adapter. Clones share the device, pipelines and pools.
+#[derive(Clone)]
+pub struct WgpuBackend {
+    ctx: Arc<Context>,
+    /// cos/sin tables per (theta, head size / 2): the buffer and the positions it covers.
+    rope_tables: Arc<Mutex<HashMap<(u32, usize), RopeTable>>>,
+}
+
+type RopeTable = (Arc<wgpu::Buffer>, usize);
+
+/// A LayerNorm's parameters.
+struct Norm<'a> {
+    weight: &'a WgpuTensor,
+    bias: Option<&'a WgpuTensor>,
+    eps: f32,
+}
+
+/// Little-endian bytes of a `Params` struct given as 32-bit words.
+fn params(words: &[u32]) -> Vec<u8> {
+    words.iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
+/// The activation code of `activate` in common.wgsl.
+fn act_code(act: Activation) -> u32 {
+    match act {
+        Activation::None => 0,
+        Activation::Gelu => 1,
+        Activation::GeluTanh => 2,
+        Activation::Relu => 3,
+        Activation::Silu => 4,
+        Activation::Tanh => 5,
+    }
+}
+
+fn u32_of(n: usize, what: &str) -> Result<u32> {
+    u32::try_from(n)
+        .map_err(|_| anyhow::anyhow!("{what} ({n}) does not fit the shaders' 32-bit indices"))
+}
+
+impl WgpuBackend {
+    /// Open adapter `ordinal` (see `mira devices`), or the best usable one.
+    pub fn new(ordinal: Option<usize>, precision: Precision) -> Result<WgpuBackend> {
+        Ok(WgpuBackend {
+            ctx: Arc::new(Context::new(ordinal, precision)?),
+            rope_tables: Arc::default(),
+        })
+    }
+
+    /// Whether weights and activations are stored as f16.
+    pub fn is_f16(&self) -> bool {
+        self.ctx.f16
+    }
+
+    pub fn counters(&self) -> Counters {
+        self.ctx.counters()
+    }
+
+    /// For tests: outputs are fresh buffers filled with NaN (instead of pooled ones), so a value an
+    /// op forgets to write cannot pass as a stale right answer.
+    pub fn set_poison(&self, on: bool) {
+        self.ctx
+            .poison
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn encode(&self, data: &[f32]) -> Vec<u8> {
+        if self.ctx.f16 {
+            data.iter()
+                .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+                .collect()
+        } else {
+            data.iter().flat_map(|v| v.to_le_bytes()).collect()
+        }
+    }
+
+    /// A fresh activation `[rows, cols]` from the pool.
+    fn output(&self, rows: usize, cols: usize, what: &str) -> Result<WgpuTensor> {
+        let bytes = (rows * cols) as u64 * self.ctx.elem_bytes();
+        let buffer = self.ctx.alloc(bytes, what)?;
+        Ok(WgpuTensor {
+            buffer: Some(buffer),
+            rows,
+            cols,
+            pool: Some(self.ctx.pool.clone()),
+        })
+    }
+
+    fn rope_table(&self, theta: f32, half: usize, positions: usize) -> Result<Arc<wgpu::Buffer>> {
+        let key = (theta.to_bits(), half);
+        let mut tables = self.rope_tables.lock().unwrap();
+        if let Some((buf, covered)) = tables.get(&key) {
+            if *covered >= positions {
+                return Ok(buf.clone());
+            }
+        }
+        // Grow to a power of two so a longer batch rarely rebuilds it. Angles in f32, cos/sin
+        // in f64, exactly as the CPU reference (and transformers) computes them.
+        let covered = positions.next_power_of_two();
+        let d = 2 * half;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0 / theta.powf((2 * i) as f32 / d as f32))
+            .collect();
+        let mut table = Vec::with_capacity(covered * half * 8);
+        for p in 0..covered {
+            for f in &inv_freq {
+                let angle = (p as f32 * f) as f64;
+                table.extend_from_slice(&(angle.cos() as f32).to_le_bytes());
+                table.extend_from_slice(&(angle.sin() as f32).to_le_bytes());
+            }
+        }
+        let buf = Arc::new(self.ctx.upload(&table, "rotary table")?);
+        tables.insert(key, (buf.clone(), covered));
+        Ok(buf)
+    }
+
+    /// layernorm.wgsl in `mode` (0 post-norm in place, 1 pre-norm step, 2 plain).
+    fn layernorm_op(
+        &self,
+        mode: u32,
+        x: &WgpuTensor,
+        residual: Option<&WgpuTensor>,
+        norm: Norm<'_>,
+        out: Option<&WgpuTensor>,
+    ) -> Result<()> {
+        let Norm { weight, bias, eps } = norm;
+        let (rows, cols) = (x.rows, x.cols);
+        ensure!(
+            cols <= MAX_ROW,
+            "layernorm: rows of {cols} values exceed the shader's {MAX_ROW}"
+        );
+        ensure!(
+            weight.rows * weight.cols == cols,
+            "layernorm: weight is not [1, {cols}]"
+        );
+        if let Some(r) = residual {
+            ensure!(
+                r.rows == rows && r.cols == cols,
+                "layernorm: residual is [{}, {}], expected [{rows}, {cols}]",
+                r.rows,
+                r.cols
+            );
+        }
+        if rows == 0 {
+            return Ok(());
+        }
+        let ctx = &self.ctx;
+        let p = params(&[
+            u32_of(rows, "rows")?,
+            cols as u32,
+            mode,
+            bias.is_some() as u32,
+            eps.to_bits(),
+        ]);
+        let (gx, gy) = ctx.grid(u32_of(rows, "rows")?);
+        ctx.dispatch(
+            Op::LayerNorm,
+            0,
+            &[
+                x.buf(),
+                residual.map_or(&ctx.dummy, |r| r.buf()),
+                weight.buf(),
+                bias.map_or(&ctx.dummy, |b| b.buf()),
+                out.map_or(&ctx.dummy_rw, |o| o.buf()),
+            ],
+            &p,
+            (gx, gy, 1),
+        )
+    }
+}
+
+impl Backend for WgpuBackend {
+    type Tensor = WgpuTensor;
+    type Batch = WgpuBatch;
+
+    fn name(&self) -> String {
+        format!(
+            "wgpu ({}, {:?}, {} storage)",
+            self.ctx.info.name,
+            self.ctx.info.backend,
+            if self.ctx.f16 { "f16" } else { "f32" }
+        )
+    }
+
+    fn weight(&self, data: Vec<f32>, rows: usize, cols: usize) -> Result<WgpuTensor> {
+        ensure!(
+            data.len() == rows * cols,
+            "weight has {} values, expected {rows}x{cols}",
+            data.len()
+        );
+        let buffer = self
+            .ctx
+            .upload(&self.encode(&data), &format!("weight [{rows}, {cols}]"))?;
+        Ok(WgpuTensor {
+            buffer: Some(buffer),
+            rows,
+            cols,
+            pool: None,
+        })
+    }
+
+    fn upload_batch(&self, batch: &Batch, vocab: usize, max_positions: usize) -> Result<WgpuBatch> {
+        // The shaders index with these values: a malformed batch must be an error, not a read
+        // out of bounds.
+        batch.validate(vocab, max_positions)?;
+        u32_of(batch.ids.len() * 3 * MAX_ROW, "batch tokens × row width")?;
+        let cu: Vec<u32> = batch.cu_seqlens.clone();
+        let mut blocks = Vec::new();
+        for s in 0..cu.len().saturating_sub(1) {
+            let mut q0 = cu[s];
+            while q0 < cu[s + 1] {
+                blocks.extend_from_slice(&[s as u32, q0]);
+                q0 += QUERY_BLOCK as u32;
+            }
+        }
+        let bytes = |v: &[u32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+        let ctx = &self.ctx;
+        Ok(WgpuBatch {
+            ids: ctx.upload(&bytes(&batch.ids), "token ids")?,
+            positions: ctx.upload(&bytes(&batch.positions), "positions")?,
+            cu_seqlens: ctx.upload(&bytes(&cu), "cu_seqlens")?,
+            blocks: ctx.upload(&bytes(&blocks), "attention blocks")?,
+            n_tokens: batch.ids.len(),
+            n_seqs: cu.len().saturating_sub(1),
+            n_blocks: blocks.len() / 2,
+            max_position: batch.positions.iter().max().map_or(0, |&p| p as usize + 1),
+        })
+    }
+
+    fn embed(&self, batch: &WgpuBatch, t: &EmbeddingTables<WgpuTensor>) -> Result<WgpuTensor> {
+        let h = t.word.cols;
+        ensure!(
+            h <= MAX_ROW,
+            "embed: hidden size {h} exceeds the shader's {MAX_ROW}"
+        );
+        let out = self.output(batch.n_tokens, h, "embeddings")?;
+        if batch.n_tokens == 0 {
+            return Ok(out);
+        }
+        let ctx = &self.ctx;
+        let p = params(&[
+            batch.n_tokens as u32,
+            h as u32,
+            t.position.is_some() as u32,
+            t.token_type.is_some() as u32,
+            t.norm_bias.is_some() as u32,
+            t.eps.to_bits(),
+        ]);
+        let (gx, gy) = ctx.grid(batch.n_tokens as u32);
+        ctx.dispatch(
+            Op::Embed,
+            0,
+            &[
+                &batch.ids,
+                &batch.positions,
+                t.word.buf(),
+                t.position.as_ref().map_or(&ctx.dummy, |x| x.buf()),
+                t.token_type.as_ref().map_or(&ctx.dummy, |x| x.buf()),
+                t.norm_weight.buf(),
+                t.norm_bias.as_ref().map_or(&ctx.dummy, |x| x.buf()),
+                out.buf(),
+            ],
+            &p,
+            (gx, gy, 1),
+        )?;
+        Ok(out)
+    }
+
+    fn linear(
+        &self,
+        x: &WgpuTensor,
+        w: &WgpuTensor,
+        b: Option<&WgpuTensor>,
+        act: Activation,
+    ) -> Result<WgpuTensor> {
+        let (m, k, n) = (x.rows, x.cols, w.rows);
+        ensure!(
+            w.cols == k,
+            "linear: input has {k} columns but weight is [{n}, {}]",
+            w.cols
+        );
+        if let Some(b) = b {
+            ensure!(
+                b.rows * b.cols == n,
+                "linear: bias has {} values, expected {n}",
+                b.rows * b.cols
+            );
+        }
+        let out = self.output(m, n, "linear output")?;
+        if m == 0 || n == 0 {
+            return Ok(out);
+        }
+        let p = params(&[
+            m as u32,
+            n as u32,
+            k as u32,
+            act_code(act),
+            b.is_some() as u32,
+        ]);
+        self.ctx.dispatch(
+            Op::Matmul,
+            0,
+            &[
+                x.buf(),
+                w.buf(),
+                b.map_or(&self.ctx.dummy, |b| b.buf()),
+                out.buf(),
+            ],
+            &p,
+            (
+                n.div_ceil(64) as u32,
+                u32_of(m.div_ceil(64), "row tiles")?,
+                1,
+            ),
+        )?;
+        Ok(out)
+    }
+
+    fn add_layernorm(
+        &self,
+        x: WgpuTensor,
+        residual: &WgpuTensor,
+        weight: &WgpuTensor,
+        bias: Option<&WgpuTensor>,
+        eps: f32,
+    ) -> Result<WgpuTensor> {
+        self.layernorm_op(0, &x, Some(residual), Norm { weight, bias, eps }, None)?;
+        Ok(x)
+    }
+
+    fn add_norm(
+        &self,
+        x: &mut WgpuTensor,
+        delta: &WgpuTensor,
+        weight: &WgpuTensor,
+        bias: Option<&WgpuTensor>,
+        eps: f32,
+    ) -> Result<WgpuTensor> {
+        let out = self.output(x.rows, x.cols, "normalised residual")?;
+        self.layernorm_op(1, x, Some(delta), Norm { weight, bias, eps }, Some(&out))?;
+        Ok(out)
+    }
+
+    fn layernorm(
+        &self,
+        x: &WgpuTensor,
+        weight: &WgpuTensor,
+        bias: Option<&WgpuTensor>,
+        eps: f32,
+    ) -> Result<WgpuTensor> {
+        let out = self.output(x.rows, x.cols, "layernorm output")?;
+        self.layernorm_op(2, x, None, Norm { weight, bias, eps }, Some(&out))?;
+        Ok(out)
+    }
+
+    fn rope(
+        &self,
+        qkv: WgpuTensor,
+        batch: &WgpuBatch,
+        heads: usize,
+        theta: f32,
+    ) -> Result<WgpuTensor> {
+        ensure!(
+            qkv.cols.is_multiple_of(3) && heads > 0,
+            "rope: qkv has {} columns",
+            qkv.cols
+        );
+        let h = qkv.cols / 3;
+        ensure!(
+            h.is_multiple_of(heads) && (h / heads).is_multiple_of(2),
+            "rope: head size must be even"
+        );
+        ensure!(
+            qkv.rows == batch.n_tokens,
+            "rope: qkv rows do not match the batch"
+        );
+        if qkv.rows == 0 {
+            return Ok(qkv);
+        }
+        let half = h / heads / 2;
+        let table = self.rope_table(theta, half, batch.max_position)?;
+        let p = params(&[qkv.rows as u32, h as u32, half as u32]);
+        let pairs = u32_of(qkv.rows * h, "rotary pairs")?;
+        let (gx, gy) = self.ctx.grid(pairs.div_ceil(256));
+        self.ctx.dispatch(
+            Op::Rope,
+            0,
+            &[qkv.buf(), &batch.positions, &table],
+            &p,
+            (gx, gy, 1),
+        )?;
+        Ok(qkv)
+    }
+
+    fn geglu(&self, x: &WgpuTensor, act: Activation) -> Result<WgpuTensor> {
+        ensure!(
+            x.cols.is_multiple_of(2),
+            "geglu: input has an odd number of columns ({})",
+            x.cols
+        );
+        let inner = x.cols / 2;
+        let out = self.output(x.rows, inner, "geglu output")?;
+        let n = u32_of(x.rows * inner, "geglu outputs")?;
+        if n == 0 {
+            return Ok(out);
+        }
+        let p = params(&[x.rows as u32, inner as u32, act_code(act)]);
+        let (gx, gy) = self.ctx.grid(n.div_ceil(256));
+        self.ctx
+            .dispatch(Op::Geglu, 0, &[x.buf(), out.buf()], &p, (gx, gy, 1))?;
+        Ok(out)
+    }
+
+    fn attention(
+        &self,
+        qkv: &WgpuTensor,
+        batch: &WgpuBatch,
+        heads: usize,
+        window: Option<usize>,
+    ) -> Result<WgpuTensor> {
+        ensure!(
+            qkv.cols.is_multiple_of(3) && heads > 0,
+            "attention: qkv has {} columns",
+            qkv.cols
+        );
+        let h = qkv.cols / 3;
+        ensure!(
+            h.is_multiple_of(heads),
+            "attention: hidden size {h} is not a multiple of {heads} heads"
+        );
+        let d = h / heads;
+        ensure!(
+            d as u32 <= shaders::MAX_HEAD_DIM,
+            "attention: head size {d} exceeds the shader's {}",
+            shaders::MAX_HEAD_DIM
+        );
+        ensure!(
+            qkv.rows == batch.n_tokens,
+            "attention: qkv rows do not match the batch"
+        );
+        let out = self.output(qkv.rows, h, "attention output")?;
+        if batch.n_blocks == 0 {
+            return Ok(out);
+        }
+        let p = params(&[
+            h as u32,
+            batch.n_blocks as u32,
+            window.map_or(0, |w| (w / 2) as u32),
+            window.is_some() as u32,
+            (1.0 / (d as f32).sqrt()).to_bits(),
+        ]);
+        let (gx, gy) = self.ctx.grid(batch.n_blocks as u32);
+        self.ctx.dispatch(
+            Op::Attention,
+            d as u32,
+            &[qkv.buf(), &batch.blocks, &batch.cu_seqlens, out.buf()],
+            &p,
+            (gx, gy, u32_of(heads, "heads")?),
+        )?;
+        Ok(out)
+    }
+
+    fn pool(&self, x: &WgpuTensor, batch: &WgpuBatch, mode: Pooling) -> Result<WgpuTensor> {
+        ensure!(
+            x.rows == batch.n_tokens,
+            "pool: {} rows for a batch of {} tokens",
+            x.rows,
+            batch.n_tokens
+        );
+        let out = self.output(batch.n_seqs, x.cols, "pooled")?;
+        let n = u32_of(batch.n_seqs * x.cols, "pooled values")?;
+        if n == 0 {
+            return Ok(out);
+        }
+        let mode = match mode {
+            Pooling::Cls => 0,
+            Pooling::Mean => 1,
+        };
+        let p = params(&[batch.n_seqs as u32, x.cols as u32, mode]);
+        let (gx, gy) = self.ctx.grid(n.div_ceil(256));
+        self.ctx.dispatch(
+            Op::Pool,
+            0,
+            &[x.buf(), &batch.cu_seqlens, out.buf()],
+            &p,
+            (gx, gy, 1),
+        )?;
+        Ok(out)
+    }
+
+    fn download(&self, x: &WgpuTensor) -> Result<Vec<f32>> {
+        let n = x.rows * x.cols;
+        let bytes = self.ctx.read(x.buf(), n as u64 * self.ctx.elem_bytes())?;
+        Ok(if self.ctx.f16 {
+            bytes
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect()
+        } else {
+            bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()
+        })
+    }
+
+    fn sync(&self) -> Result<()> {
+        self.ctx.wait()
+    }
+
+    /// So that a `[tokens, widest]` activation fits one binding.
+    fn max_batch_tokens(&self, widest: usize) -> Option<usize> {
+        Some((self.ctx.max_binding() / (widest.max(1) as u64 * self.ctx.elem_bytes())) as usize)
+    }
+}

@@ -1,0 +1,217 @@
+//! Whole models on the wgpu backend against the CPU backend: all-MiniLM-L6-v2 (real weights) and
+//! the random-weight BERT and ModernBERT checkpoints of tests/fixtures (heads, biases, bf16/f16
+//! files, sliding windows, RoPE, GeGLU). Embeddings: cosine ≥ 0.9999 with f32 storage, ≥ 0.999
+//! with f16; head outputs within 0.1% (f32) or 1% (f16) of the CPU outputs' range; a batch
+//! gives each document exactly what it gets alone. Also: one submission per forward pass, and a
+//! repeated batch allocates no buffer and builds no bind group.
+
+mod common;
+mod gpu;
+
+use common::{fixture_model, golden, minilm_dir};
+use gpu::{cosine, have_adapter, Prec};
+use mira::engine::backend::wgpu::WgpuBackend;
+use mira::engine::{Device, Precision};
+use mira::model::config::{Arch, ModelConfig};
+use mira::model::weights::Weights;
+use mira::model::Encoder;
+use mira::{Batch, LoadOptions, Scorer};
+
+/// The texts of a golden's settings, and the largest truncation they use.
+fn texts(golden_name: &str) -> (Vec<String>, usize) {
+    let g = golden(golden_name);
+    let mut out = Vec::new();
+    let mut max_tokens = 0;
+    for s in g["settings"].as_array().unwrap() {
+        max_tokens = max_tokens.max(s["max_tokens"].as_u64().unwrap() as usize);
+        for c in s["cases"].as_array().unwrap() {
+            out.push(c["text"].as_str().unwrap().to_string());
+        }
+    }
+    (out, max_tokens)
+}
+
+fn load(dir: &std::path::Path, device: Device, precision: Precision, max_tokens: usize) -> Scorer {
+    Scorer::load_with(
+        dir,
+        device,
+        LoadOptions {
+            max_tokens: Some(max_tokens),
+            precision,
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("load {} on {device}: {e:#}", dir.display()))
+}
+
+fn precisions() -> Vec<(Precision, Prec)> {
+    let mut v = vec![(Precision::F32, Prec::F32)];
+    if WgpuBackend::new(None, Precision::F16).is_ok() {
+        v.push((Precision::F16, Prec::F16));
+    } else {
+        eprintln!("f16 storage not tested: the adapter has no SHADER_F16");
+    }
+    v
+}
+
+/// Compare `dir` on wgpu with CPU for the texts of `golden_name`.
+fn check(dir: &std::path::Path, golden_name: &str) {
+    if !have_adapter() {
+        return;
+    }
+    let (texts, max_tokens) = texts(golden_name);
+    let cpu = load(dir, Device::Cpu, Precision::F32, max_tokens);
+    let ids = cpu.tokenize(&texts).unwrap();
+    let want = cpu.embed_ids(&ids).unwrap();
+    let want_logits = cpu.head().map(|_| cpu.logits_ids(&ids).unwrap());
+    for (precision, prec) in precisions() {
+        let gpu = load(dir, Device::Wgpu(None), precision, max_tokens);
+        let got = gpu.embed_ids(&ids).unwrap();
+        let mut min_cos = 1f64;
+        for (d, doc) in ids.iter().enumerate() {
+            let c = cosine(got.row(d), want.row(d));
+            min_cos = min_cos.min(c);
+            assert!(
+                c >= prec.min_cosine(),
+                "{golden_name} {prec:?} doc {d} ({} tokens): cosine {c}",
+                doc.len()
+            );
+        }
+        let mut line = format!(
+            "{golden_name} on {}: {} docs, min embedding cosine {min_cos:.7}",
+            gpu.device_name(),
+            ids.len()
+        );
+        if let Some(want) = &want_logits {
+            let got = gpu.logits_ids(&ids).unwrap();
+            let lo = want.iter().cloned().fold(f32::INFINITY, f32::min);
+            let hi = want.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let range = (hi - lo).max(1e-6) as f64;
+            let worst = got
+                .iter()
+                .zip(want)
+                .map(|(g, w)| (g - w).abs() as f64)
+                .fold(0f64, f64::max);
+            let allowed = match prec {
+                Prec::F32 => 1e-3,
+                Prec::F16 => 1e-2,
+            } * range;
+            assert!(
+                worst <= allowed,
+                "{golden_name} {prec:?}: logits differ by {worst:e}, allowed {allowed:e} \
+                 (range {range:e})"
+            );
+            line += &format!(", logits within {:.3}% of range", 100.0 * worst / range);
+        }
+        eprintln!("{line}");
+
+        // Batched equals single: one packed batch vs each document alone, on the GPU.
+        let single: Vec<Vec<f32>> = ids
+            .iter()
+            .map(|one| gpu.embed_ids(std::slice::from_ref(one)).unwrap().values)
+            .collect();
+        for (d, s) in single.iter().enumerate() {
+            let diff = s
+                .iter()
+                .zip(got.row(d))
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                diff <= 1e-6,
+                "{golden_name} {prec:?} doc {d}: batched differs from single by {diff:e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn minilm_matches_cpu() {
+    check(&minilm_dir(), "minilm");
+}
+
+#[test]
+fn bert_regression_head_matches_cpu() {
+    check(&fixture_model("bert-cls-regression"), "bert-cls-regression");
+}
+
+#[test]
+fn bert_base_bf16_matches_cpu() {
+    check(&fixture_model("bert-base-bf16"), "bert-base-bf16");
+}
+
+#[test]
+fn bert_f16_sharded_classifier_matches_cpu() {
+    check(
+        &fixture_model("bert-cls-f16-sharded"),
+        "bert-cls-f16-sharded",
+    );
+}
+
+#[test]
+fn modernbert_mean_pooled_head_matches_cpu() {
+    check(&fixture_model("modernbert-cls-mean"), "modernbert-cls-mean");
+}
+
+#[test]
+fn modernbert_biased_cls_head_matches_cpu() {
+    check(
+        &fixture_model("modernbert-cls-biased"),
+        "modernbert-cls-biased",
+    );
+}
+
+#[test]
+fn modernbert_encoder_matches_cpu() {
+    check(&fixture_model("modernbert-base-enc"), "modernbert-base-enc");
+}
+
+/// A forward pass is one submission; the same batch again reuses every pooled buffer and every
+/// bind group; a longer batch in the same size classes creates none either.
+#[test]
+fn one_submit_per_forward_and_reused_buffers() {
+    if !have_adapter() {
+        return;
+    }
+    let dir = minilm_dir();
+    let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let weights = Weights::open(&dir).unwrap();
+    let Arch::Bert(c) = &cfg.arch else {
+        panic!("MiniLM is a BERT")
+    };
+    let be = WgpuBackend::new(None, Precision::F32).unwrap();
+    let model = mira::model::bert::Bert::load(be.clone(), c, &weights, false).unwrap();
+    let seqs: Vec<Vec<u32>> = (0..9)
+        .map(|d| {
+            (0..(20 + 13 * d))
+                .map(|t| 1000 + (t * 31 + d) % 20000)
+                .collect()
+        })
+        .collect();
+    let batch = Batch::from_sequences(seqs.iter().enumerate().map(|(d, s)| (d, &s[..])));
+    let first = model.pooled(&batch, mira::Pooling::Mean).unwrap();
+    let after_first = be.counters();
+    let second = model.pooled(&batch, mira::Pooling::Mean).unwrap();
+    let after_second = be.counters();
+    assert_eq!(first, second, "the same batch twice gives the same result");
+    assert_eq!(
+        after_second.submits - after_first.submits,
+        1,
+        "one submission per forward pass"
+    );
+    assert!(
+        after_second.dispatches - after_first.dispatches >= 6 * 7,
+        "every op is a dispatch: {after_first:?} -> {after_second:?}"
+    );
+    assert_eq!(
+        after_second.buffers_created - after_first.buffers_created,
+        4,
+        "only the batch's 4 index buffers are new: {after_first:?} -> {after_second:?}"
+    );
+    // Three ops bind the batch's index buffers: embed (ids, positions), attention (blocks,
+    // cu_seqlens; every layer meets the same pooled buffers) and pool (cu_seqlens).
+    assert_eq!(
+        after_second.bind_groups_created - after_first.bind_groups_created,
+        3,
+        "bind groups are rebuilt only for the ops that read the new index buffers"
+    );
+}
