@@ -8,7 +8,7 @@ pub mod weights;
 
 use std::path::Path;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::engine::backend::cpu::CpuBackend;
 use crate::engine::backend::wgpu::WgpuBackend;
@@ -47,12 +47,16 @@ pub(crate) struct Loader<'a, B: crate::engine::Backend> {
 impl<B: crate::engine::Backend> Loader<'_, B> {
     /// A `[rows, cols]` matrix.
     pub fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<B::Tensor> {
-        self.be.weight(self.w.f32(name, &[rows, cols])?, rows, cols)
+        self.be
+            .weight(self.w.f32(name, &[rows, cols])?, rows, cols)
+            .with_context(|| format!("cannot place tensor {name} on {}", self.be.name()))
     }
 
     /// A `[n]` vector, as `[1, n]`.
     pub fn vector(&self, name: &str, n: usize) -> Result<B::Tensor> {
-        self.be.weight(self.w.f32(name, &[n])?, 1, n)
+        self.be
+            .weight(self.w.f32(name, &[n])?, 1, n)
+            .with_context(|| format!("cannot place tensor {name} on {}", self.be.name()))
     }
 
     /// Row `row` of a `[rows, cols]` table, as `[1, cols]`.

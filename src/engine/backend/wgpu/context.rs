@@ -276,6 +276,17 @@ impl Context {
         };
         // Ask for everything the adapter offers: bigger bindings mean bigger batches.
         let limits = adapter.limits();
+        let mut usable = limits.clone();
+        // MIRA_WGPU_MAX_BINDING (bytes) caps what mira binds at once, to reproduce a device
+        // with small limits (tests, or a driver whose large bindings misbehave).
+        if let Ok(cap) = std::env::var("MIRA_WGPU_MAX_BINDING") {
+            let cap: u64 = cap
+                .trim()
+                .parse()
+                .map_err(|_| anyhow!("MIRA_WGPU_MAX_BINDING='{cap}' is not a number of bytes"))?;
+            usable.max_storage_buffer_binding_size =
+                usable.max_storage_buffer_binding_size.min(cap);
+        }
         let features = if f16 {
             wgpu::Features::SHADER_F16
         } else {
@@ -347,7 +358,7 @@ impl Context {
             device,
             queue,
             info,
-            limits,
+            limits: usable,
             f16,
             pool: Arc::default(),
             params_layout,
