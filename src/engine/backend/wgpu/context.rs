@@ -452,7 +452,18 @@ impl Context {
         Ok(buffer)
     }
 
-    /// A buffer holding `bytes`, outside the pool (weights, batch indices).
+    /// A pooled buffer holding `bytes` (batch indices), written through the queue: the write
+    /// lands before the next submission's commands, so the caller flushes first.
+    pub fn write_pooled(&self, bytes: &[u8], what: &str) -> Result<wgpu::Buffer> {
+        let padded = bytes.len().div_ceil(4).max(1) * 4;
+        let buffer = self.alloc(padded as u64, what)?;
+        let mut data = bytes.to_vec();
+        data.resize(padded, 0);
+        self.queue.write_buffer(&buffer, 0, &data);
+        Ok(buffer)
+    }
+
+    /// A buffer holding `bytes`, outside the pool (weights, rotary tables).
     pub fn upload(&self, bytes: &[u8], what: &str) -> Result<wgpu::Buffer> {
         let max = self.max_binding();
         ensure!(

@@ -56,12 +56,14 @@ impl Drop for WgpuTensor {
 }
 
 /// A batch's index data on the device.
+/// Its buffers come from the pool (and go back on drop), so batches of similar sizes meet the
+/// same buffers and the bind groups built over them.
 pub struct WgpuBatch {
-    ids: wgpu::Buffer,
-    positions: wgpu::Buffer,
-    cu_seqlens: wgpu::Buffer,
+    ids: WgpuTensor,
+    positions: WgpuTensor,
+    cu_seqlens: WgpuTensor,
     /// (sequence, first query) per attention workgroup; blocks never cross sequences.
-    blocks: wgpu::Buffer,
+    blocks: WgpuTensor,
     n_tokens: usize,
     n_seqs: usize,
     n_blocks: usize,
@@ -284,11 +286,22 @@ impl Backend for WgpuBackend {
         }
         let bytes = |v: &[u32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
         let ctx = &self.ctx;
+        // Queue writes land before the next submission's commands: submit what is recorded
+        // first, so no recorded op can see the new contents of a reused buffer.
+        ctx.flush();
+        let indices = |v: &[u32], what: &str| -> Result<WgpuTensor> {
+            Ok(WgpuTensor {
+                buffer: Some(ctx.write_pooled(&bytes(v), what)?),
+                rows: v.len(),
+                cols: 1,
+                pool: Some(ctx.pool.clone()),
+            })
+        };
         Ok(WgpuBatch {
-            ids: ctx.upload(&bytes(&batch.ids), "token ids")?,
-            positions: ctx.upload(&bytes(&batch.positions), "positions")?,
-            cu_seqlens: ctx.upload(&bytes(&cu), "cu_seqlens")?,
-            blocks: ctx.upload(&bytes(&blocks), "attention blocks")?,
+            ids: indices(&batch.ids, "token ids")?,
+            positions: indices(&batch.positions, "positions")?,
+            cu_seqlens: indices(&cu, "cu_seqlens")?,
+            blocks: indices(&blocks, "attention blocks")?,
             n_tokens: batch.ids.len(),
             n_seqs: cu.len().saturating_sub(1),
             n_blocks: blocks.len() / 2,
@@ -320,8 +333,8 @@ impl Backend for WgpuBackend {
             Op::Embed,
             0,
             &[
-                &batch.ids,
-                &batch.positions,
+                batch.ids.buf(),
+                batch.positions.buf(),
                 t.word.buf(),
                 t.position.as_ref().map_or(&ctx.dummy, |x| x.buf()),
                 t.token_type.as_ref().map_or(&ctx.dummy, |x| x.buf()),
@@ -454,7 +467,7 @@ impl Backend for WgpuBackend {
         self.ctx.dispatch(
             Op::Rope,
             0,
-            &[qkv.buf(), &batch.positions, &table],
+            &[qkv.buf(), batch.positions.buf(), &table],
             &p,
             (gx, gy, 1),
         )?;
@@ -522,7 +535,12 @@ impl Backend for WgpuBackend {
         self.ctx.dispatch(
             Op::Attention,
             d as u32,
-            &[qkv.buf(), &batch.blocks, &batch.cu_seqlens, out.buf()],
+            &[
+                qkv.buf(),
+                batch.blocks.buf(),
+                batch.cu_seqlens.buf(),
+                out.buf(),
+            ],
             &p,
             (gx, gy, u32_of(heads, "heads")?),
         )?;
@@ -550,7 +568,7 @@ impl Backend for WgpuBackend {
         self.ctx.dispatch(
             Op::Pool,
             0,
-            &[x.buf(), &batch.cu_seqlens, out.buf()],
+            &[x.buf(), batch.cu_seqlens.buf(), out.buf()],
             &p,
             (gx, gy, 1),
         )?;
