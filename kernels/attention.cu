@@ -1,0 +1,115 @@
+// Varlen attention over a ragged batch, flash style: softmax(Q·Kᵀ·scale)·V per sequence and
+// head, without padding and without materialising the score matrix.
+//
+// The host lists query blocks (sequence, first query) of up to BQ tokens that never cross a
+// sequence boundary; a CUDA block takes one query block for one head (blockIdx.y), one query per
+// thread. Keys and values of the sequence stream through shared memory BK at a time (f32, loaded
+// cooperatively and coalesced along the head dimension); each thread keeps its query, running
+// max, running sum and output accumulator in registers and rescales once per tile (online
+// softmax). A sliding window (|i - j| <= window/2) narrows the key range to what the block's
+// queries can see, so local layers cost O(window) per token. Specialised per head size D.
+
+#define BQ 64
+
+template <int D>
+__device__ __forceinline__ void attention_impl(const T* qkv, const uint2* blocks,
+                                               const u32* cu_seqlens, T* out, int hidden,
+                                               int n_blocks, int half_window, float scale) {
+    constexpr int BK = (1920 / D) < 64 ? (1920 / D) : 64;  // K + V tiles within 15 KiB
+    __shared__ float k_tile[BK * D];
+    __shared__ float v_tile[BK * D];
+    const int blk = blockIdx.x;
+    if (blk >= n_blocks) return;
+    const int head = blockIdx.y;
+    const size_t stride = 3 * (size_t)hidden;
+    const u32 seq = blocks[blk].x, q0 = blocks[blk].y;
+    const u32 s0 = cu_seqlens[seq], s1 = cu_seqlens[seq + 1];
+    const u32 qi = q0 + threadIdx.x;
+    const bool live = qi < s1;
+    const u32 q_last = min(q0 + BQ, s1) - 1;
+    u32 k_lo = s0, k_hi = s1;
+    if (half_window >= 0) {
+        if (q0 - s0 > (u32)half_window) k_lo = q0 - half_window;
+        k_hi = min(s1, q_last + half_window + 1);
+    }
+
+    float q[D], acc[D];
+    #pragma unroll
+    for (int d = 0; d < D; ++d) {
+        q[d] = live ? ld(qkv, qi * stride + head * D + d) * scale : 0.0f;
+        acc[d] = 0.0f;
+    }
+    float m = NEG_INF, l = 0.0f;
+
+    for (u32 t0 = k_lo; t0 < k_hi; t0 += BK) {
+        for (int e = threadIdx.x; e < BK * D; e += BQ) {
+            const u32 key = t0 + e / D;
+            const int d = e % D;
+            float kv = 0.0f, vv = 0.0f;
+            if (key < k_hi) {
+                const size_t base = key * stride + hidden + head * D + d;
+                kv = ld(qkv, base);
+                vv = ld(qkv, base + hidden);
+            }
+            k_tile[e] = kv;
+            v_tile[e] = vv;
+        }
+        __syncthreads();
+        if (live) {
+            float s[BK];
+            float tile_max = NEG_INF;
+            #pragma unroll 4
+            for (int j = 0; j < BK; ++j) {
+                const u32 key = t0 + j;
+                bool visible = key < k_hi;
+                if (half_window >= 0) {
+                    const u32 dist = qi > key ? qi - key : key - qi;
+                    visible = visible && dist <= (u32)half_window;
+                }
+                float score = NEG_INF;
+                if (visible) {
+                    score = 0.0f;
+                    #pragma unroll
+                    for (int d = 0; d < D; ++d) score = fmaf(q[d], k_tile[j * D + d], score);
+                    tile_max = fmaxf(tile_max, score);
+                }
+                s[j] = score;
+            }
+            if (tile_max > NEG_INF) {
+                const float m_new = fmaxf(m, tile_max);
+                const float correction = __expf(m - m_new);
+                l *= correction;
+                #pragma unroll
+                for (int d = 0; d < D; ++d) acc[d] *= correction;
+                for (int j = 0; j < BK; ++j) {
+                    if (s[j] > NEG_INF) {
+                        const float p = __expf(s[j] - m_new);
+                        l += p;
+                        #pragma unroll
+                        for (int d = 0; d < D; ++d) acc[d] = fmaf(p, v_tile[j * D + d], acc[d]);
+                    }
+                }
+                m = m_new;
+            }
+        }
+        __syncthreads();
+    }
+    if (live) {
+        const float inv = 1.0f / l;
+        #pragma unroll
+        for (int d = 0; d < D; ++d) st(out, qi * (size_t)hidden + head * D + d, acc[d] * inv);
+    }
+}
+
+// One entry point per supported head size; half_window < 0 means global attention.
+#define ATTENTION_FOR(D)                                                                        \
+    extern "C" __global__ void __launch_bounds__(BQ) attention_d##D(                             \
+        const T* qkv, const uint2* blocks, const u32* cu_seqlens, T* out, int hidden,            \
+        int n_blocks, int half_window, float scale) {                                            \
+        attention_impl<D>(qkv, blocks, cu_seqlens, out, hidden, n_blocks, half_window, scale);   \
+    }
+ATTENTION_FOR(32)
+ATTENTION_FOR(64)
+ATTENTION_FOR(80)
+ATTENTION_FOR(96)
+ATTENTION_FOR(128)

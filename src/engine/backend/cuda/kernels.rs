@@ -1,0 +1,123 @@
+//! The CUDA kernel sources, embedded at build time, and their compilation to PTX with NVRTC
+//! (through cudarc, loading `libnvrtc.so.13` at run time: no CUDA toolkit at build time).
+//!
+//! A program is `#define MIRA_<STORAGE>` + `kernels/common.cuh` + one kernel file.
+
+use anyhow::{bail, Result};
+
+/// Storage type of weights and activations in device memory (arithmetic is f32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Storage {
+    Bf16,
+    F16,
+    F32,
+}
+
+impl Storage {
+    pub const ALL: [Storage; 3] = [Storage::Bf16, Storage::F16, Storage::F32];
+    fn define(self) -> &'static str {
+        match self {
+            Storage::Bf16 => "#define MIRA_BF16 1\n",
+            Storage::F16 => "#define MIRA_F16 1\n",
+            Storage::F32 => "#define MIRA_F32 1\n",
+        }
+    }
+}
+
+/// One `.cu` file of `kernels/`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KernelFile {
+    LayerNorm,
+    Activation,
+    Attention,
+    Rope,
+    Pool,
+}
+
+pub const COMMON: &str = include_str!("../../../../kernels/common.cuh");
+
+/// Head sizes `attention.cu` has entry points for (`attention_d{D}`).
+pub const ATTENTION_HEAD_DIMS: [usize; 5] = [32, 64, 80, 96, 128];
+
+impl KernelFile {
+    pub const ALL: [KernelFile; 5] = [
+        KernelFile::LayerNorm,
+        KernelFile::Activation,
+        KernelFile::Attention,
+        KernelFile::Rope,
+        KernelFile::Pool,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelFile::LayerNorm => "layernorm",
+            KernelFile::Activation => "activation",
+            KernelFile::Attention => "attention",
+            KernelFile::Rope => "rope",
+            KernelFile::Pool => "pool",
+        }
+    }
+
+    pub fn source_file(self) -> &'static str {
+        match self {
+            KernelFile::LayerNorm => include_str!("../../../../kernels/layernorm.cu"),
+            KernelFile::Activation => include_str!("../../../../kernels/activation.cu"),
+            KernelFile::Attention => include_str!("../../../../kernels/attention.cu"),
+            KernelFile::Rope => include_str!("../../../../kernels/rope.cu"),
+            KernelFile::Pool => include_str!("../../../../kernels/pool.cu"),
+        }
+    }
+
+    /// The `extern "C"` entry points the file defines.
+    pub fn entry_points(self) -> Vec<String> {
+        match self {
+            KernelFile::LayerNorm => vec!["embed_layernorm".into(), "layernorm".into()],
+            KernelFile::Activation => vec!["bias_act".into(), "geglu".into()],
+            KernelFile::Attention => ATTENTION_HEAD_DIMS
+                .iter()
+                .map(|d| format!("attention_d{d}"))
+                .collect(),
+            KernelFile::Rope => vec!["rope".into()],
+            KernelFile::Pool => vec!["pool".into()],
+        }
+    }
+
+    /// The whole program for one storage type.
+    pub fn program(self, storage: Storage) -> String {
+        format!("{}{}{}", storage.define(), COMMON, self.source_file())
+    }
+}
+
+/// Whether NVRTC (`libnvrtc.so.13` or a name cudarc accepts) can be loaded here.
+pub fn nvrtc_present() -> bool {
+    cudarc::get_lib_name_candidates("nvrtc").iter().any(|name| {
+        // SAFETY: loading NVRTC runs no initialisers with preconditions; the handle is dropped.
+        unsafe { libloading::Library::new(name) }.is_ok()
+    })
+}
+
+/// Compile `file` for `storage` to PTX for `arch` (e.g. `"sm_90"`). Errors carry NVRTC's log.
+pub fn compile_ptx(file: KernelFile, storage: Storage, arch: &'static str) -> Result<String> {
+    compile_program(&file.program(storage), &format!("{}.cu", file.name()), arch)
+        .map_err(|e| anyhow::anyhow!("kernels/{}.cu ({storage:?}): {e}", file.name()))
+}
+
+/// Compile one CUDA C++ program to PTX for `arch`; `name` appears in NVRTC's messages.
+pub fn compile_program(source: &str, name: &str, arch: &'static str) -> Result<String> {
+    if !nvrtc_present() {
+        bail!(
+            "NVRTC (libnvrtc.so.13) not found: install the CUDA 13 runtime compiler (e.g. the PyPI \
+             wheel nvidia-cuda-nvrtc) and put its lib folder on LD_LIBRARY_PATH"
+        );
+    }
+    let opts = cudarc::nvrtc::CompileOptions {
+        arch: Some(arch),
+        options: vec!["--std=c++17".into()],
+        name: Some(name.to_string()),
+        ..Default::default()
+    };
+    match cudarc::nvrtc::compile_ptx_with_opts(source, opts) {
+        Ok(ptx) => Ok(ptx.to_src()),
+        Err(e) => bail!("{name} does not compile for {arch}: {e:?}"),
+    }
+}
