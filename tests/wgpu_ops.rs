@@ -312,6 +312,13 @@ fn malformed_batches_and_shapes_are_errors() {
         let qkv = gpu.weight(vec![0.5; 6 * 9], 6, 9).unwrap();
         let err = gpu.attention(&qkv, &bg, 2, None).err().unwrap().to_string();
         assert!(err.contains("heads"), "{err}");
+        let qkv = gpu.weight(vec![0.5; 6 * 12], 6, 12).unwrap();
+        let err = gpu
+            .attention(&qkv, &bg, 2, Some(0))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("window"), "{err}");
     }
 }
 

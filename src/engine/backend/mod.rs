@@ -27,6 +27,31 @@ pub struct EmbeddingTables<T> {
     pub eps: f32,
 }
 
+/// Shape checks shared by every backend's `rope` and `attention`: `qkv` is `[rows, 3H]` for a
+/// batch of `tokens` tokens and `heads` heads divide `H`. Returns `(H, head size)`.
+pub fn qkv_shape(
+    op: &str,
+    rows: usize,
+    cols: usize,
+    tokens: usize,
+    heads: usize,
+) -> Result<(usize, usize)> {
+    anyhow::ensure!(
+        cols.is_multiple_of(3) && heads > 0,
+        "{op}: qkv has {cols} columns (expected 3 × hidden)"
+    );
+    let h = cols / 3;
+    anyhow::ensure!(
+        h.is_multiple_of(heads),
+        "{op}: hidden {h} not divisible by {heads} heads"
+    );
+    anyhow::ensure!(
+        rows == tokens,
+        "{op}: qkv has {rows} rows for a batch of {tokens} tokens"
+    );
+    Ok((h, h / heads))
+}
+
 /// One device's implementation of the encoder ops.
 pub trait Backend: Send + Sync + 'static {
     /// A 2-D row-major tensor living on the device.

@@ -358,21 +358,8 @@ impl Backend for CpuBackend {
         heads: usize,
         theta: f32,
     ) -> Result<CpuTensor> {
-        ensure!(
-            qkv.cols.is_multiple_of(3) && heads > 0,
-            "rope: qkv has {} columns",
-            qkv.cols
-        );
-        let h = qkv.cols / 3;
-        ensure!(
-            h.is_multiple_of(heads) && (h / heads).is_multiple_of(2),
-            "rope: head size must be even"
-        );
-        ensure!(
-            qkv.rows == batch.ids.len(),
-            "rope: qkv rows do not match the batch"
-        );
-        let d = h / heads;
+        let (h, d) = super::qkv_shape("rope", qkv.rows, qkv.cols, batch.ids.len(), heads)?;
+        ensure!(d.is_multiple_of(2), "rope: head size {d} must be even");
         let half = d / 2;
         // Frequencies and angles in f32 exactly as transformers computes them (its rotary
         // embedding runs in float32 even for a float64 model), cos/sin then taken in f64.
@@ -439,25 +426,11 @@ impl Backend for CpuBackend {
         heads: usize,
         window: Option<usize>,
     ) -> Result<CpuTensor> {
-        ensure!(
-            qkv.cols.is_multiple_of(3) && heads > 0,
-            "attention: qkv has {} columns",
-            qkv.cols
-        );
-        let h = qkv.cols / 3;
-        ensure!(
-            h.is_multiple_of(heads),
-            "attention: hidden {h} not divisible by {heads} heads"
-        );
-        ensure!(
-            qkv.rows == batch.ids.len(),
-            "attention: qkv rows do not match the batch"
-        );
+        let (h, d) = super::qkv_shape("attention", qkv.rows, qkv.cols, batch.ids.len(), heads)?;
         ensure!(
             window != Some(0),
             "attention: a sliding window must be at least 1 token"
         );
-        let d = h / heads;
         let mut out = uninit(qkv.rows * h);
         let out_ptr = SharedMut(out.as_mut_ptr() as *mut f32);
         let tasks: Vec<(usize, usize)> = (0..batch.n_seqs())

@@ -442,24 +442,12 @@ impl Backend for WgpuBackend {
         heads: usize,
         theta: f32,
     ) -> Result<WgpuTensor> {
-        ensure!(
-            qkv.cols.is_multiple_of(3) && heads > 0,
-            "rope: qkv has {} columns",
-            qkv.cols
-        );
-        let h = qkv.cols / 3;
-        ensure!(
-            h.is_multiple_of(heads) && (h / heads).is_multiple_of(2),
-            "rope: head size must be even"
-        );
-        ensure!(
-            qkv.rows == batch.n_tokens,
-            "rope: qkv rows do not match the batch"
-        );
+        let (h, d) = super::qkv_shape("rope", qkv.rows, qkv.cols, batch.n_tokens, heads)?;
+        ensure!(d.is_multiple_of(2), "rope: head size {d} must be even");
         if qkv.rows == 0 {
             return Ok(qkv);
         }
-        let half = h / heads / 2;
+        let half = d / 2;
         let table = self.rope_table(theta, half, batch.max_position)?;
         let p = params(&[qkv.rows as u32, h as u32, half as u32]);
         let pairs = u32_of(qkv.rows * h, "rotary pairs")?;
@@ -500,25 +488,15 @@ impl Backend for WgpuBackend {
         heads: usize,
         window: Option<usize>,
     ) -> Result<WgpuTensor> {
+        let (h, d) = super::qkv_shape("attention", qkv.rows, qkv.cols, batch.n_tokens, heads)?;
         ensure!(
-            qkv.cols.is_multiple_of(3) && heads > 0,
-            "attention: qkv has {} columns",
-            qkv.cols
+            window != Some(0),
+            "attention: a sliding window must be at least 1 token"
         );
-        let h = qkv.cols / 3;
-        ensure!(
-            h.is_multiple_of(heads),
-            "attention: hidden size {h} is not a multiple of {heads} heads"
-        );
-        let d = h / heads;
         ensure!(
             d as u32 <= shaders::MAX_HEAD_DIM,
             "attention: head size {d} exceeds the shader's {}",
             shaders::MAX_HEAD_DIM
-        );
-        ensure!(
-            qkv.rows == batch.n_tokens,
-            "attention: qkv rows do not match the batch"
         );
         let out = self.output(qkv.rows, h, "attention output")?;
         if batch.n_blocks == 0 {
