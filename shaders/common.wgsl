@@ -67,3 +67,24 @@ fn workgroup_sum(v: f32, li: u32) -> f32 {
     workgroupBarrier();
     return total;
 }
+
+// Mean and 1/sqrt(variance + eps) of a row held in registers (`vals[s]` is column
+// li + s·ROW_THREADS, for columns below h; `sum` is this invocation's sum of them): two passes,
+// as the CPU reference computes them. Call from workgroup-uniform control flow.
+fn row_stats(
+    vals: ptr<function, array<f32, ROW_SLOTS>>,
+    sum: f32,
+    h: u32,
+    eps: f32,
+    li: u32,
+) -> vec2<f32> {
+    let mean = workgroup_sum(sum, li) / f32(h);
+    var sq = 0.0;
+    for (var s = 0u; s < ROW_SLOTS; s = s + 1u) {
+        if li + s * ROW_THREADS < h {
+            let d = (*vals)[s] - mean;
+            sq = sq + d * d;
+        }
+    }
+    return vec2<f32>(mean, inverseSqrt(workgroup_sum(sq, li) / f32(h) + eps));
+}

@@ -50,15 +50,9 @@ fn main(
             sum = sum + v;
         }
     }
-    let mean = workgroup_sum(sum, li) / f32(h);
-    var sq = 0.0;
-    for (var s = 0u; s < ROW_SLOTS; s = s + 1u) {
-        if li + s * ROW_THREADS < h {
-            let d = vals[s] - mean;
-            sq = sq + d * d;
-        }
-    }
-    let inv = inverseSqrt(workgroup_sum(sq, li) / f32(h) + p.eps);
+    let stats = row_stats(&vals, sum, h, p.eps, li);
+    let mean = stats.x;
+    let inv = stats.y;
     for (var s = 0u; s < ROW_SLOTS; s = s + 1u) {
         let c = li + s * ROW_THREADS;
         if c < h {

@@ -26,6 +26,19 @@ pub enum Activation {
 }
 
 impl Activation {
+    /// The code backends' kernels switch on (`activate` in the WGSL and CUDA sources, `math.rs`):
+    /// 0 none, 1 gelu (erf), 2 gelu (tanh), 3 relu, 4 silu, 5 tanh.
+    pub fn code(self) -> u8 {
+        match self {
+            Activation::None => 0,
+            Activation::Gelu => 1,
+            Activation::GeluTanh => 2,
+            Activation::Relu => 3,
+            Activation::Silu => 4,
+            Activation::Tanh => 5,
+        }
+    }
+
     /// Map a Hugging Face `hidden_act` string faithfully.
     pub fn from_hf(name: &str) -> Result<Activation> {
         Ok(match name {

@@ -27,6 +27,24 @@ pub struct EmbeddingTables<T> {
     pub eps: f32,
 }
 
+/// Shape checks shared by every backend's `linear`: x `[m, k]`, w `[n, k]`, bias of `n` values.
+/// Returns `(m, k, n)`.
+pub fn linear_shape(
+    x: (usize, usize),
+    w: (usize, usize),
+    bias_len: Option<usize>,
+) -> Result<(usize, usize, usize)> {
+    let ((m, k), (n, wk)) = (x, w);
+    anyhow::ensure!(
+        wk == k,
+        "linear: input has {k} columns but weight is [{n}, {wk}]"
+    );
+    if let Some(len) = bias_len {
+        anyhow::ensure!(len == n, "linear: bias has {len} values, expected {n}");
+    }
+    Ok((m, k, n))
+}
+
 /// Shape checks shared by every backend's `rope` and `attention`: `qkv` is `[rows, 3H]` for a
 /// batch of `tokens` tokens and `heads` heads divide `H`. Returns `(H, head size)`.
 pub fn qkv_shape(

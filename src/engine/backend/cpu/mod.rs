@@ -123,18 +123,6 @@ unsafe fn assume_init(v: Vec<MaybeUninit<f32>>) -> Vec<f32> {
     unsafe { Vec::from_raw_parts(v.as_mut_ptr() as *mut f32, v.len(), v.capacity()) }
 }
 
-/// The activation code of `math::bias_act_rows`.
-fn act_kind(act: Activation) -> u8 {
-    match act {
-        Activation::None => 0,
-        Activation::Gelu => 1,
-        Activation::GeluTanh => 2,
-        Activation::Relu => 3,
-        Activation::Silu => 4,
-        Activation::Tanh => 5,
-    }
-}
-
 /// Rows of `out` per rayon task in element-wise passes: big enough to amortise scheduling.
 fn rows_per_task(rows: usize, cols: usize) -> usize {
     let target = 16 * 1024 / cols.max(1);
@@ -207,19 +195,8 @@ impl Backend for CpuBackend {
         b: Option<&CpuTensor>,
         act: Activation,
     ) -> Result<CpuTensor> {
-        let (m, k, n) = (x.rows, x.cols, w.rows);
-        ensure!(
-            w.cols == k,
-            "linear: input has {k} columns but weight is [{n}, {}]",
-            w.cols
-        );
-        if let Some(b) = b {
-            ensure!(
-                b.data.len() == n,
-                "linear: bias has {} values, expected {n}",
-                b.data.len()
-            );
-        }
+        let (m, k, n) =
+            super::linear_shape((x.rows, x.cols), (w.rows, w.cols), b.map(|b| b.data.len()))?;
         let mut out = uninit(m * n);
         if m > 0 {
             // SAFETY: out is [m, n] (row stride n), x is [m, k] (row stride k), and wᵀ is read as a
@@ -251,7 +228,7 @@ impl Backend for CpuBackend {
         }
         // SAFETY: with read_dst = false the GEMM wrote every element of the [m, n] output.
         let mut out = unsafe { assume_init(out) };
-        let kind = act_kind(act);
+        let kind = act.code();
         // Epilogue: bias and activation in one vectorised pass per block of rows (measured
         // faster than accumulating the GEMM onto prefilled bias rows).
         let bias = b.map(|b| &b.data[..]).unwrap_or(&[]);
@@ -415,7 +392,7 @@ impl Backend for CpuBackend {
         let rows = rows_per_task(x.rows, x.cols);
         out.par_chunks_mut(rows * inter)
             .zip(x.data.par_chunks(rows * x.cols))
-            .for_each(|(o, xr)| math::geglu_rows(xr, o, inter, act_kind(act)));
+            .for_each(|(o, xr)| math::geglu_rows(xr, o, inter, act.code()));
         Ok(CpuTensor::new(out, x.rows, inter))
     }
 

@@ -92,18 +92,6 @@ fn params(words: &[u32]) -> Vec<u8> {
     words.iter().flat_map(|w| w.to_le_bytes()).collect()
 }
 
-/// The activation code of `activate` in common.wgsl.
-fn act_code(act: Activation) -> u32 {
-    match act {
-        Activation::None => 0,
-        Activation::Gelu => 1,
-        Activation::GeluTanh => 2,
-        Activation::Relu => 3,
-        Activation::Silu => 4,
-        Activation::Tanh => 5,
-    }
-}
-
 fn u32_of(n: usize, what: &str) -> Result<u32> {
     u32::try_from(n)
         .map_err(|_| anyhow::anyhow!("{what} ({n}) does not fit the shaders' 32-bit indices"))
@@ -355,19 +343,11 @@ impl Backend for WgpuBackend {
         b: Option<&WgpuTensor>,
         act: Activation,
     ) -> Result<WgpuTensor> {
-        let (m, k, n) = (x.rows, x.cols, w.rows);
-        ensure!(
-            w.cols == k,
-            "linear: input has {k} columns but weight is [{n}, {}]",
-            w.cols
-        );
-        if let Some(b) = b {
-            ensure!(
-                b.rows * b.cols == n,
-                "linear: bias has {} values, expected {n}",
-                b.rows * b.cols
-            );
-        }
+        let (m, k, n) = super::linear_shape(
+            (x.rows, x.cols),
+            (w.rows, w.cols),
+            b.map(|b| b.rows * b.cols),
+        )?;
         let out = self.output(m, n, "linear output")?;
         if m == 0 || n == 0 {
             return Ok(out);
@@ -376,7 +356,7 @@ impl Backend for WgpuBackend {
             m as u32,
             n as u32,
             k as u32,
-            act_code(act),
+            u32::from(act.code()),
             b.is_some() as u32,
         ]);
         self.ctx.dispatch(
@@ -474,7 +454,7 @@ impl Backend for WgpuBackend {
         if n == 0 {
             return Ok(out);
         }
-        let p = params(&[x.rows as u32, inner as u32, act_code(act)]);
+        let p = params(&[x.rows as u32, inner as u32, u32::from(act.code())]);
         let (gx, gy) = self.ctx.grid(n.div_ceil(256));
         self.ctx
             .dispatch(Op::Geglu, 0, &[x.buf(), out.buf()], &p, (gx, gy, 1))?;
