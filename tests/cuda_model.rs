@@ -1,0 +1,87 @@
+//! Whole models on the CUDA backend against the CPU backend (bf16, f16 and f32 storage):
+//! all-MiniLM-L6-v2 and the random-weight BERT and ModernBERT checkpoints of tests/fixtures,
+//! with the tolerances of `gpu/model.rs`. Needs a GPU: without one each test prints SKIPPED and
+//! passes, unless `MIRA_REQUIRE_CUDA=1`.
+
+mod common;
+mod gpu;
+#[path = "gpu/model.rs"]
+mod model_check;
+
+use common::{fixture_model, minilm_dir};
+use gpu::{have_cuda, Prec};
+use mira::engine::{Device, Precision};
+
+fn check(dir: &std::path::Path, golden_name: &str) {
+    if !have_cuda() {
+        return;
+    }
+    let precisions = [
+        (Precision::Bf16, Prec::Bf16),
+        (Precision::F16, Prec::F16),
+        (Precision::F32, Prec::F32),
+    ];
+    model_check::check(dir, golden_name, Device::Cuda(Some(0)), &precisions);
+}
+
+#[test]
+fn minilm_matches_cpu() {
+    check(&minilm_dir(), "minilm");
+}
+
+#[test]
+fn bert_regression_head_matches_cpu() {
+    check(&fixture_model("bert-cls-regression"), "bert-cls-regression");
+}
+
+#[test]
+fn bert_base_bf16_matches_cpu() {
+    check(&fixture_model("bert-base-bf16"), "bert-base-bf16");
+}
+
+#[test]
+fn bert_f16_sharded_classifier_matches_cpu() {
+    check(
+        &fixture_model("bert-cls-f16-sharded"),
+        "bert-cls-f16-sharded",
+    );
+}
+
+#[test]
+fn modernbert_mean_pooled_head_matches_cpu() {
+    check(&fixture_model("modernbert-cls-mean"), "modernbert-cls-mean");
+}
+
+#[test]
+fn modernbert_biased_cls_head_matches_cpu() {
+    check(
+        &fixture_model("modernbert-cls-biased"),
+        "modernbert-cls-biased",
+    );
+}
+
+#[test]
+fn modernbert_encoder_matches_cpu() {
+    check(&fixture_model("modernbert-base-enc"), "modernbert-base-enc");
+}
+
+/// Without a usable CUDA device, `--device cuda` is a clear error and `auto` falls back (and
+/// says so); with one, `auto` picks it.
+#[test]
+fn device_choice_without_and_with_cuda() {
+    let usable = mira::engine::backend::cuda::device::unavailable_reason(None).is_none();
+    let (chosen, note) = mira::engine::resolve(Device::Auto).unwrap();
+    let note = note.unwrap();
+    if usable {
+        assert_eq!(chosen, Device::Cuda(None), "{note}");
+        assert!(note.contains("chose cuda"), "{note}");
+    } else {
+        assert!(matches!(chosen, Device::Cpu | Device::Wgpu(None)), "{note}");
+        assert!(note.contains("no usable CUDA device"), "{note}");
+        let err = mira::Scorer::load(minilm_dir(), Device::Cuda(None))
+            .err()
+            .expect("cuda without a device must fail")
+            .to_string();
+        assert!(err.contains("device 'cuda' is not available"), "{err}");
+    }
+}

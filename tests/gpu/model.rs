@@ -1,0 +1,110 @@
+//! The whole-model check shared by the GPU backends' tests (`wgpu_model.rs`, `cuda_model.rs`):
+//! a checkpoint on a device against the same checkpoint on the CPU backend. Embeddings: cosine
+//! ≥ 0.9999 with f32 storage, ≥ 0.999 with f16/bf16; head outputs within 0.1% (f32) or 1%
+//! (f16/bf16) of the CPU outputs' range; a batch gives each document exactly what it gets alone.
+//! Included with `#[path]` by test crates that also have `mod common; mod gpu;`.
+
+use crate::common::golden;
+use crate::gpu::{cosine, Prec};
+use mira::engine::{Device, Precision};
+use mira::{LoadOptions, Scorer};
+
+/// The texts of a golden's settings, and the largest truncation they use.
+fn texts(golden_name: &str) -> (Vec<String>, usize) {
+    let g = golden(golden_name);
+    let mut out = Vec::new();
+    let mut max_tokens = 0;
+    for s in g["settings"].as_array().unwrap() {
+        max_tokens = max_tokens.max(s["max_tokens"].as_u64().unwrap() as usize);
+        for c in s["cases"].as_array().unwrap() {
+            out.push(c["text"].as_str().unwrap().to_string());
+        }
+    }
+    (out, max_tokens)
+}
+
+fn load(dir: &std::path::Path, device: Device, precision: Precision, max_tokens: usize) -> Scorer {
+    Scorer::load_with(
+        dir,
+        device,
+        LoadOptions {
+            max_tokens: Some(max_tokens),
+            precision,
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("load {} on {device}: {e:#}", dir.display()))
+}
+
+/// Compare `dir` on `device` with CPU for the texts of `golden_name`, once per storage
+/// precision.
+pub fn check(
+    dir: &std::path::Path,
+    golden_name: &str,
+    device: Device,
+    precisions: &[(Precision, Prec)],
+) {
+    let (texts, max_tokens) = texts(golden_name);
+    let cpu = load(dir, Device::Cpu, Precision::F32, max_tokens);
+    let ids = cpu.tokenize(&texts).unwrap();
+    let want = cpu.embed_ids(&ids).unwrap();
+    let want_logits = cpu.head().map(|_| cpu.logits_ids(&ids).unwrap());
+    for &(precision, prec) in precisions {
+        let gpu = load(dir, device, precision, max_tokens);
+        let got = gpu.embed_ids(&ids).unwrap();
+        let mut min_cos = 1f64;
+        for (d, doc) in ids.iter().enumerate() {
+            let c = cosine(got.row(d), want.row(d));
+            min_cos = min_cos.min(c);
+            assert!(
+                c >= prec.min_cosine(),
+                "{golden_name} {prec:?} doc {d} ({} tokens): cosine {c}",
+                doc.len()
+            );
+        }
+        let mut line = format!(
+            "{golden_name} on {}: {} docs, min embedding cosine {min_cos:.7}",
+            gpu.device_name(),
+            ids.len()
+        );
+        if let Some(want) = &want_logits {
+            let got = gpu.logits_ids(&ids).unwrap();
+            let lo = want.iter().cloned().fold(f32::INFINITY, f32::min);
+            let hi = want.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let range = (hi - lo).max(1e-6) as f64;
+            let worst = got
+                .iter()
+                .zip(want)
+                .map(|(g, w)| (g - w).abs() as f64)
+                .fold(0f64, f64::max);
+            let allowed = match prec {
+                Prec::F32 => 1e-3,
+                Prec::F16 | Prec::Bf16 => 1e-2,
+            } * range;
+            assert!(
+                worst <= allowed,
+                "{golden_name} {prec:?}: logits differ by {worst:e}, allowed {allowed:e} \
+                 (range {range:e})"
+            );
+            line += &format!(", logits within {:.3}% of range", 100.0 * worst / range);
+        }
+        eprintln!("{line}");
+
+        // Batched equals single: one packed batch vs each document alone, on the GPU.
+        let single: Vec<Vec<f32>> = ids
+            .iter()
+            .map(|one| gpu.embed_ids(std::slice::from_ref(one)).unwrap().values)
+            .collect();
+        for (d, s) in single.iter().enumerate() {
+            let diff = s
+                .iter()
+                .zip(got.row(d))
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                diff <= 1e-6,
+                "{golden_name} {prec:?} doc {d}: batched differs from single by {diff:e}"
+            );
+        }
+    }
+}
