@@ -100,12 +100,17 @@ struct Plan {
 
 impl Drop for Plan {
     fn drop(&mut self) {
-        // SAFETY: each handle was created by cuBLASLt for this plan and is destroyed once.
+        // SAFETY: each non-null handle was created by cuBLASLt for this plan and is destroyed
+        // once (a plan whose construction failed half-way has null handles left).
         unsafe {
-            let _ = result::destroy_matrix_layout(self.a);
-            let _ = result::destroy_matrix_layout(self.b);
-            let _ = result::destroy_matrix_layout(self.c);
-            let _ = result::destroy_matmul_desc(self.desc);
+            for layout in [self.a, self.b, self.c] {
+                if !layout.is_null() {
+                    let _ = result::destroy_matrix_layout(layout);
+                }
+            }
+            if !self.desc.is_null() {
+                let _ = result::destroy_matmul_desc(self.desc);
+            }
         }
     }
 }
@@ -167,12 +172,21 @@ impl Gemm {
     fn plan(&self, key: PlanKey) -> Result<Plan> {
         let (mm, nn, kk, lda, ldb, ldc) = column_major_problem(key.m, key.n, key.k);
         let dt = self.data_type;
-        let desc = result::create_matmul_desc(
+        // The plan owns each handle as soon as it exists, so an error below frees them all.
+        let mut plan = Plan {
+            desc: std::ptr::null_mut(),
+            a: std::ptr::null_mut(),
+            b: std::ptr::null_mut(),
+            c: std::ptr::null_mut(),
+            // SAFETY: plain old data, overwritten by the heuristic's choice below.
+            algo: unsafe { mem::zeroed() },
+        };
+        plan.desc = result::create_matmul_desc(
             sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
             sys::cudaDataType::CUDA_R_32F,
         )
         .map_err(err("create matmul descriptor"))?;
-        // The plan owns what exists so far, so an error below frees it.
+        let desc = plan.desc;
         let set = |attr: sys::cublasLtMatmulDescAttributes_t, value: *const c_void, size| {
             // SAFETY: `value` points at a live value of the attribute's documented type.
             unsafe { result::set_matmul_desc_attribute(desc, attr, value, size) }
@@ -200,25 +214,13 @@ impl Gemm {
                 mem::size_of::<sys::cublasLtEpilogue_t>(),
             )
         })
-        .map_err(|e| {
-            // SAFETY: created above, not yet owned by a plan.
-            let _ = unsafe { result::destroy_matmul_desc(desc) };
-            err("set matmul attributes")(e)
-        })?;
+        .map_err(err("set matmul attributes"))?;
         let layout = |rows: u64, cols: u64, ld: i64| {
             result::create_matrix_layout(dt, rows, cols, ld).map_err(err("create layout"))
         };
-        let a = layout(kk, mm, lda)?;
-        let b = layout(kk, nn, ldb)?;
-        let c = layout(mm, nn, ldc)?;
-        let mut plan = Plan {
-            desc,
-            a,
-            b,
-            c,
-            // SAFETY: plain old data, overwritten by the heuristic's choice below.
-            algo: unsafe { mem::zeroed() },
-        };
+        plan.a = layout(kk, mm, lda)?;
+        plan.b = layout(kk, nn, ldb)?;
+        plan.c = layout(mm, nn, ldc)?;
         let pref = result::create_matmul_pref().map_err(err("create preference"))?;
         let ws = self.workspace.len();
         // SAFETY: the preference handle is live; the value is a usize as documented.

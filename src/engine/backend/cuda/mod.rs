@@ -99,6 +99,10 @@ impl Drop for CudaBatch {
             // Every op that reads the slot was enqueued before this point.
             if slot.released.record(&self.owner.stream).is_ok() {
                 self.owner.free_slots.lock().unwrap().push(slot);
+            } else {
+                // Without the event, free the slot only once the compute is done with it.
+                let _ = self.owner.stream.synchronize();
+                let _ = slot.copied.synchronize();
             }
         }
     }
@@ -167,6 +171,15 @@ struct Inner {
     poison: AtomicBool,
 }
 
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Slots, rope tables, modules and the cuBLASLt handle go after this: nothing may still
+        // be running that reads them.
+        let _ = self.stream.synchronize();
+        let _ = self.copy.synchronize();
+    }
+}
+
 /// The CUDA backend on one device. Clones share the device, kernels and streams.
 #[derive(Clone)]
 pub struct CudaBackend {
@@ -217,19 +230,21 @@ impl CudaBackend {
         // every op, and events between it and the copy stream (see the module comment).
         unsafe { ctx.disable_event_tracking() };
         // Keep freed activations in the stream-ordered pool instead of returning them to the
-        // driver at each synchronisation.
-        // SAFETY: the device handle is the context's; the attribute takes a u64.
-        unsafe {
-            let pool =
-                cu::device::get_default_mem_pool(ctx.cu_device()).map_err(driver("memory pool"))?;
-            let mut keep = u64::MAX;
-            sys::cuMemPoolSetAttribute(
-                pool,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-                &mut keep as *mut u64 as *mut std::ffi::c_void,
-            )
-            .result()
-            .map_err(driver("memory pool threshold"))?;
+        // driver at each synchronisation (devices without memory pools allocate synchronously).
+        if ctx.has_async_alloc() {
+            // SAFETY: the device handle is the context's; the attribute takes a u64.
+            unsafe {
+                let pool = cu::device::get_default_mem_pool(ctx.cu_device())
+                    .map_err(driver("memory pool"))?;
+                let mut keep = u64::MAX;
+                sys::cuMemPoolSetAttribute(
+                    pool,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                    &mut keep as *mut u64 as *mut std::ffi::c_void,
+                )
+                .result()
+                .map_err(driver("memory pool threshold"))?;
+            }
         }
         let stream = ctx.new_stream().map_err(driver("stream creation"))?;
         let copy = ctx.new_stream().map_err(driver("stream creation"))?;
@@ -391,6 +406,8 @@ impl CudaBackend {
                     // The old device buffer is freed on the copy stream: order that after the
                     // compute that last read it.
                     copy.wait(&old.released).map_err(driver("stream wait"))?;
+                    // Its pinned buffer is freed at once: its last upload must be done.
+                    old.copied.synchronize().map_err(driver("event wait"))?;
                 }
                 // SAFETY: both are written (host, then by the copy) before anything reads them.
                 let host = unsafe { ctx.alloc_pinned::<u32>(cap) }
@@ -428,6 +445,12 @@ impl CudaBackend {
             weight.rows * weight.cols == cols,
             "layernorm: weight is not [1, {cols}]"
         );
+        if let Some(b) = bias {
+            ensure!(
+                b.rows * b.cols == cols,
+                "layernorm: bias is not [1, {cols}]"
+            );
+        }
         if let Some(r) = residual {
             ensure!(
                 r.rows == rows && r.cols == cols,
@@ -567,6 +590,26 @@ impl Backend for CudaBackend {
             h <= MAX_ROW,
             "embed: hidden size {h} exceeds the kernel's {MAX_ROW}"
         );
+        let widths = [
+            Some(&t.norm_weight),
+            t.norm_bias.as_ref(),
+            t.token_type.as_ref(),
+        ];
+        for w in widths.into_iter().flatten() {
+            ensure!(
+                w.cols == h && w.rows == 1,
+                "embed: a LayerNorm or token-type row is [{}, {}], expected [1, {h}]",
+                w.rows,
+                w.cols
+            );
+        }
+        if let Some(p) = &t.position {
+            ensure!(
+                p.cols == h,
+                "embed: position table has {} columns, expected {h}",
+                p.cols
+            );
+        }
         let out = self.output(batch.n_tokens, h, "embeddings")?;
         if batch.n_tokens == 0 {
             return Ok(out);
