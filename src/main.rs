@@ -58,7 +58,7 @@ struct ModelArgs {
     /// Truncation limit in tokens, special tokens included [default: the checkpoint's]
     #[arg(long)]
     max_tokens: Option<usize>,
-    /// auto, cpu, wgpu[:N] or cuda[:N]
+    /// auto, cpu, wgpu[:N], cuda[:N] or cuda:all
     #[arg(long, default_value = "auto")]
     device: Device,
     /// Token budget of one packed batch [default: the device's, 4096 on CPU]

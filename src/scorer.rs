@@ -69,7 +69,9 @@ pub struct HeadInfo {
 /// A loaded student: tokenizer, encoder on a device, head and pooling metadata.
 pub struct Scorer {
     dir: PathBuf,
-    encoder: Box<dyn Encoder>,
+    /// One engine per device (several for `cuda:all`); the first answers questions about the
+    /// model, all of them run batches.
+    engines: Vec<Box<dyn Encoder>>,
     text: TextEncoder,
     sentence: SentenceConfig,
     head: Option<HeadInfo>,
@@ -90,8 +92,22 @@ impl Scorer {
         let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
         let sentence = SentenceConfig::load(dir)?;
         let weights = Weights::open(dir)?;
-        let encoder = model::load_encoder(&cfg, &weights, device, opts.precision)
-            .with_context(|| format!("cannot load model {}", dir.display()))?;
+        let devices = match device {
+            Device::CudaAll => engine::backend::cuda::device::devices()?
+                .iter()
+                .filter(|d| engine::backend::cuda::device::unusable_reason(d.capability).is_none())
+                .map(|d| Device::Cuda(Some(d.ordinal)))
+                .collect(),
+            one => vec![one],
+        };
+        let engines = devices
+            .iter()
+            .map(|&d| {
+                model::load_encoder(&cfg, &weights, d, opts.precision)
+                    .with_context(|| format!("cannot load model {} on {d}", dir.display()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let encoder = &engines[0];
         let max_pos = encoder.max_positions();
         let max_tokens = opts
             .max_tokens
@@ -130,7 +146,7 @@ impl Scorer {
             .unwrap_or_else(|| engine::default_packer(device));
         // A GPU binds at most so many bytes at once: batches are split to fit, and one
         // document (which cannot be split) must fit alone.
-        if let Some(limit) = encoder.max_batch_tokens() {
+        if let Some(limit) = engines.iter().filter_map(|e| e.max_batch_tokens()).min() {
             if max_tokens > limit {
                 bail!(
                     "{}: one document of {max_tokens} tokens needs more memory in one buffer than \
@@ -143,7 +159,7 @@ impl Scorer {
         }
         Ok(Scorer {
             dir: dir.to_path_buf(),
-            encoder,
+            engines,
             text,
             sentence,
             head,
@@ -158,7 +174,22 @@ impl Scorer {
 
     /// The backend the model runs on, e.g. `cpu (2 threads, avx2+fma)`.
     pub fn device_name(&self) -> String {
-        self.encoder.device_name()
+        match &self.engines[..] {
+            [one] => one.device_name(),
+            all => format!(
+                "{} engines: {}",
+                all.len(),
+                all.iter()
+                    .map(|e| e.device_name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
+
+    /// The first engine: every engine holds the same model.
+    fn encoder(&self) -> &dyn Encoder {
+        self.engines[0].as_ref()
     }
 
     /// Why `--device auto` picked what it picked, if it did.
@@ -181,7 +212,7 @@ impl Scorer {
     }
 
     pub fn embedding_dim(&self) -> usize {
-        self.encoder.hidden_size()
+        self.encoder().hidden_size()
     }
 
     pub fn packer(&self) -> Packer {
@@ -206,7 +237,7 @@ impl Scorer {
         if ids.is_empty() {
             bail!("the text has no tokens (the tokenizer adds no special tokens)");
         }
-        let vocab = self.encoder.vocab_size();
+        let vocab = self.encoder().vocab_size();
         if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
             bail!("token id {bad} is outside the model's vocabulary of {vocab} (tokenizer and checkpoint disagree)");
         }
@@ -233,7 +264,7 @@ impl Scorer {
             )
         })?;
         let n = head.labels.len();
-        let mut values = self.run(ids, n, |b| self.encoder.logits(b))?;
+        let mut values = self.run(ids, n, |e, b| e.logits(b))?;
         for row in values.chunks_exact_mut(n) {
             match head.problem_type {
                 ProblemType::Regression => {}
@@ -251,11 +282,11 @@ impl Scorer {
 
     /// Raw head outputs (logits) without the softmax/sigmoid of [`score`](Self::score).
     pub fn logits_ids(&self, ids: &[Vec<u32>]) -> Result<Vec<f32>> {
-        let n = self.encoder.num_outputs();
+        let n = self.encoder().num_outputs();
         if n == 0 {
             bail!("{} has no classification head", self.dir.display());
         }
-        self.run(ids, n, |b| self.encoder.logits(b))
+        self.run(ids, n, |e, b| e.logits(b))
     }
 
     /// Pooled embeddings of each text, as the checkpoint's sentence-transformers modules say
@@ -265,8 +296,9 @@ impl Scorer {
     }
 
     pub fn embed_ids(&self, ids: &[Vec<u32>]) -> Result<Embeddings> {
-        let dim = self.encoder.hidden_size();
-        let mut values = self.run(ids, dim, |b| self.encoder.pooled(b, self.sentence.pooling))?;
+        let dim = self.encoder().hidden_size();
+        let pooling = self.sentence.pooling;
+        let mut values = self.run(ids, dim, |e, b| e.pooled(b, pooling))?;
         if self.sentence.normalize {
             for row in values.chunks_exact_mut(dim) {
                 let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
@@ -280,8 +312,8 @@ impl Scorer {
     /// fits its regression heads on these, so a student is exactly this encoder plus a
     /// `classifier` layer.
     pub fn features_ids(&self, ids: &[Vec<u32>]) -> Result<Embeddings> {
-        let dim = self.encoder.hidden_size();
-        let values = self.run(ids, dim, |b| self.encoder.features(b))?;
+        let dim = self.encoder().hidden_size();
+        let values = self.run(ids, dim, |e, b| e.features(b))?;
         Ok(Embeddings { dim, values })
     }
 
@@ -293,11 +325,79 @@ impl Scorer {
 
     /// Run one packed batch through the encoder and head (used by benchmarks).
     pub fn forward_batch(&self, batch: &Batch) -> Result<Vec<f32>> {
+        self.forward_on(self.encoder(), batch)
+    }
+
+    fn forward_on(&self, engine: &dyn Encoder, batch: &Batch) -> Result<Vec<f32>> {
         if self.head.is_some() {
-            self.encoder.logits(batch)
+            engine.logits(batch)
         } else {
-            self.encoder.pooled(batch, self.sentence.pooling)
+            engine.pooled(batch, self.sentence.pooling)
         }
+    }
+
+    /// Run every batch through the encoder and head on all engines (as [`forward_batch`]
+    /// each), returning each batch's outputs and its latency in milliseconds, in batch order.
+    pub fn forward_batches(&self, batches: &[Batch]) -> Result<Vec<(Vec<f32>, f64)>> {
+        self.fan_out(batches, |e, b| {
+            let t = std::time::Instant::now();
+            let out = self.forward_on(e, b)?;
+            Ok((out, t.elapsed().as_secs_f64() * 1e3))
+        })
+    }
+
+    /// Worker threads over the engines: each engine gets as many as it can keep busy
+    /// (`Encoder::concurrency`: 1 on CPU and wgpu, 2 per CUDA device), all pull batches from one
+    /// queue, and results come back in batch order. One worker runs on the calling thread. The
+    /// first error stops the others from taking new batches and is returned.
+    fn fan_out<T: Send>(
+        &self,
+        batches: &[Batch],
+        forward: impl Fn(&dyn Encoder, &Batch) -> Result<T> + Sync,
+    ) -> Result<Vec<T>> {
+        let workers: Vec<&dyn Encoder> = self
+            .engines
+            .iter()
+            .flat_map(|e| std::iter::repeat_n(e.as_ref(), e.concurrency().max(1)))
+            .collect();
+        if workers.len() <= 1 || batches.len() <= 1 {
+            let engine = self.encoder();
+            return batches.iter().map(|b| forward(engine, b)).collect();
+        }
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        use std::sync::Mutex;
+        let next = AtomicUsize::new(0);
+        let failed = AtomicBool::new(false);
+        let results: Mutex<Vec<Option<Result<T>>>> =
+            Mutex::new((0..batches.len()).map(|_| None).collect());
+        std::thread::scope(|scope| {
+            for engine in workers {
+                let (next, failed, results, forward) = (&next, &failed, &results, &forward);
+                scope.spawn(move || loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= batches.len() || failed.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let r = forward(engine, &batches[i]);
+                    if r.is_err() {
+                        failed.store(true, Ordering::Relaxed);
+                    }
+                    results.lock().unwrap()[i] = Some(r);
+                });
+            }
+        });
+        // The first error in batch order wins; without one, every batch has its result.
+        let results = results.into_inner().unwrap();
+        let failed_at = results.iter().position(|r| matches!(r, Some(Err(_))));
+        let mut results = results.into_iter();
+        if let Some(i) = failed_at {
+            if let Some(Some(Err(e))) = results.nth(i) {
+                return Err(e);
+            }
+        }
+        results
+            .map(|r| r.expect("every batch ran: no worker failed"))
+            .collect()
     }
 
     /// Pack, run every batch and put each document's `width` outputs back in input order.
@@ -305,14 +405,15 @@ impl Scorer {
         &self,
         ids: &[Vec<u32>],
         width: usize,
-        forward: impl Fn(&Batch) -> Result<Vec<f32>>,
+        forward: impl Fn(&dyn Encoder, &Batch) -> Result<Vec<f32>> + Sync,
     ) -> Result<Vec<f32>> {
         if let Some(i) = ids.iter().position(Vec::is_empty) {
             bail!("document {i} has no tokens");
         }
         let mut out = vec![0f32; ids.len() * width];
-        for batch in self.packer.pack(ids) {
-            let rows = forward(&batch)?;
+        let batches = self.packer.pack(ids);
+        let outputs = self.fan_out(&batches, forward)?;
+        for (batch, rows) in batches.iter().zip(outputs) {
             for (s, &doc) in batch.docs.iter().enumerate() {
                 out[doc * width..(doc + 1) * width]
                     .copy_from_slice(&rows[s * width..(s + 1) * width]);
@@ -330,4 +431,63 @@ fn softmax(row: &mut [f32]) {
         sum += *v;
     }
     row.iter_mut().for_each(|v| *v /= sum);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/bert-cls-regression")
+    }
+
+    /// Two engines (as `cuda:all` makes one per GPU), small batches: the fan-out returns exactly
+    /// what one engine computes, in input order, and a failing batch fails the whole call.
+    #[test]
+    fn several_engines_split_the_batches_and_keep_input_order() {
+        let opts = LoadOptions {
+            packer: Some(Packer {
+                max_batch_tokens: 40,
+                max_batch_seqs: 3,
+                sort_window: 64,
+            }),
+            ..Default::default()
+        };
+        let one = Scorer::load_with(fixture(), Device::Cpu, opts.clone()).unwrap();
+        let mut two = Scorer::load_with(fixture(), Device::Cpu, opts).unwrap();
+        let cfg = ModelConfig::from_file(&fixture().join("config.json")).unwrap();
+        let weights = Weights::open(&fixture()).unwrap();
+        two.engines
+            .push(model::load_encoder(&cfg, &weights, Device::Cpu, Default::default()).unwrap());
+        assert!(two.device_name().starts_with("2 engines: cpu"));
+        let ids: Vec<Vec<u32>> = (0..57)
+            .map(|d| {
+                (0..(1 + (d * 7) % 23))
+                    .map(|t| 5 + ((t * 13 + d) % 900) as u32)
+                    .collect()
+            })
+            .collect();
+        assert!(one.packer().pack(&ids).len() > 10, "many batches");
+        let want = one.logits_ids(&ids).unwrap();
+        let got = two.logits_ids(&ids).unwrap();
+        assert_eq!(got.len(), want.len());
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst <= 1e-6, "engines disagree by {worst}");
+        // Per document, not just as a multiset: document 3 alone gives row 3.
+        let alone = one.logits_ids(&ids[3..4]).unwrap();
+        let n = alone.len();
+        assert!(alone
+            .iter()
+            .zip(&got[3 * n..4 * n])
+            .all(|(a, b)| (a - b).abs() <= 1e-6));
+
+        let mut bad = ids.clone();
+        bad[40] = vec![5, 999_999];
+        let err = two.logits_ids(&bad).unwrap_err().to_string();
+        assert!(err.contains("999999"), "{err}");
+    }
 }

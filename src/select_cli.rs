@@ -51,7 +51,7 @@ pub struct EncoderArgs {
     /// fetched by scripts/fetch_model.sh]
     #[arg(long, default_value = ".data/models/all-MiniLM-L6-v2")]
     encoder: PathBuf,
-    /// auto, cpu, wgpu[:N] or cuda[:N]
+    /// auto, cpu, wgpu[:N], cuda[:N] or cuda:all
     #[arg(long, default_value = "auto")]
     device: Device,
 }

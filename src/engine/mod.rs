@@ -99,11 +99,16 @@ pub enum Device {
     Wgpu(Option<usize>),
     /// A CUDA device by ordinal; `None` is device 0.
     Cuda(Option<usize>),
+    /// Every usable CUDA device, one engine each, fed from one reader (`cuda:all`).
+    CudaAll,
 }
 
 impl FromStr for Device {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Device> {
+        if s == "cuda:all" {
+            return Ok(Device::CudaAll);
+        }
         let (kind, ordinal) = match s.split_once(':') {
             Some((k, n)) => {
                 let n: usize = n.parse().map_err(|_| {
@@ -118,7 +123,7 @@ impl FromStr for Device {
             ("cpu", None) => Device::Cpu,
             ("wgpu", n) => Device::Wgpu(n),
             ("cuda", n) => Device::Cuda(n),
-            _ => bail!("invalid device '{s}' (expected auto, cpu, wgpu[:N] or cuda[:N])"),
+            _ => bail!("invalid device '{s}' (expected auto, cpu, wgpu[:N], cuda[:N] or cuda:all)"),
         })
     }
 }
@@ -132,6 +137,7 @@ impl fmt::Display for Device {
             Device::Wgpu(Some(n)) => write!(f, "wgpu:{n}"),
             Device::Cuda(None) => write!(f, "cuda"),
             Device::Cuda(Some(n)) => write!(f, "cuda:{n}"),
+            Device::CudaAll => write!(f, "cuda:all"),
         }
     }
 }
@@ -145,7 +151,7 @@ pub fn default_packer(device: Device) -> Packer {
             max_batch_tokens: 4096,
             ..Packer::default()
         },
-        Device::Wgpu(_) | Device::Cuda(_) => Packer::default(),
+        Device::Wgpu(_) | Device::Cuda(_) | Device::CudaAll => Packer::default(),
     }
 }
 
@@ -249,6 +255,12 @@ pub fn resolve(device: Device) -> Result<(Device, Option<String>)> {
             })
         }
         Device::Cpu | Device::Wgpu(_) => Ok((device, None)),
+        Device::CudaAll => match backend::cuda::device::unavailable_reason(None) {
+            None => Ok((device, None)),
+            Some(why) => {
+                bail!("device 'cuda:all' is not available: {why} (use --device auto, wgpu or cpu)")
+            }
+        },
         Device::Cuda(n) => match backend::cuda::device::unavailable_reason(n) {
             None => Ok((device, None)),
             Some(why) => {
@@ -264,7 +276,9 @@ mod tests {
 
     #[test]
     fn device_strings_round_trip() {
-        for s in ["auto", "cpu", "wgpu", "wgpu:1", "cuda", "cuda:3"] {
+        for s in [
+            "auto", "cpu", "wgpu", "wgpu:1", "cuda", "cuda:3", "cuda:all",
+        ] {
             assert_eq!(s.parse::<Device>().unwrap().to_string(), s);
         }
         assert!("gpu".parse::<Device>().is_err());
@@ -281,6 +295,10 @@ mod tests {
                 msg.contains("cuda:0") && msg.contains(why.as_str()),
                 "{msg}"
             );
+        }
+        if cuda.is_some() {
+            let msg = resolve(Device::CudaAll).unwrap_err().to_string();
+            assert!(msg.contains("cuda:all' is not available"), "{msg}");
         }
         let msg = resolve(Device::Cuda(Some(4096))).unwrap_err().to_string();
         assert!(msg.contains("cuda:4096' is not available"), "{msg}");

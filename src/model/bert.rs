@@ -178,6 +178,10 @@ impl<B: Backend> super::Encoder for Bert<B> {
         self.be.name()
     }
 
+    fn concurrency(&self) -> usize {
+        self.be.concurrency()
+    }
+
     fn hidden_size(&self) -> usize {
         self.cfg.hidden_size
     }

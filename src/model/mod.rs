@@ -36,6 +36,10 @@ pub trait Encoder: Send + Sync {
     fn logits(&self, batch: &Batch) -> Result<Vec<f32>>;
     /// The most tokens one batch may hold on this device (its largest binding), if bounded.
     fn max_batch_tokens(&self) -> Option<usize>;
+    /// Forward passes that may run at once on this encoder (see `Backend::concurrency`).
+    fn concurrency(&self) -> usize {
+        1
+    }
 }
 
 /// Uploads checkpoint tensors to a backend, checking each against the shape the model expects
@@ -117,7 +121,9 @@ pub fn load_encoder(
             weights,
             with_head,
         )?)),
-        (_, Device::Auto) => bail!("device auto must be resolved before loading (engine::resolve)"),
+        (_, Device::Auto | Device::CudaAll) => bail!(
+            "device {device} names several or no device: the Scorer resolves it to one per engine"
+        ),
     }
 }
 

@@ -224,6 +224,10 @@ impl<B: Backend> super::Encoder for ModernBert<B> {
         self.be.name()
     }
 
+    fn concurrency(&self) -> usize {
+        self.be.concurrency()
+    }
+
     fn hidden_size(&self) -> usize {
         self.cfg.hidden_size
     }

@@ -181,4 +181,10 @@ pub trait Backend: Send + Sync + 'static {
         let _ = widest_cols;
         None
     }
+
+    /// How many threads may run forward passes on this backend at once to keep it busy: a GPU
+    /// whose ops are asynchronous takes the next batch while the last one's result comes back.
+    fn concurrency(&self) -> usize {
+        1
+    }
 }

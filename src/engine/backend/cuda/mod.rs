@@ -167,6 +167,8 @@ struct Inner {
     k: Kernels,
     gemm: Gemm,
     free_slots: Mutex<Vec<Slot>>,
+    /// Pinned host buffers for downloads, one per thread downloading at once.
+    downloads: Mutex<Vec<PinnedHostSlice<u8>>>,
     rope_tables: Mutex<RopeTables>,
     poison: AtomicBool,
 }
@@ -261,6 +263,7 @@ impl CudaBackend {
                 k,
                 gemm,
                 free_slots: Mutex::default(),
+                downloads: Mutex::default(),
                 rope_tables: Mutex::default(),
                 poison: AtomicBool::new(false),
             }),
@@ -536,6 +539,7 @@ impl Backend for CudaBackend {
     }
 
     fn upload_batch(&self, batch: &Batch, vocab: usize, max_positions: usize) -> Result<CudaBatch> {
+        self.inner.ctx.bind_to_thread().map_err(driver("context"))?;
         // The kernels index with these values: a malformed batch must be an error, not a read
         // out of bounds.
         batch.validate(vocab, max_positions)?;
@@ -833,19 +837,44 @@ impl Backend for CudaBackend {
         Ok(out)
     }
 
+    /// Waits for this tensor only: the copy goes into pinned memory behind the ops that made
+    /// it, and an event after the copy is what the thread waits on, so another thread's batch
+    /// queued behind it keeps the GPU busy meanwhile.
     fn download(&self, x: &CudaTensor) -> Result<Vec<f32>> {
         let n = x.rows * x.cols * self.elem_bytes();
-        let mut bytes = vec![0u8; n];
-        if n > 0 {
-            let s = &self.inner.stream;
-            // SAFETY: the tensor holds at least n bytes; the copy into pageable memory returns
-            // when it is done, and the stream synchronisation surfaces any kernel's error.
-            unsafe { cu::memcpy_dtoh_async(&mut bytes, x.ptr, s.cu_stream()) }
-                .map_err(driver("download"))?;
-            s.synchronize()
-                .map_err(driver("execution (a kernel or copy failed)"))?;
+        if n == 0 {
+            return Ok(Vec::new());
         }
-        Ok(self.decode(&bytes))
+        let inner = &self.inner;
+        inner.ctx.bind_to_thread().map_err(driver("context"))?;
+        let reused = inner.downloads.lock().unwrap().pop();
+        let mut host = match reused {
+            Some(h) if h.len() >= n => h,
+            _ => {
+                // Plain page-locked memory (not write-combined: the host reads it).
+                // SAFETY: the copy below writes the first n bytes before they are read.
+                unsafe { inner.ctx.alloc_pinned_with_flags::<u8>(n.max(1 << 20), 0) }
+                    .map_err(driver("pinned host allocation"))?
+            }
+        };
+        let s = &inner.stream;
+        let dst = &mut host.as_mut_slice().map_err(driver("pinned buffer"))?[..n];
+        // SAFETY: the tensor holds at least n bytes; `dst` is pinned and not touched until the
+        // event after the copy has completed.
+        unsafe { cu::memcpy_dtoh_async(dst, x.ptr, s.cu_stream()) }.map_err(driver("download"))?;
+        let done = inner.ctx.new_event(None).map_err(driver("event"))?;
+        done.record(s).map_err(driver("event record"))?;
+        done.synchronize()
+            .map_err(driver("execution (a kernel or copy failed)"))?;
+        let out = self.decode(&host.as_slice().map_err(driver("pinned buffer"))?[..n]);
+        inner.downloads.lock().unwrap().push(host);
+        Ok(out)
+    }
+
+    /// Two threads per device: while one waits for its batch's result, the other's ops are
+    /// already queued, so the GPU never idles between batches.
+    fn concurrency(&self) -> usize {
+        2
     }
 
     fn sync(&self) -> Result<()> {
