@@ -5,8 +5,8 @@
 // sequence boundary; a CUDA block takes one query block for one head (blockIdx.y), one query per
 // thread. Keys and values of the sequence stream through shared memory BK at a time (f32, loaded
 // cooperatively and coalesced along the head dimension); each thread keeps its query, running
-// max, running sum and output accumulator in registers and rescales once per tile (online
-// softmax). A sliding window (|i - j| <= window/2) narrows the key range to what the block's
+// max, running sum and output accumulator in registers (the query in shared memory past D = 96)
+// and folds in one key at a time (online softmax). A sliding window (|i - j| <= window/2) narrows the key range to what the block's
 // queries can see, so local layers cost O(window) per token. Specialised per head size D.
 
 #define BQ 64
@@ -16,8 +16,14 @@ __device__ __forceinline__ void attention_impl(const T* qkv, const uint2* blocks
                                                const u32* cu_seqlens, T* out, int hidden,
                                                int n_blocks, int half_window, float scale) {
     constexpr int BK = (1920 / D) < 64 ? (1920 / D) : 64;  // K + V tiles within 15 KiB
+    // Up to D = 96 a thread keeps its query and its output accumulator in registers; beyond,
+    // both would not fit the 255 registers a thread has, so the query moves to shared memory
+    // (rows padded by one float: no bank conflicts when each thread reads its own row).
+    constexpr bool Q_SHARED = D > 96;
+    constexpr int QS = Q_SHARED ? BQ * (D + 1) : 1;
     __shared__ float k_tile[BK * D];
     __shared__ float v_tile[BK * D];
+    __shared__ float q_shared[QS];
     const int blk = blockIdx.x;
     if (blk >= n_blocks) return;
     const int head = blockIdx.y;
@@ -33,10 +39,11 @@ __device__ __forceinline__ void attention_impl(const T* qkv, const uint2* blocks
         k_hi = min(s1, q_last + half_window + 1);
     }
 
-    float q[D], acc[D];
+    float q_reg[Q_SHARED ? 1 : D], acc[D];
+    float* q_row = Q_SHARED ? q_shared + threadIdx.x * (D + 1) : q_reg;
     #pragma unroll
     for (int d = 0; d < D; ++d) {
-        q[d] = live ? ld(qkv, qi * stride + head * D + d) * scale : 0.0f;
+        q_row[d] = live ? ld(qkv, qi * stride + head * D + d) * scale : 0.0f;
         acc[d] = 0.0f;
     }
     float m = NEG_INF, l = 0.0f;
@@ -56,40 +63,30 @@ __device__ __forceinline__ void attention_impl(const T* qkv, const uint2* blocks
         }
         __syncthreads();
         if (live) {
-            float s[BK];
-            float tile_max = NEG_INF;
-            #pragma unroll 4
-            for (int j = 0; j < BK; ++j) {
+            // Online softmax one key at a time: the accumulator is rescaled only when a key
+            // raises the running maximum, and no score array is kept (it would live in local
+            // memory, indexed by a loop variable).
+            const int keys = min((u32)BK, k_hi - t0);
+            for (int j = 0; j < keys; ++j) {
                 const u32 key = t0 + j;
-                bool visible = key < k_hi;
                 if (half_window >= 0) {
                     const u32 dist = qi > key ? qi - key : key - qi;
-                    visible = visible && dist <= (u32)half_window;
+                    if (dist > (u32)half_window) continue;
                 }
-                float score = NEG_INF;
-                if (visible) {
-                    score = 0.0f;
-                    #pragma unroll
-                    for (int d = 0; d < D; ++d) score = fmaf(q[d], k_tile[j * D + d], score);
-                    tile_max = fmaxf(tile_max, score);
-                }
-                s[j] = score;
-            }
-            if (tile_max > NEG_INF) {
-                const float m_new = fmaxf(m, tile_max);
-                const float correction = __expf(m - m_new);
-                l *= correction;
+                float score = 0.0f;
                 #pragma unroll
-                for (int d = 0; d < D; ++d) acc[d] *= correction;
-                for (int j = 0; j < BK; ++j) {
-                    if (s[j] > NEG_INF) {
-                        const float p = __expf(s[j] - m_new);
-                        l += p;
-                        #pragma unroll
-                        for (int d = 0; d < D; ++d) acc[d] = fmaf(p, v_tile[j * D + d], acc[d]);
-                    }
+                for (int d = 0; d < D; ++d) score = fmaf(q_row[d], k_tile[j * D + d], score);
+                if (score > m) {
+                    const float correction = __expf(m - score);
+                    l *= correction;
+                    #pragma unroll
+                    for (int d = 0; d < D; ++d) acc[d] *= correction;
+                    m = score;
                 }
-                m = m_new;
+                const float p = __expf(score - m);
+                l += p;
+                #pragma unroll
+                for (int d = 0; d < D; ++d) acc[d] = fmaf(p, v_tile[j * D + d], acc[d]);
             }
         }
         __syncthreads();

@@ -16,4 +16,7 @@ fi
 # NVRTC for the CUDA kernel compilation test (no GPU or CUDA toolkit needed).
 nvrtc_lib="$(scripts/fetch_nvrtc.sh)"
 export LD_LIBRARY_PATH="$nvrtc_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# ptxas, which assembles that PTX to machine code (checks inline PTX, reports spills).
+MIRA_PTXAS="$(scripts/fetch_ptxas.sh)"
+export MIRA_PTXAS
 cargo test --locked --all-targets "$@"

@@ -65,6 +65,10 @@ if [ "${SKIP_CHECKS:-0}" != 1 ]; then
             | grep -E '^test |test result|cosine|panicked|SKIPPED' || true
         [ "${PIPESTATUS[0]}" = 0 ] || status=1
     done
+    echo "## cuda_ops attention with MIRA_CUDA_ATTENTION=scalar (the plain kernel in bf16/f16 too)"
+    MIRA_CUDA_ATTENTION=scalar MIRA_REQUIRE_CUDA=1 "$BIN/cuda_ops" --test-threads 1 attention 2>&1 \
+        | tee "$OUT/cuda_ops_scalar.log" | grep -E '^test |test result|panicked' || true
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 
 if [ "${SKIP_BENCH:-0}" != 1 ]; then

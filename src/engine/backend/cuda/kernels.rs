@@ -33,20 +33,26 @@ pub enum KernelFile {
     LayerNorm,
     Activation,
     Attention,
+    /// Tensor-core attention (bf16/f16 storage only).
+    AttentionTc,
     Rope,
     Pool,
 }
 
 pub const COMMON: &str = include_str!("../../../../kernels/common.cuh");
 
+/// Head sizes `attention_tc.cu` has entry points for (`attention_tc_d{D}`, bf16/f16 storage).
+pub const ATTENTION_TC_HEAD_DIMS: [usize; 6] = [16, 32, 64, 80, 96, 128];
+
 /// Head sizes `attention.cu` has entry points for (`attention_d{D}`).
 pub const ATTENTION_HEAD_DIMS: [usize; 7] = [8, 16, 32, 64, 80, 96, 128];
 
 impl KernelFile {
-    pub const ALL: [KernelFile; 5] = [
+    pub const ALL: [KernelFile; 6] = [
         KernelFile::LayerNorm,
         KernelFile::Activation,
         KernelFile::Attention,
+        KernelFile::AttentionTc,
         KernelFile::Rope,
         KernelFile::Pool,
     ];
@@ -56,6 +62,7 @@ impl KernelFile {
             KernelFile::LayerNorm => "layernorm",
             KernelFile::Activation => "activation",
             KernelFile::Attention => "attention",
+            KernelFile::AttentionTc => "attention_tc",
             KernelFile::Rope => "rope",
             KernelFile::Pool => "pool",
         }
@@ -66,19 +73,25 @@ impl KernelFile {
             KernelFile::LayerNorm => include_str!("../../../../kernels/layernorm.cu"),
             KernelFile::Activation => include_str!("../../../../kernels/activation.cu"),
             KernelFile::Attention => include_str!("../../../../kernels/attention.cu"),
+            KernelFile::AttentionTc => include_str!("../../../../kernels/attention_tc.cu"),
             KernelFile::Rope => include_str!("../../../../kernels/rope.cu"),
             KernelFile::Pool => include_str!("../../../../kernels/pool.cu"),
         }
     }
 
-    /// The `extern "C"` entry points the file defines.
-    pub fn entry_points(self) -> Vec<String> {
+    /// The `extern "C"` entry points the file defines for `storage`.
+    pub fn entry_points(self, storage: Storage) -> Vec<String> {
         match self {
             KernelFile::LayerNorm => vec!["embed_layernorm".into(), "layernorm".into()],
             KernelFile::Activation => vec!["bias_act".into(), "geglu".into()],
             KernelFile::Attention => ATTENTION_HEAD_DIMS
                 .iter()
                 .map(|d| format!("attention_d{d}"))
+                .collect(),
+            KernelFile::AttentionTc if storage == Storage::F32 => Vec::new(),
+            KernelFile::AttentionTc => ATTENTION_TC_HEAD_DIMS
+                .iter()
+                .map(|d| format!("attention_tc_d{d}"))
                 .collect(),
             KernelFile::Rope => vec!["rope".into()],
             KernelFile::Pool => vec!["pool".into()],

@@ -35,7 +35,7 @@ use super::{Backend, EmbeddingTables};
 use crate::engine::{Activation, Batch, Pooling, Precision};
 pub use device::DeviceInfo;
 use gemm::{Epilogue, Gemm};
-use kernels::{KernelFile, Storage, ATTENTION_HEAD_DIMS};
+use kernels::{KernelFile, Storage, ATTENTION_HEAD_DIMS, ATTENTION_TC_HEAD_DIMS};
 
 /// Queries per attention block (`BQ` in attention.cu).
 const QUERY_BLOCK: usize = 64;
@@ -117,6 +117,8 @@ struct Kernels {
     rope: CudaFunction,
     pool: CudaFunction,
     attention: HashMap<usize, CudaFunction>,
+    /// Tensor-core attention by head size (bf16/f16 storage; empty for f32).
+    attention_tc: HashMap<usize, CudaFunction>,
 }
 
 impl Kernels {
@@ -150,6 +152,12 @@ impl Kernels {
             attention: ATTENTION_HEAD_DIMS
                 .iter()
                 .map(|&d| Ok((d, f(KernelFile::Attention, &format!("attention_d{d}"))?)))
+                .collect::<Result<_>>()?,
+            attention_tc: KernelFile::AttentionTc
+                .entry_points(storage)
+                .iter()
+                .zip(ATTENTION_TC_HEAD_DIMS)
+                .map(|(name, d)| Ok((d, f(KernelFile::AttentionTc, name)?)))
                 .collect::<Result<_>>()?,
         })
     }
@@ -492,6 +500,12 @@ impl CudaBackend {
     }
 }
 
+/// `MIRA_CUDA_ATTENTION=scalar`: use attention.cu even where attention_tc.cu has a kernel.
+fn scalar_attention_forced() -> bool {
+    static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FORCED.get_or_init(|| std::env::var("MIRA_CUDA_ATTENTION").is_ok_and(|v| v == "scalar"))
+}
+
 /// `n` as the kernels' 32-bit int.
 fn int(n: usize, what: &str) -> Result<i32> {
     i32::try_from(n).map_err(|_| anyhow!("{what} ({n}) does not fit the kernels' 32-bit indices"))
@@ -781,10 +795,17 @@ impl Backend for CudaBackend {
             window != Some(0),
             "attention: a sliding window must be at least 1 token"
         );
-        let Some(kernel) = self.inner.k.attention.get(&d) else {
-            bail!(
-                "attention: head size {d} has no CUDA kernel (supported: {ATTENTION_HEAD_DIMS:?})"
-            );
+        // Tensor cores where there is a kernel for the head size (bf16/f16 storage), unless
+        // MIRA_CUDA_ATTENTION=scalar asks for the plain kernel (to compare the two).
+        let k = &self.inner.k;
+        let (kernel, threads) = match k.attention_tc.get(&d) {
+            Some(tc) if !scalar_attention_forced() => (tc, 128u32),
+            _ => match k.attention.get(&d) {
+                Some(plain) => (plain, QUERY_BLOCK as u32),
+                None => bail!(
+                    "attention: head size {d} has no CUDA kernel (supported: {ATTENTION_HEAD_DIMS:?})"
+                ),
+            },
         };
         let out = self.output(qkv.rows, h, "attention output")?;
         if batch.n_blocks == 0 {
@@ -806,8 +827,7 @@ impl Backend for CudaBackend {
         l.arg(&hh).arg(&nb).arg(&half_window).arg(&scale);
         let grid = (batch.n_blocks as u32, heads as u32, 1);
         // SAFETY: blocks lie within their sequences, which lie within qkv's rows.
-        unsafe { l.launch(Self::cfg(grid, QUERY_BLOCK as u32)) }
-            .map_err(driver("attention launch"))?;
+        unsafe { l.launch(Self::cfg(grid, threads)) }.map_err(driver("attention launch"))?;
         Ok(out)
     }
 
