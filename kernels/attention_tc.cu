@@ -97,6 +97,8 @@ __device__ __forceinline__ void attention_tc_impl(const T* qkv, const uint2* blo
                 vv = ld2(qkv, base + hidden);
             }
             *reinterpret_cast<u32*>(&k_s[j * KP + d]) = kv;
+            // (These transposing 16-bit stores conflict on banks; ldmatrix.trans on a row-major
+            // V tile would avoid that: a candidate once this can be profiled on a GPU.)
             v_s[d * VP + j] = (T)(vv & 0xffffu);
             v_s[(d + 1) * VP + j] = (T)(vv >> 16);
         }
@@ -188,14 +190,13 @@ __device__ __forceinline__ void attention_tc_impl(const T* qkv, const uint2* blo
     #pragma unroll
     for (int nt = 0; nt < D / 8; ++nt) {
         const size_t c = head * D + nt * 8 + 2 * t;
-        if (row0 <= q_last) {
-            st(out, row0 * (size_t)hidden + c, o[nt][0] * i0);
-            st(out, row0 * (size_t)hidden + c + 1, o[nt][1] * i0);
-        }
-        if (row1 <= q_last) {
-            st(out, row1 * (size_t)hidden + c, o[nt][2] * i1);
-            st(out, row1 * (size_t)hidden + c + 1, o[nt][3] * i1);
-        }
+        // Two neighbouring outputs as one 32-bit store (c is even).
+        if (row0 <= q_last)
+            *reinterpret_cast<u32*>(out + row0 * (size_t)hidden + c) =
+                pack2(o[nt][0] * i0, o[nt][1] * i0);
+        if (row1 <= q_last)
+            *reinterpret_cast<u32*>(out + row1 * (size_t)hidden + c) =
+                pack2(o[nt][2] * i1, o[nt][3] * i1);
     }
 }
 

@@ -81,11 +81,11 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
     for entry in "${models[@]}"; do
         name="${entry%%=*}"; dir="${entry#*=}"
         echo "## $name"
-        for precision in bf16; do
-            "$BIN/mira" bench --model "$dir" --input "$WORK/texts.jsonl" --device cuda --precision "$precision" \
-                --max-tokens 512 --repeat 3 --json 2>"$OUT/mira-$name.err" \
-                | sed "s/^{/{\"case\":\"$name\",\"engine\":\"mira cuda $precision\",/" | tee -a "$OUT/bench.jsonl" \
-                || { status=1; tail -5 "$OUT/mira-$name.err"; }
+        for bt in 16384 65536; do
+            "$BIN/mira" bench --model "$dir" --input "$WORK/texts.jsonl" --device cuda --precision bf16 \
+                --max-tokens 512 --batch-tokens "$bt" --repeat 3 --json 2>"$OUT/mira-$name-$bt.err" \
+                | sed "s/^{/{\"case\":\"$name\",\"engine\":\"mira cuda bf16, batches of $bt tokens\",/" \
+                | tee -a "$OUT/bench.jsonl" || { status=1; tail -5 "$OUT/mira-$name-$bt.err"; }
         done
         for attn in eager sdpa; do
             python3 benches/gpu/hf_bench.py run "$dir" "$WORK/texts.jsonl" --attn "$attn" 2>"$OUT/hf-$name-$attn.err" \
