@@ -25,6 +25,10 @@ pub struct BenchReport {
     pub docs_per_s: f64,
     pub batch_p50_ms: f64,
     pub batch_p99_ms: f64,
+    /// Model FLOPs per token on these documents (dense layers and attention, no padding).
+    pub model_flops_per_token: f64,
+    /// Achieved model FLOP/s of the best pass, in TFLOP/s (MFU = this / the device's peak).
+    pub tflops_per_s: f64,
     /// Tokenization throughput (docs/s) when the input was text, not measured in the engine figures.
     pub tokenize_docs_per_s: Option<f64>,
 }
@@ -49,6 +53,7 @@ pub fn run(scorer: &Scorer, ids: &[Vec<u32>], repeat: usize, input: &str) -> Res
     latencies.sort_by(f64::total_cmp);
     let pct = |p: f64| latencies[((latencies.len() - 1) as f64 * p).round() as usize];
     let tokens: usize = ids.iter().map(Vec::len).sum();
+    let flops: f64 = ids.iter().map(|d| scorer.flops(d.len())).sum();
     Ok(BenchReport {
         model: scorer.model_dir().display().to_string(),
         device: scorer.device_name(),
@@ -65,6 +70,8 @@ pub fn run(scorer: &Scorer, ids: &[Vec<u32>], repeat: usize, input: &str) -> Res
         docs_per_s: ids.len() as f64 / best,
         batch_p50_ms: if latencies.is_empty() { 0.0 } else { pct(0.5) },
         batch_p99_ms: if latencies.is_empty() { 0.0 } else { pct(0.99) },
+        model_flops_per_token: flops / tokens.max(1) as f64,
+        tflops_per_s: flops / best / 1e12,
         tokenize_docs_per_s: None,
     })
 }

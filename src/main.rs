@@ -357,6 +357,11 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
             "latency    p50 {:.1} ms, p99 {:.1} ms per batch",
             report.batch_p50_ms, report.batch_p99_ms
         );
+        println!(
+            "compute    {:.1} MFLOP/token, {:.3} TFLOP/s achieved (model FLOPs, no padding)",
+            report.model_flops_per_token / 1e6,
+            report.tflops_per_s
+        );
         if let Some(r) = report.tokenize_docs_per_s {
             println!("tokenize   {r:.0} docs/s (not included above)");
         }

@@ -323,6 +323,11 @@ impl Scorer {
         self.text.count_tokens(text)
     }
 
+    /// Forward FLOPs of the encoder on one document of `n` tokens (see `Encoder::flops`).
+    pub fn flops(&self, n: usize) -> f64 {
+        self.encoder().flops(n)
+    }
+
     /// Run one packed batch through the encoder and head (used by benchmarks).
     pub fn forward_batch(&self, batch: &Batch) -> Result<Vec<f32>> {
         self.forward_on(self.encoder(), batch)
@@ -439,6 +444,31 @@ mod tests {
 
     fn fixture() -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/bert-cls-regression")
+    }
+
+    /// The FLOP count behind `mira bench`'s TFLOP/s: two per weight of every encoder matrix
+    /// (counted from the checkpoint's tensors) per token, plus Q·Kᵀ and P·V.
+    #[test]
+    fn bert_flops_count_every_encoder_matrix_once_per_token() {
+        let s = Scorer::load(fixture(), Device::Cpu).unwrap();
+        let w = Weights::open(&fixture()).unwrap();
+        let matrix_weights: usize = w
+            .names()
+            .into_iter()
+            .filter(|n| n.contains("encoder.layer.") && n.ends_with(".weight"))
+            .map(|n| w.get(n).unwrap().shape)
+            .filter(|shape| shape.len() == 2)
+            .map(|shape| shape[0] * shape[1])
+            .sum();
+        let cfg = ModelConfig::from_file(&fixture().join("config.json")).unwrap();
+        let crate::model::config::Arch::Bert(c) = &cfg.arch else {
+            panic!("a BERT fixture")
+        };
+        for n in [1usize, 7, 100] {
+            let want = 2.0 * n as f64 * matrix_weights as f64
+                + (c.num_hidden_layers * 4 * n * n * c.hidden_size) as f64;
+            assert_eq!(s.flops(n), want, "n = {n}");
+        }
     }
 
     /// Two engines (as `cuda:all` makes one per GPU), small batches: the fan-out returns exactly

@@ -182,6 +182,14 @@ impl<B: Backend> super::Encoder for Bert<B> {
         self.be.concurrency()
     }
 
+    fn flops(&self, n: usize) -> f64 {
+        let c = &self.cfg;
+        let (n, h, i) = (n as f64, c.hidden_size as f64, c.intermediate_size as f64);
+        // Q, K, V, output (4h²) and the two MLP matrices (2hI); Q·Kᵀ and P·V (2 · n · h each).
+        let per_layer = 2.0 * n * (4.0 * h * h + 2.0 * h * i) + 4.0 * n * n * h;
+        c.num_hidden_layers as f64 * per_layer
+    }
+
     fn hidden_size(&self) -> usize {
         self.cfg.hidden_size
     }

@@ -36,6 +36,10 @@ pub trait Encoder: Send + Sync {
     fn logits(&self, batch: &Batch) -> Result<Vec<f32>>;
     /// The most tokens one batch may hold on this device (its largest binding), if bounded.
     fn max_batch_tokens(&self) -> Option<usize>;
+    /// Forward FLOPs (a multiply-add is 2) of the encoder on one sequence of `n` tokens: the dense
+    /// layers plus the attention products over the keys each token sees (no padding). The head
+    /// is left out (a rounding error). Benchmarks turn this into achieved FLOP/s and MFU.
+    fn flops(&self, n: usize) -> f64;
     /// Forward passes that may run at once on this encoder (see `Backend::concurrency`).
     fn concurrency(&self) -> usize {
         1

@@ -228,6 +228,26 @@ impl<B: Backend> super::Encoder for ModernBert<B> {
         self.be.concurrency()
     }
 
+    fn flops(&self, n: usize) -> f64 {
+        let c = &self.cfg;
+        let (h, i) = (c.hidden_size as f64, c.intermediate_size as f64);
+        // Wqkv and Wo (4h²), Wi (h × 2I) and the MLP output (I × h): 4h² + 3hI per token.
+        let dense = 2.0 * n as f64 * (4.0 * h * h + 3.0 * h * i);
+        c.global_layers
+            .iter()
+            .map(|&global| {
+                // A local layer's token sees at most window + 1 keys (fewer near the ends:
+                // counted as if all did).
+                let keys = if global {
+                    n
+                } else {
+                    n.min(c.local_attention + 1)
+                };
+                dense + 4.0 * n as f64 * keys as f64 * h
+            })
+            .sum()
+    }
+
     fn hidden_size(&self) -> usize {
         self.cfg.hidden_size
     }

@@ -173,7 +173,14 @@ pub fn varlen_attention_global_and_windowed_at_several_head_sizes<B: Backend>(gp
     let mut rng = Rng(0xa77e);
     // Sequences shorter than, equal to and longer than a 64-query block, and a lone token.
     let lens = [1usize, 63, 64, 65, 130, 3, 200];
-    for &(heads, d) in &[(3usize, 32usize), (2, 64), (1, 8), (2, 96), (1, 128), (2, 16)] {
+    for &(heads, d) in &[
+        (3usize, 32usize),
+        (2, 64),
+        (1, 8),
+        (2, 96),
+        (1, 128),
+        (2, 16),
+    ] {
         let h = heads * d;
         let b = batch(&lens, 50);
         let t = b.ids.len();
