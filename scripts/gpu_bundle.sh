@@ -6,8 +6,9 @@
 #                                          so it fits a 64 MiB transfer; GPU and CPU read the same
 #                                          file, so the comparison is unaffected), if PYTHON has
 #                                          numpy and safetensors
-# usage: scripts/gpu_bundle.sh [PYTHON]   (.gpu/ is ignored by git; carry it, e.g. .gpu/bin first
-# and .gpu/minilm in a second call if one transfer cannot hold both)
+#   .gl/libvulkan1_*.deb                  the Vulkan loader, so run.sh can benchmark wgpu there
+# usage: scripts/gpu_bundle.sh [PYTHON]   (.gpu/ and .gl/ are ignored by git; carry them: .gpu/bin
+# and .gl take ~37 MB, .gpu/minilm 45 MB, so two calls if one 64 MiB transfer cannot hold all)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY="${1:-/root/venv-ref/bin/python}"
@@ -35,4 +36,10 @@ save_file({k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in t
           ".gpu/minilm/model.safetensors")
 PY
 fi
-du -sh .gpu/* .gpu/bin/*
+# The Vulkan loader for wgpu on the GPU machine (it has NVIDIA's driver but maybe no loader).
+mkdir -p .gl /tmp/amd64/partial
+o='-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lists=/tmp/amd64'
+if apt-get $o update >/dev/null 2>&1 && (cd .gl && apt-get $o download libvulkan1 >/dev/null 2>&1); then
+    echo "Vulkan loader in .gl/ (carry .gl as well to benchmark wgpu there)"
+fi
+du -sh .gpu/* .gpu/bin/* .gl 2>/dev/null

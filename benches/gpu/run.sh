@@ -12,7 +12,8 @@
 #      length mix (benches/gpu/hf_bench.py); tokens/s, docs/s, MFU and the ratios.
 #
 # usage (repo root of the GPU machine): benches/gpu/run.sh [BUNDLE]
-#   BUNDLE  default .gpu: bin/{mira,cuda_ops,cuda_model}, optionally minilm/ (all-MiniLM-L6-v2)
+#   BUNDLE  default .gpu: bin/{mira,cuda_ops,cuda_model}, optionally minilm/ (all-MiniLM-L6-v2);
+#           with .gl/libvulkan1*.deb carried too, mira's wgpu backend is benchmarked as well
 #   env     DOCS (default 20000) texts to benchmark; OUT (where results go, default /tmp/mira-gpu);
 #           SKIP_CHECKS=1 or SKIP_BENCH=1 to run one half
 # Needs python3 with torch + transformers and the CUDA 13 libraries cuBLASLt and NVRTC (found in
@@ -46,6 +47,16 @@ PY
 )
 export LD_LIBRARY_PATH="$libdirs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export MIRA_REPO="$PWD"
+# wgpu on the GPU through NVIDIA's Vulkan driver, when the Vulkan loader was carried in .gl/
+# (scripts/gpu_bundle.sh downloads libvulkan1): unpacked into /, as the device README says.
+WGPU=0
+if ls .gl/*.deb >/dev/null 2>&1; then
+    for f in .gl/*.deb; do dpkg -x "$f" /; done
+    ldconfig
+    [ -e /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json ] \
+        && export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+    WGPU=1
+fi
 echo "# $(date -u +%Y-%m-%dT%H:%MZ) $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader)"
 echo "# LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 "$BIN/mira" devices 2>&1 | grep -v XDG_RUNTIME
@@ -87,6 +98,12 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
                 | sed "s/^{/{\"case\":\"$name\",\"engine\":\"mira cuda bf16, batches of $bt tokens\",/" \
                 | tee -a "$OUT/bench.jsonl" || { status=1; tail -5 "$OUT/mira-$name-$bt.err"; }
         done
+        if [ "$WGPU" = 1 ]; then
+            "$BIN/mira" bench --model "$dir" --input "$WORK/texts.jsonl" --device wgpu --max-tokens 512 \
+                --repeat 3 --json 2>"$OUT/mira-$name-wgpu.err" \
+                | sed "s/^{/{\"case\":\"$name\",\"engine\":\"mira wgpu (Vulkan)\",/" \
+                | tee -a "$OUT/bench.jsonl" || { status=1; tail -5 "$OUT/mira-$name-wgpu.err"; }
+        fi
         for attn in eager sdpa; do
             python3 benches/gpu/hf_bench.py run "$dir" "$WORK/texts.jsonl" --attn "$attn" 2>"$OUT/hf-$name-$attn.err" \
                 | sed "s/^{/{\"case\":\"$name\",/" | tee -a "$OUT/bench.jsonl" \
