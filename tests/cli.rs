@@ -190,6 +190,24 @@ fn devices_and_unavailable_backends() {
     ]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("cuda:1"));
+    // Every backend has a line, CUDA included (devices or why there are none).
+    let o = mira(&["devices"]);
+    let listing = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(listing.lines().any(|l| l.starts_with("cuda")), "{listing}");
+    if mira::engine::backend::cuda::device::unavailable_reason(None).is_some() {
+        let o = mira(&[
+            "bench",
+            "--model",
+            model.to_str().unwrap(),
+            "--device",
+            "cuda:all",
+            "--docs",
+            "4",
+        ]);
+        assert!(!o.status.success());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("'cuda:all' is not available"), "{err}");
+    }
 }
 
 #[test]
@@ -212,6 +230,8 @@ fn bench_reports_json_throughput() {
     assert_eq!(r["docs"], 50);
     assert!(r["tokens_per_s"].as_f64().unwrap() > 0.0);
     assert!(r["batch_p99_ms"].as_f64().unwrap() >= r["batch_p50_ms"].as_f64().unwrap());
+    assert!(r["model_flops_per_token"].as_f64().unwrap() > 0.0);
+    assert!(r["tflops_per_s"].as_f64().unwrap() > 0.0);
 }
 
 #[test]
