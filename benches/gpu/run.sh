@@ -14,7 +14,8 @@
 # usage (repo root of the GPU machine): benches/gpu/run.sh [BUNDLE]
 #   BUNDLE  default .gpu: bin/{mira,cuda_ops,cuda_model}, optionally minilm/ (all-MiniLM-L6-v2);
 #           with .gl/libvulkan1*.deb carried too, mira's wgpu backend is benchmarked as well
-#   env     DOCS (default 20000) texts to benchmark; OUT (where results go, default /tmp/mira-gpu);
+#   env     DOCS (default 20000) texts to benchmark; HF_BATCH (default 128) transformers' batch;
+#           OUT (where results go, default /tmp/mira-gpu);
 #           SKIP_CHECKS=1 or SKIP_BENCH=1 to run one half
 # Needs python3 with torch + transformers and the CUDA 13 libraries cuBLASLt and NVRTC (found in
 # the Python environment's nvidia wheels or /usr/local/cuda).
@@ -105,7 +106,8 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
                 | tee -a "$OUT/bench.jsonl" || { status=1; tail -5 "$OUT/mira-$name-wgpu.err"; }
         fi
         for attn in eager sdpa; do
-            python3 benches/gpu/hf_bench.py run "$dir" "$WORK/texts.jsonl" --attn "$attn" 2>"$OUT/hf-$name-$attn.err" \
+            python3 benches/gpu/hf_bench.py run "$dir" "$WORK/texts.jsonl" --attn "$attn" --batch "${HF_BATCH:-128}" \
+                2>"$OUT/hf-$name-$attn.err" \
                 | sed "s/^{/{\"case\":\"$name\",/" | tee -a "$OUT/bench.jsonl" \
                 || { status=1; tail -5 "$OUT/hf-$name-$attn.err"; }
         done
