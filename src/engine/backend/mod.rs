@@ -70,6 +70,62 @@ pub fn qkv_shape(
     Ok((h, h / heads))
 }
 
+/// `geglu`'s shape check shared by every backend: the input holds the input half and the gate
+/// half side by side. Returns the output width.
+pub fn geglu_width(cols: usize) -> Result<usize> {
+    anyhow::ensure!(
+        cols.is_multiple_of(2),
+        "geglu: input has an odd number of columns ({cols})"
+    );
+    Ok(cols / 2)
+}
+
+/// Shape checks shared by the GPU backends' LayerNorm kernels: rows of `cols` values (at most
+/// `max_row`, what one workgroup holds), weight and bias of `cols` values, a residual of the same
+/// shape as x.
+pub fn norm_shape(
+    (rows, cols): (usize, usize),
+    weight_len: usize,
+    bias_len: Option<usize>,
+    residual: Option<(usize, usize)>,
+    max_row: usize,
+) -> Result<()> {
+    anyhow::ensure!(
+        cols <= max_row,
+        "layernorm: rows of {cols} values exceed the kernel's {max_row}"
+    );
+    anyhow::ensure!(weight_len == cols, "layernorm: weight is not [1, {cols}]");
+    if let Some(len) = bias_len {
+        anyhow::ensure!(len == cols, "layernorm: bias is not [1, {cols}]");
+    }
+    if let Some((r_rows, r_cols)) = residual {
+        anyhow::ensure!(
+            (r_rows, r_cols) == (rows, cols),
+            "layernorm: residual is [{r_rows}, {r_cols}], expected [{rows}, {cols}]"
+        );
+    }
+    Ok(())
+}
+
+/// The rotary table every backend uses: `(cos, sin)` of position `p` and frequency `i` at
+/// `[p · half + i]`, for positions `0..positions`. Frequencies and angles in f32 exactly as
+/// transformers computes them (its rotary embedding runs in float32 even for a float64 model),
+/// cos/sin then taken in f64; so long positions do not depend on a GPU's `sin`.
+pub fn rotary_table(theta: f32, half: usize, positions: usize) -> Vec<[f32; 2]> {
+    let d = 2 * half;
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| 1.0 / theta.powf((2 * i) as f32 / d as f32))
+        .collect();
+    let mut table = Vec::with_capacity(positions * half);
+    for p in 0..positions {
+        for f in &inv_freq {
+            let angle = (p as f32 * f) as f64;
+            table.push([angle.cos() as f32, angle.sin() as f32]);
+        }
+    }
+    table
+}
+
 /// One device's implementation of the encoder ops.
 pub trait Backend: Send + Sync + 'static {
     /// A 2-D row-major tensor living on the device.

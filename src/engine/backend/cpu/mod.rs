@@ -338,26 +338,15 @@ impl Backend for CpuBackend {
         let (h, d) = super::qkv_shape("rope", qkv.rows, qkv.cols, batch.ids.len(), heads)?;
         ensure!(d.is_multiple_of(2), "rope: head size {d} must be even");
         let half = d / 2;
-        // Frequencies and angles in f32 exactly as transformers computes them (its rotary
-        // embedding runs in float32 even for a float64 model), cos/sin then taken in f64.
-        let inv_freq: Vec<f32> = (0..half)
-            .map(|i| 1.0 / theta.powf((2 * i) as f32 / d as f32))
-            .collect();
         let max_pos = batch
             .positions
             .iter()
             .copied()
             .max()
             .map_or(0, |p| p as usize + 1);
-        let mut cos = vec![0f32; max_pos * half];
-        let mut sin = vec![0f32; max_pos * half];
-        for p in 0..max_pos {
-            for (i, f) in inv_freq.iter().enumerate() {
-                let angle = (p as f32 * f) as f64;
-                cos[p * half + i] = angle.cos() as f32;
-                sin[p * half + i] = angle.sin() as f32;
-            }
-        }
+        let table = super::rotary_table(theta, half, max_pos);
+        let cos: Vec<f32> = table.iter().map(|cs| cs[0]).collect();
+        let sin: Vec<f32> = table.iter().map(|cs| cs[1]).collect();
         let cols = qkv.cols;
         let positions = &batch.positions;
         qkv.data
@@ -382,12 +371,7 @@ impl Backend for CpuBackend {
     }
 
     fn geglu(&self, x: &CpuTensor, act: Activation) -> Result<CpuTensor> {
-        ensure!(
-            x.cols.is_multiple_of(2),
-            "geglu: input has an odd number of columns ({})",
-            x.cols
-        );
-        let inter = x.cols / 2;
+        let inter = super::geglu_width(x.cols)?;
         let mut out = vec![0f32; x.rows * inter];
         let rows = rows_per_task(x.rows, x.cols);
         out.par_chunks_mut(rows * inter)

@@ -375,21 +375,12 @@ impl CudaBackend {
                 return Ok(buf.clone());
             }
         }
-        // Grown to a power of two; angles in f32 and cos/sin in f64, exactly as the CPU
-        // reference (and transformers) computes them.
+        // Grown to a power of two so a longer batch rarely rebuilds it.
         let covered = positions.next_power_of_two();
-        let d = 2 * half;
-        let inv_freq: Vec<f32> = (0..half)
-            .map(|i| 1.0 / theta.powf((2 * i) as f32 / d as f32))
+        let table: Vec<f32> = super::rotary_table(theta, half, covered)
+            .into_iter()
+            .flatten()
             .collect();
-        let mut table = Vec::with_capacity(covered * half * 2);
-        for p in 0..covered {
-            for f in &inv_freq {
-                let angle = (p as f32 * f) as f64;
-                table.push(angle.cos() as f32);
-                table.push(angle.sin() as f32);
-            }
-        }
         let buf = Arc::new(
             self.inner
                 .stream
@@ -448,28 +439,13 @@ impl CudaBackend {
     ) -> Result<()> {
         let (weight, bias, eps) = norm;
         let (rows, cols) = (x.rows, x.cols);
-        ensure!(
-            cols <= MAX_ROW,
-            "layernorm: rows of {cols} values exceed the kernel's {MAX_ROW}"
-        );
-        ensure!(
-            weight.rows * weight.cols == cols,
-            "layernorm: weight is not [1, {cols}]"
-        );
-        if let Some(b) = bias {
-            ensure!(
-                b.rows * b.cols == cols,
-                "layernorm: bias is not [1, {cols}]"
-            );
-        }
-        if let Some(r) = residual {
-            ensure!(
-                r.rows == rows && r.cols == cols,
-                "layernorm: residual is [{}, {}], expected [{rows}, {cols}]",
-                r.rows,
-                r.cols
-            );
-        }
+        super::norm_shape(
+            (rows, cols),
+            weight.rows * weight.cols,
+            bias.map(|b| b.rows * b.cols),
+            residual.map(|r| (r.rows, r.cols)),
+            MAX_ROW,
+        )?;
         if rows == 0 {
             return Ok(());
         }
@@ -759,12 +735,7 @@ impl Backend for CudaBackend {
     }
 
     fn geglu(&self, x: &CudaTensor, act: Activation) -> Result<CudaTensor> {
-        ensure!(
-            x.cols.is_multiple_of(2),
-            "geglu: input has an odd number of columns ({})",
-            x.cols
-        );
-        let inner = x.cols / 2;
+        let inner = super::geglu_width(x.cols)?;
         let out = self.output(x.rows, inner, "geglu output")?;
         if x.rows * inner == 0 {
             return Ok(out);

@@ -154,21 +154,12 @@ impl WgpuBackend {
                 return Ok(buf.clone());
             }
         }
-        // Grow to a power of two so a longer batch rarely rebuilds it. Angles in f32, cos/sin
-        // in f64, exactly as the CPU reference (and transformers) computes them.
+        // Grown to a power of two so a longer batch rarely rebuilds it.
         let covered = positions.next_power_of_two();
-        let d = 2 * half;
-        let inv_freq: Vec<f32> = (0..half)
-            .map(|i| 1.0 / theta.powf((2 * i) as f32 / d as f32))
+        let table: Vec<u8> = super::rotary_table(theta, half, covered)
+            .iter()
+            .flat_map(|cs| cs.iter().flat_map(|v| v.to_le_bytes()))
             .collect();
-        let mut table = Vec::with_capacity(covered * half * 8);
-        for p in 0..covered {
-            for f in &inv_freq {
-                let angle = (p as f32 * f) as f64;
-                table.extend_from_slice(&(angle.cos() as f32).to_le_bytes());
-                table.extend_from_slice(&(angle.sin() as f32).to_le_bytes());
-            }
-        }
         let buf = Arc::new(self.ctx.upload(&table, "rotary table")?);
         tables.insert(key, (buf.clone(), covered));
         Ok(buf)
@@ -185,22 +176,13 @@ impl WgpuBackend {
     ) -> Result<()> {
         let Norm { weight, bias, eps } = norm;
         let (rows, cols) = (x.rows, x.cols);
-        ensure!(
-            cols <= MAX_ROW,
-            "layernorm: rows of {cols} values exceed the shader's {MAX_ROW}"
-        );
-        ensure!(
-            weight.rows * weight.cols == cols,
-            "layernorm: weight is not [1, {cols}]"
-        );
-        if let Some(r) = residual {
-            ensure!(
-                r.rows == rows && r.cols == cols,
-                "layernorm: residual is [{}, {}], expected [{rows}, {cols}]",
-                r.rows,
-                r.cols
-            );
-        }
+        super::norm_shape(
+            (rows, cols),
+            weight.rows * weight.cols,
+            bias.map(|b| b.rows * b.cols),
+            residual.map(|r| (r.rows, r.cols)),
+            MAX_ROW,
+        )?;
         if rows == 0 {
             return Ok(());
         }
@@ -444,12 +426,7 @@ impl Backend for WgpuBackend {
     }
 
     fn geglu(&self, x: &WgpuTensor, act: Activation) -> Result<WgpuTensor> {
-        ensure!(
-            x.cols.is_multiple_of(2),
-            "geglu: input has an odd number of columns ({})",
-            x.cols
-        );
-        let inner = x.cols / 2;
+        let inner = super::geglu_width(x.cols)?;
         let out = self.output(x.rows, inner, "geglu output")?;
         let n = u32_of(x.rows * inner, "geglu outputs")?;
         if n == 0 {
