@@ -14,9 +14,9 @@ if [ -z "${LLAMA_SERVER:-}" ] || [ -z "${TEACHER_GGUF:-}" ]; then
     export ${teacher_env?}
 fi
 # NVRTC for the CUDA kernel compilation test (no GPU or CUDA toolkit needed).
-nvrtc_lib="$(scripts/fetch_nvrtc.sh)"
+nvrtc_lib="$(dirname "$(scripts/fetch_cuda_wheel.sh nvrtc nvidia-cuda-nvrtc nvidia/cu13/lib/libnvrtc.so.13)")"
 export LD_LIBRARY_PATH="$nvrtc_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 # ptxas, which assembles that PTX to machine code (checks inline PTX, reports spills).
-MIRA_PTXAS="$(scripts/fetch_ptxas.sh)"
+MIRA_PTXAS="$(scripts/fetch_cuda_wheel.sh nvcc nvidia-cuda-nvcc nvidia/cu13/bin/ptxas)"
 export MIRA_PTXAS
 cargo test --locked --all-targets "$@"

@@ -91,7 +91,7 @@ fn ptx_assembles_to_machine_code_without_spills() {
         if std::env::var_os("CI").is_some() {
             panic!("MIRA_PTXAS not set under CI: scripts/test.sh installs nvidia-cuda-nvcc");
         }
-        eprintln!("SKIPPED: MIRA_PTXAS not set (scripts/fetch_ptxas.sh prints the path)");
+        eprintln!("SKIPPED: MIRA_PTXAS not set (scripts/test.sh sets it)");
         return;
     };
     let dir = tempfile::tempdir().unwrap();
