@@ -17,12 +17,11 @@
 #define TC_BK 64
 #define TC_THREADS 128
 
+#if !defined(MIRA_EMU)  // (the CPU emulation in tests/cuda_emu has its own mma16816)
 #if defined(MIRA_BF16)
 #define TC_MMA "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-#define TC_CVT "cvt.rn.bf16.f32 %0, %1;"
 #else
 #define TC_MMA "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-#define TC_CVT "cvt.rn.f16.f32 %0, %1;"
 #endif
 
 // c += a · b for one 16×8 tile of C from a 16×16 A tile and a 16×8 B tile.
@@ -31,13 +30,11 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const u32 (&a)[4], u32 b
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+#endif
 
 // Two floats as a pair of storage values (first in the low half).
 __device__ __forceinline__ u32 pack2(float lo, float hi) {
-    unsigned short l, h;
-    asm(TC_CVT : "=h"(l) : "f"(lo));
-    asm(TC_CVT : "=h"(h) : "f"(hi));
-    return (u32)l | ((u32)h << 16);
+    return (u32)from_f32(lo) | ((u32)from_f32(hi) << 16);
 }
 
 __device__ __forceinline__ u32 ld2(const T* p, size_t i) {  // i even: 4-byte aligned

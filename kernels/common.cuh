@@ -13,24 +13,30 @@ __device__ __forceinline__ float ld(const T* p, size_t i) { return p[i]; }
 __device__ __forceinline__ void st(T* p, size_t i, float v) { p[i] = v; }
 #else
 typedef unsigned short T;
-__device__ __forceinline__ float ld(const T* p, size_t i) {
+#if !defined(MIRA_EMU)
+// A storage value as f32, and f32 to storage rounded to nearest even. (The CPU emulation of
+// the kernels in tests/cuda_emu defines these two itself.)
+__device__ __forceinline__ float to_f32(unsigned short h) {
 #if defined(MIRA_BF16)
-    return __uint_as_float(((u32)p[i]) << 16);
+    return __uint_as_float(((u32)h) << 16);
 #else
     float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(p[i]));
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
     return f;
 #endif
 }
-__device__ __forceinline__ void st(T* p, size_t i, float v) {
+__device__ __forceinline__ unsigned short from_f32(float v) {
     unsigned short h;
 #if defined(MIRA_BF16)
     asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
 #else
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
 #endif
-    p[i] = h;
+    return h;
 }
+#endif
+__device__ __forceinline__ float ld(const T* p, size_t i) { return to_f32(p[i]); }
+__device__ __forceinline__ void st(T* p, size_t i, float v) { p[i] = from_f32(v); }
 #endif
 
 // Activation codes, as the host sends them: 0 none, 1 gelu (exact erf), 2 gelu (tanh), 3 relu,

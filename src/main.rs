@@ -64,9 +64,10 @@ struct ModelArgs {
     /// Token budget of one packed batch [default: the device's, 4096 on CPU]
     #[arg(long)]
     batch_tokens: Option<usize>,
-    /// Storage type of weights and activations on a GPU: auto (bf16 on CUDA sm_80+, else f16
-    /// where the device has it, else f32), f32, f16 or bf16 (CUDA only); arithmetic is f32
-    /// either way (the CPU backend is always f32)
+    /// Storage type of weights and activations on a GPU: auto (f16 where the device has it,
+    /// as every CUDA device does, else f32), f32, f16 or bf16 (CUDA sm_80+ only, for models
+    /// whose activations overflow f16); arithmetic is f32 either way (the CPU backend is always
+    /// f32)
     #[arg(long, default_value = "auto")]
     precision: Precision,
     /// Worker threads for the CPU backend and tokenization [default: all cores]

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
+use crate::engine::backend::Backend;
 use crate::engine::{self, Batch, Device, Packer, Pooling};
 use crate::model::config::{ModelConfig, ProblemType};
 use crate::model::st::SentenceConfig;
@@ -107,6 +108,43 @@ impl Scorer {
                     .with_context(|| format!("cannot load model {} on {d}", dir.display()))
             })
             .collect::<Result<Vec<_>>>()?;
+        let packer = opts
+            .packer
+            .unwrap_or_else(|| engine::default_packer(device));
+        Self::assemble(dir, &cfg, sentence, engines, opts, packer, device_note)
+    }
+
+    /// Load a checkpoint onto a backend the caller built (the tests' CPU emulation of the
+    /// CUDA kernels, say); batches are packed as for the CPU unless `opts.packer` says otherwise.
+    pub fn load_on_backend<B: Backend>(
+        dir: impl AsRef<Path>,
+        backend: B,
+        opts: LoadOptions,
+    ) -> Result<Scorer> {
+        let dir = dir.as_ref();
+        model::check_folder(dir)?;
+        let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+        let sentence = SentenceConfig::load(dir)?;
+        let weights = Weights::open(dir)?;
+        let name = backend.name();
+        let engine = model::load_encoder_on(&cfg, &weights, backend)
+            .with_context(|| format!("cannot load model {} on {name}", dir.display()))?;
+        let packer = opts
+            .packer
+            .unwrap_or_else(|| engine::default_packer(Device::Cpu));
+        Self::assemble(dir, &cfg, sentence, vec![engine], opts, packer, None)
+    }
+
+    /// The tokenizer, head metadata and batch limits around loaded engines.
+    fn assemble(
+        dir: &Path,
+        cfg: &ModelConfig,
+        sentence: SentenceConfig,
+        engines: Vec<Box<dyn Encoder>>,
+        opts: LoadOptions,
+        mut packer: Packer,
+        device_note: Option<String>,
+    ) -> Result<Scorer> {
         let encoder = &engines[0];
         let max_pos = encoder.max_positions();
         let max_tokens = opts
@@ -141,9 +179,6 @@ impl Scorer {
                 })
             }
         };
-        let mut packer = opts
-            .packer
-            .unwrap_or_else(|| engine::default_packer(device));
         // A GPU binds at most so many bytes at once: batches are split to fit, and one
         // document (which cannot be split) must fit alone.
         if let Some(limit) = engines.iter().filter_map(|e| e.max_batch_tokens()).min() {

@@ -13,6 +13,7 @@ use anyhow::{bail, Context, Result};
 use crate::engine::backend::cpu::CpuBackend;
 use crate::engine::backend::cuda::CudaBackend;
 use crate::engine::backend::wgpu::WgpuBackend;
+use crate::engine::backend::Backend;
 use crate::engine::{Batch, Device, Pooling, Precision};
 use config::{Arch, ModelConfig};
 use weights::Weights;
@@ -89,46 +90,35 @@ pub fn load_encoder(
     device: Device,
     precision: Precision,
 ) -> Result<Box<dyn Encoder>> {
+    match device {
+        Device::Cpu => load_encoder_on(cfg, weights, CpuBackend),
+        Device::Wgpu(n) => load_encoder_on(cfg, weights, WgpuBackend::new(n, precision)?),
+        Device::Cuda(n) => {
+            load_encoder_on(cfg, weights, CudaBackend::new(n.unwrap_or(0), precision)?)
+        }
+        Device::Auto | Device::CudaAll => bail!(
+            "device {device} names several or no device: the Scorer resolves it to one per engine"
+        ),
+    }
+}
+
+/// The encoder of a checkpoint on `backend`, with its head when the checkpoint has one.
+pub fn load_encoder_on<B: Backend>(
+    cfg: &ModelConfig,
+    weights: &Weights,
+    backend: B,
+) -> Result<Box<dyn Encoder>> {
     let with_head = match cfg.architecture.as_str() {
         "BertForSequenceClassification" | "ModernBertForSequenceClassification" => true,
         "BertModel" | "ModernBertModel" => false,
         _ => weights.contains("classifier.weight"),
     };
-    match (&cfg.arch, device) {
-        (Arch::Bert(c), Device::Cpu) => Ok(Box::new(bert::Bert::load(
-            CpuBackend, c, weights, with_head,
-        )?)),
-        (Arch::ModernBert(c), Device::Cpu) => Ok(Box::new(modernbert::ModernBert::load(
-            CpuBackend, c, weights, with_head,
-        )?)),
-        (Arch::Bert(c), Device::Wgpu(n)) => Ok(Box::new(bert::Bert::load(
-            WgpuBackend::new(n, precision)?,
-            c,
-            weights,
-            with_head,
-        )?)),
-        (Arch::ModernBert(c), Device::Wgpu(n)) => Ok(Box::new(modernbert::ModernBert::load(
-            WgpuBackend::new(n, precision)?,
-            c,
-            weights,
-            with_head,
-        )?)),
-        (Arch::Bert(c), Device::Cuda(n)) => Ok(Box::new(bert::Bert::load(
-            CudaBackend::new(n.unwrap_or(0), precision)?,
-            c,
-            weights,
-            with_head,
-        )?)),
-        (Arch::ModernBert(c), Device::Cuda(n)) => Ok(Box::new(modernbert::ModernBert::load(
-            CudaBackend::new(n.unwrap_or(0), precision)?,
-            c,
-            weights,
-            with_head,
-        )?)),
-        (_, Device::Auto | Device::CudaAll) => bail!(
-            "device {device} names several or no device: the Scorer resolves it to one per engine"
-        ),
-    }
+    Ok(match &cfg.arch {
+        Arch::Bert(c) => Box::new(bert::Bert::load(backend, c, weights, with_head)?),
+        Arch::ModernBert(c) => Box::new(modernbert::ModernBert::load(
+            backend, c, weights, with_head,
+        )?),
+    })
 }
 
 /// Whether a folder looks like a checkpoint (used for early, clear errors).

@@ -1,13 +1,28 @@
-//! The whole-model check shared by the GPU backends' tests (`wgpu_model.rs`, `cuda_model.rs`):
+//! The whole-model check shared by the GPU backends' tests (`wgpu_model.rs`, `cuda_model.rs`,
+//! `cuda_emu.rs`):
 //! a checkpoint on a device against the same checkpoint on the CPU backend. Embeddings: cosine
-//! ≥ 0.9999 with f32 storage, ≥ 0.999 with f16/bf16; head outputs within 0.1% (f32) or 1%
-//! (f16/bf16) of the CPU outputs' range; a batch gives each document exactly what it gets alone.
+//! ≥ 0.9999 with f32 storage, ≥ 0.999 with f16, ≥ 0.998 with bf16; head outputs within 0.1%
+//! (f32), 1% (f16) or 2% (bf16) of the CPU outputs' range; a batch gives each document exactly
+//! what it gets alone.
 //! Included with `#[path]` by test crates that also have `mod common; mod gpu;`.
 
 use crate::common::golden;
 use crate::gpu::{cosine, Prec};
 use mira::engine::{Device, Precision};
 use mira::{LoadOptions, Scorer};
+
+/// The least embedding cosine to the CPU for a whole model. bf16 storage keeps 8 significant
+/// bits to f16's 11, and its rounding compounds over the layers: on the random-weight
+/// checkpoints it reaches cosine 0.9988 and 1.5% of the score range (measured on the CUDA kernel
+/// emulator, tests/cuda_emu.rs, where f16 stays above 0.99998 and within 0.3%), so its bounds
+/// are 0.998 and 2%; f16 (the default) is held to 0.999 and 1%.
+fn min_cosine(prec: Prec) -> f64 {
+    match prec {
+        Prec::F32 => 0.9999,
+        Prec::F16 => 0.999,
+        Prec::Bf16 => 0.998,
+    }
+}
 
 /// The texts of a golden's settings, and the largest truncation they use.
 fn texts(golden_name: &str) -> (Vec<String>, usize) {
@@ -38,11 +53,24 @@ fn load(dir: &std::path::Path, device: Device, precision: Precision, max_tokens:
 
 /// Compare `dir` on `device` with CPU for the texts of `golden_name`, once per storage
 /// precision.
+#[allow(dead_code)] // (cuda_emu.rs uses check_loaded only)
 pub fn check(
     dir: &std::path::Path,
     golden_name: &str,
     device: Device,
     precisions: &[(Precision, Prec)],
+) {
+    check_loaded(dir, golden_name, precisions, |precision, max_tokens| {
+        load(dir, device, precision, max_tokens)
+    });
+}
+
+/// As [`check`], with the device's scorer made by `open(precision, max_tokens)`.
+pub fn check_loaded(
+    dir: &std::path::Path,
+    golden_name: &str,
+    precisions: &[(Precision, Prec)],
+    open: impl Fn(Precision, usize) -> Scorer,
 ) {
     let (texts, max_tokens) = texts(golden_name);
     let cpu = load(dir, Device::Cpu, Precision::F32, max_tokens);
@@ -50,14 +78,14 @@ pub fn check(
     let want = cpu.embed_ids(&ids).unwrap();
     let want_logits = cpu.head().map(|_| cpu.logits_ids(&ids).unwrap());
     for &(precision, prec) in precisions {
-        let gpu = load(dir, device, precision, max_tokens);
+        let gpu = open(precision, max_tokens);
         let got = gpu.embed_ids(&ids).unwrap();
         let mut min_cos = 1f64;
         for (d, doc) in ids.iter().enumerate() {
             let c = cosine(got.row(d), want.row(d));
             min_cos = min_cos.min(c);
             assert!(
-                c >= prec.min_cosine(),
+                c >= min_cosine(prec),
                 "{golden_name} {prec:?} doc {d} ({} tokens): cosine {c}",
                 doc.len()
             );
@@ -79,7 +107,8 @@ pub fn check(
                 .fold(0f64, f64::max);
             let allowed = match prec {
                 Prec::F32 => 1e-3,
-                Prec::F16 | Prec::Bf16 => 1e-2,
+                Prec::F16 => 1e-2,
+                Prec::Bf16 => 2e-2,
             } * range;
             assert!(
                 worst <= allowed,

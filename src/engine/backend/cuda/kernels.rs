@@ -18,11 +18,61 @@ pub enum Storage {
 
 impl Storage {
     pub const ALL: [Storage; 3] = [Storage::Bf16, Storage::F16, Storage::F32];
-    fn define(self) -> &'static str {
+    /// The line that selects this storage type in a kernel program.
+    pub fn define(self) -> &'static str {
         match self {
             Storage::Bf16 => "#define MIRA_BF16 1\n",
             Storage::F16 => "#define MIRA_F16 1\n",
             Storage::F32 => "#define MIRA_F32 1\n",
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Storage::Bf16 => "bf16",
+            Storage::F16 => "f16",
+            Storage::F32 => "f32",
+        }
+    }
+
+    /// Bytes per value.
+    pub fn bytes(self) -> usize {
+        match self {
+            Storage::F32 => 4,
+            Storage::Bf16 | Storage::F16 => 2,
+        }
+    }
+
+    /// f32 values as stored (little-endian, rounded to nearest even).
+    pub fn encode(self, data: &[f32]) -> Vec<u8> {
+        match self {
+            Storage::F32 => data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            Storage::F16 => data
+                .iter()
+                .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+                .collect(),
+            Storage::Bf16 => data
+                .iter()
+                .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+                .collect(),
+        }
+    }
+
+    /// Stored values back to f32.
+    pub fn decode(self, bytes: &[u8]) -> Vec<f32> {
+        match self {
+            Storage::F32 => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Storage::F16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Storage::Bf16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
         }
     }
 }

@@ -1,0 +1,665 @@
+//! The CUDA backend's ops, written once over [`KernelDevice`]: what they need from a device is
+//! memory, kernel launches ([`Launch`]) and GEMMs. The GPU ([`super::Gpu`]: cudarc, our kernels,
+//! cuBLASLt) is one such device; the tests' CPU emulation of `kernels/*.cu` is another, so every
+//! line here (shape checks, argument order, grid sizes, kernel choice, batch layout) also runs,
+//! and is checked against the CPU backend, on a machine without a GPU.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{anyhow, bail, ensure, Result};
+
+use super::gemm::Epilogue;
+use super::kernels::{Storage, ATTENTION_HEAD_DIMS, ATTENTION_TC_HEAD_DIMS};
+use super::launch::{
+    attention_blocks, stride_grid, Arg, Entry, Launch, MAX_ROW, QUERY_BLOCK, ROW_THREADS,
+    STRIDE_THREADS, TC_THREADS,
+};
+use crate::engine::backend::{Backend, EmbeddingTables};
+use crate::engine::{Activation, Batch, Pooling};
+
+/// What the ops need from a device. Addresses are the device's (`u64`); a `Mem` owns the
+/// allocation an address points into, and frees it when dropped (ordered after the work that
+/// reads it).
+pub trait KernelDevice: Send + Sync + 'static {
+    /// Owns one allocation.
+    type Mem: Send + Sync;
+    /// Owns a batch's uploaded index data until the batch is dropped.
+    type BatchMem: Send + Sync;
+
+    /// Human-readable description (`cuda:0 (NVIDIA H100, sm_90, bf16 storage)`).
+    fn describe(&self) -> String;
+    fn storage(&self) -> Storage;
+    /// Streaming multiprocessors (sizes grid-stride launches).
+    fn multiprocessors(&self) -> u32;
+    /// `bytes` uninitialised bytes (`what` names them in errors).
+    fn alloc(&self, bytes: usize, what: &str) -> Result<(Self::Mem, u64)>;
+    /// Set `bytes` bytes at `ptr` to `byte`, in order with the ops.
+    ///
+    /// # Safety
+    /// `ptr` addresses at least `bytes` bytes of this device's memory.
+    unsafe fn memset(&self, ptr: u64, byte: u8, bytes: usize) -> Result<()>;
+    /// A copy of `bytes` on the device.
+    fn upload(&self, bytes: &[u8], what: &str) -> Result<(Self::Mem, u64)>;
+    /// A batch's index data, `n` u32 values that `fill` writes, on the device. Returns the
+    /// address of the first value.
+    fn upload_batch(
+        &self,
+        n: usize,
+        fill: &mut dyn FnMut(&mut [u32]),
+    ) -> Result<(Self::BatchMem, u64)>;
+    /// Enqueue a kernel launch.
+    ///
+    /// # Safety
+    /// The arguments address live memory of the sizes the kernel reads and writes.
+    unsafe fn launch(&self, launch: &Launch) -> Result<()>;
+    /// `out[m, n] = epilogue(x[m, k] · w[n, k]ᵀ (+ bias[n]))`, k ≥ 1.
+    ///
+    /// # Safety
+    /// The pointers address live tensors of those shapes.
+    unsafe fn gemm(
+        &self,
+        x: u64,
+        w: u64,
+        bias: Option<u64>,
+        out: u64,
+        mnk: (usize, usize, usize),
+        epilogue: Epilogue,
+    ) -> Result<()>;
+    /// `bytes` bytes at `ptr`, after every op enqueued before.
+    ///
+    /// # Safety
+    /// `ptr` addresses at least `bytes` bytes of this device's memory.
+    unsafe fn download(&self, ptr: u64, bytes: usize) -> Result<Vec<u8>>;
+    /// Wait for every op enqueued so far.
+    fn sync(&self) -> Result<()>;
+    /// Threads that may drive this device at once (see `Backend::concurrency`).
+    fn concurrency(&self) -> usize;
+}
+
+/// A row-major matrix in device memory, freed when dropped.
+pub struct DevTensor<M> {
+    /// Owns the allocation `ptr` addresses.
+    #[allow(dead_code)]
+    mem: M,
+    ptr: u64,
+    rows: usize,
+    cols: usize,
+}
+
+impl<M> DevTensor<M> {
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+}
+
+/// A batch's index data on the device, one array of u32: `[ids | positions | cu_seqlens | pad to
+/// even | blocks]`; blocks are (sequence, first query) pairs that never cross a sequence, read
+/// as `uint2`.
+pub struct DevBatch<B> {
+    /// Owns the upload.
+    #[allow(dead_code)]
+    mem: B,
+    ids: u64,
+    positions: u64,
+    cu_seqlens: u64,
+    blocks: u64,
+    n_tokens: usize,
+    n_seqs: usize,
+    n_blocks: usize,
+    max_position: usize,
+}
+
+/// cos/sin tables per (theta bits, head size / 2): the memory, its address and the positions it
+/// covers.
+type RopeTables<M> = HashMap<(u32, usize), (Arc<M>, u64, usize)>;
+
+struct Shared<D: KernelDevice> {
+    rope_tables: Mutex<RopeTables<D::Mem>>,
+    poison: AtomicBool,
+    scalar_attention: AtomicBool,
+    dev: D,
+}
+
+impl<D: KernelDevice> Drop for Shared<D> {
+    fn drop(&mut self) {
+        // The rope tables go before the device: nothing may still be running that reads them.
+        let _ = self.dev.sync();
+    }
+}
+
+/// The CUDA backend's ops on a device. Clones share the device.
+pub struct KernelBackend<D: KernelDevice> {
+    shared: Arc<Shared<D>>,
+}
+
+impl<D: KernelDevice> Clone for KernelBackend<D> {
+    fn clone(&self) -> Self {
+        KernelBackend {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+type Tensor<D> = DevTensor<<D as KernelDevice>::Mem>;
+
+/// `n` as the kernels' 32-bit int.
+fn int(n: usize, what: &str) -> Result<i32> {
+    i32::try_from(n).map_err(|_| anyhow!("{what} ({n}) does not fit the kernels' 32-bit indices"))
+}
+
+impl<D: KernelDevice> KernelBackend<D> {
+    /// The ops on `dev`. `MIRA_CUDA_ATTENTION=scalar` selects attention.cu even where
+    /// attention_tc.cu has a kernel (to compare the two).
+    pub fn on(dev: D) -> KernelBackend<D> {
+        let scalar = std::env::var("MIRA_CUDA_ATTENTION").is_ok_and(|v| v == "scalar");
+        KernelBackend {
+            shared: Arc::new(Shared {
+                rope_tables: Mutex::default(),
+                poison: AtomicBool::new(false),
+                scalar_attention: AtomicBool::new(scalar),
+                dev,
+            }),
+        }
+    }
+
+    pub fn device(&self) -> &D {
+        &self.shared.dev
+    }
+
+    pub fn storage(&self) -> Storage {
+        self.shared.dev.storage()
+    }
+
+    /// For tests: outputs are filled with NaN (all-ones bytes) before an op writes them, so a
+    /// value an op forgets to write cannot pass as a stale right answer.
+    pub fn set_poison(&self, on: bool) {
+        self.shared.poison.store(on, Ordering::Relaxed);
+    }
+
+    /// Use attention.cu for every head size, also where attention_tc.cu has a kernel.
+    pub fn set_scalar_attention(&self, on: bool) {
+        self.shared.scalar_attention.store(on, Ordering::Relaxed);
+    }
+
+    fn dev(&self) -> &D {
+        &self.shared.dev
+    }
+
+    fn elem_bytes(&self) -> usize {
+        self.storage().bytes()
+    }
+
+    fn launch(&self, launch: Launch, what: &str) -> Result<()> {
+        // SAFETY: each caller builds `launch` from tensors and batches of checked shapes.
+        unsafe { self.dev().launch(&launch) }.map_err(|e| anyhow!("{what}: {e:#}"))
+    }
+
+    /// A new `[rows, cols]` tensor (NaN bytes in poison mode).
+    fn output(&self, rows: usize, cols: usize, what: &str) -> Result<Tensor<D>> {
+        // At least 16 bytes: a zero-size tensor still has a distinct, aligned address.
+        let bytes = (rows * cols * self.elem_bytes()).max(16);
+        let (mem, ptr) = self
+            .dev()
+            .alloc(bytes, what)
+            .map_err(|e| anyhow!("cannot allocate {what} ([{rows}, {cols}]): {e:#}"))?;
+        if self.shared.poison.load(Ordering::Relaxed) {
+            // SAFETY: `ptr` addresses `bytes` bytes allocated above.
+            unsafe { self.dev().memset(ptr, 0xff, bytes)? };
+        }
+        Ok(DevTensor {
+            mem,
+            ptr,
+            rows,
+            cols,
+        })
+    }
+
+    fn rope_table(&self, theta: f32, half: usize, positions: usize) -> Result<(Arc<D::Mem>, u64)> {
+        let key = (theta.to_bits(), half);
+        let mut tables = self.shared.rope_tables.lock().unwrap();
+        if let Some((mem, ptr, covered)) = tables.get(&key) {
+            if *covered >= positions {
+                return Ok((mem.clone(), *ptr));
+            }
+        }
+        // Grown to a power of two so a longer batch rarely rebuilds it.
+        let covered = positions.next_power_of_two();
+        let table: Vec<u8> = super::super::rotary_table(theta, half, covered)
+            .into_iter()
+            .flatten()
+            .flat_map(f32::to_le_bytes)
+            .collect();
+        let (mem, ptr) = self.dev().upload(&table, "rotary table")?;
+        let mem = Arc::new(mem);
+        tables.insert(key, (mem.clone(), ptr, covered));
+        Ok((mem, ptr))
+    }
+
+    /// layernorm.cu's `layernorm` in `mode` (0 post-norm in place, 1 pre-norm step, 2 plain).
+    fn layernorm_op(
+        &self,
+        mode: i32,
+        x: &Tensor<D>,
+        residual: Option<&Tensor<D>>,
+        norm: (&Tensor<D>, Option<&Tensor<D>>, f32),
+        out: Option<&Tensor<D>>,
+    ) -> Result<()> {
+        let (weight, bias, eps) = norm;
+        let (rows, cols) = (x.rows, x.cols);
+        super::super::norm_shape(
+            (rows, cols),
+            weight.rows * weight.cols,
+            bias.map(|b| b.rows * b.cols),
+            residual.map(|r| (r.rows, r.cols)),
+            MAX_ROW,
+        )?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let ptr = |t: Option<&Tensor<D>>| Arg::Ptr(t.map_or(0, |t| t.ptr));
+        let launch = Launch {
+            entry: Entry::LayerNorm,
+            grid: (rows as u32, 1, 1),
+            block: ROW_THREADS,
+            args: vec![
+                Arg::Ptr(x.ptr),
+                ptr(residual),
+                Arg::Ptr(weight.ptr),
+                ptr(bias),
+                ptr(out),
+                Arg::I32(int(rows, "rows")?),
+                Arg::I32(cols as i32),
+                Arg::F32(eps),
+                Arg::I32(mode),
+            ],
+        };
+        self.launch(launch, "layernorm")
+    }
+
+    /// `x = act(x + bias)` in place (our exact epilogue after a cuBLASLt product).
+    fn bias_act(&self, x: &Tensor<D>, bias: Option<u64>, act: Activation) -> Result<()> {
+        let launch = Launch {
+            entry: Entry::BiasAct,
+            grid: stride_grid(x.rows * x.cols, self.dev().multiprocessors()),
+            block: STRIDE_THREADS,
+            args: vec![
+                Arg::Ptr(x.ptr),
+                Arg::Ptr(bias.unwrap_or(0)),
+                Arg::I32(int(x.rows, "rows")?),
+                Arg::I32(int(x.cols, "columns")?),
+                Arg::I32(i32::from(act.code())),
+            ],
+        };
+        self.launch(launch, "bias_act")
+    }
+
+    /// The attention kernel for head size `d`: tensor cores where attention_tc.cu has one
+    /// (bf16/f16 storage), unless scalar attention was asked for.
+    fn attention_entry(&self, d: usize) -> Result<(Entry, u32)> {
+        let tc = self.storage() != Storage::F32
+            && ATTENTION_TC_HEAD_DIMS.contains(&d)
+            && !self.shared.scalar_attention.load(Ordering::Relaxed);
+        if tc {
+            Ok((Entry::AttentionTc(d), TC_THREADS))
+        } else if ATTENTION_HEAD_DIMS.contains(&d) {
+            Ok((Entry::Attention(d), QUERY_BLOCK as u32))
+        } else {
+            bail!(
+                "attention: head size {d} has no CUDA kernel (supported: {ATTENTION_HEAD_DIMS:?})"
+            )
+        }
+    }
+}
+
+impl<D: KernelDevice> Backend for KernelBackend<D> {
+    type Tensor = DevTensor<D::Mem>;
+    type Batch = DevBatch<D::BatchMem>;
+
+    fn name(&self) -> String {
+        self.dev().describe()
+    }
+
+    fn weight(&self, data: Vec<f32>, rows: usize, cols: usize) -> Result<Tensor<D>> {
+        ensure!(
+            data.len() == rows * cols,
+            "weight has {} values, expected {rows}x{cols}",
+            data.len()
+        );
+        let mut bytes = self.storage().encode(&data);
+        bytes.resize(bytes.len().max(16), 0);
+        let (mem, ptr) = self
+            .dev()
+            .upload(&bytes, "weight")
+            .map_err(|e| anyhow!("cannot upload a [{rows}, {cols}] weight: {e:#}"))?;
+        Ok(DevTensor {
+            mem,
+            ptr,
+            rows,
+            cols,
+        })
+    }
+
+    fn upload_batch(
+        &self,
+        batch: &Batch,
+        vocab: usize,
+        max_positions: usize,
+    ) -> Result<DevBatch<D::BatchMem>> {
+        // The kernels index with these values: a malformed batch must be an error, not a read
+        // out of bounds.
+        batch.validate(vocab, max_positions)?;
+        let t = batch.ids.len();
+        int(t * 3 * MAX_ROW, "batch tokens × row width")?;
+        let cu = &batch.cu_seqlens;
+        let blocks = attention_blocks(cu);
+        // [ids | positions | cu_seqlens | pad to even | blocks]: blocks are read as uint2.
+        let blocks_at = (2 * t + cu.len()).next_multiple_of(2);
+        let n = blocks_at + blocks.len();
+        let (mem, base) = self.dev().upload_batch(n, &mut |dst: &mut [u32]| {
+            dst[..t].copy_from_slice(&batch.ids);
+            dst[t..2 * t].copy_from_slice(&batch.positions);
+            dst[2 * t..2 * t + cu.len()].copy_from_slice(cu);
+            dst[2 * t + cu.len()..blocks_at].fill(0);
+            dst[blocks_at..n].copy_from_slice(&blocks);
+        })?;
+        let at = |i: usize| base + 4 * i as u64;
+        Ok(DevBatch {
+            mem,
+            ids: at(0),
+            positions: at(t),
+            cu_seqlens: at(2 * t),
+            blocks: at(blocks_at),
+            n_tokens: t,
+            n_seqs: cu.len().saturating_sub(1),
+            n_blocks: blocks.len() / 2,
+            max_position: batch.positions.iter().max().map_or(0, |&p| p as usize + 1),
+        })
+    }
+
+    fn embed(
+        &self,
+        batch: &DevBatch<D::BatchMem>,
+        t: &EmbeddingTables<Tensor<D>>,
+    ) -> Result<Tensor<D>> {
+        let h = t.word.cols;
+        ensure!(
+            h <= MAX_ROW,
+            "embed: hidden size {h} exceeds the kernel's {MAX_ROW}"
+        );
+        let widths = [
+            Some(&t.norm_weight),
+            t.norm_bias.as_ref(),
+            t.token_type.as_ref(),
+        ];
+        for w in widths.into_iter().flatten() {
+            ensure!(
+                w.cols == h && w.rows == 1,
+                "embed: a LayerNorm or token-type row is [{}, {}], expected [1, {h}]",
+                w.rows,
+                w.cols
+            );
+        }
+        if let Some(p) = &t.position {
+            ensure!(
+                p.cols == h,
+                "embed: position table has {} columns, expected {h}",
+                p.cols
+            );
+        }
+        let out = self.output(batch.n_tokens, h, "embeddings")?;
+        if batch.n_tokens == 0 {
+            return Ok(out);
+        }
+        let ptr = |x: Option<&Tensor<D>>| Arg::Ptr(x.map_or(0, |x| x.ptr));
+        let launch = Launch {
+            entry: Entry::EmbedLayerNorm,
+            grid: (batch.n_tokens as u32, 1, 1),
+            block: ROW_THREADS,
+            args: vec![
+                Arg::Ptr(batch.ids),
+                Arg::Ptr(batch.positions),
+                Arg::Ptr(t.word.ptr),
+                ptr(t.position.as_ref()),
+                ptr(t.token_type.as_ref()),
+                Arg::Ptr(t.norm_weight.ptr),
+                ptr(t.norm_bias.as_ref()),
+                Arg::Ptr(out.ptr),
+                Arg::I32(int(batch.n_tokens, "tokens")?),
+                Arg::I32(h as i32),
+                Arg::F32(t.eps),
+            ],
+        };
+        // (ids and positions were validated against the tables' sizes at upload.)
+        self.launch(launch, "embed")?;
+        Ok(out)
+    }
+
+    fn linear(
+        &self,
+        x: &Tensor<D>,
+        w: &Tensor<D>,
+        b: Option<&Tensor<D>>,
+        act: Activation,
+    ) -> Result<Tensor<D>> {
+        let (m, k, n) = super::super::linear_shape(
+            (x.rows, x.cols),
+            (w.rows, w.cols),
+            b.map(|b| b.rows * b.cols),
+        )?;
+        let out = self.output(m, n, "linear output")?;
+        if m == 0 || n == 0 {
+            return Ok(out);
+        }
+        if k == 0 {
+            // An empty product is the bias alone; cuBLASLt refuses k = 0.
+            // SAFETY: `out` holds m·n elements.
+            unsafe { self.dev().memset(out.ptr, 0, m * n * self.elem_bytes())? };
+            self.bias_act(&out, b.map(|b| b.ptr), act)?;
+            return Ok(out);
+        }
+        let (epilogue, leftover) = Epilogue::plan(act, b.is_some());
+        // SAFETY: x is [m, k], w is [n, k], bias has n values, out is [m, n] (checked above).
+        unsafe {
+            self.dev()
+                .gemm(x.ptr, w.ptr, b.map(|b| b.ptr), out.ptr, (m, n, k), epilogue)?;
+        }
+        if let Some(act) = leftover {
+            self.bias_act(&out, None, act)?;
+        }
+        Ok(out)
+    }
+
+    fn add_layernorm(
+        &self,
+        x: Tensor<D>,
+        residual: &Tensor<D>,
+        weight: &Tensor<D>,
+        bias: Option<&Tensor<D>>,
+        eps: f32,
+    ) -> Result<Tensor<D>> {
+        self.layernorm_op(0, &x, Some(residual), (weight, bias, eps), None)?;
+        Ok(x)
+    }
+
+    fn add_norm(
+        &self,
+        x: &mut Tensor<D>,
+        delta: &Tensor<D>,
+        weight: &Tensor<D>,
+        bias: Option<&Tensor<D>>,
+        eps: f32,
+    ) -> Result<Tensor<D>> {
+        let out = self.output(x.rows, x.cols, "normalised residual")?;
+        self.layernorm_op(1, x, Some(delta), (weight, bias, eps), Some(&out))?;
+        Ok(out)
+    }
+
+    fn layernorm(
+        &self,
+        x: &Tensor<D>,
+        weight: &Tensor<D>,
+        bias: Option<&Tensor<D>>,
+        eps: f32,
+    ) -> Result<Tensor<D>> {
+        let out = self.output(x.rows, x.cols, "layernorm output")?;
+        self.layernorm_op(2, x, None, (weight, bias, eps), Some(&out))?;
+        Ok(out)
+    }
+
+    fn rope(
+        &self,
+        qkv: Tensor<D>,
+        batch: &DevBatch<D::BatchMem>,
+        heads: usize,
+        theta: f32,
+    ) -> Result<Tensor<D>> {
+        let (h, d) = super::super::qkv_shape("rope", qkv.rows, qkv.cols, batch.n_tokens, heads)?;
+        ensure!(d.is_multiple_of(2), "rope: head size {d} must be even");
+        if qkv.rows == 0 {
+            return Ok(qkv);
+        }
+        let half = d / 2;
+        // The table covers every position of the batch; it lives in the rope tables.
+        let (_table, table_ptr) = self.rope_table(theta, half, batch.max_position)?;
+        let launch = Launch {
+            entry: Entry::Rope,
+            grid: stride_grid(qkv.rows * h, self.dev().multiprocessors()),
+            block: STRIDE_THREADS,
+            args: vec![
+                Arg::Ptr(qkv.ptr),
+                Arg::Ptr(batch.positions),
+                Arg::Ptr(table_ptr),
+                Arg::I32(int(qkv.rows, "tokens")?),
+                Arg::I32(int(h, "hidden")?),
+                Arg::I32(half as i32),
+            ],
+        };
+        self.launch(launch, "rope")?;
+        Ok(qkv)
+    }
+
+    fn geglu(&self, x: &Tensor<D>, act: Activation) -> Result<Tensor<D>> {
+        let inner = super::super::geglu_width(x.cols)?;
+        let out = self.output(x.rows, inner, "geglu output")?;
+        if x.rows * inner == 0 {
+            return Ok(out);
+        }
+        let launch = Launch {
+            entry: Entry::Geglu,
+            grid: stride_grid(x.rows * inner, self.dev().multiprocessors()),
+            block: STRIDE_THREADS,
+            args: vec![
+                Arg::Ptr(x.ptr),
+                Arg::Ptr(out.ptr),
+                Arg::I32(int(x.rows, "rows")?),
+                Arg::I32(int(inner, "width")?),
+                Arg::I32(i32::from(act.code())),
+            ],
+        };
+        self.launch(launch, "geglu")?;
+        Ok(out)
+    }
+
+    fn attention(
+        &self,
+        qkv: &Tensor<D>,
+        batch: &DevBatch<D::BatchMem>,
+        heads: usize,
+        window: Option<usize>,
+    ) -> Result<Tensor<D>> {
+        let (h, d) =
+            super::super::qkv_shape("attention", qkv.rows, qkv.cols, batch.n_tokens, heads)?;
+        ensure!(
+            window != Some(0),
+            "attention: a sliding window must be at least 1 token"
+        );
+        let (entry, threads) = self.attention_entry(d)?;
+        let out = self.output(qkv.rows, h, "attention output")?;
+        if batch.n_blocks == 0 {
+            return Ok(out);
+        }
+        let half_window: i32 = match window {
+            Some(w) => int(w / 2, "window")?,
+            None => -1,
+        };
+        let launch = Launch {
+            entry,
+            grid: (batch.n_blocks as u32, heads as u32, 1),
+            block: threads,
+            args: vec![
+                Arg::Ptr(qkv.ptr),
+                Arg::Ptr(batch.blocks),
+                Arg::Ptr(batch.cu_seqlens),
+                Arg::Ptr(out.ptr),
+                Arg::I32(int(h, "hidden")?),
+                Arg::I32(int(batch.n_blocks, "attention blocks")?),
+                Arg::I32(half_window),
+                Arg::F32(1.0 / (d as f32).sqrt()),
+            ],
+        };
+        // (blocks lie within their sequences, which lie within qkv's rows.)
+        self.launch(launch, "attention")?;
+        Ok(out)
+    }
+
+    fn pool(
+        &self,
+        x: &Tensor<D>,
+        batch: &DevBatch<D::BatchMem>,
+        mode: Pooling,
+    ) -> Result<Tensor<D>> {
+        ensure!(
+            x.rows == batch.n_tokens,
+            "pool: {} rows for a batch of {} tokens",
+            x.rows,
+            batch.n_tokens
+        );
+        let out = self.output(batch.n_seqs, x.cols, "pooled")?;
+        if batch.n_seqs * x.cols == 0 {
+            return Ok(out);
+        }
+        let mode: i32 = match mode {
+            Pooling::Cls => 0,
+            Pooling::Mean => 1,
+        };
+        let launch = Launch {
+            entry: Entry::Pool,
+            grid: (batch.n_seqs as u32, 1, 1),
+            block: ROW_THREADS,
+            args: vec![
+                Arg::Ptr(x.ptr),
+                Arg::Ptr(batch.cu_seqlens),
+                Arg::Ptr(out.ptr),
+                Arg::I32(int(batch.n_seqs, "sequences")?),
+                Arg::I32(int(x.cols, "width")?),
+                Arg::I32(mode),
+            ],
+        };
+        // (one block per sequence; cu_seqlens bounds every row read.)
+        self.launch(launch, "pool")?;
+        Ok(out)
+    }
+
+    fn download(&self, x: &Tensor<D>) -> Result<Vec<f32>> {
+        let n = x.rows * x.cols * self.elem_bytes();
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        // SAFETY: the tensor holds at least n bytes.
+        let bytes = unsafe { self.dev().download(x.ptr, n)? };
+        Ok(self.storage().decode(&bytes))
+    }
+
+    fn concurrency(&self) -> usize {
+        self.dev().concurrency()
+    }
+
+    fn sync(&self) -> Result<()> {
+        self.dev().sync()
+    }
+}

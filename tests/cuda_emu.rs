@@ -1,0 +1,289 @@
+//! The CUDA backend with its kernels emulated on the CPU: `cuda/ops.rs` exactly as it drives a
+//! GPU, over a device whose kernels are kernels/*.cu compiled by the host C++ compiler against
+//! `cuda_emu/cuda_emu.h` (each GPU thread a fiber; barriers, warp shuffles and mma.sync with the
+//! PTX ISA's fragment layouts emulated) and whose GEMMs are computed as cuBLASLt is asked for
+//! them. Every op against the CPU backend on fresh random inputs (`gpu/ops.rs`, outputs poisoned
+//! with NaN) and whole checkpoints against the CPU (`gpu/model.rs`), in bf16, f16 and f32, with
+//! the tensor-core and the plain attention kernels.
+//!
+//! What this cannot show: the real hardware (timing, the driver, cuBLASLt itself, memory
+//! ordering between streams). `cuda_ops.rs` and `cuda_model.rs` check those on a GPU.
+
+mod common;
+#[path = "cuda_emu/device.rs"]
+mod emu;
+mod gpu;
+#[path = "gpu/model.rs"]
+mod model_check;
+
+use gpu::{ops, Prec};
+use mira::engine::backend::cuda::kernels::Storage;
+use mira::engine::backend::cuda::launch::Arg;
+use mira::engine::backend::cuda::{KernelBackend, KernelDevice};
+use mira::engine::Precision;
+use mira::{LoadOptions, Scorer};
+
+fn have_compiler() -> bool {
+    if emu::compiler().is_some() {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("no C++ compiler under CI: .ci/run installs g++");
+    }
+    eprintln!("SKIPPED: no C++ compiler (g++ or $CXX) to build the kernel emulator");
+    false
+}
+
+/// The backends to test: bf16 and f16 with tensor-core attention, the same with the plain
+/// attention kernel, and f32.
+fn backends() -> Vec<(KernelBackend<emu::EmuDevice>, Prec, &'static str)> {
+    if !have_compiler() {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for (storage, prec) in [(Storage::Bf16, Prec::Bf16), (Storage::F16, Prec::F16)] {
+        let tc = emu::backend(storage);
+        tc.set_scalar_attention(false);
+        out.push((tc, prec, "tensor-core attention"));
+        let plain = emu::backend(storage);
+        plain.set_scalar_attention(true);
+        out.push((plain, prec, "plain attention"));
+    }
+    out.push((emu::backend(Storage::F32), Prec::F32, "plain attention"));
+    out
+}
+
+macro_rules! op_test {
+    ($name:ident) => {
+        #[test]
+        fn $name() {
+            for (be, prec, what) in backends() {
+                eprintln!("{:?} ({what})", be.storage());
+                ops::$name(&be, prec);
+            }
+        }
+    };
+}
+
+op_test!(linear_every_activation_and_awkward_shape);
+op_test!(embed_with_and_without_positions_types_and_bias);
+op_test!(residual_layernorms_in_every_mode);
+op_test!(varlen_attention_global_and_windowed_at_several_head_sizes);
+op_test!(rope_at_sequence_positions);
+op_test!(geglu_every_activation);
+op_test!(cls_and_mean_pooling);
+op_test!(malformed_batches_and_shapes_are_errors);
+op_test!(many_single_token_sequences);
+
+/// A checkpoint on the emulated CUDA backend against the CPU, bf16 (tensor-core attention),
+/// f16 (plain attention) and f32: the checks and tolerances of `gpu/model.rs`.
+fn model(dir: &std::path::Path, golden_name: &str) {
+    if !have_compiler() {
+        return;
+    }
+    let precisions = [
+        (Precision::Bf16, Prec::Bf16),
+        (Precision::F16, Prec::F16),
+        (Precision::F32, Prec::F32),
+    ];
+    model_check::check_loaded(dir, golden_name, &precisions, |precision, max_tokens| {
+        let (storage, scalar) = match precision {
+            Precision::Bf16 => (Storage::Bf16, false),
+            Precision::F16 => (Storage::F16, true),
+            _ => (Storage::F32, true),
+        };
+        let be = emu::backend(storage);
+        be.set_scalar_attention(scalar);
+        let opts = LoadOptions {
+            max_tokens: Some(max_tokens),
+            ..Default::default()
+        };
+        Scorer::load_on_backend(dir, be, opts).unwrap_or_else(|e| panic!("{e:#}"))
+    });
+}
+
+#[test]
+fn minilm_matches_cpu() {
+    model(&common::minilm_dir(), "minilm");
+}
+
+#[test]
+fn bert_regression_head_matches_cpu() {
+    model(
+        &common::fixture_model("bert-cls-regression"),
+        "bert-cls-regression",
+    );
+}
+
+#[test]
+fn modernbert_mean_pooled_head_matches_cpu() {
+    model(
+        &common::fixture_model("modernbert-cls-mean"),
+        "modernbert-cls-mean",
+    );
+}
+
+/// Kernels that exercise the emulator itself (CUDA C++, after kernels/common.cuh).
+const SELF_TEST: &str = r#"
+extern "C" __global__ void reverse_and_warp_sums(const float* x, float* y, float* sums) {
+    __shared__ float s[128];
+    const int i = threadIdx.x, n = blockDim.x, base = blockIdx.x * n;
+    s[i] = x[base + i];
+    __syncthreads();
+    y[base + i] = s[n - 1 - i];
+    float v = x[base + i];
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if ((i & 31) == 0) sums[(base + i) / 32] = v;
+}
+
+// c (16x8 f32, row-major) += a (16x16, row-major) · b (16x8, row-major), fragments loaded as the
+// PTX ISA lays them out for mma.m16n8k16.
+extern "C" __global__ void mma_tile(const T* a, const T* b, float* c) {
+    const int lane = threadIdx.x, g = lane >> 2, t = lane & 3;
+    auto pair = [](const T* m, int lo, int hi) { return (u32)m[lo] | ((u32)m[hi] << 16); };
+    const u32 af[4] = {pair(a, g * 16 + 2 * t, g * 16 + 2 * t + 1),
+                       pair(a, (g + 8) * 16 + 2 * t, (g + 8) * 16 + 2 * t + 1),
+                       pair(a, g * 16 + 2 * t + 8, g * 16 + 2 * t + 9),
+                       pair(a, (g + 8) * 16 + 2 * t + 8, (g + 8) * 16 + 2 * t + 9)};
+    const u32 b0 = pair(b, (2 * t) * 8 + g, (2 * t + 1) * 8 + g);
+    const u32 b1 = pair(b, (2 * t + 8) * 8 + g, (2 * t + 9) * 8 + g);
+    float acc[4] = {c[g * 8 + 2 * t], c[g * 8 + 2 * t + 1], c[(g + 8) * 8 + 2 * t],
+                    c[(g + 8) * 8 + 2 * t + 1]};
+    mma16816(acc, af, b0, b1);
+    c[g * 8 + 2 * t] = acc[0];
+    c[g * 8 + 2 * t + 1] = acc[1];
+    c[(g + 8) * 8 + 2 * t] = acc[2];
+    c[(g + 8) * 8 + 2 * t + 1] = acc[3];
+}
+
+extern "C" __global__ void sync_in_divergent_code(float* x) {
+    if (threadIdx.x < 16) __syncthreads();
+    else x[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.0f, 1);
+}
+
+extern "C" __global__ void shuffle_after_a_lane_exited(float* x) {
+    if (threadIdx.x == 3) return;
+    x[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.0f, 1);
+}
+
+extern "C" __global__ void write_one_past(float* x, int n) {
+    if (threadIdx.x == 0) x[n] = 1.0f;
+}
+"#;
+
+fn self_test_device() -> Option<emu::EmuDevice> {
+    if !have_compiler() {
+        return None;
+    }
+    let entries = [
+        "reverse_and_warp_sums",
+        "mma_tile",
+        "sync_in_divergent_code",
+        "shuffle_after_a_lane_exited",
+        "write_one_past",
+    ];
+    Some(
+        emu::EmuDevice::custom(Storage::Bf16, SELF_TEST, &entries)
+            .unwrap_or_else(|e| panic!("{e:#}")),
+    )
+}
+
+/// Shared memory, __syncthreads and warp shuffles give what a GPU gives, block by block.
+#[test]
+fn emulator_runs_blocks_barriers_and_shuffles() {
+    let Some(dev) = self_test_device() else {
+        return;
+    };
+    let mut rng = gpu::Rng(7);
+    let x = rng.vec(3 * 128, 1.0);
+    let (_xm, xp) = dev.upload_f32(&x);
+    let (_ym, yp) = dev.upload_f32(&[f32::NAN; 3 * 128]);
+    let (_sm, sp) = dev.upload_f32(&[f32::NAN; 12]);
+    // SAFETY: x and y hold 3 × 128 values, sums 12.
+    unsafe {
+        dev.run(
+            "reverse_and_warp_sums",
+            (3, 1, 1),
+            128,
+            &[Arg::Ptr(xp), Arg::Ptr(yp), Arg::Ptr(sp)],
+        )
+    }
+    .unwrap();
+    let y = dev.read_f32(yp, 3 * 128);
+    for b in 0..3 {
+        for i in 0..128 {
+            assert_eq!(y[b * 128 + i], x[b * 128 + 127 - i], "block {b} thread {i}");
+        }
+    }
+    let sums = dev.read_f32(sp, 12);
+    for (w, s) in sums.iter().enumerate() {
+        let want: f64 = x[w * 32..][..32].iter().map(|&v| v as f64).sum();
+        assert!((*s as f64 - want).abs() < 1e-5, "warp {w}: {s} vs {want}");
+    }
+}
+
+/// mma.sync against a plain matrix product: C + A·B for random bf16 tiles.
+#[test]
+fn emulator_mma_is_a_matrix_product() {
+    let Some(dev) = self_test_device() else {
+        return;
+    };
+    let mut rng = gpu::Rng(11);
+    let round = |v: Vec<f32>| Storage::Bf16.decode(&Storage::Bf16.encode(&v));
+    let (a, b, c) = (
+        round(rng.vec(256, 2.0)),
+        round(rng.vec(128, 2.0)),
+        rng.vec(128, 1.0),
+    );
+    let (_am, ap) = dev.upload(&Storage::Bf16.encode(&a), "a").unwrap();
+    let (_bm, bp) = dev.upload(&Storage::Bf16.encode(&b), "b").unwrap();
+    let (_cm, cp) = dev.upload_f32(&c);
+    // SAFETY: a is 16×16, b 16×8 (bf16), c 16×8 (f32).
+    unsafe {
+        dev.run(
+            "mma_tile",
+            (1, 1, 1),
+            32,
+            &[Arg::Ptr(ap), Arg::Ptr(bp), Arg::Ptr(cp)],
+        )
+    }
+    .unwrap();
+    let got = dev.read_f32(cp, 128);
+    for i in 0..16 {
+        for j in 0..8 {
+            let want = c[i * 8 + j] as f64
+                + (0..16)
+                    .map(|k| a[i * 16 + k] as f64 * b[k * 8 + j] as f64)
+                    .sum::<f64>();
+            let g = got[i * 8 + j] as f64;
+            assert!(
+                (g - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                "C[{i}][{j}]: {g} vs {want}"
+            );
+        }
+    }
+}
+
+/// What would hang or corrupt memory on a GPU fails the launch with a reason.
+#[test]
+fn emulator_reports_deadlocks_broken_warps_and_overruns() {
+    let Some(dev) = self_test_device() else {
+        return;
+    };
+    let (_m, p) = dev.upload_f32(&[0.0; 64]);
+    let run = |name: &str, args: &[Arg]| {
+        // SAFETY: p holds 64 values; the kernels stay within 64 (write_one_past by design
+        // writes the 65th, which lands in the allocation's guard).
+        unsafe { dev.run(name, (1, 1, 1), 64, args) }
+            .unwrap_err()
+            .to_string()
+    };
+    let e = run("sync_in_divergent_code", &[Arg::Ptr(p)]);
+    assert!(e.contains("deadlock"), "{e}");
+    let e = run("shuffle_after_a_lane_exited", &[Arg::Ptr(p)]);
+    assert!(e.contains("after some lanes of the warp exited"), "{e}");
+    let e = run("write_one_past", &[Arg::Ptr(p), Arg::I32(64)]);
+    assert!(e.contains("past the end of test buffer"), "{e}");
+    let e = run("write_one_past", &[Arg::Ptr(p + (1 << 40)), Arg::I32(0)]);
+    assert!(e.contains("not in any live allocation"), "{e}");
+}
