@@ -6,7 +6,7 @@
 #      with NaN first) and whole models against CPU (MiniLM if bundled, the random BERT and
 #      ModernBERT checkpoints of tests/fixtures), batched equal to single
 #      (tests/cuda_ops.rs, tests/cuda_model.rs, run with MIRA_REQUIRE_CUDA=1 so nothing skips);
-#   2. throughput, side by side on the same texts: mira (CUDA, bf16) vs transformers bf16 with
+#   2. throughput, side by side on the same texts: mira (CUDA, f16 and bf16) vs transformers bf16 with
 #      padded batches (eager attention: the FineWeb-Edu recipe) and with SDPA, on a BERT-base
 #      shaped random checkpoint and on MiniLM (if bundled), 512-token truncation, a log-normal
 #      length mix (benches/gpu/hf_bench.py); tokens/s, docs/s, MFU and the ratios.
@@ -93,11 +93,13 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
     for entry in "${models[@]}"; do
         name="${entry%%=*}"; dir="${entry#*=}"
         echo "## $name"
-        for bt in 16384 65536; do
-            "$BIN/mira" bench --model "$dir" --input "$WORK/texts.jsonl" --device cuda --precision bf16 \
-                --max-tokens 512 --batch-tokens "$bt" --repeat 3 --json 2>"$OUT/mira-$name-$bt.err" \
-                | sed "s/^{/{\"case\":\"$name\",\"engine\":\"mira cuda bf16, batches of $bt tokens\",/" \
-                | tee -a "$OUT/bench.jsonl" || { status=1; tail -5 "$OUT/mira-$name-$bt.err"; }
+        # f16 storage (the default) at two batch sizes, and bf16 at the larger.
+        for run in f16:16384 f16:65536 bf16:65536; do
+            prec="${run%%:*}"; bt="${run#*:}"
+            "$BIN/mira" bench --model "$dir" --input "$WORK/texts.jsonl" --device cuda --precision "$prec" \
+                --max-tokens 512 --batch-tokens "$bt" --repeat 3 --json 2>"$OUT/mira-$name-$prec-$bt.err" \
+                | sed "s/^{/{\"case\":\"$name\",\"engine\":\"mira cuda $prec, batches of $bt tokens\",/" \
+                | tee -a "$OUT/bench.jsonl" || { status=1; tail -5 "$OUT/mira-$name-$prec-$bt.err"; }
         done
         if [ "$WGPU" = 1 ]; then
             "$BIN/mira" bench --model "$dir" --input "$WORK/texts.jsonl" --device wgpu --max-tokens 512 \
