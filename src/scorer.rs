@@ -455,8 +455,17 @@ impl Scorer {
         let outputs = self.fan_out(&batches, forward)?;
         for (batch, rows) in batches.iter().zip(outputs) {
             for (s, &doc) in batch.docs.iter().enumerate() {
-                out[doc * width..(doc + 1) * width]
-                    .copy_from_slice(&rows[s * width..(s + 1) * width]);
+                let row = &rows[s * width..(s + 1) * width];
+                if let Some(v) = row.iter().find(|v| !v.is_finite()) {
+                    bail!(
+                        "document {doc} ({} tokens): the model's output is {v} on {}; with f16 \
+                         storage this usually means an activation overflowed f16's range \
+                         (65,504): rerun with --precision bf16 or f32",
+                        ids[doc].len(),
+                        self.device_name()
+                    );
+                }
+                out[doc * width..(doc + 1) * width].copy_from_slice(row);
             }
         }
         Ok(out)

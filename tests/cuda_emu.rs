@@ -287,3 +287,59 @@ fn emulator_reports_deadlocks_broken_warps_and_overruns() {
     let e = run("write_one_past", &[Arg::Ptr(p + (1 << 40)), Arg::I32(0)]);
     assert!(e.contains("not in any live allocation"), "{e}");
 }
+
+/// A checkpoint whose activations overflow f16 (layer 0's FFN weights scaled by 5,000: its
+/// outputs pass 65,504) fails on f16 storage with an error that names the way out, and scores on
+/// bf16 storage and on the CPU.
+#[test]
+fn f16_overflow_is_an_error_that_names_the_way_out() {
+    if !have_compiler() {
+        return;
+    }
+    let src = common::fixture_model("bert-cls-regression");
+    let dir = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(&src).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, dir.path().join(f.file_name().unwrap())).unwrap();
+    }
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let scaled = "bert.encoder.layer.0.intermediate.dense.weight";
+    let tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, t)| {
+            let mut data = t.data().to_vec();
+            if name == scaled {
+                for c in data.chunks_exact_mut(4) {
+                    let v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]) * 5000.0;
+                    c.copy_from_slice(&v.to_le_bytes());
+                }
+            }
+            (name, t.dtype(), t.shape().to_vec(), data)
+        })
+        .collect();
+    let views = tensors.iter().map(|(name, dtype, shape, data)| {
+        let view = safetensors::tensor::TensorView::new(*dtype, shape.clone(), data).unwrap();
+        (name.clone(), view)
+    });
+    safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors")).unwrap();
+
+    let texts = [
+        "a short document about overflow",
+        "another one, a little longer than that",
+    ];
+    let cpu = Scorer::load(dir.path(), mira::engine::Device::Cpu).unwrap();
+    let ids = cpu.tokenize(&texts).unwrap();
+    assert!(cpu.logits_ids(&ids).unwrap().iter().all(|v| v.is_finite()));
+    let on = |storage| {
+        Scorer::load_on_backend(dir.path(), emu::backend(storage), LoadOptions::default()).unwrap()
+    };
+    let err = on(Storage::F16).logits_ids(&ids).unwrap_err().to_string();
+    assert!(
+        err.contains("document 0") && err.contains("rerun with --precision bf16 or f32"),
+        "{err}"
+    );
+    let bf16 = on(Storage::Bf16).logits_ids(&ids).unwrap();
+    assert!(bf16.iter().all(|v| v.is_finite()), "{bf16:?}");
+}
