@@ -44,7 +44,14 @@ fn pair<B: Backend>(
 
 pub fn linear_every_activation_and_awkward_shape<B: Backend>(gpu: &B, prec: Prec) {
     let mut rng = Rng(0x11ea);
-    for &(m, k, n) in &[(1, 1, 1), (37, 45, 70), (130, 67, 129), (65, 384, 1537)] {
+    // k = 0 is the bias alone (on CUDA, the bias goes through bias_act rather than cuBLASLt).
+    for &(m, k, n) in &[
+        (1, 1, 1),
+        (37, 45, 70),
+        (130, 67, 129),
+        (65, 384, 1537),
+        (9, 0, 37),
+    ] {
         for (i, &act) in ACTS.iter().enumerate() {
             let with_bias = i % 2 == 0 || m == 1;
             let x = rng.vec(m * k, 1.0);
@@ -231,7 +238,8 @@ pub fn rope_at_sequence_positions<B: Backend>(gpu: &B, prec: Prec) {
 
 pub fn geglu_every_activation<B: Backend>(gpu: &B, prec: Prec) {
     let mut rng = Rng(0x9e91);
-    for &(rows, inner) in &[(1usize, 1usize), (77, 1153)] {
+    // Odd widths, and widths the CUDA kernel takes 16 bytes at a time (multiples of 8).
+    for &(rows, inner) in &[(1usize, 1usize), (77, 1153), (3, 8), (33, 1152)] {
         let x = rng.vec(rows * 2 * inner, 3.0);
         let (xc, xg) = pair(gpu, &x, rows, 2 * inner);
         for act in ACTS {

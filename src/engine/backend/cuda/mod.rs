@@ -163,7 +163,8 @@ pub struct Gpu {
 /// f32 accumulation it runs as fast as bf16 on tensor cores and keeps 3 more significant bits,
 /// which whole-model checks need (on the random-weight test checkpoints bf16 storage drifts to
 /// cosine 0.9988 and 1.5% of the score range from the f32 reference; f16 stays within 0.99998
-/// and 0.3%, measured on the kernel emulator of tests/cuda_emu.rs). bf16 (wider range, sm_80+) is there for checkpoints whose activations overflow f16.
+/// and 0.3%, measured on the kernel emulator of tests/cuda_emu.rs). bf16 (wider range, sm_80+)
+/// is there for checkpoints whose activations overflow f16.
 pub fn storage_for(precision: Precision, cc: (i32, i32)) -> Result<Storage> {
     Ok(match precision {
         Precision::Auto | Precision::F16 => Storage::F16,
@@ -305,6 +306,7 @@ impl KernelDevice for Gpu {
     }
 
     unsafe fn memset(&self, ptr: u64, byte: u8, bytes: usize) -> Result<()> {
+        self.inner.ctx.bind_to_thread().map_err(driver("context"))?;
         let s = &self.inner.stream;
         // SAFETY: the caller's contract.
         unsafe { cu::memset_d8_async(ptr, byte, bytes, s.cu_stream()) }.map_err(driver("memset"))

@@ -28,7 +28,7 @@ pub trait KernelDevice: Send + Sync + 'static {
     /// Owns a batch's uploaded index data until the batch is dropped.
     type BatchMem: Send + Sync;
 
-    /// Human-readable description (`cuda:0 (NVIDIA H100, sm_90, bf16 storage)`).
+    /// Human-readable description (`cuda:0 (NVIDIA H100, sm_90, f16 storage)`).
     fn describe(&self) -> String;
     fn storage(&self) -> Storage;
     /// Streaming multiprocessors (sizes grid-stride launches).
@@ -283,6 +283,11 @@ impl<D: KernelDevice> KernelBackend<D> {
 
     /// `x = act(x + bias)` in place (our exact epilogue after a cuBLASLt product).
     fn bias_act(&self, x: &Tensor<D>, bias: Option<u64>, act: Activation) -> Result<()> {
+        // The kernel moves 16 bytes at a time (every allocation is aligned so).
+        ensure!(
+            x.ptr.is_multiple_of(16),
+            "bias_act: the tensor is not 16-byte aligned"
+        );
         let launch = Launch {
             entry: Entry::BiasAct,
             grid: stride_grid(x.rows * x.cols, self.dev().multiprocessors()),
@@ -546,6 +551,11 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
     fn geglu(&self, x: &Tensor<D>, act: Activation) -> Result<Tensor<D>> {
         let inner = super::super::geglu_width(x.cols)?;
         let out = self.output(x.rows, inner, "geglu output")?;
+        // The kernel moves 16 bytes at a time where the width allows (allocations are aligned).
+        ensure!(
+            x.ptr.is_multiple_of(16) && out.ptr.is_multiple_of(16),
+            "geglu: the tensors are not 16-byte aligned"
+        );
         if x.rows * inner == 0 {
             return Ok(out);
         }
