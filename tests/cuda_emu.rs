@@ -343,3 +343,32 @@ fn f16_overflow_is_an_error_that_names_the_way_out() {
     let bf16 = on(Storage::Bf16).logits_ids(&ids).unwrap();
     assert!(bf16.iter().all(|v| v.is_finite()), "{bf16:?}");
 }
+
+#[test]
+fn bert_base_bf16_matches_cpu() {
+    model(&common::fixture_model("bert-base-bf16"), "bert-base-bf16");
+}
+
+#[test]
+fn bert_f16_sharded_classifier_matches_cpu() {
+    model(
+        &common::fixture_model("bert-cls-f16-sharded"),
+        "bert-cls-f16-sharded",
+    );
+}
+
+#[test]
+fn modernbert_biased_cls_head_matches_cpu() {
+    model(
+        &common::fixture_model("modernbert-cls-biased"),
+        "modernbert-cls-biased",
+    );
+}
+
+#[test]
+fn modernbert_encoder_matches_cpu() {
+    model(
+        &common::fixture_model("modernbert-base-enc"),
+        "modernbert-base-enc",
+    );
+}

@@ -47,11 +47,12 @@ struct float2 {
 #define __device__
 #define __forceinline__ inline
 #define __launch_bounds__(n)
-#define __shared__ static
+#define __shared__ static thread_local  // per launching OS thread
 #define __align__(n) __attribute__((aligned(n)))
 
-// The built-in variables, set by the scheduler before it resumes a thread.
-inline uint3 threadIdx, blockIdx, blockDim, gridDim;
+// The built-in variables, set by the scheduler before it resumes a thread. Everything the
+// emulator keeps is per OS thread, so launches on different OS threads run at once.
+inline thread_local uint3 threadIdx, blockIdx, blockDim, gridDim;
 
 inline float __int_as_float(int i) {
     float f;
@@ -186,7 +187,7 @@ struct Block {
     std::string error;
 };
 
-inline Block* block = nullptr;
+inline thread_local Block* block = nullptr;
 
 inline Fiber& me() { return block->fibers[block->current]; }
 
@@ -298,7 +299,16 @@ void call(void (*kernel)(A...), void** args) {
 inline std::string run(void (*thunk)(void**), void** args, const unsigned grid[3],
                        unsigned threads) {
     if (threads == 0 || threads > 1024) return "block size must be 1..1024";
-    static std::vector<Fiber> pool;  // stacks are kept between launches
+    // Stacks are kept between launches, and unmapped when the OS thread ends.
+    struct Pool {
+        std::vector<Fiber> fibers;
+        ~Pool() {
+            for (Fiber& f : fibers)
+                if (f.stack) munmap(f.stack - PAGE, STACK + PAGE);
+        }
+    };
+    static thread_local Pool owned;
+    std::vector<Fiber>& pool = owned.fibers;
     Block b;
     b.fibers.swap(pool);
     b.fibers.resize(threads > b.fibers.size() ? threads : b.fibers.size());

