@@ -107,6 +107,21 @@ pub fn norm_shape(
     Ok(())
 }
 
+/// The query blocks of a ragged batch for the GPU attention kernels: `(sequence, first query)`
+/// pairs, flattened, for every run of up to `block` queries within one sequence (a block never
+/// crosses a sequence boundary).
+pub fn query_blocks(cu_seqlens: &[u32], block: usize) -> Vec<u32> {
+    let mut blocks = Vec::new();
+    for s in 0..cu_seqlens.len().saturating_sub(1) {
+        let mut q0 = cu_seqlens[s];
+        while q0 < cu_seqlens[s + 1] {
+            blocks.extend_from_slice(&[s as u32, q0]);
+            q0 += block as u32;
+        }
+    }
+    blocks
+}
+
 /// The rotary table every backend uses: `(cos, sin)` of position `p` and frequency `i` at
 /// `[p · half + i]`, for positions `0..positions`. Frequencies and angles in f32 exactly as
 /// transformers computes them (its rotary embedding runs in float32 even for a float64 model),

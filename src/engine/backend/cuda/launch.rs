@@ -78,15 +78,7 @@ pub struct Launch {
 /// The attention blocks of a batch: (sequence, first query) for every run of up to
 /// [`QUERY_BLOCK`] queries within one sequence.
 pub fn attention_blocks(cu_seqlens: &[u32]) -> Vec<u32> {
-    let mut blocks = Vec::new();
-    for s in 0..cu_seqlens.len().saturating_sub(1) {
-        let mut q0 = cu_seqlens[s];
-        while q0 < cu_seqlens[s + 1] {
-            blocks.extend_from_slice(&[s as u32, q0]);
-            q0 += QUERY_BLOCK as u32;
-        }
-    }
-    blocks
+    super::super::query_blocks(cu_seqlens, QUERY_BLOCK)
 }
 
 /// Blocks for a grid-stride kernel over `n` elements, [`STRIDE_THREADS`] each, at most 32 per

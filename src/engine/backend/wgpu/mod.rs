@@ -247,14 +247,7 @@ impl Backend for WgpuBackend {
         batch.validate(vocab, max_positions)?;
         u32_of(batch.ids.len() * 3 * MAX_ROW, "batch tokens × row width")?;
         let cu: Vec<u32> = batch.cu_seqlens.clone();
-        let mut blocks = Vec::new();
-        for s in 0..cu.len().saturating_sub(1) {
-            let mut q0 = cu[s];
-            while q0 < cu[s + 1] {
-                blocks.extend_from_slice(&[s as u32, q0]);
-                q0 += QUERY_BLOCK as u32;
-            }
-        }
+        let blocks = super::query_blocks(&cu, QUERY_BLOCK);
         let bytes = |v: &[u32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
         let ctx = &self.ctx;
         // Queue writes land before the next submission's commands: submit what is recorded
