@@ -169,6 +169,10 @@ extern "C" __global__ void shuffle_after_a_lane_exited(float* x) {
 extern "C" __global__ void write_one_past(float* x, int n) {
     if (threadIdx.x == 0) x[n] = 1.0f;
 }
+
+extern "C" __global__ void read_one_past(const float* x, float* y, int n) {
+    if (threadIdx.x == 0) y[0] = x[n];
+}
 "#;
 
 fn self_test_device() -> Option<emu::EmuDevice> {
@@ -181,6 +185,7 @@ fn self_test_device() -> Option<emu::EmuDevice> {
         "sync_in_divergent_code",
         "shuffle_after_a_lane_exited",
         "write_one_past",
+        "read_one_past",
     ];
     Some(
         emu::EmuDevice::custom(Storage::Bf16, SELF_TEST, &entries)
@@ -271,9 +276,11 @@ fn emulator_reports_deadlocks_broken_warps_and_overruns() {
         return;
     };
     let (_m, p) = dev.upload_f32(&[0.0; 64]);
+    // 63 values: the allocation's last 4 bytes (up to its 16-byte alignment) are canary.
+    let (odd_mem, odd) = dev.upload_f32(&[0.0; 63]);
     let run = |name: &str, args: &[Arg]| {
-        // SAFETY: p holds 64 values; the kernels stay within 64 (write_one_past by design
-        // writes the 65th, which lands in the allocation's guard).
+        // SAFETY: the kernels stay within their buffers, except where a test below runs one
+        // past the end on purpose: into the canary or onto the inaccessible page after it.
         unsafe { dev.run(name, (1, 1, 1), 64, args) }
             .unwrap_err()
             .to_string()
@@ -282,10 +289,25 @@ fn emulator_reports_deadlocks_broken_warps_and_overruns() {
     assert!(e.contains("deadlock"), "{e}");
     let e = run("shuffle_after_a_lane_exited", &[Arg::Ptr(p)]);
     assert!(e.contains("after some lanes of the warp exited"), "{e}");
+    let e = run("write_one_past", &[Arg::Ptr(odd), Arg::I32(63)]);
+    assert!(
+        e.contains("wrote past the end of test buffer (252 bytes), at byte 252"),
+        "{e}"
+    );
+    let e = run("read_one_past", &[Arg::Ptr(p), Arg::Ptr(odd), Arg::I32(64)]);
+    assert!(
+        e.contains("memory fault") && e.contains("byte 256 of test buffer (256 bytes)"),
+        "{e}"
+    );
     let e = run("write_one_past", &[Arg::Ptr(p), Arg::I32(64)]);
-    assert!(e.contains("past the end of test buffer"), "{e}");
+    assert!(e.contains("memory fault"), "{e}");
     let e = run("write_one_past", &[Arg::Ptr(p + (1 << 40)), Arg::I32(0)]);
     assert!(e.contains("not in any live allocation"), "{e}");
+    // The device still works after a fault (once the buffer with the broken canary is gone).
+    drop(odd_mem);
+    // SAFETY: p holds 64 values.
+    unsafe { dev.run("write_one_past", (1, 1, 1), 64, &[Arg::Ptr(p), Arg::I32(0)]) }.unwrap();
+    assert_eq!(dev.read_f32(p, 1), vec![1.0]);
 }
 
 /// A checkpoint whose activations overflow f16 (layer 0's FFN weights scaled by 5,000: its

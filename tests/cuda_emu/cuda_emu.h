@@ -23,6 +23,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <ucontext.h>
 
@@ -275,6 +276,42 @@ inline void release_if_complete(Block& b, unsigned w) {
     __builtin_unreachable();
 }
 
+// A memory fault inside a launch (the test's allocations end at an inaccessible page, so a read
+// or write past the end of one faults) fails the launch like any other error: the handler
+// switches back to the scheduler and the faulting thread is never resumed. A fault anywhere
+// else goes to the handler that was installed before.
+inline struct sigaction previous_segv;
+
+inline void on_segv(int sig, siginfo_t* info, void* uc) {
+    if (block != nullptr && block->current >= 0 && block->error.empty()) {
+        char what[160];
+        snprintf(what, sizeof what,
+                 "memory fault at %p: a read or write outside every allocation, or past the end "
+                 "of one",
+                 info->si_addr);
+        fail(what);
+    }
+    if (previous_segv.sa_flags & SA_SIGINFO) {
+        previous_segv.sa_sigaction(sig, info, uc);
+    } else if (previous_segv.sa_handler != SIG_DFL && previous_segv.sa_handler != SIG_IGN) {
+        previous_segv.sa_handler(sig);
+    } else {
+        sigaction(SIGSEGV, &previous_segv, nullptr);  // returning re-faults: the default action
+    }
+}
+
+inline void install_segv_handler() {
+    static const bool installed = [] {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_sigaction = on_segv;
+        sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+        sigemptyset(&sa.sa_mask);
+        return sigaction(SIGSEGV, &sa, &previous_segv) == 0;
+    }();
+    (void)installed;
+}
+
 inline std::map<std::string, void (*)(void**)>& registry() {
     static std::map<std::string, void (*)(void**)> entries;
     return entries;
@@ -299,6 +336,7 @@ void call(void (*kernel)(A...), void** args) {
 inline std::string run(void (*thunk)(void**), void** args, const unsigned grid[3],
                        unsigned threads) {
     if (threads == 0 || threads > 1024) return "block size must be 1..1024";
+    install_segv_handler();
     // Stacks are kept between launches, and unmapped when the OS thread ends.
     struct Pool {
         std::vector<Fiber> fibers;
@@ -360,6 +398,7 @@ inline std::string run(void (*thunk)(void**), void** args, const unsigned grid[3
                         b.current = (int)t;
                         threadIdx = {t, 0, 0};
                         switch_to(b.sched, f.ctx);
+                        b.current = -1;
                     }
                     if (!b.error.empty() || all_done) break;
                     if (!ran) {

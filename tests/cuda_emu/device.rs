@@ -3,9 +3,10 @@
 //! shuffles, mma.sync from the PTX ISA's fragment layouts) and the GEMMs computed as cuBLASLt is
 //! asked for them (f32 accumulation, the fused epilogue, one rounding to storage).
 //!
-//! Memory is host memory. Every allocation is followed by a guard of canary bytes, checked after
-//! each launch, and every pointer argument of a launch must lie in a live allocation: a kernel
-//! that writes past a buffer, or a launch wired to the wrong address, fails the op.
+//! Memory is host memory. Every allocation ends where an inaccessible page begins (its last bytes
+//! up to a multiple of 16 are a canary, checked after each launch), and every pointer argument of
+//! a launch must lie in a live allocation: a kernel that reads or writes past a buffer, or a
+//! launch wired to the wrong address, fails the op with a message naming the buffer.
 
 use std::collections::BTreeMap;
 use std::ffi::{c_char, c_void, CString};
@@ -19,7 +20,7 @@ use mira::engine::backend::cuda::kernels::{KernelFile, Storage, COMMON};
 use mira::engine::backend::cuda::launch::{Arg, Launch};
 use mira::engine::backend::cuda::{KernelBackend, KernelDevice};
 
-const GUARD: usize = 64;
+const PAGE: usize = 4096;
 const CANARY: u8 = 0xa5;
 
 type LaunchFn = unsafe extern "C" fn(
@@ -144,10 +145,13 @@ fn library(storage: Storage) -> Result<&'static Library> {
     Ok(l)
 }
 
-/// Host memory with a canary guard after it.
+/// Host memory that ends where an inaccessible page begins, so a kernel reading or writing past
+/// it faults (the emulator turns that into a launch error); the last bytes up to a multiple of
+/// 16 (the alignment every allocation has) hold a canary, checked after each launch.
 pub struct Mem {
+    map: *mut u8,
+    map_len: usize,
     ptr: *mut u8,
-    bytes: usize,
     live: Arc<Mutex<Live>>,
 }
 
@@ -156,20 +160,21 @@ pub struct Mem {
 unsafe impl Send for Mem {}
 unsafe impl Sync for Mem {}
 
-fn layout(bytes: usize) -> std::alloc::Layout {
-    std::alloc::Layout::from_size_align(bytes + GUARD, 16).unwrap()
-}
-
 impl Drop for Mem {
     fn drop(&mut self) {
         self.live.lock().unwrap().remove(&(self.ptr as u64));
-        // SAFETY: allocated in `alloc_mem` with this layout.
-        unsafe { std::alloc::dealloc(self.ptr, layout(self.bytes)) };
+        // SAFETY: mapped in `alloc_mem` with this length.
+        unsafe { libc::munmap(self.map as *mut c_void, self.map_len) };
     }
 }
 
 /// Live allocations: address -> (bytes, what).
 type Live = BTreeMap<u64, (usize, String)>;
+
+/// Bytes up to the allocation's end (the alignment every allocation has).
+fn padded(bytes: usize) -> usize {
+    bytes.next_multiple_of(16).max(16)
+}
 
 pub struct EmuDevice {
     storage: Storage,
@@ -264,28 +269,55 @@ impl EmuDevice {
         };
         if rc != 0 {
             let end = err.iter().position(|&b| b == 0).unwrap_or(err.len());
-            bail!("{name}: {}", String::from_utf8_lossy(&err[..end]));
+            let msg = String::from_utf8_lossy(&err[..end]).into_owned();
+            // Name the allocation a fault ran off the end of.
+            let owner = msg
+                .split("memory fault at 0x")
+                .nth(1)
+                .and_then(|rest| rest.split(':').next())
+                .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+                .and_then(|addr| self.fault_owner(addr));
+            match owner {
+                Some(o) => bail!("{name}: {msg}: {o}"),
+                None => bail!("{name}: {msg}"),
+            }
         }
         self.check_guards(name)
     }
 
     fn alloc_mem(&self, bytes: usize, what: &str) -> Mem {
-        // SAFETY: the layout has a non-zero size (the guard).
-        let ptr = unsafe { std::alloc::alloc(layout(bytes)) };
-        assert!(!ptr.is_null(), "out of memory");
-        // Uninitialised device memory: arbitrary bytes (0x5a), the guard after it.
-        // SAFETY: bytes + GUARD bytes were just allocated.
+        let data = padded(bytes).next_multiple_of(PAGE);
+        let map_len = data + PAGE;
+        // SAFETY: a fresh private anonymous mapping; its last page is made inaccessible.
+        let map = unsafe {
+            let m = libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            assert!(m != libc::MAP_FAILED, "cannot map {map_len} bytes");
+            assert_eq!(libc::mprotect(m.add(data), PAGE, libc::PROT_NONE), 0);
+            m as *mut u8
+        };
+        // SAFETY: data bytes are mapped; the allocation is its last padded(bytes).
+        let ptr = unsafe { map.add(data - padded(bytes)) };
+        // Uninitialised device memory: arbitrary bytes (0x5a), then the canary.
+        // SAFETY: padded(bytes) bytes from ptr are mapped.
         unsafe {
             std::ptr::write_bytes(ptr, 0x5a, bytes);
-            std::ptr::write_bytes(ptr.add(bytes), CANARY, GUARD);
+            std::ptr::write_bytes(ptr.add(bytes), CANARY, padded(bytes) - bytes);
         }
         self.live
             .lock()
             .unwrap()
             .insert(ptr as u64, (bytes, what.to_string()));
         Mem {
+            map,
+            map_len,
             ptr,
-            bytes,
             live: self.live.clone(),
         }
     }
@@ -298,14 +330,28 @@ impl EmuDevice {
 
     fn check_guards(&self, after: &str) -> Result<()> {
         for (&base, (bytes, what)) in self.live.lock().unwrap().iter() {
-            // SAFETY: a live allocation of bytes + GUARD bytes.
-            let guard =
-                unsafe { std::slice::from_raw_parts((base + *bytes as u64) as *const u8, GUARD) };
-            if let Some(at) = guard.iter().position(|&b| b != CANARY) {
-                bail!("{after} wrote {at} bytes past the end of {what} ({bytes} bytes)");
+            let pad = padded(*bytes) - bytes;
+            // SAFETY: a live allocation's canary bytes.
+            let canary =
+                unsafe { std::slice::from_raw_parts((base + *bytes as u64) as *const u8, pad) };
+            if let Some(at) = canary.iter().position(|&b| b != CANARY) {
+                bail!(
+                    "{after} wrote past the end of {what} ({bytes} bytes), at byte {}",
+                    bytes + at
+                );
             }
         }
         Ok(())
+    }
+
+    /// For a memory fault at `addr`: the allocation whose end it lies just past.
+    fn fault_owner(&self, addr: u64) -> Option<String> {
+        let live = self.live.lock().unwrap();
+        live.iter().find_map(|(&base, (bytes, what))| {
+            let end = base + padded(*bytes) as u64;
+            (addr >= end && addr < end + PAGE as u64)
+                .then(|| format!("byte {} of {what} ({bytes} bytes)", addr - base))
+        })
     }
 }
 
