@@ -221,16 +221,58 @@ impl Gemm {
         plan.a = layout(kk, mm, lda)?;
         plan.b = layout(kk, nn, ldb)?;
         plan.c = layout(mm, nn, ldc)?;
-        let pref = result::create_matmul_pref().map_err(err("create preference"))?;
+        // First without split-K: its partial sums change the summation order with the shape, so
+        // a document's values would depend on the batch around it. Should the heuristic offer
+        // nothing then, any algorithm.
+        let chosen = self
+            .heuristic(&plan, true)
+            .or_else(|_| self.heuristic(&plan, false));
+        plan.algo = chosen
+            .map_err(|e| {
+                anyhow!(
+                    "cuBLASLt has no algorithm for [{}, {}] x [{}, {}]ᵀ with {:?}: {e:?}",
+                    key.m,
+                    key.k,
+                    key.n,
+                    key.k,
+                    key.epilogue
+                )
+            })?
+            .algo;
+        Ok(plan)
+    }
+
+    /// The heuristic's best algorithm for `plan` within our workspace, with or without split-K
+    /// reductions.
+    fn heuristic(
+        &self,
+        plan: &Plan,
+        no_split_k: bool,
+    ) -> Result<sys::cublasLtMatmulHeuristicResult_t, result::CublasError> {
+        let pref = result::create_matmul_pref()?;
         let ws = self.workspace.len();
-        // SAFETY: the preference handle is live; the value is a usize as documented.
+        let none = sys::cublasLtReductionScheme_t::CUBLASLT_REDUCTION_SCHEME_NONE as u32;
+        use sys::cublasLtMatmulPreferenceAttributes_t as Attr;
+        // SAFETY: the preference handle is live; the values are a usize and a u32 as
+        // documented for these attributes.
         let chosen = unsafe {
             result::set_matmul_pref_attribute(
                 pref,
-                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                Attr::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                 &ws as *const usize as _,
                 mem::size_of::<usize>(),
             )
+            .and_then(|_| {
+                if !no_split_k {
+                    return Ok(());
+                }
+                result::set_matmul_pref_attribute(
+                    pref,
+                    Attr::CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
+                    &none as *const u32 as _,
+                    mem::size_of::<u32>(),
+                )
+            })
             .and_then(|_| {
                 result::get_matmul_algo_heuristic(
                     self.handle,
@@ -245,19 +287,7 @@ impl Gemm {
         };
         // SAFETY: created above, used only here.
         let _ = unsafe { result::destroy_matmul_pref(pref) };
-        plan.algo = chosen
-            .map_err(|e| {
-                anyhow!(
-                    "cuBLASLt has no algorithm for [{}, {}] x [{}, {}]ᵀ with {:?}: {e:?}",
-                    key.m,
-                    key.k,
-                    key.n,
-                    key.k,
-                    key.epilogue
-                )
-            })?
-            .algo;
-        Ok(plan)
+        chosen
     }
 
     /// `out[m, n] = epilogue(x[m, k] · w[n, k]ᵀ + bias)`, enqueued on the stream.
