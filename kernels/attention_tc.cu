@@ -4,12 +4,14 @@
 // half_window < 0 means global attention.
 //
 // A block is 4 warps; warp w owns queries q0 + 16w .. q0 + 16w + 15. Its Q (16 × D) stays in
-// registers as mma A-fragments. Keys and values stream through shared memory 64 at a time (K as
-// is, V transposed, rows padded by 16 bytes so fragment reads are bank-conflict free). Per tile:
-// S = Q·Kᵀ with mma.sync m16n8k16 (f32 accumulate), mask (sequence end, sliding window), online
-// softmax in base 2 on the accumulator fragments (row max/sum across the 4 threads of a quad),
-// then P is re-packed from accumulator layout into A-fragments in registers (no shared round trip)
-// and O += P·V with mma again. The row sums stay per thread until the end.
+// registers as mma A-fragments. Keys and values stream through shared memory 64 at a time, both
+// row-major (one row per key, 32-bit stores), rows padded by 16 bytes so fragment reads are
+// bank-conflict free. Per tile: S = Q·Kᵀ with mma.sync m16n8k16 (f32 accumulate; a K row holds a
+// B-fragment's pair), mask (sequence end, sliding window), online softmax in base 2 on the
+// accumulator fragments (row max/sum across the 4 threads of a quad), then P is re-packed from
+// accumulator layout into A-fragments in registers (no shared round trip) and O += P·V with mma
+// again, V's B-fragments (pairs of keys for one dimension) read transposed by
+// ldmatrix.x4.trans, four 8×8 tiles per instruction. The row sums stay per thread until the end.
 
 #if !defined(MIRA_F32)
 
@@ -17,7 +19,7 @@
 #define TC_BK 64
 #define TC_THREADS 128
 
-#if !defined(MIRA_EMU)  // (the CPU emulation in tests/cuda_emu has its own mma16816)
+#if !defined(MIRA_EMU)  // (the CPU emulation in tests/cuda_emu has its own of these two)
 #if defined(MIRA_BF16)
 #define TC_MMA "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
 #else
@@ -29,6 +31,16 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const u32 (&a)[4], u32 b
     asm volatile(TC_MMA "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// r[0..3] = the four 8×8 tiles of 16-bit values whose rows lanes 8i..8i+7 address (one 16-byte
+// row each), transposed: lane l gets rows 2(l%4), 2(l%4)+1 of column l/4 of tile i.
+__device__ __forceinline__ void ldsm_x4_trans(u32 (&r)[4], const T* row) {
+    u32 addr;
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(addr) : "l"(row));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
 }
 #endif
 
@@ -45,10 +57,9 @@ template <int D>
 __device__ __forceinline__ void attention_tc_impl(const T* qkv, const uint2* blocks,
                                                   const u32* cu_seqlens, T* out, int hidden,
                                                   int n_blocks, int half_window, float scale) {
-    constexpr int KP = D + 8;      // K tile row pitch (storage values)
-    constexpr int VP = TC_BK + 8;  // transposed V tile row pitch
+    constexpr int KP = D + 8;  // K and V tile row pitch (storage values; rows 16-byte aligned)
     __shared__ __align__(16) T k_s[TC_BK * KP];
-    __shared__ __align__(16) T v_s[D * VP];
+    __shared__ __align__(16) T v_s[TC_BK * KP];
     const int blk = blockIdx.x;
     if (blk >= n_blocks) return;
     const int head = blockIdx.y;
@@ -83,7 +94,7 @@ __device__ __forceinline__ void attention_tc_impl(const T* qkv, const uint2* blo
     const float scale2 = scale * 1.4426950408889634f;  // softmax in base 2
 
     for (u32 t0 = k_lo; t0 < k_hi; t0 += TC_BK) {
-        // K rows as they are; V transposed (v_s[d][key]); keys past the range are zeros.
+        // K and V rows as they are; keys past the range are zeros.
         for (int e = threadIdx.x; e < TC_BK * (D / 2); e += TC_THREADS) {
             const int j = e / (D / 2), d = 2 * (e % (D / 2));
             const u32 key = t0 + j;
@@ -94,10 +105,7 @@ __device__ __forceinline__ void attention_tc_impl(const T* qkv, const uint2* blo
                 vv = ld2(qkv, base + hidden);
             }
             *reinterpret_cast<u32*>(&k_s[j * KP + d]) = kv;
-            // (These transposing 16-bit stores conflict on banks; ldmatrix.trans on a row-major
-            // V tile would avoid that: a candidate once this can be profiled on a GPU.)
-            v_s[d * VP + j] = (T)(vv & 0xffffu);
-            v_s[(d + 1) * VP + j] = (T)(vv >> 16);
+            *reinterpret_cast<u32*>(&v_s[j * KP + d]) = vv;
         }
         __syncthreads();
         if (warp_live) {
@@ -167,11 +175,17 @@ __device__ __forceinline__ void attention_tc_impl(const T* qkv, const uint2* blo
                                   pack2(s[2 * kt][2], s[2 * kt][3]),
                                   pack2(s[2 * kt + 1][0], s[2 * kt + 1][1]),
                                   pack2(s[2 * kt + 1][2], s[2 * kt + 1][3])};
+                // Lane l addresses row l%8 of tile l/8: keys kt·16 + 8·((l/8)%2) + l%8, dimensions
+                // from 8·(l/16) on; tiles 0, 1 are b0, b1 of one 8-wide dimension block, tiles
+                // 2, 3 of the next.
+                const T* vrow = &v_s[(kt * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * KP +
+                                     (lane >> 4) * 8];
                 #pragma unroll
-                for (int nt = 0; nt < D / 8; ++nt) {
-                    const T* vr = &v_s[(nt * 8 + g) * VP + kt * 16 + 2 * t];
-                    mma16816(o[nt], a, *reinterpret_cast<const u32*>(vr),
-                             *reinterpret_cast<const u32*>(vr + 8));
+                for (int nt = 0; nt < D / 8; nt += 2) {
+                    u32 b[4];
+                    ldsm_x4_trans(b, vrow + nt * 8);
+                    mma16816(o[nt], a, b[0], b[1]);
+                    mma16816(o[nt + 1], a, b[2], b[3]);
                 }
             }
         }

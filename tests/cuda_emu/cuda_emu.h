@@ -486,6 +486,30 @@ inline void mma16816(float (&c)[4], const unsigned int (&a)[4], unsigned int b0,
     }
     for (int i = 0; i < 4; ++i) c[i] += out[lane * 4 + i];
 }
+
+// ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16: lanes 8i..8i+7 each give the address of one
+// 16-byte row of 8×8 tile i; lane l receives, in r[i], tile i's elements at rows 2(l%4) and
+// 2(l%4)+1 of column l/4 (the lower row in the low half): the tile transposed, as the PTX ISA
+// lays out the destination fragments of ldmatrix with .trans.
+inline void ldsm_x4_trans(unsigned int (&r)[4], const unsigned short* row) {
+    emu::Block& blk = *emu::block;
+    const unsigned w = emu::warp_of_me("ldmatrix");
+    const unsigned tid = emu::me().tid, lane = tid % 32;
+    std::vector<unsigned int>& x = blk.xchg[blk.warp_gen[w] & 1];
+    const uint64_t p = (uint64_t)(uintptr_t)row;
+    if (p % 16 != 0) emu::fail("ldmatrix with a row address that is not 16-byte aligned");
+    x[tid * 8 + 0] = (unsigned int)p;
+    x[tid * 8 + 1] = (unsigned int)(p >> 32);
+    emu::sync_warp(w);
+    auto row_of = [&](unsigned src_lane) {
+        const unsigned s = (w * 32 + src_lane) * 8;
+        return (const unsigned short*)(uintptr_t)(x[s] | ((uint64_t)x[s + 1] << 32));
+    };
+    const unsigned col = lane / 4, r0 = 2 * (lane % 4);
+    for (unsigned i = 0; i < 4; ++i)
+        r[i] = (unsigned int)row_of(8 * i + r0)[col] |
+               ((unsigned int)row_of(8 * i + r0 + 1)[col] << 16);
+}
 #endif
 
 #define MIRA_EMU_ENTRY(name) \
