@@ -156,6 +156,18 @@ extern "C" __global__ void mma_tile(const T* a, const T* b, float* c) {
     c[(g + 8) * 8 + 2 * t + 1] = acc[3];
 }
 
+// ldmatrix.x4.trans of a 16×16 tile of 16-bit values in shared memory: lane l addresses row l%8
+// of 8×8 tile l/8 (tiles: rows 0-7 / 8-15 of columns 0-7, then of columns 8-15).
+extern "C" __global__ void ldsm_tile(const T* src, u32* out) {
+    __shared__ __align__(16) T tile[16 * 24];  // rows padded to 24 values (48 bytes)
+    const int lane = threadIdx.x;
+    for (int e = lane; e < 256; e += 32) tile[(e / 16) * 24 + e % 16] = src[e];
+    __syncthreads();
+    u32 r[4];
+    ldsm_x4_trans(r, &tile[(((lane >> 3) & 1) * 8 + (lane & 7)) * 24 + (lane >> 4) * 8]);
+    for (int i = 0; i < 4; ++i) out[lane * 4 + i] = r[i];
+}
+
 extern "C" __global__ void sync_in_divergent_code(float* x) {
     if (threadIdx.x < 16) __syncthreads();
     else x[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.0f, 1);
@@ -182,6 +194,7 @@ fn self_test_device() -> Option<emu::EmuDevice> {
     let entries = [
         "reverse_and_warp_sums",
         "mma_tile",
+        "ldsm_tile",
         "sync_in_divergent_code",
         "shuffle_after_a_lane_exited",
         "write_one_past",
@@ -265,6 +278,34 @@ fn emulator_mma_is_a_matrix_product() {
                 (g - want).abs() <= 1e-5 * (1.0 + want.abs()),
                 "C[{i}][{j}]: {g} vs {want}"
             );
+        }
+    }
+}
+
+/// ldmatrix.x4.trans hands lane l, from tile i, the values at rows 2(l%4) and 2(l%4)+1 of
+/// column l/4 (the lower row in the low half).
+#[test]
+fn emulator_ldmatrix_trans_transposes_each_tile() {
+    let Some(dev) = self_test_device() else {
+        return;
+    };
+    let src: Vec<u8> = (0u16..256)
+        .flat_map(|v| (v * 7 + 3).to_le_bytes())
+        .collect();
+    let (_sm, sp) = dev.upload(&src, "tile").unwrap();
+    let (_om, op) = dev.upload(&[0u8; 512], "fragments").unwrap();
+    // SAFETY: src holds 256 16-bit values, out 128 u32.
+    unsafe { dev.run("ldsm_tile", (1, 1, 1), 32, &[Arg::Ptr(sp), Arg::Ptr(op)]) }.unwrap();
+    // SAFETY: out holds 512 bytes.
+    let out = unsafe { dev.download(op, 512) }.unwrap();
+    let value = |row: usize, col: usize| (row * 16 + col) as u32 * 7 + 3;
+    for lane in 0..32 {
+        for tile in 0..4 {
+            let (row, col) = ((tile % 2) * 8 + 2 * (lane % 4), (tile / 2) * 8 + lane / 4);
+            let want = value(row, col) | value(row + 1, col) << 16;
+            let at = (lane * 4 + tile) * 4;
+            let got = u32::from_le_bytes(out[at..at + 4].try_into().unwrap());
+            assert_eq!(got, want, "lane {lane} tile {tile}");
         }
     }
 }
