@@ -14,8 +14,8 @@ pub use batch::{Batch, Packer};
 /// Storage precision of weights and activations on the device (arithmetic is always f32).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Precision {
-    /// The fastest the device stores exactly enough: bf16 on CUDA devices that have it (sm_80
-    /// and newer), else f16; on wgpu f16 where the adapter offers `SHADER_F16`, else f32.
+    /// The fastest the device stores accurately enough: f16 on CUDA; on wgpu f16 where the
+    /// adapter offers `SHADER_F16`, else f32.
     #[default]
     Auto,
     F32,
