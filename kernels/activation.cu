@@ -1,18 +1,12 @@
 // Element-wise kernels, grid-stride so any size fits one launch. Memory-bound, so each thread
-// step moves 16 bytes (8 bf16/f16 values or 4 f32) with one vector load and one vector store
-// where the layout allows; the rest goes one value at a time.
+// step moves 16 bytes (`vec16`: 8 bf16/f16 values or 4 f32) with one vector load and one vector
+// store where the layout allows; the rest goes one value at a time.
 //
 //   bias_act: x[r, c] = act(x[r, c] + bias[c]), the epilogue of a GEMM whose activation cuBLASLt
 //             cannot fuse exactly (its GELU epilogue is the tanh form; HF "gelu" is erf).
 //             x must be 16-byte aligned (the host checks).
 //   geglu:    out[t, i] = act(x[t, i]) * x[t, I + i] for x = [input half | gate half]; vectors
 //             when I is a multiple of the vector width (x and out 16-byte aligned).
-
-#define VEC ((int)(16 / sizeof(T)))
-
-struct __align__(16) vec16 {
-    T v[VEC];
-};
 
 extern "C" __global__ void bias_act(T* x, const T* bias, int rows, int n, int act) {
     const size_t total = (size_t)rows * n;

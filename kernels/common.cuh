@@ -39,6 +39,12 @@ __device__ __forceinline__ float ld(const T* p, size_t i) { return to_f32(p[i]);
 __device__ __forceinline__ void st(T* p, size_t i, float v) { p[i] = from_f32(v); }
 #endif
 
+// 16 bytes of storage values, for vector loads and stores (the address must be 16-byte aligned).
+#define VEC ((int)(16 / sizeof(T)))
+struct __align__(16) vec16 {
+    T v[VEC];
+};
+
 // Activation codes, as the host sends them: 0 none, 1 gelu (exact erf), 2 gelu (tanh), 3 relu,
 // 4 silu, 5 tanh. erff is CUDA's full-precision erf: exact GELU stays exact.
 __device__ __forceinline__ float activate(float x, int kind) {
@@ -50,6 +56,12 @@ __device__ __forceinline__ float activate(float x, int kind) {
         case 5: return tanhf(x);
         default: return x;
     }
+}
+
+// Sum over the 32 lanes of a warp, every lane getting the total.
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
 }
 
 // Sum over a block of ROW_THREADS threads: warp shuffles, then one warp over the partials.

@@ -96,7 +96,7 @@ fn tables<B: Backend>(
 
 pub fn embed_with_and_without_positions_types_and_bias<B: Backend>(gpu: &B, prec: Prec) {
     let mut rng = Rng(0xe3bed);
-    for &(h, with_extras) in &[(45usize, true), (384, false), (769, true)] {
+    for &(h, with_extras) in &[(45usize, true), (384, false), (768, true), (769, true)] {
         let (vocab, max_pos) = (23usize, 300usize);
         let word = rng.vec(vocab * h, 1.0);
         let pos = rng.vec(max_pos * h, 0.5);
@@ -124,7 +124,9 @@ pub fn embed_with_and_without_positions_types_and_bias<B: Backend>(gpu: &B, prec
 
 pub fn residual_layernorms_in_every_mode<B: Backend>(gpu: &B, prec: Prec) {
     let mut rng = Rng(0x1a7e);
-    for &cols in &[1usize, 45, 384, 769, 4096] {
+    // One warp per row on CUDA: 8 (one vector), 384, 1024 (the widest); one block per row: the
+    // others (odd widths, or past 1,024).
+    for &cols in &[1usize, 8, 45, 384, 769, 1024, 4096] {
         let rows = 67;
         let x = rng.vec(rows * cols, 2.0);
         let r = rng.vec(rows * cols, 2.0);

@@ -132,7 +132,12 @@ impl KernelFile {
     /// The `extern "C"` entry points the file defines for `storage`.
     pub fn entry_points(self, storage: Storage) -> Vec<String> {
         match self {
-            KernelFile::LayerNorm => vec!["embed_layernorm".into(), "layernorm".into()],
+            KernelFile::LayerNorm => vec![
+                "embed_layernorm".into(),
+                "layernorm".into(),
+                "embed_layernorm_warp".into(),
+                "layernorm_warp".into(),
+            ],
             KernelFile::Activation => vec!["bias_act".into(), "geglu".into()],
             KernelFile::Attention => ATTENTION_HEAD_DIMS
                 .iter()

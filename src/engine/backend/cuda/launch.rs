@@ -3,7 +3,7 @@
 //! emulation of `kernels/*.cu` in the tests (`tests/cuda_emu.rs`) runs the very same launches over
 //! host memory, so what it checks is what the GPU is asked to do.
 
-use super::kernels::KernelFile;
+use super::kernels::{KernelFile, Storage};
 
 /// Queries per attention block (`BQ` in attention.cu, `TC_BQ` in attention_tc.cu).
 pub const QUERY_BLOCK: usize = 64;
@@ -11,6 +11,10 @@ pub const QUERY_BLOCK: usize = 64;
 pub const ROW_THREADS: u32 = 256;
 /// The widest row a LayerNorm block holds in registers (`ROW_THREADS × ROW_SLOTS`).
 pub const MAX_ROW: usize = 4096;
+/// The widest row the one-warp-per-row LayerNorm kernels take (`_warp`, 8 rows per block).
+pub const WARP_MAX_ROW: usize = 1024;
+/// Rows per block of the `_warp` LayerNorm kernels (`ROW_THREADS / 32`).
+pub const WARP_ROWS: usize = 8;
 /// Threads of attention_tc.cu's blocks (4 warps of 16 queries).
 pub const TC_THREADS: u32 = 128;
 /// Threads of a grid-stride element-wise kernel.
@@ -21,6 +25,9 @@ pub const STRIDE_THREADS: u32 = 256;
 pub enum Entry {
     EmbedLayerNorm,
     LayerNorm,
+    /// One warp per row, for rows of up to [`WARP_MAX_ROW`] values in 16-byte vectors.
+    EmbedLayerNormWarp,
+    LayerNormWarp,
     BiasAct,
     Geglu,
     Rope,
@@ -34,7 +41,10 @@ pub enum Entry {
 impl Entry {
     pub fn file(self) -> KernelFile {
         match self {
-            Entry::EmbedLayerNorm | Entry::LayerNorm => KernelFile::LayerNorm,
+            Entry::EmbedLayerNorm
+            | Entry::LayerNorm
+            | Entry::EmbedLayerNormWarp
+            | Entry::LayerNormWarp => KernelFile::LayerNorm,
             Entry::BiasAct | Entry::Geglu => KernelFile::Activation,
             Entry::Rope => KernelFile::Rope,
             Entry::Pool => KernelFile::Pool,
@@ -48,6 +58,8 @@ impl Entry {
         match self {
             Entry::EmbedLayerNorm => "embed_layernorm".into(),
             Entry::LayerNorm => "layernorm".into(),
+            Entry::EmbedLayerNormWarp => "embed_layernorm_warp".into(),
+            Entry::LayerNormWarp => "layernorm_warp".into(),
             Entry::BiasAct => "bias_act".into(),
             Entry::Geglu => "geglu".into(),
             Entry::Rope => "rope".into(),
@@ -79,6 +91,12 @@ pub struct Launch {
 /// [`QUERY_BLOCK`] queries within one sequence.
 pub fn attention_blocks(cu_seqlens: &[u32]) -> Vec<u32> {
     super::super::query_blocks(cu_seqlens, QUERY_BLOCK)
+}
+
+/// Whether rows of `cols` values of `storage` go to the one-warp-per-row LayerNorm kernels: at
+/// most [`WARP_MAX_ROW`] values, a whole number of 16-byte vectors.
+pub fn warp_rows(cols: usize, storage: Storage) -> bool {
+    cols <= WARP_MAX_ROW && (cols * storage.bytes()).is_multiple_of(16)
 }
 
 /// Blocks for a grid-stride kernel over `n` elements, [`STRIDE_THREADS`] each, at most 32 per
@@ -123,10 +141,12 @@ mod tests {
 
     #[test]
     fn entry_names_are_the_files_entry_points() {
-        use super::super::kernels::{Storage, ATTENTION_HEAD_DIMS, ATTENTION_TC_HEAD_DIMS};
+        use super::super::kernels::{ATTENTION_HEAD_DIMS, ATTENTION_TC_HEAD_DIMS};
         let mut entries = vec![
             Entry::EmbedLayerNorm,
             Entry::LayerNorm,
+            Entry::EmbedLayerNormWarp,
+            Entry::LayerNormWarp,
             Entry::BiasAct,
             Entry::Geglu,
             Entry::Rope,

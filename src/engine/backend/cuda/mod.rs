@@ -121,7 +121,12 @@ impl Kernels {
 fn file_entries(file: KernelFile, storage: Storage) -> Vec<Entry> {
     use kernels::{ATTENTION_HEAD_DIMS, ATTENTION_TC_HEAD_DIMS};
     match file {
-        KernelFile::LayerNorm => vec![Entry::EmbedLayerNorm, Entry::LayerNorm],
+        KernelFile::LayerNorm => vec![
+            Entry::EmbedLayerNorm,
+            Entry::LayerNorm,
+            Entry::EmbedLayerNormWarp,
+            Entry::LayerNormWarp,
+        ],
         KernelFile::Activation => vec![Entry::BiasAct, Entry::Geglu],
         KernelFile::Rope => vec![Entry::Rope],
         KernelFile::Pool => vec![Entry::Pool],

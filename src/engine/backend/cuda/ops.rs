@@ -13,8 +13,8 @@ use anyhow::{anyhow, bail, ensure, Result};
 use super::gemm::Epilogue;
 use super::kernels::{Storage, ATTENTION_HEAD_DIMS, ATTENTION_TC_HEAD_DIMS};
 use super::launch::{
-    attention_blocks, stride_grid, Arg, Entry, Launch, MAX_ROW, QUERY_BLOCK, ROW_THREADS,
-    STRIDE_THREADS, TC_THREADS,
+    attention_blocks, stride_grid, warp_rows, Arg, Entry, Launch, MAX_ROW, QUERY_BLOCK,
+    ROW_THREADS, STRIDE_THREADS, TC_THREADS, WARP_ROWS,
 };
 use crate::engine::backend::{Backend, EmbeddingTables};
 use crate::engine::{Activation, Batch, Pooling};
@@ -262,9 +262,10 @@ impl<D: KernelDevice> KernelBackend<D> {
             return Ok(());
         }
         let ptr = |t: Option<&Tensor<D>>| Arg::Ptr(t.map_or(0, |t| t.ptr));
+        let (entry, grid) = self.row_kernel(Entry::LayerNormWarp, Entry::LayerNorm, rows, cols);
         let launch = Launch {
-            entry: Entry::LayerNorm,
-            grid: (rows as u32, 1, 1),
+            entry,
+            grid,
             block: ROW_THREADS,
             args: vec![
                 Arg::Ptr(x.ptr),
@@ -279,6 +280,22 @@ impl<D: KernelDevice> KernelBackend<D> {
             ],
         };
         self.launch(launch, "layernorm")
+    }
+
+    /// A LayerNorm kernel for `rows` rows of `cols` values and its grid: one warp per row where
+    /// the row fits (`warp`), else one block per row (`block`). Both take 256-thread blocks.
+    fn row_kernel(
+        &self,
+        warp: Entry,
+        block: Entry,
+        rows: usize,
+        cols: usize,
+    ) -> (Entry, (u32, u32, u32)) {
+        if warp_rows(cols, self.storage()) {
+            (warp, (rows.div_ceil(WARP_ROWS) as u32, 1, 1))
+        } else {
+            (block, (rows as u32, 1, 1))
+        }
     }
 
     /// `x = act(x + bias)` in place (our exact epilogue after a cuBLASLt product).
@@ -421,9 +438,15 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
             return Ok(out);
         }
         let ptr = |x: Option<&Tensor<D>>| Arg::Ptr(x.map_or(0, |x| x.ptr));
+        let (entry, grid) = self.row_kernel(
+            Entry::EmbedLayerNormWarp,
+            Entry::EmbedLayerNorm,
+            batch.n_tokens,
+            h,
+        );
         let launch = Launch {
-            entry: Entry::EmbedLayerNorm,
-            grid: (batch.n_tokens as u32, 1, 1),
+            entry,
+            grid,
             block: ROW_THREADS,
             args: vec![
                 Arg::Ptr(batch.ids),
