@@ -13,6 +13,7 @@ mod common;
 #[path = "cuda_emu/device.rs"]
 mod emu;
 mod gpu;
+#[macro_use]
 #[path = "gpu/model.rs"]
 mod model_check;
 
@@ -102,26 +103,7 @@ fn model(dir: &std::path::Path, golden_name: &str) {
     });
 }
 
-#[test]
-fn minilm_matches_cpu() {
-    model(&common::minilm_dir(), "minilm");
-}
-
-#[test]
-fn bert_regression_head_matches_cpu() {
-    model(
-        &common::fixture_model("bert-cls-regression"),
-        "bert-cls-regression",
-    );
-}
-
-#[test]
-fn modernbert_mean_pooled_head_matches_cpu() {
-    model(
-        &common::fixture_model("modernbert-cls-mean"),
-        "modernbert-cls-mean",
-    );
-}
+model_tests!(model);
 
 /// Kernels that exercise the emulator itself (CUDA C++, after kernels/common.cuh).
 const SELF_TEST: &str = r#"
@@ -405,33 +387,4 @@ fn f16_overflow_is_an_error_that_names_the_way_out() {
     );
     let bf16 = on(Storage::Bf16).logits_ids(&ids).unwrap();
     assert!(bf16.iter().all(|v| v.is_finite()), "{bf16:?}");
-}
-
-#[test]
-fn bert_base_bf16_matches_cpu() {
-    model(&common::fixture_model("bert-base-bf16"), "bert-base-bf16");
-}
-
-#[test]
-fn bert_f16_sharded_classifier_matches_cpu() {
-    model(
-        &common::fixture_model("bert-cls-f16-sharded"),
-        "bert-cls-f16-sharded",
-    );
-}
-
-#[test]
-fn modernbert_biased_cls_head_matches_cpu() {
-    model(
-        &common::fixture_model("modernbert-cls-biased"),
-        "modernbert-cls-biased",
-    );
-}
-
-#[test]
-fn modernbert_encoder_matches_cpu() {
-    model(
-        &common::fixture_model("modernbert-base-enc"),
-        "modernbert-base-enc",
-    );
 }

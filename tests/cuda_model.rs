@@ -5,10 +5,11 @@
 
 mod common;
 mod gpu;
+#[macro_use]
 #[path = "gpu/model.rs"]
 mod model_check;
 
-use common::{fixture_model, minilm_dir};
+use common::minilm_dir;
 use gpu::{have_cuda, Prec};
 use mira::engine::{Device, Precision};
 
@@ -24,46 +25,7 @@ fn check(dir: &std::path::Path, golden_name: &str) {
     model_check::check(dir, golden_name, Device::Cuda(Some(0)), &precisions);
 }
 
-#[test]
-fn minilm_matches_cpu() {
-    check(&minilm_dir(), "minilm");
-}
-
-#[test]
-fn bert_regression_head_matches_cpu() {
-    check(&fixture_model("bert-cls-regression"), "bert-cls-regression");
-}
-
-#[test]
-fn bert_base_bf16_matches_cpu() {
-    check(&fixture_model("bert-base-bf16"), "bert-base-bf16");
-}
-
-#[test]
-fn bert_f16_sharded_classifier_matches_cpu() {
-    check(
-        &fixture_model("bert-cls-f16-sharded"),
-        "bert-cls-f16-sharded",
-    );
-}
-
-#[test]
-fn modernbert_mean_pooled_head_matches_cpu() {
-    check(&fixture_model("modernbert-cls-mean"), "modernbert-cls-mean");
-}
-
-#[test]
-fn modernbert_biased_cls_head_matches_cpu() {
-    check(
-        &fixture_model("modernbert-cls-biased"),
-        "modernbert-cls-biased",
-    );
-}
-
-#[test]
-fn modernbert_encoder_matches_cpu() {
-    check(&fixture_model("modernbert-base-enc"), "modernbert-base-enc");
-}
+model_tests!(check);
 
 /// Without a usable CUDA device, `--device cuda` is a clear error and `auto` falls back (and
 /// says so); with one, `auto` picks it.

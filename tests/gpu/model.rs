@@ -139,3 +139,60 @@ pub fn check_loaded(
         }
     }
 }
+
+/// The whole-model tests, one per checkpoint (MiniLM and the six random BERT/ModernBERT fixtures),
+/// each calling `$check(dir, golden_name)`. For test crates that have `mod common;` and this
+/// file as `#[macro_use] mod model_check;`.
+macro_rules! model_tests {
+    ($check:ident) => {
+        #[test]
+        fn minilm_matches_cpu() {
+            $check(&common::minilm_dir(), "minilm");
+        }
+
+        #[test]
+        fn bert_regression_head_matches_cpu() {
+            $check(
+                &common::fixture_model("bert-cls-regression"),
+                "bert-cls-regression",
+            );
+        }
+
+        #[test]
+        fn bert_base_bf16_matches_cpu() {
+            $check(&common::fixture_model("bert-base-bf16"), "bert-base-bf16");
+        }
+
+        #[test]
+        fn bert_f16_sharded_classifier_matches_cpu() {
+            $check(
+                &common::fixture_model("bert-cls-f16-sharded"),
+                "bert-cls-f16-sharded",
+            );
+        }
+
+        #[test]
+        fn modernbert_mean_pooled_head_matches_cpu() {
+            $check(
+                &common::fixture_model("modernbert-cls-mean"),
+                "modernbert-cls-mean",
+            );
+        }
+
+        #[test]
+        fn modernbert_biased_cls_head_matches_cpu() {
+            $check(
+                &common::fixture_model("modernbert-cls-biased"),
+                "modernbert-cls-biased",
+            );
+        }
+
+        #[test]
+        fn modernbert_encoder_matches_cpu() {
+            $check(
+                &common::fixture_model("modernbert-base-enc"),
+                "modernbert-base-enc",
+            );
+        }
+    };
+}
