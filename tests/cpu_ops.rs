@@ -67,14 +67,7 @@ fn linear_with_bias_and_every_activation() {
             be.weight(w.clone(), n, k).unwrap(),
             be.weight(b.clone(), 1, n).unwrap(),
         );
-        for act in [
-            Activation::None,
-            Activation::Gelu,
-            Activation::GeluTanh,
-            Activation::Relu,
-            Activation::Silu,
-            Activation::Tanh,
-        ] {
+        for act in Activation::ALL {
             for bias in [false, true] {
                 let out = be.linear(&xt, &wt, bias.then_some(&bt), act).unwrap();
                 let mut want = vec![0f64; m * n];

@@ -51,6 +51,16 @@ pub enum Activation {
 }
 
 impl Activation {
+    /// Every activation (for tests that cover them all).
+    pub const ALL: [Activation; 6] = [
+        Activation::None,
+        Activation::Gelu,
+        Activation::GeluTanh,
+        Activation::Relu,
+        Activation::Silu,
+        Activation::Tanh,
+    ];
+
     /// The code backends' kernels switch on (`activate` in the WGSL and CUDA sources, `math.rs`):
     /// 0 none, 1 gelu (erf), 2 gelu (tanh), 3 relu, 4 silu, 5 tanh.
     pub fn code(self) -> u8 {

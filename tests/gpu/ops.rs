@@ -7,14 +7,7 @@ use mira::engine::backend::cpu::CpuBackend;
 use mira::engine::backend::{Backend, EmbeddingTables};
 use mira::engine::{Activation, Batch, Pooling};
 
-const ACTS: [Activation; 6] = [
-    Activation::None,
-    Activation::Gelu,
-    Activation::GeluTanh,
-    Activation::Relu,
-    Activation::Silu,
-    Activation::Tanh,
-];
+const ACTS: [Activation; 6] = Activation::ALL;
 
 fn batch(lens: &[usize], vocab: u32) -> Batch {
     let seqs: Vec<Vec<u32>> = lens
