@@ -70,6 +70,11 @@ struct ModelArgs {
     /// f32)
     #[arg(long, default_value = "auto")]
     precision: Precision,
+    /// CUDA only: run batches of at most this many tokens as CUDA graphs once their shape
+    /// (tokens, documents) repeats, one launch instead of ~10 per layer, for latency-bound small
+    /// batches; 0 turns graphs off
+    #[arg(long, default_value_t = 0, value_name = "TOKENS")]
+    cuda_graphs: usize,
     /// Worker threads for the CPU backend and tokenization [default: all cores]
     #[arg(long)]
     threads: Option<usize>,
@@ -179,10 +184,17 @@ fn load(args: &ModelArgs) -> Result<Scorer> {
             max_tokens: args.max_tokens,
             packer,
             precision: args.precision,
+            cuda_graph_tokens: args.cuda_graphs,
         },
     )?;
     if let Some(note) = scorer.device_note() {
         eprintln!("{note}");
+    }
+    if args.cuda_graphs > 0 && !scorer.device_name().starts_with("cuda:") {
+        eprintln!(
+            "note: --cuda-graphs applies to CUDA only; it has no effect on {}",
+            scorer.device_name()
+        );
     }
     Ok(scorer)
 }

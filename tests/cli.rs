@@ -224,8 +224,16 @@ fn bench_reports_json_throughput() {
         "--repeat",
         "1",
         "--json",
+        "--cuda-graphs",
+        "256",
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // A CUDA-only option on another device is said to do nothing, not silently dropped.
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("--cuda-graphs applies to CUDA only; it has no effect on cpu"),
+        "{err}"
+    );
     let r: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(r["docs"], 50);
     assert!(r["tokens_per_s"].as_f64().unwrap() > 0.0);

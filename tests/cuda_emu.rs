@@ -105,6 +105,56 @@ fn model(dir: &std::path::Path, golden_name: &str) {
 
 model_tests!(model);
 
+/// CUDA graphs (recorded forward passes replayed for later batches of the same shape) give
+/// exactly the ops' results, on a BERT with a head and a ModernBERT (rotary, sliding windows,
+/// GeGLU), f16 with tensor-core attention. Each replay runs the recorded ops on the emulator,
+/// which checks every address they use against the live buffers: a graph that outlived an
+/// activation, a table or its batch copy fails here.
+#[test]
+fn graphs_replay_what_the_ops_compute() {
+    if !have_compiler() {
+        return;
+    }
+    for name in ["bert-cls-regression", "modernbert-cls-biased"] {
+        model_check::check_graphs(&common::fixture_model(name), name, || {
+            emu::backend(Storage::F16)
+        });
+    }
+}
+
+/// A device that cannot capture a graph: the batch that tried still gets its results (the
+/// recording pass computed them), graphs turn off for the backend, and later batches run op by
+/// op with the same results.
+#[test]
+fn a_graph_that_cannot_be_captured_turns_graphs_off_without_failing() {
+    if !have_compiler() {
+        return;
+    }
+    let dir = common::fixture_model("bert-cls-regression");
+    let opts = || LoadOptions {
+        max_tokens: Some(64),
+        ..Default::default()
+    };
+    let direct = Scorer::load_on_backend(&dir, emu::backend(Storage::F16), opts()).unwrap();
+    let be = emu::backend(Storage::F16);
+    be.set_graph_tokens(1 << 20);
+    be.device()
+        .refuse_graphs
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let graphs = Scorer::load_on_backend(&dir, be.clone(), opts()).unwrap();
+    let ids = direct
+        .tokenize(&["one short text", "one other text"])
+        .unwrap();
+    for _ in 0..4 {
+        let want = direct.logits_ids(&ids[..1]).unwrap();
+        assert_eq!(graphs.logits_ids(&ids[..1]).unwrap(), want);
+    }
+    let s = be.graph_stats();
+    // Direct, then the failed recording; graphs are off after it, so nothing more is planned.
+    assert_eq!((s.recorded, s.replayed, s.direct), (0, 0, 1), "{s:?}");
+    assert_eq!(be.graph_footprint().0, 0);
+}
+
 /// Kernels that exercise the emulator itself (CUDA C++, after kernels/common.cuh).
 const SELF_TEST: &str = r#"
 extern "C" __global__ void reverse_and_warp_sums(const float* x, float* y, float* sums) {

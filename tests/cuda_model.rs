@@ -27,6 +27,22 @@ fn check(dir: &std::path::Path, golden_name: &str) {
 
 model_tests!(check);
 
+/// CUDA graphs on the GPU: replays equal the ops run one by one (see `gpu/model.rs`).
+#[test]
+fn graphs_replay_what_the_ops_compute() {
+    if !have_cuda() {
+        return;
+    }
+    for name in ["bert-cls-regression", "modernbert-cls-biased"] {
+        model_check::check_graphs(&common::fixture_model(name), name, || {
+            let be = mira::engine::backend::cuda::CudaBackend::new(0, Precision::F16)
+                .unwrap_or_else(|e| panic!("{e:#}"));
+            be.set_poison(true);
+            be
+        });
+    }
+}
+
 /// Without a usable CUDA device, `--device cuda` is a clear error and `auto` falls back (and
 /// says so); with one, `auto` picks it.
 #[test]

@@ -9,7 +9,9 @@
 #   2. throughput, side by side on the same texts: mira (CUDA, f16 and bf16) vs transformers bf16 with
 #      padded batches (eager attention: the FineWeb-Edu recipe) and with SDPA, on a BERT-base
 #      shaped random checkpoint and on MiniLM (if bundled), 512-token truncation, a log-normal
-#      length mix (benches/gpu/hf_bench.py); tokens/s, docs/s, MFU and the ratios.
+#      length mix (benches/gpu/hf_bench.py); tokens/s, docs/s, MFU and the ratios;
+#   3. small batches (one 128-token document each, where launches dominate): per-batch latency
+#      op by op and with CUDA graphs (--cuda-graphs).
 #
 # usage (repo root of the GPU machine): benches/gpu/run.sh [BUNDLE]
 #   BUNDLE  default .gpu: bin/{mira,cuda_ops,cuda_model}, optionally minilm/ (all-MiniLM-L6-v2);
@@ -107,6 +109,13 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
                 | sed "s/^{/{\"case\":\"$name\",\"engine\":\"mira wgpu (Vulkan)\",/" \
                 | tee -a "$OUT/bench.jsonl" || { status=1; tail -5 "$OUT/mira-$name-wgpu.err"; }
         fi
+        # Small batches: one 128-token document per batch, op by op, then as CUDA graphs.
+        for graphs in 0 128; do
+            "$BIN/mira" bench --model "$dir" --device cuda --max-tokens 512 --length 128 --docs 2000 \
+                --batch-tokens 128 --cuda-graphs "$graphs" --repeat 3 --json 2>"$OUT/mira-$name-graphs$graphs.err" \
+                | sed "s/^{/{\"case\":\"$name, 1 doc of 128 tokens per batch\",\"engine\":\"mira cuda f16, graphs up to $graphs tokens\",/" \
+                | tee -a "$OUT/bench.jsonl" || { status=1; tail -5 "$OUT/mira-$name-graphs$graphs.err"; }
+        done
         for attn in eager sdpa; do
             python3 benches/gpu/hf_bench.py run "$dir" "$WORK/texts.jsonl" --attn "$attn" --batch "${HF_BATCH:-128}" \
                 2>"$OUT/hf-$name-$attn.err" \
@@ -118,8 +127,8 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 PEAK = 989e12  # H100/H200 SXM dense bf16
-print("\n| case | engine | tokens/s | docs/s | MFU | vs transformers eager | vs sdpa |")
-print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+print("\n| case | engine | tokens/s | docs/s | MFU | batch p50 / p99 ms | vs transformers eager | vs sdpa |")
+print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
 for case in dict.fromkeys(r["case"] for r in rows):
     rs = [r for r in rows if r["case"] == case]
     flops = next((r["model_flops_per_token"] for r in rs if "model_flops_per_token" in r), None)
@@ -128,7 +137,8 @@ for case in dict.fromkeys(r["case"] for r in rows):
     for r in rs:
         mfu = f"{100 * r['tokens_per_s'] * flops / PEAK:.1f}%" if flops else "-"
         ratio = lambda b: f"{r['tokens_per_s'] / b:.2f}x" if b else "-"
-        print(f"| {case} | {r['engine']} | {r['tokens_per_s']:,.0f} | {r['docs_per_s']:,.0f} | {mfu} | "
+        lat = f"{r['batch_p50_ms']:.2f} / {r['batch_p99_ms']:.2f}" if "batch_p50_ms" in r else "-"
+        print(f"| {case} | {r['engine']} | {r['tokens_per_s']:,.0f} | {r['docs_per_s']:,.0f} | {mfu} | {lat} | "
               f"{ratio(base['eager'])} | {ratio(base['sdpa'])} |")
 PY
 fi

@@ -54,6 +54,8 @@ pub struct Bert<B: Backend> {
     layers: Vec<Layer<B>>,
     pooler: Option<Pooler<B>>,
     head: Option<Classifier<B>>,
+    /// Names this model's forward passes (see `Backend::run_forward`).
+    id: u64,
 }
 
 impl<B: Backend> Bert<B> {
@@ -143,6 +145,7 @@ impl<B: Backend> Bert<B> {
             layers,
             pooler,
             head,
+            id: super::model_id(),
         })
     }
 
@@ -167,9 +170,16 @@ impl<B: Backend> Bert<B> {
         Ok(x)
     }
 
-    fn upload(&self, batch: &Batch) -> Result<B::Batch> {
-        self.be
-            .upload_batch(batch, self.cfg.vocab_size, self.cfg.max_position_embeddings)
+    /// One forward pass over `batch` computing `what` (see `Backend::run_forward`).
+    fn run(
+        &self,
+        batch: &Batch,
+        what: &str,
+        forward: &dyn Fn(&B::Batch) -> Result<B::Tensor>,
+    ) -> Result<Vec<f32>> {
+        let limits = (self.cfg.vocab_size, self.cfg.max_position_embeddings);
+        let kind = format!("bert{}/{what}", self.id);
+        self.be.run_forward(batch, limits, &kind, forward)
     }
 }
 
@@ -214,16 +224,14 @@ impl<B: Backend> super::Encoder for Bert<B> {
     }
 
     fn pooled(&self, batch: &Batch, pooling: Pooling) -> Result<Vec<f32>> {
-        let b = self.upload(batch)?;
-        let x = self.encode(&b)?;
-        let pooled = self.be.pool(&x, &b, pooling)?; // [n_seqs, H]
-        self.be.download(&pooled)
+        self.run(batch, &format!("pooled-{pooling:?}"), &|b| {
+            let x = self.encode(b)?;
+            self.be.pool(&x, b, pooling) // [n_seqs, H]
+        })
     }
 
     fn features(&self, batch: &Batch) -> Result<Vec<f32>> {
-        let b = self.upload(batch)?;
-        let pooled = self.pooler_output(&b)?;
-        self.be.download(&pooled) // [n_seqs, H]
+        self.run(batch, "features", &|b| self.pooler_output(b)) // [n_seqs, H]
     }
 
     fn logits(&self, batch: &Batch) -> Result<Vec<f32>> {
@@ -231,12 +239,11 @@ impl<B: Backend> super::Encoder for Bert<B> {
             .head
             .as_ref()
             .context("this checkpoint has no classification head")?;
-        let b = self.upload(batch)?;
-        let pooled = self.pooler_output(&b)?; // [n_seqs, H]
-        let logits = self
-            .be
-            .linear(&pooled, &head.w, Some(&head.b), Activation::None)?;
-        self.be.download(&logits) // [n_seqs, L]
+        self.run(batch, "logits", &|b| {
+            let pooled = self.pooler_output(b)?; // [n_seqs, H]
+            self.be
+                .linear(&pooled, &head.w, Some(&head.b), Activation::None) // [n_seqs, L]
+        })
     }
 }
 

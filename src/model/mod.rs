@@ -47,6 +47,13 @@ pub trait Encoder: Send + Sync {
     }
 }
 
+/// A process-unique name for a loaded model, so the forward passes of two models on one backend
+/// never share a `Backend::run_forward` kind.
+pub(crate) fn model_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Uploads checkpoint tensors to a backend, checking each against the shape the model expects
 /// (errors name the tensor and its file).
 pub(crate) struct Loader<'a, B: crate::engine::Backend> {
@@ -83,18 +90,22 @@ impl<B: crate::engine::Backend> Loader<'_, B> {
 }
 
 /// Build the encoder described by `cfg` from `weights` on a concrete `device`; `precision` is
-/// the storage type on GPUs (the CPU backend is f32).
+/// the storage type on GPUs (the CPU backend is f32); on CUDA, batches of at most
+/// `cuda_graph_tokens` tokens run as CUDA graphs (0: never).
 pub fn load_encoder(
     cfg: &ModelConfig,
     weights: &Weights,
     device: Device,
     precision: Precision,
+    cuda_graph_tokens: usize,
 ) -> Result<Box<dyn Encoder>> {
     match device {
         Device::Cpu => load_encoder_on(cfg, weights, CpuBackend),
         Device::Wgpu(n) => load_encoder_on(cfg, weights, WgpuBackend::new(n, precision)?),
         Device::Cuda(n) => {
-            load_encoder_on(cfg, weights, CudaBackend::new(n.unwrap_or(0), precision)?)
+            let be = CudaBackend::new(n.unwrap_or(0), precision)?;
+            be.set_graph_tokens(cuda_graph_tokens);
+            load_encoder_on(cfg, weights, be)
         }
         Device::Auto | Device::CudaAll => bail!(
             "device {device} names several or no device: the Scorer resolves it to one per engine"

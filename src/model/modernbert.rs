@@ -63,6 +63,8 @@ pub struct ModernBert<B: Backend> {
     layers: Vec<Layer<B>>,
     final_norm: Norm<B>,
     head: Option<Head<B>>,
+    /// Names this model's forward passes (see `Backend::run_forward`).
+    id: u64,
 }
 
 /// Load a LayerNorm (`{name}.weight`, and `{name}.bias` when `bias`).
@@ -149,6 +151,7 @@ impl<B: Backend> ModernBert<B> {
             layers,
             final_norm,
             head,
+            id: super::model_id(),
         })
     }
 
@@ -213,9 +216,16 @@ impl<B: Backend> ModernBert<B> {
         }
     }
 
-    fn upload(&self, batch: &Batch) -> Result<B::Batch> {
-        self.be
-            .upload_batch(batch, self.cfg.vocab_size, self.cfg.max_position_embeddings)
+    /// One forward pass over `batch` computing `what` (see `Backend::run_forward`).
+    fn run(
+        &self,
+        batch: &Batch,
+        what: &str,
+        forward: &dyn Fn(&B::Batch) -> Result<B::Tensor>,
+    ) -> Result<Vec<f32>> {
+        let limits = (self.cfg.vocab_size, self.cfg.max_position_embeddings);
+        let kind = format!("modernbert{}/{what}", self.id);
+        self.be.run_forward(batch, limits, &kind, forward)
     }
 }
 
@@ -272,9 +282,10 @@ impl<B: Backend> super::Encoder for ModernBert<B> {
     }
 
     fn pooled(&self, batch: &Batch, pooling: Pooling) -> Result<Vec<f32>> {
-        let b = self.upload(batch)?;
-        let x = self.encode(&b)?;
-        self.be.download(&self.be.pool(&x, &b, pooling)?)
+        self.run(batch, &format!("pooled-{pooling:?}"), &|b| {
+            let x = self.encode(b)?;
+            self.be.pool(&x, b, pooling)
+        })
     }
 
     fn features(&self, _batch: &Batch) -> Result<Vec<f32>> {
@@ -289,24 +300,24 @@ impl<B: Backend> super::Encoder for ModernBert<B> {
             .head
             .as_ref()
             .context("this checkpoint has no classification head")?;
-        let b = self.upload(batch)?;
-        let x = self.encode(&b)?;
-        let pooled = self.be.pool(&x, &b, self.cfg.classifier_pooling)?; // [n_seqs, H]
-        let dense = self
-            .be
-            .linear(&pooled, &head.dense, head.dense_b.as_ref(), self.head_act)?;
-        let normed = self.be.layernorm(
-            &dense,
-            &head.norm.weight,
-            head.norm.bias.as_ref(),
-            self.cfg.norm_eps as f32,
-        )?;
-        let logits = self.be.linear(
-            &normed,
-            &head.classifier,
-            Some(&head.classifier_b),
-            Activation::None,
-        )?;
-        self.be.download(&logits) // [n_seqs, L]
+        self.run(batch, "logits", &|b| {
+            let x = self.encode(b)?;
+            let pooled = self.be.pool(&x, b, self.cfg.classifier_pooling)?; // [n_seqs, H]
+            let dense =
+                self.be
+                    .linear(&pooled, &head.dense, head.dense_b.as_ref(), self.head_act)?;
+            let normed = self.be.layernorm(
+                &dense,
+                &head.norm.weight,
+                head.norm.bias.as_ref(),
+                self.cfg.norm_eps as f32,
+            )?;
+            self.be.linear(
+                &normed,
+                &head.classifier,
+                Some(&head.classifier_b),
+                Activation::None,
+            ) // [n_seqs, L]
+        })
     }
 }

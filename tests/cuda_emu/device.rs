@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use anyhow::{anyhow, bail, ensure, Result};
 use mira::engine::backend::cuda::gemm::Epilogue;
+use mira::engine::backend::cuda::graph::Op;
 use mira::engine::backend::cuda::kernels::{KernelFile, Storage, COMMON};
 use mira::engine::backend::cuda::launch::{Arg, Launch};
 use mira::engine::backend::cuda::{KernelBackend, KernelDevice};
@@ -180,6 +181,8 @@ pub struct EmuDevice {
     storage: Storage,
     lib: &'static Library,
     live: Arc<Mutex<Live>>,
+    /// Refuse to capture graphs (as a driver might), for the fallback test.
+    pub refuse_graphs: std::sync::atomic::AtomicBool,
 }
 
 impl EmuDevice {
@@ -188,6 +191,7 @@ impl EmuDevice {
             storage,
             lib: library(storage)?,
             live: Arc::default(),
+            refuse_graphs: Default::default(),
         })
     }
 
@@ -200,6 +204,7 @@ impl EmuDevice {
             storage,
             lib: Box::leak(Box::new(build(storage, &src)?)),
             live: Arc::default(),
+            refuse_graphs: Default::default(),
         })
     }
 
@@ -328,6 +333,15 @@ impl EmuDevice {
         (ptr < base + *bytes as u64 || ptr == base).then_some((base, *bytes, what.as_str()))
     }
 
+    /// `bytes` bytes from `p` lie in one live allocation.
+    fn check_live(&self, p: u64, bytes: usize, what: &str) -> Result<()> {
+        let live = self.live.lock().unwrap();
+        match Self::owner(&live, p) {
+            Some((base, len, _)) if p + bytes as u64 <= base + len as u64 => Ok(()),
+            _ => bail!("{what} of {bytes} bytes at {p:#x}: not within a live buffer"),
+        }
+    }
+
     fn check_guards(&self, after: &str) -> Result<()> {
         for (&base, (bytes, what)) in self.live.lock().unwrap().iter() {
             let pad = padded(*bytes) - bytes;
@@ -358,6 +372,9 @@ impl EmuDevice {
 impl KernelDevice for EmuDevice {
     type Mem = Mem;
     type BatchMem = Mem;
+    /// The recorded ops, run in order at each launch (every pointer argument is checked against
+    /// the live allocations then, so a graph that outlives memory it uses fails).
+    type Graph = Vec<Op>;
 
     fn describe(&self) -> String {
         format!(
@@ -382,7 +399,8 @@ impl KernelDevice for EmuDevice {
     }
 
     unsafe fn memset(&self, ptr: u64, byte: u8, bytes: usize) -> Result<()> {
-        // SAFETY: the caller's contract.
+        self.check_live(ptr, bytes, "memset")?;
+        // SAFETY: within a live allocation (checked above).
         unsafe { std::ptr::write_bytes(ptr as *mut u8, byte, bytes) };
         Ok(())
     }
@@ -417,6 +435,13 @@ impl KernelDevice for EmuDevice {
         epilogue: Epilogue,
     ) -> Result<()> {
         let s = self.storage;
+        let e = s.bytes();
+        self.check_live(x, m * k * e, "gemm input")?;
+        self.check_live(w, n * k * e, "gemm weight")?;
+        self.check_live(out, m * n * e, "gemm output")?;
+        if let Some(b) = bias {
+            self.check_live(b, n * e, "gemm bias")?;
+        }
         let read = |p: u64, len: usize| {
             // SAFETY: the caller's contract: p addresses len values.
             s.decode(unsafe { std::slice::from_raw_parts(p as *const u8, len * s.bytes()) })
@@ -454,6 +479,45 @@ impl KernelDevice for EmuDevice {
     unsafe fn download(&self, ptr: u64, bytes: usize) -> Result<Vec<u8>> {
         // SAFETY: the caller's contract.
         Ok(unsafe { std::slice::from_raw_parts(ptr as *const u8, bytes) }.to_vec())
+    }
+
+    unsafe fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
+        self.check_live(dst, bytes, "copy destination")?;
+        self.check_live(src, bytes, "copy source")?;
+        // SAFETY: both ranges lie in live allocations (checked above).
+        unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) };
+        Ok(())
+    }
+
+    unsafe fn graph(&self, ops: &[Op]) -> Result<Vec<Op>> {
+        if self
+            .refuse_graphs
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            bail!("stream capture refused (emulated)");
+        }
+        Ok(ops.to_vec())
+    }
+
+    unsafe fn launch_graph(&self, graph: &Vec<Op>) -> Result<()> {
+        for op in graph {
+            // SAFETY: the caller's contract: the ops' memory is alive.
+            unsafe {
+                match op {
+                    Op::Launch(l) => self.launch(l)?,
+                    Op::Gemm {
+                        x,
+                        w,
+                        bias,
+                        out,
+                        mnk,
+                        epilogue,
+                    } => self.gemm(*x, *w, *bias, *out, *mnk, *epilogue)?,
+                    Op::Memset { ptr, byte, bytes } => self.memset(*ptr, *byte, *bytes)?,
+                }
+            }
+        }
+        Ok(())
     }
 
     fn sync(&self) -> Result<()> {

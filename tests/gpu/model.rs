@@ -140,6 +140,95 @@ pub fn check_loaded(
     }
 }
 
+/// CUDA graphs on `dir`: forward passes replayed from a recorded graph give exactly what the
+/// same backend gives running the ops one by one, for batches other than the recorded one
+/// (same shape, different tokens), for embeddings and head outputs; and the graph cache records
+/// on a shape's second sighting and replays after. `open()` makes a backend (poisoned outputs,
+/// so a value a replay fails to write shows).
+#[allow(dead_code)] // (wgpu_model.rs has no graphs)
+pub fn check_graphs<D: mira::engine::backend::cuda::KernelDevice>(
+    dir: &std::path::Path,
+    golden_name: &str,
+    open: impl Fn() -> mira::engine::backend::cuda::KernelBackend<D>,
+) {
+    use mira::engine::backend::cuda::graph::GraphStats;
+    let (texts, max_tokens) = texts(golden_name);
+    let opts = || LoadOptions {
+        max_tokens: Some(max_tokens),
+        ..Default::default()
+    };
+    let load = |be| Scorer::load_on_backend(dir, be, opts()).unwrap_or_else(|e| panic!("{e:#}"));
+    let direct = load(open());
+    let be = open();
+    be.set_graph_tokens(1 << 20);
+    let graphs = load(be.clone());
+
+    // a and b: the same length, different tokens (b is a with its inner tokens rotated); c: longer.
+    let ids = direct.tokenize(&texts).unwrap();
+    let mut by_len = ids.clone();
+    by_len.sort_by_key(Vec::len);
+    let a = by_len
+        .iter()
+        .find(|d| d.len() >= 4)
+        .expect("a text of 4+ tokens")
+        .clone();
+    let mut b = a.clone();
+    let inner = b.len() - 1;
+    b[1..inner].rotate_left(1);
+    assert_ne!(a, b);
+    let c = by_len.last().unwrap().clone();
+    assert!(c.len() > a.len());
+    let calls: Vec<Vec<Vec<u32>>> = vec![
+        vec![a.clone()],
+        vec![b.clone()],
+        vec![a.clone()],
+        vec![b.clone()],
+        vec![c.clone()],
+        vec![b.clone(), c.clone()],
+        vec![a.clone(), c.clone()],
+        vec![a.clone(), c.clone()],
+    ];
+    let has_head = direct.head().is_some();
+    for (i, docs) in calls.iter().enumerate() {
+        let want = direct.embed_ids(docs).unwrap().values;
+        let got = graphs.embed_ids(docs).unwrap().values;
+        assert!(
+            want.iter().all(|v| v.is_finite()),
+            "{golden_name} call {i}: direct run"
+        );
+        assert_eq!(got, want, "{golden_name} call {i}: embeddings");
+        if has_head {
+            let want = direct.logits_ids(docs).unwrap();
+            let got = graphs.logits_ids(docs).unwrap();
+            assert_eq!(got, want, "{golden_name} call {i}: head outputs");
+        }
+    }
+    // Per output kind: the 1-document shape of a/b runs direct, records, replays twice; c's runs
+    // direct; the 2-document shape runs direct, records, replays.
+    let per_kind = GraphStats {
+        recorded: 2,
+        replayed: 3,
+        direct: 3,
+        evicted: 0,
+    };
+    let kinds = if has_head { 2 } else { 1 };
+    let want = GraphStats {
+        recorded: per_kind.recorded * kinds,
+        replayed: per_kind.replayed * kinds,
+        direct: per_kind.direct * kinds,
+        evicted: 0,
+    };
+    assert_eq!(be.graph_stats(), want, "{golden_name}");
+    let (held, buffers, bytes) = be.graph_footprint();
+    assert_eq!(held as u64, want.recorded);
+    eprintln!(
+        "{golden_name} on {}: graphs {:?}, {held} graphs hold {buffers} activation buffers \
+         ({bytes} bytes)",
+        graphs.device_name(),
+        be.graph_stats()
+    );
+}
+
 /// The whole-model tests, one per checkpoint (MiniLM and the six random BERT/ModernBERT fixtures),
 /// each calling `$check(dir, golden_name)`. For test crates that have `mod common;` and this
 /// file as `#[macro_use] mod model_check;`.

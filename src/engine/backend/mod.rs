@@ -243,6 +243,23 @@ pub trait Backend: Send + Sync + 'static {
     /// Copy a tensor to the host as f32, row-major.
     fn download(&self, x: &Self::Tensor) -> Result<Vec<f32>>;
 
+    /// One forward pass: upload `batch` (`limits`: vocab size and max positions, as for
+    /// [`Backend::upload_batch`]), let `forward` enqueue its ops, and download the tensor it
+    /// returns. `kind` names what `forward` computes: it must enqueue the same ops for every
+    /// batch of the same shape under one `kind`, which lets a backend replay a recording of an
+    /// earlier pass instead of calling `forward` (the CUDA backend's graphs for small batches).
+    fn run_forward(
+        &self,
+        batch: &Batch,
+        limits: (usize, usize),
+        kind: &str,
+        forward: &dyn Fn(&Self::Batch) -> Result<Self::Tensor>,
+    ) -> Result<Vec<f32>> {
+        let _ = kind;
+        let b = self.upload_batch(batch, limits.0, limits.1)?;
+        self.download(&forward(&b)?)
+    }
+
     /// Wait for all queued work.
     fn sync(&self) -> Result<()>;
 

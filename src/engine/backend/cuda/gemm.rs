@@ -118,11 +118,12 @@ impl Drop for Plan {
 /// Shapes beyond this many cached plans clear the cache (batch sizes vary run to run).
 const MAX_PLANS: usize = 1024;
 
-/// A cuBLASLt handle, its workspace and the plan cache, bound to one stream.
+/// A cuBLASLt handle, its workspace and the plan cache. Products go on the stream each call
+/// names: the compute stream, or the capture stream while a graph is recorded (whose launches
+/// go on the compute stream, so the one workspace is never used twice at once).
 pub struct Gemm {
     handle: sys::cublasLtHandle_t,
     workspace: CudaSlice<u8>,
-    stream: Arc<CudaStream>,
     data_type: sys::cudaDataType,
     plans: Mutex<HashMap<PlanKey, Plan>>,
 }
@@ -149,7 +150,7 @@ fn err(what: &str) -> impl Fn(result::CublasError) -> anyhow::Error + '_ {
 
 impl Gemm {
     /// `hopper`: 32 MiB of workspace (NVIDIA's advice for sm_90), 4 MiB otherwise.
-    pub fn new(stream: Arc<CudaStream>, storage: Storage, hopper: bool) -> Result<Gemm> {
+    pub fn new(stream: &Arc<CudaStream>, storage: Storage, hopper: bool) -> Result<Gemm> {
         let handle = result::create_handle().map_err(err("create handle"))?;
         let size = if hopper { 32 << 20 } else { 4 << 20 };
         // SAFETY: the workspace's contents are cuBLASLt's scratch; nothing reads them.
@@ -163,7 +164,6 @@ impl Gemm {
         Ok(Gemm {
             handle,
             workspace,
-            stream,
             data_type,
             plans: Mutex::new(HashMap::new()),
         })
@@ -290,7 +290,7 @@ impl Gemm {
         chosen
     }
 
-    /// `out[m, n] = epilogue(x[m, k] · w[n, k]ᵀ + bias)`, enqueued on the stream.
+    /// `out[m, n] = epilogue(x[m, k] · w[n, k]ᵀ + bias)`, enqueued on `stream`.
     /// `bias` must be given exactly when the epilogue has one.
     ///
     /// # Safety
@@ -299,6 +299,7 @@ impl Gemm {
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn matmul(
         &self,
+        stream: &CudaStream,
         x: u64,
         w: u64,
         bias: Option<u64>,
@@ -327,7 +328,7 @@ impl Gemm {
             .map_err(err("set bias"))?;
         }
         let (alpha, beta) = (1.0f32, 0.0f32);
-        let (ws, _sync) = self.workspace.device_ptr(&self.stream);
+        let (ws, _sync) = self.workspace.device_ptr(stream);
         result::matmul(
             self.handle,
             plan.desc,
@@ -344,7 +345,7 @@ impl Gemm {
             &plan.algo,
             ws as *mut c_void,
             self.workspace.len(),
-            self.stream.cu_stream() as _,
+            stream.cu_stream() as _,
         )
         .map_err(|e| anyhow!("cuBLASLt matmul [{m}, {k}] x [{n}, {k}]ᵀ failed: {e:?}"))
     }

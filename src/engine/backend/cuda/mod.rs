@@ -19,11 +19,15 @@
 //! stream, with the pool told to keep freed memory), so a repeated batch shape allocates nothing
 //! from the driver and frees are ordered after the last kernel that reads them.
 //!
+//! Small batches can run as CUDA graphs (`graph.rs`): recorded op logs captured on a third
+//! stream, in thread-local capture mode, and launched on the compute stream.
+//!
 //! Built with cudarc's `dynamic-loading`: nothing of CUDA is needed to build, and on a machine
 //! without the driver [`device::unavailable_reason`] explains, before any CUDA call.
 
 pub mod device;
 pub mod gemm;
+pub mod graph;
 pub mod kernels;
 pub mod launch;
 pub mod ops;
@@ -33,13 +37,14 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use cudarc::driver::{
-    result as cu, sys, CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr,
-    LaunchConfig, PinnedHostSlice, PushKernelArg,
+    result as cu, sys, CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaSlice, CudaStream,
+    DevicePtr, LaunchConfig, PinnedHostSlice, PushKernelArg,
 };
 
 use crate::engine::Precision;
 pub use device::DeviceInfo;
 use gemm::{Epilogue, Gemm};
+use graph::Op;
 use kernels::{KernelFile, Storage};
 use launch::{Arg, Entry, Launch};
 pub use ops::{DevBatch, DevTensor, KernelBackend, KernelDevice};
@@ -140,6 +145,8 @@ struct Inner {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     copy: Arc<CudaStream>,
+    /// Graphs are captured here, one at a time (nothing runs on it), and launched on `stream`.
+    capture: Mutex<Arc<CudaStream>>,
     info: DeviceInfo,
     storage: Storage,
     k: Kernels,
@@ -215,14 +222,16 @@ impl KernelBackend<Gpu> {
         }
         let stream = ctx.new_stream().map_err(driver("stream creation"))?;
         let copy = ctx.new_stream().map_err(driver("stream creation"))?;
+        let capture = ctx.new_stream().map_err(driver("stream creation"))?;
         let arch = device::arch_name(info.capability);
         let k = Kernels::load(&ctx, storage, arch)?;
-        let gemm = Gemm::new(stream.clone(), storage, info.capability.0 >= 9)?;
+        let gemm = Gemm::new(&stream, storage, info.capability.0 >= 9)?;
         Ok(KernelBackend::on(Gpu {
             inner: Arc::new(Inner {
                 ctx,
                 stream,
                 copy,
+                capture: Mutex::new(capture),
                 info,
                 storage,
                 k,
@@ -277,9 +286,85 @@ impl Gpu {
     }
 }
 
+impl Gpu {
+    /// Enqueue `l` on `s`.
+    ///
+    /// # Safety
+    /// As [`KernelDevice::launch`].
+    unsafe fn launch_on(&self, s: &Arc<CudaStream>, l: &Launch) -> Result<()> {
+        let Some(f) = self.inner.k.0.get(&l.entry) else {
+            bail!(
+                "kernels/{}.cu has no {} for {} storage",
+                l.entry.file().name(),
+                l.entry.name(),
+                self.inner.storage.name()
+            );
+        };
+        let mut b = s.launch_builder(f);
+        for a in &l.args {
+            match a {
+                Arg::Ptr(p) => b.arg(p),
+                Arg::I32(v) => b.arg(v),
+                Arg::F32(v) => b.arg(v),
+            };
+        }
+        let cfg = LaunchConfig {
+            grid_dim: l.grid,
+            block_dim: (l.block, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the caller's contract.
+        unsafe { b.launch(cfg) }.map_err(driver("launch"))?;
+        Ok(())
+    }
+
+    /// Enqueue `bytes` bytes of `byte` at `ptr` on `s`.
+    ///
+    /// # Safety
+    /// As [`KernelDevice::memset`].
+    unsafe fn memset_on(&self, s: &CudaStream, ptr: u64, byte: u8, bytes: usize) -> Result<()> {
+        self.inner.ctx.bind_to_thread().map_err(driver("context"))?;
+        // SAFETY: the caller's contract.
+        unsafe { cu::memset_d8_async(ptr, byte, bytes, s.cu_stream()) }.map_err(driver("memset"))
+    }
+
+    /// Enqueue a recorded op on `s`.
+    ///
+    /// # Safety
+    /// As the op's own call.
+    unsafe fn enqueue(&self, s: &Arc<CudaStream>, op: &Op) -> Result<()> {
+        // SAFETY: the caller's contract.
+        unsafe {
+            match op {
+                Op::Launch(l) => self.launch_on(s, l),
+                Op::Gemm {
+                    x,
+                    w,
+                    bias,
+                    out,
+                    mnk,
+                    epilogue,
+                } => self
+                    .inner
+                    .gemm
+                    .matmul(s, *x, *w, *bias, *out, *mnk, *epilogue),
+                Op::Memset { ptr, byte, bytes } => self.memset_on(s, *ptr, *byte, *bytes),
+            }
+        }
+    }
+}
+
+/// A captured and instantiated CUDA graph.
+pub struct GpuGraph(CudaGraph);
+
+// SAFETY: a graph is used by one thread at a time (the graph cache hands it out exclusively);
+// CUDA requires only that calls on one graph are not concurrent.
+unsafe impl Send for GpuGraph {}
+
 impl KernelDevice for Gpu {
     type Mem = CudaSlice<u8>;
     type BatchMem = SlotLease;
+    type Graph = GpuGraph;
 
     fn describe(&self) -> String {
         let i = &self.inner.info;
@@ -311,10 +396,8 @@ impl KernelDevice for Gpu {
     }
 
     unsafe fn memset(&self, ptr: u64, byte: u8, bytes: usize) -> Result<()> {
-        self.inner.ctx.bind_to_thread().map_err(driver("context"))?;
-        let s = &self.inner.stream;
         // SAFETY: the caller's contract.
-        unsafe { cu::memset_d8_async(ptr, byte, bytes, s.cu_stream()) }.map_err(driver("memset"))
+        unsafe { self.memset_on(&self.inner.stream, ptr, byte, bytes) }
     }
 
     fn upload(&self, bytes: &[u8], _what: &str) -> Result<(CudaSlice<u8>, u64)> {
@@ -354,31 +437,8 @@ impl KernelDevice for Gpu {
     }
 
     unsafe fn launch(&self, l: &Launch) -> Result<()> {
-        let Some(f) = self.inner.k.0.get(&l.entry) else {
-            bail!(
-                "kernels/{}.cu has no {} for {} storage",
-                l.entry.file().name(),
-                l.entry.name(),
-                self.inner.storage.name()
-            );
-        };
-        let s = &self.inner.stream;
-        let mut b = s.launch_builder(f);
-        for a in &l.args {
-            match a {
-                Arg::Ptr(p) => b.arg(p),
-                Arg::I32(v) => b.arg(v),
-                Arg::F32(v) => b.arg(v),
-            };
-        }
-        let cfg = LaunchConfig {
-            grid_dim: l.grid,
-            block_dim: (l.block, 1, 1),
-            shared_mem_bytes: 0,
-        };
         // SAFETY: the caller's contract.
-        unsafe { b.launch(cfg) }.map_err(driver("launch"))?;
-        Ok(())
+        unsafe { self.launch_on(&self.inner.stream, l) }
     }
 
     unsafe fn gemm(
@@ -390,8 +450,44 @@ impl KernelDevice for Gpu {
         mnk: (usize, usize, usize),
         epilogue: Epilogue,
     ) -> Result<()> {
+        let s = &self.inner.stream;
         // SAFETY: the caller's contract.
-        unsafe { self.inner.gemm.matmul(x, w, bias, out, mnk, epilogue) }
+        unsafe { self.inner.gemm.matmul(s, x, w, bias, out, mnk, epilogue) }
+    }
+
+    unsafe fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
+        self.inner.ctx.bind_to_thread().map_err(driver("context"))?;
+        let s = &self.inner.stream;
+        // SAFETY: the caller's contract.
+        unsafe { cu::memcpy_dtod_async(dst, src, bytes, s.cu_stream()) }.map_err(driver("copy"))
+    }
+
+    /// Captured on the capture stream in thread-local mode (other threads keep enqueueing on
+    /// the compute stream meanwhile; this thread allocates nothing while capturing). Every
+    /// kernel and GEMM algorithm in `ops` ran during the recording pass, so none is loaded
+    /// during the capture.
+    unsafe fn graph(&self, ops: &[Op]) -> Result<GpuGraph> {
+        let s = self.inner.capture.lock().unwrap();
+        s.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(driver("graph capture"))?;
+        // SAFETY: the caller's contract.
+        let enqueued = ops
+            .iter()
+            .try_for_each(|op| unsafe { self.enqueue(&s, op) });
+        // Capture always ends, also after an error, so the stream is usable again.
+        let graph = s.end_capture(sys::CUgraphInstantiate_flags(0));
+        enqueued.map_err(|e| anyhow!("recording a CUDA graph: {e:#}"))?;
+        let graph = graph.map_err(driver("graph instantiation"))?;
+        let graph = graph.ok_or_else(|| anyhow!("CUDA graph capture was invalidated"))?;
+        Ok(GpuGraph(graph))
+    }
+
+    unsafe fn launch_graph(&self, graph: &GpuGraph) -> Result<()> {
+        self.inner.ctx.bind_to_thread().map_err(driver("context"))?;
+        let s = &self.inner.stream;
+        // SAFETY: the caller's contract; the graph was instantiated in this context.
+        unsafe { cu::graph::launch(graph.0.cu_graph_exec(), s.cu_stream()) }
+            .map_err(driver("graph launch"))
     }
 
     /// Waits for this tensor only: the copy goes into pinned memory behind the ops that made

@@ -5,12 +5,14 @@
 //! and is checked against the CPU backend, on a machine without a GPU.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::thread::ThreadId;
 
 use anyhow::{anyhow, bail, ensure, Result};
 
 use super::gemm::Epilogue;
+use super::graph::{Arena, ArenaLease, GraphCache, GraphStats, Op, Plan, Recording, Shape};
 use super::kernels::{Storage, ATTENTION_HEAD_DIMS, ATTENTION_TC_HEAD_DIMS};
 use super::launch::{
     attention_blocks, stride_grid, warp_rows, Arg, Entry, Launch, MAX_ROW, QUERY_BLOCK,
@@ -27,6 +29,8 @@ pub trait KernelDevice: Send + Sync + 'static {
     type Mem: Send + Sync;
     /// Owns a batch's uploaded index data until the batch is dropped.
     type BatchMem: Send + Sync;
+    /// A replayable graph of recorded ops (see `graph.rs`); one thread uses it at a time.
+    type Graph: Send;
 
     /// Human-readable description (`cuda:0 (NVIDIA H100, sm_90, f16 storage)`).
     fn describe(&self) -> String;
@@ -72,6 +76,21 @@ pub trait KernelDevice: Send + Sync + 'static {
     /// # Safety
     /// `ptr` addresses at least `bytes` bytes of this device's memory.
     unsafe fn download(&self, ptr: u64, bytes: usize) -> Result<Vec<u8>>;
+    /// Copy `bytes` bytes from `src` to `dst` on the device, in order with the ops.
+    ///
+    /// # Safety
+    /// Both address at least `bytes` bytes of this device's memory.
+    unsafe fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<()>;
+    /// `ops` captured, in order, as a graph to launch later; nothing runs now.
+    ///
+    /// # Safety
+    /// Every address the ops use stays valid as long as the graph may be launched.
+    unsafe fn graph(&self, ops: &[Op]) -> Result<Self::Graph>;
+    /// Enqueue `graph`, in order with the ops.
+    ///
+    /// # Safety
+    /// The memory the graph's ops address is alive.
+    unsafe fn launch_graph(&self, graph: &Self::Graph) -> Result<()>;
     /// Wait for every op enqueued so far.
     fn sync(&self) -> Result<()>;
     /// Threads that may drive this device at once (see `Backend::concurrency`).
@@ -79,16 +98,22 @@ pub trait KernelDevice: Send + Sync + 'static {
 }
 
 /// A row-major matrix in device memory, freed when dropped.
-pub struct DevTensor<M> {
+pub struct DevTensor<M: Send + Sync> {
     /// Owns the allocation `ptr` addresses.
     #[allow(dead_code)]
-    mem: M,
+    mem: Held<M>,
     ptr: u64,
     rows: usize,
     cols: usize,
 }
 
-impl<M> DevTensor<M> {
+/// A tensor's memory: its own allocation, or a buffer of a graph recording's arena.
+enum Held<M: Send + Sync> {
+    Own(#[allow(dead_code)] M),
+    Arena(#[allow(dead_code)] ArenaLease<M>),
+}
+
+impl<M: Send + Sync> DevTensor<M> {
     pub fn rows(&self) -> usize {
         self.rows
     }
@@ -101,9 +126,12 @@ impl<M> DevTensor<M> {
 /// even | blocks]`; blocks are (sequence, first query) pairs that never cross a sequence, read
 /// as `uint2`.
 pub struct DevBatch<B> {
-    /// Owns the upload.
+    /// Owns the upload (`None` for a graph's copy, which the graph owns).
     #[allow(dead_code)]
-    mem: B,
+    mem: Option<B>,
+    /// The first value and the number of values.
+    base: u64,
+    words: usize,
     ids: u64,
     positions: u64,
     cu_seqlens: u64,
@@ -118,10 +146,33 @@ pub struct DevBatch<B> {
 /// covers.
 type RopeTables<M> = HashMap<(u32, usize), (Arc<M>, u64, usize)>;
 
+/// A recorded forward pass: its graph and everything the graph's ops address. Fields drop in
+/// order: the graph before the memory it uses.
+struct Recorded<D: KernelDevice> {
+    graph: D::Graph,
+    /// The pass's output, downloaded after each launch.
+    output: Tensor<D>,
+    /// The graph's own copy of the batch index data (each replay copies its batch here).
+    #[allow(dead_code)]
+    batch: D::Mem,
+    batch_ptr: u64,
+    batch_words: usize,
+    #[allow(dead_code)]
+    keep: Vec<Arc<D::Mem>>,
+    arena: Arc<Arena<D::Mem>>,
+}
+
 struct Shared<D: KernelDevice> {
     rope_tables: Mutex<RopeTables<D::Mem>>,
     poison: AtomicBool,
     scalar_attention: AtomicBool,
+    /// Batches of at most this many tokens run as CUDA graphs (0: never).
+    graph_tokens: AtomicUsize,
+    /// Recordings in progress, by thread (`recorders` counts them, so the ops of a process
+    /// that records nothing never take the lock).
+    recorders: AtomicUsize,
+    recordings: Mutex<HashMap<ThreadId, Recording<D::Mem>>>,
+    graphs: Mutex<GraphCache<Recorded<D>>>,
     dev: D,
 }
 
@@ -146,6 +197,30 @@ impl<D: KernelDevice> Clone for KernelBackend<D> {
 }
 
 type Tensor<D> = DevTensor<<D as KernelDevice>::Mem>;
+/// A forward pass over an uploaded batch, returning its output tensor.
+type Forward<'a, D> = dyn Fn(&DevBatch<<D as KernelDevice>::BatchMem>) -> Result<Tensor<D>> + 'a;
+
+/// Removes this thread's recording when dropped (also if the forward pass panics).
+struct RecordingGuard<'a, D: KernelDevice> {
+    shared: &'a Shared<D>,
+    id: ThreadId,
+}
+
+impl<D: KernelDevice> RecordingGuard<'_, D> {
+    fn finish(self) -> Option<Recording<D::Mem>> {
+        let rec = self.shared.recordings.lock().unwrap().remove(&self.id);
+        self.shared.recorders.fetch_sub(1, Ordering::AcqRel);
+        std::mem::forget(self);
+        rec
+    }
+}
+
+impl<D: KernelDevice> Drop for RecordingGuard<'_, D> {
+    fn drop(&mut self) {
+        self.shared.recordings.lock().unwrap().remove(&self.id);
+        self.shared.recorders.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 /// `n` as the kernels' 32-bit int.
 fn int(n: usize, what: &str) -> Result<i32> {
@@ -162,6 +237,10 @@ impl<D: KernelDevice> KernelBackend<D> {
                 rope_tables: Mutex::default(),
                 poison: AtomicBool::new(false),
                 scalar_attention: AtomicBool::new(scalar),
+                graph_tokens: AtomicUsize::new(0),
+                recorders: AtomicUsize::new(0),
+                recordings: Mutex::default(),
+                graphs: Mutex::new(GraphCache::default()),
                 dev,
             }),
         }
@@ -186,8 +265,169 @@ impl<D: KernelDevice> KernelBackend<D> {
         self.shared.scalar_attention.store(on, Ordering::Relaxed);
     }
 
+    /// Run batches of at most `tokens` tokens as CUDA graphs (0, the default, turns graphs
+    /// off); see `graph.rs`.
+    pub fn set_graph_tokens(&self, tokens: usize) {
+        self.shared.graph_tokens.store(tokens, Ordering::Relaxed);
+    }
+
+    /// How often graphs were recorded and replayed, and batches run op by op.
+    pub fn graph_stats(&self) -> GraphStats {
+        self.shared.graphs.lock().unwrap().stats
+    }
+
+    /// Graphs held now, and the arena buffers and bytes they keep.
+    pub fn graph_footprint(&self) -> (usize, usize, usize) {
+        let graphs = self.shared.graphs.lock().unwrap();
+        let mut held = (graphs.graphs(), 0, 0);
+        graphs.for_each(|r| {
+            let (bufs, bytes) = r.arena.footprint();
+            held.1 += bufs;
+            held.2 += bytes;
+        });
+        held
+    }
+
     fn dev(&self) -> &D {
         &self.shared.dev
+    }
+
+    /// `f` on this thread's recording, if one is in progress.
+    fn with_recording<T>(&self, f: impl FnOnce(&mut Recording<D::Mem>) -> T) -> Option<T> {
+        if self.shared.recorders.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let mut recordings = self.shared.recordings.lock().unwrap();
+        recordings.get_mut(&std::thread::current().id()).map(f)
+    }
+
+    fn gemm(
+        &self,
+        (x, w, bias, out): (u64, u64, Option<u64>, u64),
+        mnk: (usize, usize, usize),
+        epilogue: Epilogue,
+    ) -> Result<()> {
+        // SAFETY: callers pass tensors of the shapes `mnk` gives (checked by `linear`).
+        unsafe { self.dev().gemm(x, w, bias, out, mnk, epilogue)? };
+        self.with_recording(|r| {
+            r.ops.push(Op::Gemm {
+                x,
+                w,
+                bias,
+                out,
+                mnk,
+                epilogue,
+            })
+        });
+        Ok(())
+    }
+
+    /// Set `bytes` bytes of a tensor to `byte`.
+    fn memset(&self, t: &Tensor<D>, byte: u8, bytes: usize) -> Result<()> {
+        ensure!(
+            bytes <= (t.rows * t.cols * self.elem_bytes()).max(16),
+            "memset beyond a tensor"
+        );
+        // SAFETY: within the tensor's allocation (checked above).
+        unsafe { self.dev().memset(t.ptr, byte, bytes)? };
+        self.with_recording(|r| {
+            r.ops.push(Op::Memset {
+                ptr: t.ptr,
+                byte,
+                bytes,
+            })
+        });
+        Ok(())
+    }
+
+    /// The forward pass `forward` on the uploaded batch `b`, recorded: its ops run as usual
+    /// and are logged, its activations come from an arena the recording keeps, and the log is
+    /// captured as a graph. Returns the graph and the pass's output, downloaded. A graph the
+    /// device cannot capture turns graphs off for this backend, with a warning, and the pass's
+    /// output is returned without one: graphs are a speed-up, never a reason to fail a batch.
+    fn record(
+        &self,
+        b: &DevBatch<D::BatchMem>,
+        forward: &Forward<'_, D>,
+    ) -> Result<(Option<Recorded<D>>, Vec<f32>)> {
+        // The graph reads its own copy of the index data, at a fixed address.
+        let bytes = 4 * b.words;
+        let (batch, batch_ptr) = self.dev().alloc(bytes.max(16), "graph batch")?;
+        // SAFETY: both hold `bytes` bytes.
+        unsafe { self.dev().copy(batch_ptr, b.base, bytes)? };
+        let at = |p: u64| batch_ptr + (p - b.base);
+        let gb = DevBatch {
+            mem: None,
+            base: batch_ptr,
+            words: b.words,
+            ids: at(b.ids),
+            positions: at(b.positions),
+            cu_seqlens: at(b.cu_seqlens),
+            blocks: at(b.blocks),
+            n_tokens: b.n_tokens,
+            n_seqs: b.n_seqs,
+            n_blocks: b.n_blocks,
+            max_position: b.max_position,
+        };
+        let arena = Arena::new();
+        let id = std::thread::current().id();
+        self.shared.recordings.lock().unwrap().insert(
+            id,
+            Recording {
+                ops: Vec::new(),
+                arena: arena.clone(),
+                keep: Vec::new(),
+            },
+        );
+        self.shared.recorders.fetch_add(1, Ordering::AcqRel);
+        let guard = RecordingGuard {
+            shared: &self.shared,
+            id,
+        };
+        let output = forward(&gb);
+        let rec = guard.finish().expect("this thread's recording");
+        let output = output?;
+        let values = self.download(&output)?;
+        // SAFETY: the graph keeps the arena, the batch copy and the tables its ops address
+        // (weights live as long as the model that launches it).
+        let graph = match unsafe { self.dev().graph(&rec.ops) } {
+            Ok(graph) => graph,
+            Err(e) => {
+                self.set_graph_tokens(0);
+                eprintln!(
+                    "mira: CUDA graphs turned off on {}: {e:#}; batches run kernel by kernel",
+                    self.dev().describe()
+                );
+                return Ok((None, values));
+            }
+        };
+        let recorded = Recorded {
+            graph,
+            output,
+            batch,
+            batch_ptr,
+            batch_words: b.words,
+            keep: rec.keep,
+            arena,
+        };
+        Ok((Some(recorded), values))
+    }
+
+    /// `r`'s graph on the batch `b` (of the shape it was recorded for): `b`'s index data is
+    /// copied into the graph's batch buffer, the graph launched and its output downloaded.
+    fn replay(&self, r: &Recorded<D>, b: &DevBatch<D::BatchMem>) -> Result<Vec<f32>> {
+        ensure!(
+            b.words == r.batch_words,
+            "graph replay: the batch has {} index values, the graph {}",
+            b.words,
+            r.batch_words
+        );
+        // SAFETY: both buffers hold `words` u32 values; the graph's memory lives in `r`.
+        unsafe {
+            self.dev().copy(r.batch_ptr, b.base, 4 * b.words)?;
+            self.dev().launch_graph(&r.graph)?;
+        }
+        self.download(&r.output)
     }
 
     fn elem_bytes(&self) -> usize {
@@ -196,27 +436,40 @@ impl<D: KernelDevice> KernelBackend<D> {
 
     fn launch(&self, launch: Launch, what: &str) -> Result<()> {
         // SAFETY: each caller builds `launch` from tensors and batches of checked shapes.
-        unsafe { self.dev().launch(&launch) }.map_err(|e| anyhow!("{what}: {e:#}"))
+        unsafe { self.dev().launch(&launch) }.map_err(|e| anyhow!("{what}: {e:#}"))?;
+        self.with_recording(|r| r.ops.push(Op::Launch(launch)));
+        Ok(())
     }
 
     /// A new `[rows, cols]` tensor (NaN bytes in poison mode).
     fn output(&self, rows: usize, cols: usize, what: &str) -> Result<Tensor<D>> {
         // At least 16 bytes: a zero-size tensor still has a distinct, aligned address.
         let bytes = (rows * cols * self.elem_bytes()).max(16);
-        let (mem, ptr) = self
-            .dev()
-            .alloc(bytes, what)
-            .map_err(|e| anyhow!("cannot allocate {what} ([{rows}, {cols}]): {e:#}"))?;
-        if self.shared.poison.load(Ordering::Relaxed) {
-            // SAFETY: `ptr` addresses `bytes` bytes allocated above.
-            unsafe { self.dev().memset(ptr, 0xff, bytes)? };
-        }
-        Ok(DevTensor {
+        let alloc = |bytes| {
+            self.dev()
+                .alloc(bytes, what)
+                .map_err(|e| anyhow!("cannot allocate {what} ([{rows}, {cols}]): {e:#}"))
+        };
+        let (mem, ptr) = match self.with_recording(|r| r.arena.clone()) {
+            Some(arena) => {
+                let (lease, ptr) = arena.take(bytes, alloc)?;
+                (Held::Arena(lease), ptr)
+            }
+            None => {
+                let (mem, ptr) = alloc(bytes)?;
+                (Held::Own(mem), ptr)
+            }
+        };
+        let t = DevTensor {
             mem,
             ptr,
             rows,
             cols,
-        })
+        };
+        if self.shared.poison.load(Ordering::Relaxed) {
+            self.memset(&t, 0xff, bytes)?;
+        }
+        Ok(t)
     }
 
     fn rope_table(&self, theta: f32, half: usize, positions: usize) -> Result<(Arc<D::Mem>, u64)> {
@@ -359,7 +612,7 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
             .upload(&bytes, "weight")
             .map_err(|e| anyhow!("cannot upload a [{rows}, {cols}] weight: {e:#}"))?;
         Ok(DevTensor {
-            mem,
+            mem: Held::Own(mem),
             ptr,
             rows,
             cols,
@@ -391,7 +644,9 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
         })?;
         let at = |i: usize| base + 4 * i as u64;
         Ok(DevBatch {
-            mem,
+            mem: Some(mem),
+            base,
+            words: n,
             ids: at(0),
             positions: at(t),
             cu_seqlens: at(2 * t),
@@ -485,17 +740,17 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
         }
         if k == 0 {
             // An empty product is the bias alone; cuBLASLt refuses k = 0.
-            // SAFETY: `out` holds m·n elements.
-            unsafe { self.dev().memset(out.ptr, 0, m * n * self.elem_bytes())? };
+            self.memset(&out, 0, m * n * self.elem_bytes())?;
             self.bias_act(&out, b.map(|b| b.ptr), act)?;
             return Ok(out);
         }
         let (epilogue, leftover) = Epilogue::plan(act, b.is_some());
-        // SAFETY: x is [m, k], w is [n, k], bias has n values, out is [m, n] (checked above).
-        unsafe {
-            self.dev()
-                .gemm(x.ptr, w.ptr, b.map(|b| b.ptr), out.ptr, (m, n, k), epilogue)?;
-        }
+        // x is [m, k], w is [n, k], bias has n values, out is [m, n] (checked above).
+        self.gemm(
+            (x.ptr, w.ptr, b.map(|b| b.ptr), out.ptr),
+            (m, n, k),
+            epilogue,
+        )?;
         if let Some(act) = leftover {
             self.bias_act(&out, None, act)?;
         }
@@ -553,7 +808,9 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
         }
         let half = d / 2;
         // The table covers every position of the batch; it lives in the rope tables.
-        let (_table, table_ptr) = self.rope_table(theta, half, batch.max_position)?;
+        let (table, table_ptr) = self.rope_table(theta, half, batch.max_position)?;
+        // A graph recorded now reads this table for as long as it lives.
+        self.with_recording(|r| r.keep.push(table));
         let launch = Launch {
             entry: Entry::Rope,
             grid: stride_grid(qkv.rows * h, self.dev().multiprocessors()),
@@ -690,6 +947,65 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
 
     fn concurrency(&self) -> usize {
         self.dev().concurrency()
+    }
+
+    /// Batches of at most `graph_tokens` tokens (see [`KernelBackend::set_graph_tokens`]) run
+    /// as CUDA graphs once their shape repeats; others run op by op.
+    fn run_forward(
+        &self,
+        batch: &Batch,
+        limits: (usize, usize),
+        kind: &str,
+        forward: &dyn Fn(&Self::Batch) -> Result<Self::Tensor>,
+    ) -> Result<Vec<f32>> {
+        let b = self.upload_batch(batch, limits.0, limits.1)?;
+        let limit = self.shared.graph_tokens.load(Ordering::Relaxed);
+        if b.n_tokens == 0 || b.n_tokens > limit {
+            return self.download(&forward(&b)?);
+        }
+        let shape = Shape {
+            kind: kind.to_string(),
+            tokens: b.n_tokens,
+            seqs: b.n_seqs,
+            blocks: b.n_blocks,
+            positions: b.max_position.next_power_of_two(),
+            poison: self.shared.poison.load(Ordering::Relaxed),
+            scalar_attention: self.shared.scalar_attention.load(Ordering::Relaxed),
+        };
+        let plan = self.shared.graphs.lock().unwrap().plan(&shape);
+        match plan {
+            Plan::Direct => self.download(&forward(&b)?),
+            Plan::Replay { graph, generation } => {
+                let values = self.replay(&graph, &b);
+                let mut graphs = self.shared.graphs.lock().unwrap();
+                graphs.give_back(&shape, generation, graph, None);
+                values
+            }
+            Plan::Record { generation } => match self.record(&b, forward) {
+                Ok((None, values)) => {
+                    self.shared
+                        .graphs
+                        .lock()
+                        .unwrap()
+                        .abandon(&shape, generation);
+                    Ok(values)
+                }
+                Ok((Some(graph), values)) => {
+                    let bytes = graph.arena.footprint().1;
+                    let mut graphs = self.shared.graphs.lock().unwrap();
+                    graphs.give_back(&shape, generation, graph, Some(bytes));
+                    Ok(values)
+                }
+                Err(e) => {
+                    self.shared
+                        .graphs
+                        .lock()
+                        .unwrap()
+                        .abandon(&shape, generation);
+                    Err(e)
+                }
+            },
+        }
     }
 
     fn sync(&self) -> Result<()> {
