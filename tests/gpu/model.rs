@@ -177,7 +177,12 @@ pub fn check_graphs<D: mira::engine::backend::cuda::KernelDevice>(
     b[1..inner].rotate_left(1);
     assert_ne!(a, b);
     let c = by_len.last().unwrap().clone();
-    assert!(c.len() > a.len());
+    assert!(c.len() > a.len() && c.len() >= 14);
+    // p and q: two documents of 14 tokens in all, split 5 + 9 and 4 + 10: the same shape (the
+    // rotary table covers 16 positions for both) with different sequence boundaries and
+    // positions.
+    let p = vec![c[..5].to_vec(), c[5..14].to_vec()];
+    let q = vec![c[..4].to_vec(), c[4..14].to_vec()];
     let calls: Vec<Vec<Vec<u32>>> = vec![
         vec![a.clone()],
         vec![b.clone()],
@@ -186,7 +191,10 @@ pub fn check_graphs<D: mira::engine::backend::cuda::KernelDevice>(
         vec![c.clone()],
         vec![b.clone(), c.clone()],
         vec![a.clone(), c.clone()],
-        vec![a.clone(), c.clone()],
+        vec![b.clone(), c.clone()],
+        p.clone(),
+        p,
+        q,
     ];
     let has_head = direct.head().is_some();
     for (i, docs) in calls.iter().enumerate() {
@@ -204,11 +212,12 @@ pub fn check_graphs<D: mira::engine::backend::cuda::KernelDevice>(
         }
     }
     // Per output kind: the 1-document shape of a/b runs direct, records, replays twice; c's runs
-    // direct; the 2-document shape runs direct, records, replays.
+    // direct; the shape of (a or b, c) runs direct, records, replays for the other batch; p's
+    // runs direct, records, replays for q.
     let per_kind = GraphStats {
-        recorded: 2,
-        replayed: 3,
-        direct: 3,
+        recorded: 3,
+        replayed: 4,
+        direct: 4,
         evicted: 0,
     };
     let kinds = if has_head { 2 } else { 1 };
@@ -219,8 +228,39 @@ pub fn check_graphs<D: mira::engine::backend::cuda::KernelDevice>(
         evicted: 0,
     };
     assert_eq!(be.graph_stats(), want, "{golden_name}");
+
+    // Two threads at once on one backend (as the two workers per CUDA device run): each
+    // thread's recording is its own, a graph is replayed by one thread at a time, and every
+    // result is still exact.
+    let want_a = direct.embed_ids(std::slice::from_ref(&a)).unwrap().values;
+    let want_b = direct.embed_ids(std::slice::from_ref(&b)).unwrap().values;
+    let before = be.graph_stats();
+    std::thread::scope(|scope| {
+        for t in 0..2 {
+            let (graphs, a, b, want_a, want_b) = (&graphs, &a, &b, &want_a, &want_b);
+            scope.spawn(move || {
+                for i in 0..6 {
+                    let (doc, want) = if (i + t) % 2 == 0 {
+                        (a, want_a)
+                    } else {
+                        (b, want_b)
+                    };
+                    let got = graphs.embed_ids(std::slice::from_ref(doc)).unwrap().values;
+                    assert_eq!(&got, want, "{golden_name} thread {t} call {i}");
+                }
+            });
+        }
+    });
+    let after = be.graph_stats();
+    let calls = |s: GraphStats| s.recorded + s.replayed + s.direct;
+    assert_eq!(calls(after) - calls(before), 12, "{after:?}");
+    assert!(after.replayed > before.replayed, "{after:?}");
     let (held, buffers, bytes) = be.graph_footprint();
-    assert_eq!(held as u64, want.recorded);
+    // At most one more graph of that shape (one per thread).
+    assert!(
+        held as u64 == after.recorded && after.recorded - before.recorded <= 1,
+        "{after:?}"
+    );
     eprintln!(
         "{golden_name} on {}: graphs {:?}, {held} graphs hold {buffers} activation buffers \
          ({bytes} bytes)",

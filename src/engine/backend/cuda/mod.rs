@@ -37,8 +37,8 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use cudarc::driver::{
-    result as cu, sys, CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaSlice, CudaStream,
-    DevicePtr, LaunchConfig, PinnedHostSlice, PushKernelArg,
+    result as cu, sys, CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr,
+    LaunchConfig, PinnedHostSlice, PushKernelArg,
 };
 
 use crate::engine::Precision;
@@ -354,12 +354,26 @@ impl Gpu {
     }
 }
 
-/// A captured and instantiated CUDA graph.
-pub struct GpuGraph(CudaGraph);
+/// A captured CUDA graph and its executable instance, destroyed (the instance first) on drop;
+/// an instance still running then is freed once it completes.
+pub struct GpuGraph {
+    graph: sys::CUgraph,
+    exec: sys::CUgraphExec,
+}
 
 // SAFETY: a graph is used by one thread at a time (the graph cache hands it out exclusively);
 // CUDA requires only that calls on one graph are not concurrent.
 unsafe impl Send for GpuGraph {}
+
+impl Drop for GpuGraph {
+    fn drop(&mut self) {
+        // SAFETY: both were created by `Gpu::graph` and are destroyed once, here.
+        unsafe {
+            let _ = cu::graph::exec_destroy(self.exec);
+            let _ = cu::graph::destroy(self.graph);
+        }
+    }
+}
 
 impl KernelDevice for Gpu {
     type Mem = CudaSlice<u8>;
@@ -467,27 +481,51 @@ impl KernelDevice for Gpu {
     /// kernel and GEMM algorithm in `ops` ran during the recording pass, so none is loaded
     /// during the capture.
     unsafe fn graph(&self, ops: &[Op]) -> Result<GpuGraph> {
+        self.inner.ctx.bind_to_thread().map_err(driver("context"))?;
         let s = self.inner.capture.lock().unwrap();
-        s.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-            .map_err(driver("graph capture"))?;
+        let cs = s.cu_stream();
+        let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+        // SAFETY: the capture stream is ours and not capturing (captures hold its lock).
+        unsafe { cu::stream::begin_capture(cs, mode) }.map_err(driver("graph capture"))?;
         // SAFETY: the caller's contract.
         let enqueued = ops
             .iter()
             .try_for_each(|op| unsafe { self.enqueue(&s, op) });
-        // Capture always ends, also after an error, so the stream is usable again.
-        let graph = s.end_capture(sys::CUgraphInstantiate_flags(0));
-        enqueued.map_err(|e| anyhow!("recording a CUDA graph: {e:#}"))?;
-        let graph = graph.map_err(driver("graph instantiation"))?;
-        let graph = graph.ok_or_else(|| anyhow!("CUDA graph capture was invalidated"))?;
-        Ok(GpuGraph(graph))
+        // Capture always ends, also after an error, so the stream (and this thread) leave
+        // capture mode: the driver call itself, not cudarc's, which returns early on an error
+        // another thread left pending in the context.
+        // SAFETY: capture was begun on `cs` above.
+        let ended = unsafe { cu::stream::end_capture(cs) };
+        let graph = match (enqueued, ended) {
+            (Ok(()), Ok(g)) if !g.is_null() => g,
+            (enqueued, ended) => {
+                if let Ok(g) = ended {
+                    if !g.is_null() {
+                        // SAFETY: the graph the capture returned, used nowhere else.
+                        let _ = unsafe { cu::graph::destroy(g) };
+                    }
+                }
+                enqueued.map_err(|e| anyhow!("recording a CUDA graph: {e:#}"))?;
+                bail!("CUDA graph capture was invalidated");
+            }
+        };
+        let flags = sys::CUgraphInstantiate_flags(0);
+        // SAFETY: a valid graph; destroyed below if instantiation fails.
+        match unsafe { cu::graph::instantiate(graph, flags) } {
+            Ok(exec) => Ok(GpuGraph { graph, exec }),
+            Err(e) => {
+                // SAFETY: as above.
+                let _ = unsafe { cu::graph::destroy(graph) };
+                Err(driver("graph instantiation")(e))
+            }
+        }
     }
 
     unsafe fn launch_graph(&self, graph: &GpuGraph) -> Result<()> {
         self.inner.ctx.bind_to_thread().map_err(driver("context"))?;
         let s = &self.inner.stream;
         // SAFETY: the caller's contract; the graph was instantiated in this context.
-        unsafe { cu::graph::launch(graph.0.cu_graph_exec(), s.cu_stream()) }
-            .map_err(driver("graph launch"))
+        unsafe { cu::graph::launch(graph.exec, s.cu_stream()) }.map_err(driver("graph launch"))
     }
 
     /// Waits for this tensor only: the copy goes into pinned memory behind the ops that made
