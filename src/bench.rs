@@ -31,6 +31,9 @@ pub struct BenchReport {
     pub tflops_per_s: f64,
     /// Tokenization throughput (docs/s) when the input was text, not measured in the engine figures.
     pub tokenize_docs_per_s: Option<f64>,
+    /// CUDA graph counters over the warm-up and all passes (CUDA only): graphs recorded,
+    /// forward passes replayed from one, graph-sized batches run op by op.
+    pub cuda_graphs: Option<crate::engine::backend::cuda::graph::GraphStats>,
 }
 
 /// Time the forward pass over `ids` (`repeat` passes after one warm-up batch; the best pass is
@@ -73,6 +76,7 @@ pub fn run(scorer: &Scorer, ids: &[Vec<u32>], repeat: usize, input: &str) -> Res
         model_flops_per_token: flops / tokens.max(1) as f64,
         tflops_per_s: flops / best / 1e12,
         tokenize_docs_per_s: None,
+        cuda_graphs: scorer.graph_stats(),
     })
 }
 

@@ -370,6 +370,12 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
             "latency    p50 {:.1} ms, p99 {:.1} ms per batch",
             report.batch_p50_ms, report.batch_p99_ms
         );
+        if let Some(g) = report.cuda_graphs.filter(|g| *g != Default::default()) {
+            println!(
+                "graphs     {} recorded, {} forward passes replayed, {} batches op by op",
+                g.recorded, g.replayed, g.direct
+            );
+        }
         println!(
             "compute    {:.1} MFLOP/token, {:.3} TFLOP/s achieved (model FLOPs, no padding)",
             report.model_flops_per_token / 1e6,

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
+use crate::engine::backend::cuda::graph::GraphStats;
 use crate::engine::backend::Backend;
 use crate::engine::{self, Batch, Device, Packer, Pooling};
 use crate::model::config::{ModelConfig, ProblemType};
@@ -211,6 +212,13 @@ impl Scorer {
     }
 
     /// The backend the model runs on, e.g. `cpu (2 threads, avx2+fma)`.
+    /// CUDA graph counters summed over the engines (`None` where no engine has graphs).
+    pub fn graph_stats(&self) -> Option<GraphStats> {
+        let mut all = self.engines.iter().filter_map(|e| e.graph_stats());
+        let first = all.next()?;
+        Some(all.fold(first, |sum, s| sum + s))
+    }
+
     pub fn device_name(&self) -> String {
         match &self.engines[..] {
             [one] => one.device_name(),

@@ -236,6 +236,7 @@ fn bench_reports_json_throughput() {
     );
     let r: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(r["docs"], 50);
+    assert!(r["cuda_graphs"].is_null(), "no graphs on the CPU: {r}");
     assert!(r["tokens_per_s"].as_f64().unwrap() > 0.0);
     assert!(r["batch_p99_ms"].as_f64().unwrap() >= r["batch_p50_ms"].as_f64().unwrap());
     assert!(r["model_flops_per_token"].as_f64().unwrap() > 0.0);

@@ -138,7 +138,10 @@ for case in dict.fromkeys(r["case"] for r in rows):
         mfu = f"{100 * r['tokens_per_s'] * flops / PEAK:.1f}%" if flops else "-"
         ratio = lambda b: f"{r['tokens_per_s'] / b:.2f}x" if b else "-"
         lat = f"{r['batch_p50_ms']:.2f} / {r['batch_p99_ms']:.2f}" if "batch_p50_ms" in r else "-"
-        print(f"| {case} | {r['engine']} | {r['tokens_per_s']:,.0f} | {r['docs_per_s']:,.0f} | {mfu} | {lat} | "
+        g = r.get("cuda_graphs") or {}
+        engine = r["engine"] + (f" ({g['recorded']} recorded, {g['replayed']} replays, {g['direct']} op by op)"
+                                if g.get("recorded") or g.get("replayed") else "")
+        print(f"| {case} | {engine} | {r['tokens_per_s']:,.0f} | {r['docs_per_s']:,.0f} | {mfu} | {lat} | "
               f"{ratio(base['eager'])} | {ratio(base['sdpa'])} |")
 PY
 fi

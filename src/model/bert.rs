@@ -192,6 +192,10 @@ impl<B: Backend> super::Encoder for Bert<B> {
         self.be.concurrency()
     }
 
+    fn graph_stats(&self) -> Option<crate::engine::backend::cuda::graph::GraphStats> {
+        self.be.graph_stats()
+    }
+
     fn flops(&self, n: usize) -> f64 {
         let c = &self.cfg;
         let (n, h, i) = (n as f64, c.hidden_size as f64, c.intermediate_size as f64);

@@ -45,6 +45,10 @@ pub trait Encoder: Send + Sync {
     fn concurrency(&self) -> usize {
         1
     }
+    /// Graph counters of the backend, where it has graphs (see `Backend::graph_stats`).
+    fn graph_stats(&self) -> Option<crate::engine::backend::cuda::graph::GraphStats> {
+        None
+    }
 }
 
 /// A process-unique name for a loaded model, so the forward passes of two models on one backend

@@ -238,6 +238,10 @@ impl<B: Backend> super::Encoder for ModernBert<B> {
         self.be.concurrency()
     }
 
+    fn graph_stats(&self) -> Option<crate::engine::backend::cuda::graph::GraphStats> {
+        self.be.graph_stats()
+    }
+
     fn flops(&self, n: usize) -> f64 {
         let c = &self.cfg;
         let (h, i) = (c.hidden_size as f64, c.intermediate_size as f64);

@@ -252,6 +252,8 @@ pub fn check_graphs<D: mira::engine::backend::cuda::KernelDevice>(
         }
     });
     let after = be.graph_stats();
+    // What `mira bench` reports is the backend's count.
+    assert_eq!(graphs.graph_stats(), Some(after));
     let calls = |s: GraphStats| s.recorded + s.replayed + s.direct;
     assert_eq!(calls(after) - calls(before), 12, "{after:?}");
     assert!(after.replayed > before.replayed, "{after:?}");

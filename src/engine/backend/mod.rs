@@ -270,6 +270,12 @@ pub trait Backend: Send + Sync + 'static {
         None
     }
 
+    /// How often forward passes were recorded as graphs, replayed from one, or run op by op,
+    /// on a backend that has graphs (CUDA).
+    fn graph_stats(&self) -> Option<cuda::graph::GraphStats> {
+        None
+    }
+
     /// How many threads may run forward passes on this backend at once to keep it busy: a GPU
     /// whose ops are asynchronous takes the next batch while the last one's result comes back.
     fn concurrency(&self) -> usize {

@@ -183,7 +183,7 @@ pub struct GraphCache<G> {
 }
 
 /// Counters, for tests and benchmarks.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct GraphStats {
     /// Graphs recorded (captured and instantiated).
     pub recorded: u64,
@@ -193,6 +193,18 @@ pub struct GraphStats {
     pub direct: u64,
     /// Graphs dropped to stay within [`MAX_GRAPHS`].
     pub evicted: u64,
+}
+
+impl std::ops::Add for GraphStats {
+    type Output = GraphStats;
+    fn add(self, o: GraphStats) -> GraphStats {
+        GraphStats {
+            recorded: self.recorded + o.recorded,
+            replayed: self.replayed + o.replayed,
+            direct: self.direct + o.direct,
+            evicted: self.evicted + o.evicted,
+        }
+    }
 }
 
 impl<G> Default for GraphCache<G> {

@@ -949,6 +949,10 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
         self.dev().concurrency()
     }
 
+    fn graph_stats(&self) -> Option<GraphStats> {
+        Some(KernelBackend::graph_stats(self))
+    }
+
     /// Batches of at most `graph_tokens` tokens (see [`KernelBackend::set_graph_tokens`]) run
     /// as CUDA graphs once their shape repeats; others run op by op.
     fn run_forward(
