@@ -12,13 +12,15 @@
 //! ```
 
 pub mod bench;
+pub mod checked;
 pub mod corpus;
 pub mod engine;
 pub mod model;
+pub mod names;
 pub mod pipeline;
 pub mod scorer;
 pub mod text;
 
 pub use engine::{Batch, Device, Packer, Pooling};
-pub use scorer::{Embeddings, HeadInfo, LoadOptions, Scorer, Scores};
+pub use scorer::{DocFailure, Embeddings, HeadInfo, LoadOptions, Scorer, Scores};
 pub mod select;

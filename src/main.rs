@@ -115,8 +115,9 @@ struct JobArgs {
     /// Output rows: `jsonl` (id, source, scores or embedding), `parquet` (id, source, error and a
     /// float32 column per label, or an embedding list column) or `dolma` (attribute side-cars
     /// under <output-dir>/attributes/<experiment>/, for `dolma mix`; needs --experiment)
-    #[arg(long, default_value = "jsonl", value_parser = ["jsonl", "parquet", "dolma"])]
-    format: String,
+    /// [default: parquet when --output ends in .parquet, else jsonl]
+    #[arg(long, value_parser = ["jsonl", "parquet", "dolma"])]
+    format: Option<String>,
     /// dolma experiment name (attribute keys are <experiment>__<model>__<label>)
     #[arg(long, required_if_eq("format", "dolma"))]
     experiment: Option<String>,
@@ -127,6 +128,10 @@ struct JobArgs {
     /// added as `scores`/`embedding`/`error`, replacing fields of those names)
     #[arg(long)]
     keep_input: bool,
+    /// Compression of per-file JSON Lines outputs (--output-dir): keep (as each input: .jsonl.gz
+    /// in, .jsonl.gz out), none, gzip or zstd; a single --output is compressed by its name
+    #[arg(long, default_value = "keep")]
+    compression: corpus::OutputCompression,
     /// Stop at the first unusable record instead of writing it with an `error` field
     #[arg(long)]
     strict: bool,
@@ -161,9 +166,25 @@ struct BenchArgs {
 
 fn main() {
     if let Err(e) = run(Cli::parse()) {
+        // `mira score ... --output - | head`: the reader left; that is how a pipeline ends,
+        // not an error.
+        if is_broken_pipe(&e) {
+            std::process::exit(0);
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// Whether an error comes from writing into a pipe whose reader has gone.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            // Parquet and Arrow wrap the I/O error in their own types.
+            || cause.to_string().contains("Broken pipe (os error 32)")
+    })
 }
 
 fn load(args: &ModelArgs) -> Result<Scorer> {
@@ -225,9 +246,15 @@ fn job(a: JobArgs, task: Task) -> Result<()> {
     if world_size > 1 && a.output_dir.is_none() {
         bail!("sharding over {world_size} workers needs --output-dir (one output per input file)");
     }
-    let inputs = corpus::shard(corpus::expand_inputs(&a.input)?, rank, world_size)?;
-    let scorer = load(&a.model)?;
-    let format = match a.format.as_str() {
+    // The format follows the output's extension unless --format says otherwise.
+    let format_name = a.format.clone().unwrap_or_else(|| {
+        let parquet = a
+            .output
+            .as_ref()
+            .is_some_and(|o| o.to_string_lossy().ends_with(".parquet"));
+        if parquet { "parquet" } else { "jsonl" }.to_string()
+    });
+    let format = match format_name.as_str() {
         "dolma" => Format::Dolma {
             experiment: match a.experiment.clone() {
                 Some(e) if !e.is_empty() && !e.contains(['/', '\\']) && e != ".." => e,
@@ -244,6 +271,20 @@ fn job(a: JobArgs, task: Task) -> Result<()> {
         "parquet" => Format::Parquet,
         _ => Format::Jsonl,
     };
+    // Outputs are never read back as inputs, nor written over them (`corpus::output`). dolma
+    // side-cars go to ROOT/attributes/<experiment>, beside ROOT/documents.
+    let output_dirs: Vec<PathBuf> = match (&format, &a.output_dir) {
+        (Format::Dolma { experiment, .. }, Some(root)) => {
+            vec![root.join("attributes").join(experiment)]
+        }
+        (_, dir) => dir.iter().cloned().collect(),
+    };
+    let inputs = corpus::shard(
+        corpus::expand_inputs_excluding(&a.input, &output_dirs)?,
+        rank,
+        world_size,
+    )?;
+    let scorer = load(&a.model)?;
     let opts = JobOptions {
         format,
         fields: FieldNames {
@@ -251,8 +292,10 @@ fn job(a: JobArgs, task: Task) -> Result<()> {
             id: a.id_field,
             source: a.source_field,
             keep_input: a.keep_input,
+            keep_raw: false,
         },
         strict: a.strict,
+        compression: a.compression,
         progress: std::io::stderr().is_terminal(),
         ..JobOptions::default()
     };

@@ -18,6 +18,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::corpus::{self, FieldNames, InputFile, Record, RecordError, RecordSink};
+use crate::names::dolma_key_part;
 use crate::Scorer;
 
 /// What the job computes for each record.
@@ -54,6 +55,8 @@ pub struct JobOptions {
     pub chunk_records: usize,
     /// Draw a progress bar on stderr (only when stderr is a terminal).
     pub progress: bool,
+    /// Compression of per-file JSON Lines outputs (default: as the input).
+    pub compression: corpus::OutputCompression,
 }
 
 impl Default for JobOptions {
@@ -64,6 +67,7 @@ impl Default for JobOptions {
             strict: false,
             chunk_records: 4096,
             progress: true,
+            compression: corpus::OutputCompression::Keep,
         }
     }
 }
@@ -74,6 +78,8 @@ pub struct JobSummary {
     pub files: usize,
     /// Files whose output was already complete (resume).
     pub files_skipped: usize,
+    /// Files another live job was writing (same output folder), left to it.
+    pub files_busy: usize,
     pub records: usize,
     pub ok: usize,
     pub errors: BTreeMap<String, usize>,
@@ -133,20 +139,35 @@ pub fn run_job(
     // Per-file outputs already complete are skipped (resume).
     let mut todo: Vec<(&InputFile, Option<PathBuf>)> = Vec::new();
     match output {
-        Output::File(_) => todo.extend(inputs.iter().map(|f| (f, None))),
+        Output::File(path) => {
+            corpus::refuse_input(path, inputs)?;
+            todo.extend(inputs.iter().map(|f| (f, None)))
+        }
         Output::PerFile(dir) => {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
             for f in inputs {
                 let out = match &opts.format {
-                    Format::Jsonl => dir.join(corpus::output_name(&f.rel, "jsonl")),
+                    Format::Jsonl => dir.join(corpus::output_name_compressed(
+                        &f.rel,
+                        "jsonl",
+                        opts.compression,
+                    )),
                     Format::Parquet => dir.join(corpus::output_name(&f.rel, "parquet")),
                     Format::Dolma { experiment, .. } => {
                         dir.join("attributes").join(experiment).join(&f.rel)
                     }
                 };
-                if done_marker(&out).exists() && out.exists() {
+                corpus::refuse_input(&out, inputs)?;
+                if corpus::is_done(dir, &out) {
                     summary.files_skipped += 1;
+                } else if corpus::live_writer(&out) {
+                    // Another job on the same output folder is writing it: leave it to that job.
+                    eprintln!(
+                        "note: {} is being written by another job; skipped (rerun to check it is done)",
+                        out.display()
+                    );
+                    summary.files_busy += 1;
                 } else {
                     todo.push((f, Some(out)));
                 }
@@ -174,7 +195,7 @@ pub fn run_job(
     std::thread::scope(|scope| -> Result<()> {
         let (read_tx, read_rx) = sync_channel::<Result<Chunk>>(2);
         let (tok_tx, tok_rx) = sync_channel::<Result<Tokenized>>(2);
-        let (run_tx, run_rx) = sync_channel::<Result<(Tokenized, Vec<Value>)>>(1);
+        let (run_tx, run_rx) = sync_channel::<Result<(Tokenized, Vec<Result<Value, String>>)>>(1);
         let files: Vec<&InputFile> = todo.iter().map(|(f, _)| *f).collect();
         scope.spawn(move || read_stage(&files, opts, read_tx));
         scope.spawn(move || {
@@ -215,7 +236,7 @@ pub fn run_job(
                 (None, None) => unreachable!("a per-file sink is opened above"),
             };
             let before = (summary.records, summary.ok);
-            write_chunk(&tok, outputs, writer, opts, &mut summary)?;
+            write_chunk(&tok, task, outputs, writer, opts, &mut summary)?;
             tok.chunk
                 .file_records
                 .fetch_add(summary.records - before.0, Ordering::Relaxed);
@@ -237,7 +258,11 @@ pub fn run_job(
                             "ok": tok.chunk.file_ok.load(Ordering::Relaxed),
                         });
                         let marker = format!("{file_summary}\n");
-                        corpus::write_atomic(&done_marker(out), marker.as_bytes())?;
+                        let root = match output {
+                            Output::PerFile(dir) => dir,
+                            Output::File(_) => unreachable!("per-file outputs only"),
+                        };
+                        corpus::mark_done(root, out, marker.as_bytes())?;
                     }
                 }
                 done_bytes += std::fs::metadata(&input.path).map_or(0, |m| m.len());
@@ -264,13 +289,6 @@ fn parquet_columns(scorer: &Scorer, task: Task) -> corpus::ParquetColumns {
         (Task::Score, Some(head)) => corpus::ParquetColumns::Scores(head.labels.clone()),
         _ => corpus::ParquetColumns::Embedding(scorer.embedding_dim()),
     }
-}
-
-/// `<output>.done`, written after the output is complete.
-pub fn done_marker(out: &Path) -> PathBuf {
-    let mut name = out.as_os_str().to_os_string();
-    name.push(".done");
-    PathBuf::from(name)
 }
 
 /// A run of consecutive records of one input file.
@@ -363,16 +381,6 @@ fn update(bar: &ProgressBar, s: &JobSummary, start: Instant) {
     ));
 }
 
-/// Non-finite floats become JSON `null` in `f32_value`; such a row is an error, not a score.
-fn contains_non_finite(v: &Value) -> bool {
-    match v {
-        Value::Null => true,
-        Value::Array(a) => a.iter().any(contains_non_finite),
-        Value::Object(m) => m.values().any(contains_non_finite),
-        _ => false,
-    }
-}
-
 /// `file:line` of the first and last record of a chunk, for errors that concern all of it.
 fn span(chunk: &[Record]) -> String {
     match (chunk.first(), chunk.last()) {
@@ -440,31 +448,44 @@ fn tokenize_chunk(scorer: &Scorer, chunk: Chunk) -> Tokenized {
     }
 }
 
-/// Engine stage: one JSON value per tokenized record (a label -> score map, or an embedding).
-fn run_chunk(scorer: &Scorer, task: Task, t: &Tokenized) -> Result<Vec<Value>> {
+/// Engine stage: one JSON value per tokenized record (a label -> score map, or an embedding), or
+/// why the model could not score it (a non-finite output: that record only, the rest of its
+/// batch is scored).
+fn run_chunk(scorer: &Scorer, task: Task, t: &Tokenized) -> Result<Vec<Result<Value, String>>> {
+    let failed = |failures: Vec<crate::DocFailure>| -> BTreeMap<usize, String> {
+        failures.into_iter().map(|f| (f.doc, f.message)).collect()
+    };
     Ok(match task {
         Task::Score => {
-            let s = scorer
-                .score_ids(&t.ids)
+            let (s, failures) = scorer
+                .score_ids_lenient(&t.ids)
                 .with_context(|| span(&t.chunk.records))?;
+            let mut failures = failed(failures);
             (0..t.ids.len())
-                .map(|d| {
-                    let m: Map<String, Value> = s
-                        .labels
-                        .iter()
-                        .zip(s.row(d))
-                        .map(|(l, v)| (l.clone(), f32_value(*v)))
-                        .collect();
-                    Value::Object(m)
+                .map(|d| match failures.remove(&d) {
+                    Some(message) => Err(message),
+                    None => Ok(Value::Object(
+                        s.labels
+                            .iter()
+                            .zip(s.row(d))
+                            .map(|(l, v)| (l.clone(), f32_value(*v)))
+                            .collect(),
+                    )),
                 })
                 .collect()
         }
         Task::Embed => {
-            let e = scorer
-                .embed_ids(&t.ids)
+            let (e, failures) = scorer
+                .embed_ids_lenient(&t.ids)
                 .with_context(|| span(&t.chunk.records))?;
+            let mut failures = failed(failures);
             (0..t.ids.len())
-                .map(|d| Value::Array(e.row(d).iter().map(|v| f32_value(*v)).collect()))
+                .map(|d| match failures.remove(&d) {
+                    Some(message) => Err(message),
+                    None => Ok(Value::Array(
+                        e.row(d).iter().map(|v| f32_value(*v)).collect(),
+                    )),
+                })
                 .collect()
         }
     })
@@ -473,35 +494,51 @@ fn run_chunk(scorer: &Scorer, task: Task, t: &Tokenized) -> Result<Vec<Value>> {
 /// Writer stage: one output row per input record, in order, with errors inline.
 fn write_chunk(
     t: &Tokenized,
-    outputs: Vec<Value>,
+    task: Task,
+    outputs: Vec<Result<Value, String>>,
     sink: &mut dyn RecordSink,
     opts: &JobOptions,
     summary: &mut JobSummary,
 ) -> Result<()> {
     let mut failures = t.failures.clone();
-    let key = match (&opts.format, outputs.first()) {
+    let key = match (&opts.format, task) {
         (Format::Dolma { .. }, _) => "attributes",
-        (_, Some(Value::Array(_))) => "embedding",
-        (_, _) => "scores",
+        (_, Task::Embed) => "embedding",
+        (_, Task::Score) => "scores",
     };
     let mut results = t.owners.iter().zip(outputs);
     for (i, rec) in t.chunk.records.iter().enumerate() {
         summary.records += 1;
         // With --keep-input the output row is the input object plus the results.
         let mut obj = rec.input.clone().unwrap_or_default();
-        obj.insert("id".into(), Value::String(rec.id.clone()));
-        if let Some(src) = &rec.source {
-            obj.insert("source".into(), Value::String(src.clone()));
+        // An integer id stays an integer (dolma's mix compares ids with their documents').
+        let id = match (&opts.format, &rec.id_value) {
+            (Format::Parquet, _) | (_, None) => Value::String(rec.id.clone()),
+            (_, Some(v)) => v.clone(),
+        };
+        obj.insert("id".into(), id);
+        let dolma = matches!(opts.format, Format::Dolma { .. });
+        match &rec.source {
+            Some(src) => {
+                obj.insert("source".into(), Value::String(src.clone()));
+            }
+            // Every JSON Lines row has every column (`null` when absent), so schema inference
+            // (polars `read_ndjson`, pandas) sees `source` and `error` from the first row.
+            None if !dolma => {
+                obj.insert("source".into(), Value::Null);
+            }
+            None => {}
         }
         let mut result = None;
         if rec.text.is_ok() && !failures.contains_key(&i) {
             let (&owner, value) = results.next().expect("one result per usable record");
             debug_assert_eq!(owner, i);
-            if contains_non_finite(&value) {
-                let msg = format!("{}: the model produced NaN or infinity", rec.location);
-                failures.insert(i, RecordError::Failed(msg));
-            } else {
-                result = Some(value);
+            match value {
+                Ok(value) => result = Some(value),
+                Err(message) => {
+                    let msg = format!("{}: {message}", rec.location);
+                    failures.insert(i, RecordError::NonFiniteOutput(msg));
+                }
             }
         }
         if let (Format::Dolma { experiment, model }, Some(Value::Object(scores))) =
@@ -512,7 +549,12 @@ fn write_chunk(
                 .iter()
                 .map(|(label, v)| {
                     (
-                        format!("{experiment}__{model}__{label}"),
+                        format!(
+                            "{}__{}__{}",
+                            dolma_key_part(experiment),
+                            dolma_key_part(model),
+                            dolma_key_part(label)
+                        ),
                         serde_json::json!([[0, n_chars, v]]),
                     )
                 })
@@ -525,7 +567,7 @@ fn write_chunk(
                 bail!("{err}");
             }
             *summary.errors.entry(err.kind().to_string()).or_default() += 1;
-            if matches!(opts.format, Format::Dolma { .. }) {
+            if dolma {
                 // Rows must stay aligned with the documents file: an empty attribute set.
                 obj.insert(key.into(), Value::Object(Map::new()));
             }
@@ -533,6 +575,9 @@ fn write_chunk(
         } else if let Some(value) = result {
             summary.ok += 1;
             obj.insert(key.into(), value);
+            if !dolma {
+                obj.insert("error".into(), Value::Null);
+            }
         }
         sink.write(&Value::Object(obj))?;
     }

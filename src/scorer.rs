@@ -171,6 +171,8 @@ impl Scorer {
                     ),
                     _ => (0..n).map(|i| format!("LABEL_{i}")).collect(),
                 };
+                // Unique names that are no output column (`crate::names`).
+                let labels = crate::names::label_names(&labels);
                 // transformers' own rule when problem_type is unset.
                 let problem_type = cfg.problem_type.unwrap_or(if n == 1 {
                     ProblemType::Regression
@@ -303,6 +305,16 @@ impl Scorer {
 
     /// Like [`score`](Self::score) on already tokenized documents.
     pub fn score_ids(&self, ids: &[Vec<u32>]) -> Result<Scores> {
+        let (scores, failures) = self.score_ids_lenient(ids)?;
+        match failures.into_iter().next() {
+            Some(f) => bail!("document {}: {}", f.doc, f.message),
+            None => Ok(scores),
+        }
+    }
+
+    /// [`score_ids`](Self::score_ids), except that a document the model cannot score (a
+    /// non-finite output) gets a row of NaN and a [`DocFailure`] instead of failing the call.
+    pub fn score_ids_lenient(&self, ids: &[Vec<u32>]) -> Result<(Scores, Vec<DocFailure>)> {
         let head = self.head.as_ref().with_context(|| {
             format!(
                 "{} has no classification head: it can embed but not score",
@@ -310,7 +322,7 @@ impl Scorer {
             )
         })?;
         let n = head.labels.len();
-        let mut values = self.run(ids, n, |e, b| e.logits(b))?;
+        let (mut values, failures) = self.run_lenient(ids, n, |e, b| e.logits(b))?;
         for row in values.chunks_exact_mut(n) {
             match head.problem_type {
                 ProblemType::Regression => {}
@@ -320,10 +332,11 @@ impl Scorer {
                 }
             }
         }
-        Ok(Scores {
+        let scores = Scores {
             labels: head.labels.clone(),
             values,
-        })
+        };
+        Ok((scores, failures))
     }
 
     /// Raw head outputs (logits) without the softmax/sigmoid of [`score`](Self::score).
@@ -342,16 +355,26 @@ impl Scorer {
     }
 
     pub fn embed_ids(&self, ids: &[Vec<u32>]) -> Result<Embeddings> {
+        let (emb, failures) = self.embed_ids_lenient(ids)?;
+        match failures.into_iter().next() {
+            Some(f) => bail!("document {}: {}", f.doc, f.message),
+            None => Ok(emb),
+        }
+    }
+
+    /// [`embed_ids`](Self::embed_ids) with per-document failures, as
+    /// [`score_ids_lenient`](Self::score_ids_lenient).
+    pub fn embed_ids_lenient(&self, ids: &[Vec<u32>]) -> Result<(Embeddings, Vec<DocFailure>)> {
         let dim = self.encoder().hidden_size();
         let pooling = self.sentence.pooling;
-        let mut values = self.run(ids, dim, |e, b| e.pooled(b, pooling))?;
+        let (mut values, failures) = self.run_lenient(ids, dim, |e, b| e.pooled(b, pooling))?;
         if self.sentence.normalize {
             for row in values.chunks_exact_mut(dim) {
                 let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
                 row.iter_mut().for_each(|v| *v /= norm);
             }
         }
-        Ok(Embeddings { dim, values })
+        Ok((Embeddings { dim, values }, failures))
     }
 
     /// What a linear head reads (`[docs, hidden]`): for BERT the pooler output. `mira distill`
@@ -451,36 +474,70 @@ impl Scorer {
             .collect()
     }
 
-    /// Pack, run every batch and put each document's `width` outputs back in input order.
+    /// Pack, run every batch and put each document's `width` outputs back in input order. The
+    /// first document whose outputs are not all finite fails the call (see [`Self::run_lenient`]).
     fn run(
         &self,
         ids: &[Vec<u32>],
         width: usize,
         forward: impl Fn(&dyn Encoder, &Batch) -> Result<Vec<f32>> + Sync,
     ) -> Result<Vec<f32>> {
+        let (out, failures) = self.run_lenient(ids, width, forward)?;
+        match failures.into_iter().next() {
+            Some(f) => bail!("document {}: {}", f.doc, f.message),
+            None => Ok(out),
+        }
+    }
+
+    /// [`Self::run`], except that a document whose outputs are not all finite gets a row of NaN
+    /// and a [`DocFailure`] (in document order) instead of failing the call: the other documents
+    /// of its batch are scored as usual.
+    fn run_lenient(
+        &self,
+        ids: &[Vec<u32>],
+        width: usize,
+        forward: impl Fn(&dyn Encoder, &Batch) -> Result<Vec<f32>> + Sync,
+    ) -> Result<(Vec<f32>, Vec<DocFailure>)> {
         if let Some(i) = ids.iter().position(Vec::is_empty) {
             bail!("document {i} has no tokens");
         }
         let mut out = vec![0f32; ids.len() * width];
+        let mut failures = Vec::new();
         let batches = self.packer.pack(ids);
         let outputs = self.fan_out(&batches, forward)?;
         for (batch, rows) in batches.iter().zip(outputs) {
             for (s, &doc) in batch.docs.iter().enumerate() {
                 let row = &rows[s * width..(s + 1) * width];
+                let dest = &mut out[doc * width..(doc + 1) * width];
                 if let Some(v) = row.iter().find(|v| !v.is_finite()) {
-                    bail!(
-                        "document {doc} ({} tokens): the model's output is {v} on {}; with f16 \
-                         storage this usually means an activation overflowed f16's range \
-                         (65,504): rerun with --precision bf16 or f32",
-                        ids[doc].len(),
-                        self.device_name()
-                    );
+                    failures.push(DocFailure {
+                        doc,
+                        message: format!(
+                            "{} tokens: the model's output is {v} on {}; with f16 storage this \
+                             usually means an activation overflowed f16's range (65,504): rerun \
+                             with --precision bf16 or f32",
+                            ids[doc].len(),
+                            self.device_name()
+                        ),
+                    });
+                    dest.fill(f32::NAN);
+                } else {
+                    dest.copy_from_slice(row);
                 }
-                out[doc * width..(doc + 1) * width].copy_from_slice(row);
             }
         }
-        Ok(out)
+        failures.sort_by_key(|f| f.doc);
+        Ok((out, failures))
     }
+}
+
+/// A document a lenient call could not score (its row holds NaN).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DocFailure {
+    /// Its index in the call's input.
+    pub doc: usize,
+    /// Why, e.g. a non-finite model output and what to do about it.
+    pub message: String,
 }
 
 fn softmax(row: &mut [f32]) {

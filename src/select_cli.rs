@@ -3,7 +3,6 @@
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{bail, Result};
 use clap::Args;
@@ -41,6 +40,7 @@ impl Fields {
             id: self.id_field.clone(),
             source: self.source_field.clone(),
             keep_input: false,
+            keep_raw: false,
         }
     }
 }
@@ -104,9 +104,9 @@ impl TeacherArgs {
     fn teacher(&self) -> Result<Teacher> {
         let mut c = TeacherConfig::new(&self.teacher_url, &self.teacher_model);
         c.api_key = self.api_key.clone().filter(|k| !k.is_empty());
-        c.concurrency = self.concurrency;
+        c.concurrency = mira::checked::count("--concurrency", self.concurrency, 1, 1 << 16)?;
         c.max_retries = self.max_retries;
-        c.timeout = Duration::from_secs_f64(self.timeout);
+        c.timeout = mira::checked::seconds("--timeout", self.timeout)?;
         c.cache_dir = (!self.no_cache).then(|| self.cache_dir.clone());
         c.price_prompt_per_mtok = self.price_prompt;
         c.price_completion_per_mtok = self.price_completion;
@@ -242,6 +242,14 @@ pub struct LabelArgs {
 }
 
 pub fn label_cmd(a: LabelArgs) -> Result<()> {
+    mira::checked::in_range(
+        "--validation-fraction",
+        a.validation_fraction,
+        0.0,
+        1.0,
+        true,
+        true,
+    )?;
     let groups = a.groups.as_ref().map(|p| Groups::load(p)).transpose()?;
     if !a.ingest.is_empty() {
         let range: Vec<f64> = a
@@ -250,7 +258,7 @@ pub fn label_cmd(a: LabelArgs) -> Result<()> {
             .map(|v| v.trim().parse::<f64>())
             .collect::<Result<_, _>>()
             .map_err(|e| anyhow::anyhow!("--label-range '{}': {e}", a.label_range))?;
-        if range.len() != 2 || range[0] >= range[1] {
+        if range.len() != 2 || !range.iter().all(|v| v.is_finite()) || range[0] >= range[1] {
             bail!(
                 "--label-range '{}' must be MIN,MAX with MIN < MAX",
                 a.label_range
@@ -327,6 +335,8 @@ pub struct ReliabilityArgs {
 }
 
 pub fn reliability_cmd(a: ReliabilityArgs) -> Result<()> {
+    mira::checked::in_range("--max-mae", a.max_mae, 0.0, f64::MAX, false, false)?;
+    mira::checked::in_range("--min-spearman", a.min_spearman, -1.0, 1.0, false, false)?;
     let v = distill::read_validation(&a.validation)?;
     let t = Thresholds {
         max_mae: a.max_mae,
@@ -381,7 +391,7 @@ pub struct SelectArgs {
 pub fn select_cmd(a: SelectArgs) -> Result<()> {
     let groups = Groups::load(&a.groups)?;
     let rel = reliability::Reliability::load(&a.reliability)?;
-    let files = corpus::expand_inputs(&a.input)?;
+    let files = corpus::expand_inputs_excluding(&a.input, std::slice::from_ref(&a.output_dir))?;
     let opts = SelectOptions {
         budget: a.budget,
         cutoff: a.cutoff.parse()?,

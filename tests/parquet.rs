@@ -146,7 +146,7 @@ fn parquet_embeddings_and_per_file_outputs() {
         "parquet",
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(out.join("a.parquet.done").exists());
+    assert!(out.join(".mira/done/a.parquet.done").exists());
     let b = read_output(&out.join("a.parquet"));
     let emb = b.column_by_name("embedding").unwrap();
     assert!(matches!(emb.data_type(), DataType::FixedSizeList(_, 32)));

@@ -81,7 +81,9 @@ fn outputs_mirror_inputs_and_a_rerun_skips_finished_files() {
         let lines = String::from_utf8(snap[&rel].clone()).unwrap();
         assert_eq!(lines.lines().count(), 20, "{}", rel.display());
         assert!(lines.starts_with(&format!("{{\"id\":\"f{f}r0\"")));
-        assert!(snap.contains_key(&PathBuf::from(format!("{}.done", rel.display()))));
+        // Done markers live apart from the data (docs/RELIABILITY.md).
+        assert!(snap.contains_key(&PathBuf::from(format!(".mira/done/{}.done", rel.display()))));
+        assert!(!snap.contains_key(&PathBuf::from(format!("{}.done", rel.display()))));
     }
     let stats = tmp.path().join("stats.json");
     let o = score(&input, &out, &["--stats", stats.to_str().unwrap()])
@@ -262,6 +264,7 @@ fn chunk_size_does_not_change_outputs_and_empty_files_get_empty_outputs() {
             strict: false,
             chunk_records,
             progress: false,
+            ..JobOptions::default()
         };
         run_job(
             &scorer,
@@ -307,7 +310,7 @@ fn chunk_size_does_not_change_outputs_and_empty_files_get_empty_outputs() {
         }
     }
     assert_eq!(snapshot(&small)[&PathBuf::from("part0/empty.jsonl")], b"");
-    assert!(small.join("part0/empty.jsonl.done").exists());
+    assert!(small.join(".mira/done/part0/empty.jsonl.done").exists());
 }
 
 #[test]
@@ -343,6 +346,7 @@ fn unreadable_files_enormous_and_empty_documents_keep_row_accounting() {
         strict: false,
         chunk_records: 4096,
         progress: false,
+        ..JobOptions::default()
     };
     let s = run_job(
         &scorer,
@@ -360,10 +364,10 @@ fn unreadable_files_enormous_and_empty_documents_keep_row_accounting() {
         "{gone_rows}"
     );
     assert!(
-        !out.join("gone.jsonl.done").exists(),
+        !out.join(".mira/done/gone.jsonl.done").exists(),
         "an unreadable file is retried on the next run"
     );
-    assert!(out.join("good.jsonl.done").exists());
+    assert!(out.join(".mira/done/good.jsonl.done").exists());
     let rows: Vec<serde_json::Value> = std::fs::read_to_string(out.join("good.jsonl"))
         .unwrap()
         .lines()

@@ -39,14 +39,43 @@ fn corpus(dir: &Path) -> Vec<Value> {
     }
     assert_eq!(rows.len(), 90, "sample corpus lacks the expected sources");
     let (a, b) = rows.split_at(45);
-    let plain: String = a.iter().map(|v| format!("{v}\n")).collect();
+    let plain: String = a.iter().map(|v| format!("{}\n", spaced(v))).collect();
     std::fs::write(dir.join("part1.jsonl"), plain).unwrap();
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     for v in b {
-        std::io::Write::write_all(&mut gz, format!("{v}\n").as_bytes()).unwrap();
+        std::io::Write::write_all(&mut gz, format!("{}\n", spaced(v)).as_bytes()).unwrap();
     }
     std::fs::write(dir.join("part2.jsonl.gz"), gz.finish().unwrap()).unwrap();
     rows
+}
+
+/// A record as a JSON line that no serialiser would write back the same (spaces after `:`
+/// and `,`, non-ASCII escaped), so kept lines are checked byte for byte.
+fn spaced(v: &Value) -> String {
+    let fields: Vec<String> = v
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, x)| {
+            let x = serde_json::to_string(x).unwrap();
+            let escaped: String = x
+                .chars()
+                .map(|c| {
+                    if c.is_ascii() {
+                        c.to_string()
+                    } else {
+                        let mut units = [0u16; 2];
+                        c.encode_utf16(&mut units)
+                            .iter()
+                            .map(|u| format!("\\u{u:04x}"))
+                            .collect()
+                    }
+                })
+                .collect();
+            format!("{}: {}", serde_json::to_string(k).unwrap(), escaped)
+        })
+        .collect();
+    format!("{{ {} }}", fields.join(",  "))
 }
 
 /// Labels whose truth is known: `length` (learnable from text), `has_def` (code-ness within
@@ -169,6 +198,17 @@ fn group_distill_mask_and_select() {
     let (w, b) = (f32s("classifier.weight"), f32s("classifier.bias"));
     assert!(st.names().contains(&"bert.pooler.dense.weight"));
     let student = Scorer::load(&sdir, Device::Cpu).unwrap();
+    // Its three statements of the input length agree with the length mira scores at (the
+    // encoder's MiniLM files say 128, 512 and 256).
+    let json = |name: &str| -> Value {
+        serde_json::from_str(&std::fs::read_to_string(sdir.join(name)).unwrap()).unwrap()
+    };
+    let n = fx.encoder.max_tokens();
+    assert_eq!(student.max_tokens(), n);
+    assert_eq!(json("tokenizer.json")["truncation"]["max_length"], n);
+    assert!(json("tokenizer.json")["padding"].is_null());
+    assert_eq!(json("tokenizer_config.json")["model_max_length"], n);
+    assert_eq!(json("sentence_bert_config.json")["max_seq_length"], n);
     let texts: Vec<&str> = labels
         .iter()
         .filter(|r| &r.group == code_group)
@@ -222,7 +262,7 @@ fn group_distill_mask_and_select() {
     // A rerun after losing one output and one scores file gives the same bytes.
     let kept1 = std::fs::read(out.join("kept/part2.jsonl.gz")).unwrap();
     std::fs::remove_file(out.join("kept/part2.jsonl.gz")).unwrap();
-    std::fs::remove_file(out.join("kept/part2.jsonl.gz.done")).unwrap();
+    std::fs::remove_file(out.join(".mira/done/kept/part2.jsonl.gz.done")).unwrap();
     std::fs::remove_file(out.join("scores/part1.scores.jsonl")).unwrap();
     let again = retain::select(&files, g, &students, &rel, &out, &opts).unwrap();
     assert_eq!(again, sel);
@@ -230,6 +270,21 @@ fn group_distill_mask_and_select() {
         gunzip(&std::fs::read(out.join("kept/part2.jsonl.gz")).unwrap()),
         gunzip(&kept1)
     );
+
+    // A kept file that would be an input is refused before anything is written: here the
+    // input lies in `<out>/kept/`, where its kept records would go.
+    {
+        let trap = fx.dir.join("trap");
+        std::fs::create_dir_all(trap.join("kept")).unwrap();
+        let input = trap.join("kept/part1.jsonl");
+        std::fs::copy(fx.dir.join("part1.jsonl"), &input).unwrap();
+        let before = std::fs::read(&input).unwrap();
+        let trap_files = expand_inputs(std::slice::from_ref(&input)).unwrap();
+        let e = retain::select(&trap_files, g, &students, &rel, &trap, &opts).unwrap_err();
+        assert!(format!("{e:#}").contains("is the input"), "{e:#}");
+        assert_eq!(std::fs::read(&input).unwrap(), before);
+        assert!(!trap.join("scores").exists(), "nothing written");
+    }
 
     // The same records as one Parquet file: the same records kept, written as Parquet rows.
     {
@@ -373,6 +428,15 @@ fn check_selection(out: &Path, sel: &retain::Selection, rows: &[Value], cutoff: 
         .collect();
     for k in &kept {
         assert_eq!(k, by_id[k["id"].as_str().unwrap()]);
+    }
+    // Byte for byte: the kept lines are the input's lines.
+    for line in kept_text.lines() {
+        let v: Value = serde_json::from_str(line).unwrap();
+        assert_eq!(
+            line,
+            spaced(by_id[v["id"].as_str().unwrap()]),
+            "kept verbatim"
+        );
     }
     let order: Vec<&str> = rows
         .iter()

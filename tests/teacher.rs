@@ -24,6 +24,8 @@ enum Act {
     Truncated,
     /// Close without answering.
     Drop,
+    /// 429 with this `Retry-After` header.
+    RetryAfter(String),
 }
 
 type Script = dyn Fn(&Value, usize) -> Act + Send + Sync;
@@ -127,6 +129,14 @@ fn handle(stream: TcpStream, hits: &Mutex<HashMap<String, usize>>, script: &Scri
             );
         }
         Act::Drop => {}
+        Act::RetryAfter(after) => {
+            let body = "{\"error\": \"slow down\"}";
+            let _ = write!(
+                out,
+                "HTTP/1.1 429 X\r\nRetry-After: {after}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
     }
 }
 
@@ -270,6 +280,68 @@ fn a_restarted_run_pays_nothing_twice() {
         st.prompt_tokens, 50,
         "only fresh requests are counted as paid"
     );
+}
+
+/// A `Retry-After` that is no wait (negative, infinite, not a number, a date) is ignored and
+/// the client's own backoff applies; before, `-1`, `inf` and `nan` panicked the client.
+#[test]
+fn nonsense_retry_after_headers_fall_back_to_backoff() {
+    let server = serve(|req, n| {
+        let user = req["messages"][1]["content"].as_str().unwrap().to_string();
+        if n == 1 {
+            Act::RetryAfter(user)
+        } else {
+            Act::Reply("{\"ok\": true}".into())
+        }
+    });
+    let t = Teacher::new(config(&server.url)).unwrap();
+    let headers = [
+        "-1",
+        "inf",
+        "nan",
+        "-inf",
+        "1e999",
+        "Wed, 21 Oct 2015 07:28:00 GMT",
+    ];
+    let reqs: Vec<ChatRequest> = headers.iter().map(|h| req(h)).collect();
+    let started = std::time::Instant::now();
+    let out = t.ask_all(&reqs, "test", parse_ok);
+    assert!(out.iter().all(|r| r.as_ref().is_ok_and(|v| *v)), "{out:?}");
+    assert_eq!(t.stats().retries, headers.len() as u64);
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "no week-long sleep"
+    );
+}
+
+/// Unusable replies are not cached: a rerun against a healthy server asks again for exactly
+/// the requests whose every attempt failed, and answered ones come from the cache.
+#[test]
+fn unusable_replies_are_not_cached() {
+    let cache = tempfile::tempdir().unwrap();
+    let healthy = Arc::new(AtomicBool::new(false));
+    let h = healthy.clone();
+    let server = serve(move |req, _| {
+        let user = req["messages"][1]["content"].as_str().unwrap();
+        if user.starts_with("junk") && !h.load(Ordering::SeqCst) {
+            Act::Reply("{\"ok\": tr".into())
+        } else {
+            Act::Reply("{\"ok\": true}".into())
+        }
+    });
+    let mut cfg = config(&server.url);
+    cfg.cache_dir = Some(cache.path().to_path_buf());
+    let reqs: Vec<ChatRequest> = ["junk0", "fine0", "junk1"].iter().map(|u| req(u)).collect();
+    let first = Teacher::new(cfg.clone())
+        .unwrap()
+        .ask_all(&reqs, "run 1", parse_ok);
+    assert_eq!(first.iter().filter(|r| r.is_ok()).count(), 1);
+    healthy.store(true, Ordering::SeqCst);
+    let t2 = Teacher::new(cfg).unwrap();
+    let second = t2.ask_all(&reqs, "run 2", parse_ok);
+    assert!(second.iter().all(|r| r.is_ok()), "{second:?}");
+    let st = t2.stats();
+    assert_eq!((st.cache_hits, st.http_requests), (1, 2), "{st:?}");
 }
 
 #[test]

@@ -39,6 +39,14 @@ fn trimmed_long_documents_tokenize_like_the_full_text() {
         format!("{}{}", " \n\t".repeat(3000), joined.repeat(3)),
         // A single enormous word after a short prefix.
         format!("start {}", "x".repeat(50_000)),
+        // No whitespace, many pre-tokenizer boundaries: base64 with punctuation, 2 MB of CJK,
+        // minified code. The trim cuts at character boundaries (memory bounded by the token
+        // limit, not the document) and must still give the full text's ids.
+        "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo+/abc=".repeat(20_000),
+        "数据选择与质量评估。".repeat(70_000),
+        "function(a){return a+1;};var b=[1,2,3].map(function(x){return x*2});".repeat(5_000),
+        // A character-boundary cut inside a multi-byte character.
+        format!("é{}", "日本語".repeat(30_000)),
     ];
     for max_tokens in [16, 128, 256] {
         let opts = LoadOptions {
@@ -75,4 +83,20 @@ fn boundary_text(max_tokens: usize, short: usize) -> String {
         "b".repeat(200),
         "tail words ".repeat(50)
     )
+}
+
+/// Token counts for `mira select`'s budget: a text over a megabyte is counted piece by piece
+/// (bounded memory); cut at whitespace, the count equals the whole text's.
+#[test]
+fn long_texts_are_counted_in_pieces_exactly() {
+    let dir = minilm_dir();
+    let scorer = Scorer::load(&dir, Device::Cpu).unwrap();
+    let mut tok = Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+    tok.with_padding(None);
+    tok.with_truncation(None).unwrap();
+    let prose = "The river runs north past the old mill, and data selection keeps what matters. "
+        .repeat(40_000);
+    assert!(prose.len() > 3 << 20);
+    let whole = tok.encode(prose.as_str(), false).unwrap().get_ids().len();
+    assert_eq!(scorer.count_tokens(&prose).unwrap(), whole);
 }

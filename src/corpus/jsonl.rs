@@ -1,14 +1,18 @@
 //! JSON Lines: one record per line. Blank lines are not records and are skipped; every other
 //! line yields exactly one [`Record`], valid or not, so input rows equal output rows.
 
-use std::fs::File;
-use std::io::{BufRead, BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::io::{BufRead, BufWriter, Read, Write};
+use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde_json::Value;
 
+use super::output::OutputFile;
 use super::{FieldNames, Record, RecordError, RecordSink};
+
+/// The longest line read as a record: 256 MiB. A longer one (an endless line, a file that is not
+/// JSON Lines) is one `line_too_long` error row naming `file:line`, read past in bounded memory.
+pub const MAX_LINE_BYTES: usize = 256 << 20;
 
 pub struct JsonlReader<R> {
     name: String,
@@ -18,6 +22,7 @@ pub struct JsonlReader<R> {
     buf: Vec<u8>,
     /// A read error ended the stream.
     failed: bool,
+    max_line: usize,
 }
 
 impl<R: BufRead> JsonlReader<R> {
@@ -29,18 +34,44 @@ impl<R: BufRead> JsonlReader<R> {
             fields,
             buf: Vec::new(),
             failed: false,
+            max_line: MAX_LINE_BYTES,
+        }
+    }
+
+    /// Another line limit than [`MAX_LINE_BYTES`].
+    pub fn with_max_line(mut self, bytes: usize) -> Self {
+        self.max_line = bytes;
+        self
+    }
+
+    /// Read past the rest of an overlong line, holding at most one buffer of it.
+    fn skip_line(&mut self) -> std::io::Result<()> {
+        loop {
+            let available = self.reader.fill_buf()?;
+            if available.is_empty() {
+                return Ok(());
+            }
+            if let Some(pos) = available.iter().position(|&b| b == b'\n') {
+                self.reader.consume(pos + 1);
+                return Ok(());
+            }
+            let n = available.len();
+            self.reader.consume(n);
         }
     }
 
     fn parse(&self, line: &[u8]) -> Record {
         let location = format!("{}:{}", self.name, self.line);
         let fallback_id = location.clone();
+        let raw = self.fields.keep_raw.then(|| line.to_vec());
         let fail = |e: RecordError| Record {
             id: fallback_id.clone(),
             source: None,
             text: Err(e),
             location: location.clone(),
             input: None,
+            raw: raw.clone(),
+            id_value: None,
         };
         let text = match std::str::from_utf8(line) {
             Ok(t) => t,
@@ -60,17 +91,18 @@ impl<R: BufRead> JsonlReader<R> {
             }
             Err(e) => return fail(RecordError::MalformedJson(format!("{location}: {e}"))),
         };
-        let id = match value.get(&self.fields.id) {
-            Some(Value::String(s)) => s.clone(),
-            Some(Value::Null) | None => fallback_id.clone(),
-            Some(other) => other.to_string(),
+        let (id, id_value) = match super::lookup(&value, &self.fields.id) {
+            Some(Value::String(s)) => (s.clone(), None),
+            Some(Value::Null) | None => (fallback_id.clone(), None),
+            Some(n @ Value::Number(_)) => (n.to_string(), Some(n.clone())),
+            Some(other) => (other.to_string(), None),
         };
-        let source = match value.get(&self.fields.source) {
+        let source = match super::lookup(&value, &self.fields.source) {
             Some(Value::String(s)) => Some(s.clone()),
             Some(Value::Null) | None => None,
             Some(other) => Some(other.to_string()),
         };
-        let text = match value.get(&self.fields.text) {
+        let text = match super::lookup(&value, &self.fields.text) {
             Some(Value::String(s)) => Ok(s.clone()),
             None | Some(Value::Null) => Err(RecordError::MissingText(format!(
                 "{location}: no '{}' field",
@@ -91,6 +123,8 @@ impl<R: BufRead> JsonlReader<R> {
             text,
             location,
             input,
+            raw,
+            id_value,
         }
     }
 }
@@ -104,8 +138,35 @@ impl<R: BufRead> Iterator for JsonlReader<R> {
         }
         loop {
             self.buf.clear();
-            match self.reader.read_until(b'\n', &mut self.buf) {
+            let limit = self.max_line as u64 + 1;
+            match (&mut self.reader)
+                .take(limit)
+                .read_until(b'\n', &mut self.buf)
+            {
                 Ok(0) => return None,
+                Ok(_) if self.buf.len() > self.max_line => {
+                    self.line += 1;
+                    let location = format!("{}:{}", self.name, self.line);
+                    self.buf = Vec::new();
+                    if let Err(e) = self.skip_line() {
+                        self.failed = true;
+                        let message =
+                            format!("cannot read further ({e}); the rest of the file is lost");
+                        return Some(Ok(Record::unreadable(location, message)));
+                    }
+                    return Some(Ok(Record {
+                        id: location.clone(),
+                        source: None,
+                        text: Err(RecordError::LineTooLong(format!(
+                            "{location}: the line is longer than {} bytes; skipped",
+                            self.max_line
+                        ))),
+                        location,
+                        input: None,
+                        raw: None,
+                        id_value: None,
+                    }));
+                }
                 Ok(_) => {
                     self.line += 1;
                     let mut end = self.buf.len();
@@ -134,33 +195,23 @@ impl<R: BufRead> Iterator for JsonlReader<R> {
     }
 }
 
-/// Writes JSON lines (gzip or zstd compressed when the destination ends in `.gz` / `.zst`) to a
-/// temporary file beside the destination, synced and renamed into place on `finish`, or to stdout
-/// for `-`. A writer dropped without `finish` (an error, `--strict`)
-/// removes its temporary file and leaves any previous output untouched.
+/// Writes JSON lines (gzip or zstd compressed when the destination ends in `.gz` / `.zst`) to an
+/// [`OutputFile`]: atomically for a regular file, streamed for stdout (`-`), a FIFO or a device.
+/// A writer dropped without `finish` (an error, `--strict`) removes its temporary file and
+/// leaves any previous output untouched.
 pub struct JsonlWriter {
-    out: Output,
+    out: Option<Encoder>,
 }
 
-enum Output {
-    Stdout(BufWriter<std::io::Stdout>),
-    File {
-        file: Encoder,
-        tmp: PathBuf,
-        dest: PathBuf,
-    },
-    Finished,
-}
-
-/// The file's compression, chosen by the destination's extension (`.gz`, `.zst`, else plain).
+/// The output's compression, chosen by the destination's extension (`.gz`, `.zst`, else plain).
 enum Encoder {
-    Plain(BufWriter<File>),
-    Gzip(flate2::write::GzEncoder<BufWriter<File>>),
-    Zstd(zstd::stream::write::Encoder<'static, BufWriter<File>>),
+    Plain(BufWriter<OutputFile>),
+    Gzip(flate2::write::GzEncoder<BufWriter<OutputFile>>),
+    Zstd(zstd::stream::write::Encoder<'static, BufWriter<OutputFile>>),
 }
 
 impl Encoder {
-    fn new(dest: &Path, file: File) -> Result<Encoder> {
+    fn new(dest: &Path, file: OutputFile) -> Result<Encoder> {
         let buf = BufWriter::with_capacity(1 << 20, file);
         let name = dest.to_string_lossy();
         Ok(if name.ends_with(".gz") {
@@ -183,8 +234,8 @@ impl Encoder {
         }
     }
 
-    /// End the compressed stream and hand back the file.
-    fn finish(self) -> Result<File> {
+    /// End the compressed stream and hand back the output.
+    fn finish(self) -> Result<OutputFile> {
         let buf = match self {
             Encoder::Plain(w) => w,
             Encoder::Gzip(w) => w.finish()?,
@@ -196,108 +247,35 @@ impl Encoder {
 
 impl JsonlWriter {
     pub fn create(path: &Path) -> Result<JsonlWriter> {
-        if path.as_os_str() == "-" {
-            return Ok(JsonlWriter {
-                out: Output::Stdout(BufWriter::new(std::io::stdout())),
-            });
-        }
-        // Hidden, and unique per process so concurrent jobs never share a temporary file.
-        let tmp = temp_name(path, std::process::id())?;
-        let file =
-            File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
         Ok(JsonlWriter {
-            out: Output::File {
-                file: Encoder::new(path, file)?,
-                tmp,
-                dest: path.to_path_buf(),
-            },
+            out: Some(Encoder::new(path, OutputFile::create(path)?)?),
         })
     }
+}
 
-    fn writer(&mut self) -> &mut dyn Write {
-        match &mut self.out {
-            Output::Stdout(w) => w,
-            Output::File { file, .. } => file.writer(),
-            Output::Finished => unreachable!("write after finish"),
-        }
+impl JsonlWriter {
+    /// Write one line as it is (a kept record, byte for byte), followed by a newline.
+    pub fn write_line(&mut self, line: &[u8]) -> Result<()> {
+        let w = self.out.as_mut().expect("write before finish").writer();
+        w.write_all(line)?;
+        w.write_all(b"\n")?;
+        Ok(())
     }
-}
-
-/// The hidden temporary name `JsonlWriter` writes `path` under, for this process.
-pub(crate) fn temp_name(path: &Path, pid: u32) -> Result<PathBuf> {
-    let file_name = path
-        .file_name()
-        .with_context(|| format!("invalid output path {}", path.display()))?;
-    let mut tmp = std::ffi::OsString::from(".");
-    tmp.push(file_name);
-    tmp.push(format!(".{pid}.tmp"));
-    Ok(path.with_file_name(tmp))
-}
-
-/// Remove temporary files that killed writers of `path` left behind (`.NAME.<pid>.tmp`).
-pub fn remove_stale_temps(path: &Path) -> Result<()> {
-    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
-        return Ok(());
-    };
-    let dir = if dir.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        dir
-    };
-    let prefix = format!(".{}.", name.to_string_lossy());
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Ok(());
-    };
-    for e in entries.flatten() {
-        let n = e.file_name().to_string_lossy().into_owned();
-        if n.starts_with(&prefix) && n.ends_with(".tmp") {
-            std::fs::remove_file(e.path())
-                .with_context(|| format!("cannot remove stale {}", e.path().display()))?;
-        }
-    }
-    Ok(())
-}
-
-/// Write `bytes` to `path` atomically (synced temporary file, then rename).
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = temp_name(path, std::process::id())?;
-    let mut f = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
 }
 
 impl RecordSink for JsonlWriter {
     fn write(&mut self, value: &Value) -> Result<()> {
-        let w = self.writer();
+        let w = self.out.as_mut().expect("write before finish").writer();
         serde_json::to_writer(&mut *w, value)?;
         w.write_all(b"\n")?;
         Ok(())
     }
 
     fn finish(mut self: Box<Self>) -> Result<()> {
-        match std::mem::replace(&mut self.out, Output::Finished) {
-            Output::Stdout(mut w) => w.flush()?,
-            Output::File { file, tmp, dest } => {
-                let file = file.finish()?;
-                file.sync_all()
-                    .with_context(|| format!("cannot sync {}", tmp.display()))?;
-                std::fs::rename(&tmp, &dest).with_context(|| {
-                    format!("cannot rename {} to {}", tmp.display(), dest.display())
-                })?;
-            }
-            Output::Finished => {}
+        if let Some(enc) = self.out.take() {
+            enc.finish()?.commit()?;
         }
         Ok(())
-    }
-}
-
-impl Drop for JsonlWriter {
-    fn drop(&mut self) {
-        if let Output::File { tmp, .. } = &self.out {
-            let _ = std::fs::remove_file(tmp);
-        }
     }
 }
 
@@ -309,6 +287,25 @@ mod tests {
         JsonlReader::new("f.jsonl".into(), bytes, FieldNames::default())
             .map(|r| r.unwrap())
             .collect()
+    }
+
+    #[test]
+    fn an_overlong_line_is_one_error_row_and_reading_goes_on() {
+        let long = "x".repeat(100);
+        let input =
+            format!("{{\"text\":\"a\"}}\n{{\"text\":\"{long}\"}}\n{{\"text\":\"b\"}}\n{long}");
+        let recs: Vec<Record> =
+            JsonlReader::new("f.jsonl".into(), input.as_bytes(), FieldNames::default())
+                .with_max_line(50)
+                .map(|r| r.unwrap())
+                .collect();
+        assert_eq!(recs.len(), 4);
+        assert_eq!(recs[0].text, Ok("a".into()));
+        let e = recs[1].text.as_ref().unwrap_err();
+        assert_eq!(e.kind(), "line_too_long");
+        assert!(e.to_string().contains("f.jsonl:2"), "{e}");
+        assert_eq!(recs[2].text, Ok("b".into()));
+        assert_eq!(recs[3].text.as_ref().unwrap_err().kind(), "line_too_long");
     }
 
     #[test]

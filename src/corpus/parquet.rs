@@ -5,10 +5,12 @@
 //! error, so rows in equal rows out; the location of a row is `<file>:row <n>` (1-based).
 //!
 //! Writing: `id`, `source` and `error` string columns, then either one nullable `float32` column
-//! per label (scores) or a nullable fixed-size list of `float32` (embeddings), written to a
-//! temporary file and renamed into place on `finish`, like the JSONL writer.
+//! per label (scores) or a nullable fixed-size list of `float32` (embeddings), written through
+//! an [`OutputFile`] like the JSONL writer (atomic for a regular file, streamed to stdout, a FIFO
+//! or a device).
 
 use std::fs::File;
+use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -21,6 +23,7 @@ use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchR
 use parquet::arrow::ArrowWriter;
 use serde_json::Value;
 
+use super::output::OutputFile;
 use super::{FieldNames, Record, RecordError, RecordSink};
 
 /// Rows of a Parquet file as records, batch by batch.
@@ -29,6 +32,8 @@ pub struct ParquetReader {
     fields: FieldNames,
     batches: ParquetRecordBatchReader,
     current: Option<RecordBatch>,
+    /// The current batch's rows as JSON objects, with `--keep-input`.
+    current_json: Vec<Option<serde_json::Map<String, Value>>>,
     row_in_batch: usize,
     row: usize,
     failed: bool,
@@ -46,6 +51,7 @@ impl ParquetReader {
             fields,
             batches,
             current: None,
+            current_json: Vec::new(),
             row_in_batch: 0,
             row: 0,
             failed: false,
@@ -55,8 +61,14 @@ impl ParquetReader {
     fn record(&self, batch: &RecordBatch, i: usize) -> Record {
         let location = format!("{}:row {}", self.name, self.row);
         let id = cell_string(batch, &self.fields.id, i).unwrap_or_else(|| location.clone());
+        let id_value = column(batch, &self.fields.id)
+            .filter(|c| !c.is_null(i) && string_at(c, i).is_none())
+            .and_then(|_| {
+                let signed = id.parse::<i64>().ok().map(Value::from);
+                signed.or_else(|| id.parse::<u64>().ok().map(Value::from))
+            });
         let source = cell_string(batch, &self.fields.source, i);
-        let text = match batch.column_by_name(&self.fields.text) {
+        let text = match column(batch, &self.fields.text) {
             None => Err(RecordError::MissingText(format!(
                 "{location}: no '{}' column",
                 self.fields.text
@@ -80,12 +92,47 @@ impl ParquetReader {
             text,
             location,
             input: None,
+            raw: None,
+            id_value,
         }
     }
 }
 
-/// The string value of a string-typed column at `i`.
+/// Every row of a batch as a JSON object (arrow-json's encoding: nested structs and lists as
+/// JSON, nulls left out).
+pub fn json_rows(batch: &RecordBatch) -> Result<Vec<serde_json::Map<String, Value>>> {
+    let mut buf = Vec::new();
+    let mut w = arrow_json::ArrayWriter::new(&mut buf);
+    w.write(batch)?;
+    w.finish()?;
+    drop(w);
+    Ok(if buf.is_empty() {
+        Vec::new()
+    } else {
+        serde_json::from_slice(&buf)?
+    })
+}
+
+/// The column at `path`: a top-level column of that name, else a dotted path into struct
+/// columns (`metadata.content`).
+fn column<'a>(batch: &'a RecordBatch, path: &str) -> Option<&'a ArrayRef> {
+    if let Some(c) = batch.column_by_name(path) {
+        return Some(c);
+    }
+    let mut parts = path.split('.');
+    let mut col = batch.column_by_name(parts.next()?)?;
+    for part in parts {
+        col = col.as_struct_opt()?.column_by_name(part)?;
+    }
+    Some(col)
+}
+
+/// The string value of a string-typed column at `i`: plain, large and view strings, and
+/// dictionary-encoded strings (pandas categoricals, polars `Categorical`).
 fn string_at(col: &ArrayRef, i: usize) -> Option<String> {
+    if let Some(d) = col.as_any_dictionary_opt() {
+        return string_at(d.values(), dictionary_key(d.keys(), i)?);
+    }
     if let Some(a) = col.as_string_opt::<i32>() {
         return Some(a.value(i).to_string());
     }
@@ -95,9 +142,25 @@ fn string_at(col: &ArrayRef, i: usize) -> Option<String> {
     col.as_string_view_opt().map(|a| a.value(i).to_string())
 }
 
+/// The dictionary index at row `i`, whatever the key type.
+fn dictionary_key(keys: &dyn Array, i: usize) -> Option<usize> {
+    use arrow_array::types::{Int16Type, Int8Type, UInt16Type, UInt8Type};
+    macro_rules! key_of {
+        ($($t:ty),*) => {
+            $(if let Some(k) = keys.as_primitive_opt::<$t>() {
+                return usize::try_from(k.value(i)).ok();
+            })*
+        };
+    }
+    key_of!(
+        Int8Type, Int16Type, Int32Type, Int64Type, UInt8Type, UInt16Type, UInt32Type, UInt64Type
+    );
+    None
+}
+
 /// A string or integer cell as text; `None` when the column is absent or the cell null.
 fn cell_string(batch: &RecordBatch, name: &str, i: usize) -> Option<String> {
-    let col = batch.column_by_name(name)?;
+    let col = column(batch, name)?;
     if col.is_null(i) {
         return None;
     }
@@ -131,13 +194,30 @@ impl Iterator for ParquetReader {
             if let Some(batch) = &self.current {
                 if self.row_in_batch < batch.num_rows() {
                     self.row += 1;
-                    let rec = self.record(batch, self.row_in_batch);
+                    let mut rec = self.record(batch, self.row_in_batch);
+                    if let Some(slot) = self.current_json.get_mut(self.row_in_batch) {
+                        rec.input = slot.take();
+                    }
                     self.row_in_batch += 1;
                     return Some(Ok(rec));
                 }
             }
             match self.batches.next()? {
                 Ok(batch) => {
+                    self.current_json = if self.fields.keep_input {
+                        match json_rows(&batch) {
+                            Ok(rows) => rows.into_iter().map(Some).collect(),
+                            Err(e) => {
+                                self.failed = true;
+                                self.row += 1;
+                                let location = format!("{}:row {}", self.name, self.row);
+                                let message = format!("cannot convert rows to JSON ({e:#})");
+                                return Some(Ok(Record::unreadable(location, message)));
+                            }
+                        }
+                    } else {
+                        Vec::new()
+                    };
                     self.current = Some(batch);
                     self.row_in_batch = 0;
                 }
@@ -166,11 +246,10 @@ pub enum ParquetColumns {
 
 /// Writes output rows (`{"id", "source", "scores" | "embedding", "error"}`) as Parquet.
 pub struct ParquetWriter {
-    writer: Option<ArrowWriter<File>>,
+    writer: Option<ArrowWriter<BufWriter<OutputFile>>>,
     schema: Arc<Schema>,
     columns: ParquetColumns,
     rows: Vec<Value>,
-    tmp: PathBuf,
     dest: PathBuf,
 }
 
@@ -199,9 +278,8 @@ impl ParquetWriter {
             )),
         }
         let schema = Arc::new(Schema::new(fields));
-        let tmp = super::jsonl::temp_name(path, std::process::id())?;
-        let file =
-            File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        // Parquet needs no seeking: it streams to stdout, a FIFO or a device as well.
+        let file = BufWriter::with_capacity(1 << 20, OutputFile::create(path)?);
         let writer = ArrowWriter::try_new(file, schema.clone(), None)
             .map_err(|e| anyhow!("cannot write Parquet {}: {e}", path.display()))?;
         Ok(ParquetWriter {
@@ -209,7 +287,6 @@ impl ParquetWriter {
             schema,
             columns,
             rows: Vec::new(),
-            tmp,
             dest: path.to_path_buf(),
         })
     }
@@ -269,7 +346,7 @@ impl ParquetWriter {
             .as_mut()
             .expect("writer open until finish")
             .write(&batch)
-            .map_err(|e| anyhow!("cannot write {}: {e}", self.tmp.display()))?;
+            .map_err(|e| anyhow!("cannot write {}: {e}", self.dest.display()))?;
         self.rows.clear();
         Ok(())
     }
@@ -294,23 +371,10 @@ impl RecordSink for ParquetWriter {
             .take()
             .expect("finish runs once")
             .into_inner()
-            .map_err(|e| anyhow!("cannot finish {}: {e}", self.tmp.display()))?;
-        file.sync_all()
-            .with_context(|| format!("cannot sync {}", self.tmp.display()))?;
-        std::fs::rename(&self.tmp, &self.dest).with_context(|| {
-            format!(
-                "cannot rename {} to {}",
-                self.tmp.display(),
-                self.dest.display()
-            )
-        })
-    }
-}
-
-impl Drop for ParquetWriter {
-    fn drop(&mut self) {
-        if self.writer.is_some() {
-            let _ = std::fs::remove_file(&self.tmp);
-        }
+            .map_err(|e| anyhow!("cannot finish {}: {e}", self.dest.display()))?;
+        file.into_inner()
+            .map_err(|e| e.into_error())
+            .with_context(|| format!("cannot write {}", self.dest.display()))?
+            .commit()
     }
 }

@@ -9,9 +9,29 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
+use crate::checked;
 use crate::engine::Activation;
 
 const SUPPORTED_TYPES: &str = "bert, modernbert";
+
+/// The sizes of an encoder as `config.json` gives them, checked before anything is allocated:
+/// each at least 1 and below a bound far above any real encoder, so a damaged config is an error
+/// naming the field, never an allocation of exabytes or an index into an empty table.
+fn check_sizes(sizes: &[(&str, usize, usize)]) -> Result<()> {
+    for &(name, value, max) in sizes {
+        checked::count(name, value, 1, max)?;
+    }
+    Ok(())
+}
+
+/// Bounds of [`check_sizes`]: vocabulary, width, FFN width, layers, positions, token types.
+const MAX_VOCAB: usize = 1 << 24;
+const MAX_HIDDEN: usize = 1 << 16;
+const MAX_INTERMEDIATE: usize = 1 << 18;
+const MAX_LAYERS: usize = 1 << 10;
+const MAX_POSITIONS: usize = 1 << 20;
+const MAX_TYPE_VOCAB: usize = 1 << 16;
+const MAX_LABELS: usize = 1 << 16;
 
 /// What the checkpoint computes on top of the encoder.
 #[derive(Debug, Clone, PartialEq)]
@@ -147,6 +167,19 @@ fn default_rope_type() -> String {
 impl ModernBertConfig {
     fn from_value(value: serde_json::Value) -> Result<ModernBertConfig> {
         let r: ModernBertRaw = serde_json::from_value(value)?;
+        check_sizes(&[
+            ("vocab_size", r.vocab_size, MAX_VOCAB),
+            ("hidden_size", r.hidden_size, MAX_HIDDEN),
+            ("intermediate_size", r.intermediate_size, MAX_INTERMEDIATE),
+            ("num_hidden_layers", r.num_hidden_layers, MAX_LAYERS),
+            ("num_attention_heads", r.num_attention_heads, MAX_HIDDEN),
+            (
+                "max_position_embeddings",
+                r.max_position_embeddings,
+                MAX_POSITIONS,
+            ),
+            ("local_attention", r.local_attention, MAX_POSITIONS),
+        ])?;
         let global_layers = match (&r.layer_types, r.global_attn_every_n_layers) {
             (Some(types), _) => {
                 if types.len() != r.num_hidden_layers {
@@ -268,8 +301,7 @@ pub enum Arch {
 
 impl ModelConfig {
     pub fn from_file(path: &Path) -> Result<ModelConfig> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
+        let text = checked::read_metadata(path)?;
         Self::from_json(&text).with_context(|| format!("invalid model config {}", path.display()))
     }
 
@@ -285,6 +317,15 @@ impl ModelConfig {
         let arch = match model_type.as_str() {
             "bert" => {
                 let c: BertConfig = serde_json::from_value(value)?;
+                check_sizes(&[
+                    ("vocab_size", c.vocab_size, MAX_VOCAB),
+                    ("hidden_size", c.hidden_size, MAX_HIDDEN),
+                    ("intermediate_size", c.intermediate_size, MAX_INTERMEDIATE),
+                    ("num_hidden_layers", c.num_hidden_layers, MAX_LAYERS),
+                    ("num_attention_heads", c.num_attention_heads, MAX_HIDDEN),
+                    ("max_position_embeddings", c.max_position_embeddings, MAX_POSITIONS),
+                    ("type_vocab_size", c.type_vocab_size, MAX_TYPE_VOCAB),
+                ])?;
                 if let Some(p) = &c.position_embedding_type {
                     if p != "absolute" {
                         bail!("position_embedding_type '{p}' is not supported (only 'absolute')");
@@ -316,6 +357,12 @@ impl ModelConfig {
                 "unsupported architecture '{architecture}'; supported: {}",
                 supported.join(", ")
             );
+        }
+        if let Some(n) = common.num_labels {
+            checked::count("num_labels", n, 0, MAX_LABELS)?;
+        }
+        if let Some(map) = &common.id2label {
+            checked::count("the number of id2label entries", map.len(), 0, MAX_LABELS)?;
         }
         let declared_labels = match (&common.id2label, common.num_labels) {
             (Some(map), _) if !map.is_empty() => Some(labels_from_id2label(map)?),

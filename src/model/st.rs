@@ -49,8 +49,7 @@ struct SbertConfig {
 }
 
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text = crate::checked::read_metadata(path)?;
     serde_json::from_str(&text).with_context(|| format!("invalid JSON in {}", path.display()))
 }
 

@@ -59,6 +59,24 @@ impl TensorRef<'_> {
     }
 }
 
+/// A shard named by the index, which must be a file inside the checkpoint folder: a plain
+/// relative path without `..` (an index naming `../../../etc/passwd` or `/dev/zero` is refused).
+fn shard_path(dir: &Path, index_path: &Path, file: &str) -> Result<std::path::PathBuf> {
+    use std::path::Component;
+    let rel = Path::new(file);
+    let inside = !file.is_empty()
+        && rel
+            .components()
+            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+    if !inside {
+        bail!(
+            "{}: shard '{file}' is not a file inside the checkpoint folder",
+            index_path.display()
+        );
+    }
+    Ok(dir.join(rel))
+}
+
 #[derive(serde::Deserialize)]
 struct ShardIndex {
     weight_map: BTreeMap<String, String>,
@@ -78,15 +96,14 @@ impl Weights {
             }
             shards.push(shard);
         } else if index_path.exists() {
-            let text = std::fs::read_to_string(&index_path)
-                .with_context(|| format!("cannot read {}", index_path.display()))?;
+            let text = crate::checked::read_metadata(&index_path)?;
             let idx: ShardIndex = serde_json::from_str(&text)
                 .with_context(|| format!("invalid shard index {}", index_path.display()))?;
             let mut files: Vec<&String> = idx.weight_map.values().collect();
             files.sort();
             files.dedup();
             for (i, file) in files.iter().enumerate() {
-                let shard = open_shard(&dir.join(file))?;
+                let shard = open_shard(&shard_path(dir, &index_path, file)?)?;
                 for name in shard.meta.tensors().keys() {
                     index.insert(name.clone(), i);
                 }
@@ -188,6 +205,12 @@ impl Weights {
 
 fn open_shard(path: &Path) -> Result<Shard> {
     let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let meta = file
+        .metadata()
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    if !meta.is_file() {
+        bail!("{} is not a regular file", path.display());
+    }
     // SAFETY: the file is opened read-only and mapped read-only; like every mmap-based loader we
     // assume nobody truncates the checkpoint while it is being served.
     let mmap =

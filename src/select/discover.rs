@@ -328,8 +328,11 @@ pub fn discover(
             log.push_str(&row.to_string());
             log.push('\n');
         }
-        crate::corpus::jsonl::write_atomic(
-            &out_dir.join(format!("{group}.judgments.jsonl")),
+        crate::corpus::write_atomic(
+            &out_dir.join(format!(
+                "{}.judgments.jsonl",
+                crate::names::file_name(&group)
+            )),
             log.as_bytes(),
         )?;
         summary.judged.insert(group.clone(), recs.len() - failed);

@@ -74,7 +74,7 @@ pub struct StudentInfo {
 
 /// The student folder of a group.
 pub fn student_dir(students: &Path, group: &str) -> std::path::PathBuf {
-    students.join(group)
+    students.join(crate::names::file_name(group))
 }
 
 /// Fit a student per group from `rows` and write `<out>/<group>/` plus `<out>/validation.json`
@@ -182,8 +182,11 @@ pub fn distill(
             idx.iter().map(|&i| v[i * a + j]).collect()
         };
         let all: Vec<usize> = (0..val.len()).collect();
+        // The student's output names, as `mira score` will name them (`crate::names`): an
+        // anchor called `text` is the label `text_score` in the checkpoint and in the report.
+        let anchor_names = crate::names::label_names(&anchors);
         let mut info = StudentInfo {
-            anchors: anchors.clone(),
+            anchors: anchor_names.clone(),
             lambda: lambda.clone(),
             n_train: train.len(),
             n_validation: val.len(),
@@ -202,7 +205,7 @@ pub fn distill(
         sources.dedup();
         for src in sources {
             let idx: Vec<usize> = (0..val.len()).filter(|&i| val[i].source == src).collect();
-            for (j, anchor) in anchors.iter().enumerate() {
+            for (j, anchor) in anchor_names.iter().enumerate() {
                 let (p, t) = (col(&pred, j, &idx), col(&yv, j, &idx));
                 validation.cells.push(Cell {
                     group: group.to_string(),
@@ -218,18 +221,18 @@ pub fn distill(
             encoder,
             &student_dir(out, group),
             group,
-            &anchors,
+            &anchor_names,
             &w,
             &b,
             &info,
         )?;
         validation.students.insert(group.to_string(), info);
     }
-    crate::corpus::jsonl::write_atomic(
+    crate::corpus::write_atomic(
         &out.join("validation.json"),
         serde_json::to_string_pretty(&validation)?.as_bytes(),
     )?;
-    crate::corpus::jsonl::write_atomic(&out.join("validation.md"), report(&validation).as_bytes())?;
+    crate::corpus::write_atomic(&out.join("validation.md"), report(&validation).as_bytes())?;
     Ok(validation)
 }
 
@@ -320,8 +323,8 @@ fn write_student(
     let bytes = safetensors::tensor::serialize(views, Some(meta))?;
 
     std::fs::create_dir_all(dir)?;
-    crate::corpus::jsonl::write_atomic(&dir.join("model.safetensors"), &bytes)?;
-    crate::corpus::jsonl::write_atomic(
+    crate::corpus::write_atomic(&dir.join("model.safetensors"), &bytes)?;
+    crate::corpus::write_atomic(
         &dir.join("config.json"),
         serde_json::to_string_pretty(&cfg)?.as_bytes(),
     )?;
@@ -332,6 +335,7 @@ fn write_student(
                 .with_context(|| format!("cannot copy {}", p.display()))?;
         }
     }
+    agree_on_max_tokens(dir, encoder.max_tokens())?;
     let card = json!({
         "mira_student": 1,
         "group": group,
@@ -342,10 +346,44 @@ fn write_student(
         "n_train": info.n_train,
         "n_validation": info.n_validation,
     });
-    crate::corpus::jsonl::write_atomic(
+    crate::corpus::write_atomic(
         &dir.join("mira_student.json"),
         serde_json::to_string_pretty(&card)?.as_bytes(),
     )
+}
+
+/// Make the student's three statements of its input length say the same `max_tokens` (the
+/// length its head was fitted at): `tokenizer.json`'s truncation (and no padding),
+/// `tokenizer_config.json`'s `model_max_length` and `sentence_bert_config.json`'s
+/// `max_seq_length`. Copied from an encoder whose files disagree (all-MiniLM-L6-v2: 128, 512
+/// and 256), transformers and mira would otherwise truncate the same document differently.
+fn agree_on_max_tokens(dir: &Path, max_tokens: usize) -> Result<()> {
+    let edit = |name: &str, change: &dyn Fn(&mut Value)| -> Result<()> {
+        let path = dir.join(name);
+        let mut v: Value = match std::fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text)
+                .with_context(|| format!("{}: invalid JSON", path.display()))?,
+            Err(_) if name == "sentence_bert_config.json" => json!({}),
+            Err(_) => return Ok(()),
+        };
+        change(&mut v);
+        crate::corpus::write_atomic(&path, serde_json::to_string_pretty(&v)?.as_bytes())
+    };
+    edit("tokenizer.json", &|v| {
+        v["truncation"] = json!({
+            "direction": "Right",
+            "max_length": max_tokens,
+            "strategy": "LongestFirst",
+            "stride": 0,
+        });
+        v["padding"] = Value::Null;
+    })?;
+    edit("tokenizer_config.json", &|v| {
+        v["model_max_length"] = json!(max_tokens)
+    })?;
+    edit("sentence_bert_config.json", &|v| {
+        v["max_seq_length"] = json!(max_tokens)
+    })
 }
 
 fn fmt_opt(v: Option<f64>) -> String {

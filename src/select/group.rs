@@ -216,6 +216,6 @@ pub fn report(groups: &Groups) -> String {
 
 /// Write `groups.json` and `groups.md` beside it.
 pub fn write(groups: &Groups, path: &Path) -> Result<()> {
-    crate::corpus::jsonl::write_atomic(path, serde_json::to_string_pretty(groups)?.as_bytes())?;
-    crate::corpus::jsonl::write_atomic(&path.with_extension("md"), report(groups).as_bytes())
+    crate::corpus::write_atomic(path, serde_json::to_string_pretty(groups)?.as_bytes())?;
+    crate::corpus::write_atomic(&path.with_extension("md"), report(groups).as_bytes())
 }

@@ -102,7 +102,7 @@ pub fn write_labels(path: &Path, rows: &[LabelRow]) -> Result<()> {
         out.push_str(&serde_json::to_string(r)?);
         out.push('\n');
     }
-    crate::corpus::jsonl::write_atomic(path, out.as_bytes())
+    crate::corpus::write_atomic(path, out.as_bytes())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -405,16 +405,7 @@ fn json_rows(path: &Path) -> Result<Vec<JsonRow>> {
         let mut rows = Vec::new();
         for batch in reader {
             let batch = batch.map_err(|e| anyhow!("{name}: {e}"))?;
-            let mut buf = Vec::new();
-            let mut w = arrow_json::ArrayWriter::new(&mut buf);
-            w.write(&batch).map_err(|e| anyhow!("{name}: {e}"))?;
-            w.finish().map_err(|e| anyhow!("{name}: {e}"))?;
-            drop(w);
-            let arr: Vec<Map<String, Value>> = if buf.is_empty() {
-                Vec::new()
-            } else {
-                serde_json::from_slice(&buf)?
-            };
+            let arr = crate::corpus::parquet::json_rows(&batch).with_context(|| name.clone())?;
             for obj in arr {
                 rows.push((format!("{name}:row {}", rows.len()), Ok(obj)));
             }

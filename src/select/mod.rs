@@ -186,12 +186,12 @@ pub fn write_rubric(path: &Path, anchors: &[Anchor]) -> Result<()> {
         out.push_str(&serde_json::to_string(a)?);
         out.push('\n');
     }
-    corpus::jsonl::write_atomic(path, out.as_bytes())
+    corpus::write_atomic(path, out.as_bytes())
 }
 
 /// The rubric file of a group.
 pub fn rubric_path(dir: &Path, group: &str) -> std::path::PathBuf {
-    dir.join(format!("{group}.jsonl"))
+    dir.join(format!("{}.jsonl", crate::names::file_name(group)))
 }
 
 /// Records sampled per key: for each key, the `per_key` records with the smallest

@@ -102,5 +102,5 @@ pub fn mask(v: &Validation, t: &Thresholds) -> Reliability {
 }
 
 pub fn write(r: &Reliability, path: &Path) -> Result<()> {
-    crate::corpus::jsonl::write_atomic(path, serde_json::to_string_pretty(r)?.as_bytes())
+    crate::corpus::write_atomic(path, serde_json::to_string_pretty(r)?.as_bytes())
 }

@@ -8,7 +8,7 @@ use std::path::Path;
 use anyhow::Result;
 
 use super::retain::{ScoreRow, Selection, Tally};
-use crate::corpus::jsonl::write_atomic;
+use crate::corpus::write_atomic;
 
 /// A histogram of `all` scores with the `kept` ones overlaid and the cutoff marked, as SVG.
 pub fn histogram_svg(title: &str, all: &[f64], kept: &[f64], cutoff: Option<f64>) -> String {

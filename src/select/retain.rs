@@ -22,9 +22,10 @@ use serde_json::{json, Value};
 use super::distill::student_dir;
 use super::reliability::Reliability;
 use super::{source_of, stats, Groups};
-use crate::corpus::jsonl::{remove_stale_temps, write_atomic, JsonlWriter};
-use crate::corpus::{self, FieldNames, InputFile, RecordSink};
-use crate::pipeline::done_marker;
+use crate::corpus::{
+    self, remove_stale_temps, write_atomic, FieldNames, InputFile, JsonlWriter, OutputFile,
+    RecordSink,
+};
 use crate::{Device, Scorer};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,6 +95,16 @@ impl Default for SelectOptions {
             chunk: 2048,
             progress: false,
         }
+    }
+}
+
+impl SelectOptions {
+    /// Check the numbers before anything is read or written.
+    pub fn validate(&self) -> Result<()> {
+        crate::checked::in_range("the budget", self.budget, 0.0, 1.0, true, false)?;
+        crate::checked::in_range("the trim", self.trim, 0.0, 0.5, false, true)?;
+        crate::checked::count("the chunk size", self.chunk, 1, 1 << 24)?;
+        Ok(())
     }
 }
 
@@ -233,13 +244,37 @@ fn score_file(
         for (g, idx) in by_group {
             let student = students.get(&g)?;
             let labels = &student.head().unwrap().labels;
-            let texts: Vec<&str> = idx
-                .iter()
-                .map(|&k| chunk[k].text.as_deref().unwrap())
+            // A record the student cannot take (tokens outside its vocabulary) or score (a
+            // non-finite output) is an error row of its own; the others are scored.
+            let tokenized: Vec<Result<Vec<u32>>> = idx
+                .par_iter()
+                .map(|&k| student.tokenize_one(chunk[k].text.as_deref().unwrap()))
                 .collect();
-            let ids = student.tokenize(&texts)?;
-            let scores = student.score_ids(&ids)?;
-            for (n, &k) in idx.iter().enumerate() {
+            let mut idx_ok = Vec::with_capacity(idx.len());
+            let mut ids = Vec::with_capacity(idx.len());
+            for (&k, t) in idx.iter().zip(tokenized) {
+                match t {
+                    Ok(t) => {
+                        idx_ok.push(k);
+                        ids.push(t);
+                    }
+                    Err(e) => {
+                        rows[base + k].error = Some(format!("failed: {}: {e:#}", chunk[k].location))
+                    }
+                }
+            }
+            let (scores, failures) = student.score_ids_lenient(&ids)?;
+            for f in failures {
+                let k = idx_ok[f.doc];
+                rows[base + k].error = Some(format!(
+                    "non_finite_output: {}: {}",
+                    chunk[k].location, f.message
+                ));
+            }
+            for (n, &k) in idx_ok.iter().enumerate() {
+                if rows[base + k].error.is_some() {
+                    continue;
+                }
                 let source = &rows[base + k].source;
                 let keep: Vec<usize> = match rel.unmasked_for(source) {
                     Some(names) if !names.is_empty() => labels
@@ -315,11 +350,14 @@ pub fn select(
     out: &Path,
     opts: &SelectOptions,
 ) -> Result<Selection> {
-    if !(opts.budget > 0.0 && opts.budget <= 1.0) {
-        bail!("--budget {} must be in (0, 1]", opts.budget);
+    opts.validate()?;
+    // Two passes over the inputs (score, then keep): standard input cannot be read twice.
+    if files.iter().any(|f| f.path.as_os_str() == "-") {
+        bail!("mira select reads its inputs twice: standard input (`-`) cannot be one of them");
     }
-    if !(0.0..0.5).contains(&opts.trim) {
-        bail!("--trim {} must be in [0, 0.5)", opts.trim);
+    // No kept file may be an input (`--output-dir` pointing into the corpus).
+    for f in files {
+        corpus::refuse_input(&kept_path(out, f), files)?;
     }
     let mut students = Students {
         dir: students_dir,
@@ -427,11 +465,11 @@ pub fn select(
     };
     for (fi, f) in files.iter().enumerate() {
         let dest = kept_path(out, f);
-        if !done_marker(&dest).exists() {
+        if !corpus::is_done(out, &dest) {
             std::fs::create_dir_all(dest.parent().unwrap())?;
             remove_stale_temps(&dest)?;
             write_kept(f, &dest, &keep[fi], &all[fi], opts)?;
-            write_atomic(&done_marker(&dest), b"")?;
+            corpus::mark_done(out, &dest, b"")?;
         }
         sel.outputs.push(
             dest.strip_prefix(out)
@@ -480,8 +518,9 @@ fn write_kept(
         return write_kept_parquet(&f.path, dest, keep);
     }
     let mut fields = opts.fields.clone();
-    fields.keep_input = true;
-    let mut w: Box<dyn RecordSink> = Box::new(JsonlWriter::create(dest)?);
+    fields.keep_raw = true;
+    // Kept records are the input's lines, byte for byte.
+    let mut w = JsonlWriter::create(dest)?;
     for (i, rec) in corpus::open_input(&f.path, &fields)?.enumerate() {
         let rec = rec?;
         let row = rows.get(i).ok_or_else(|| {
@@ -500,13 +539,13 @@ fn write_kept(
             );
         }
         if keep[i] {
-            let input = rec
-                .input
-                .ok_or_else(|| anyhow!("{}: no input object", rec.location))?;
-            w.write(&Value::Object(input))?;
+            let line = rec
+                .raw
+                .ok_or_else(|| anyhow!("{}: no input line", rec.location))?;
+            w.write_line(&line)?;
         }
     }
-    w.finish()
+    Box::new(w).finish()
 }
 
 fn write_kept_parquet(src: &Path, dest: &Path, keep: &[bool]) -> Result<()> {
@@ -520,9 +559,7 @@ fn write_kept_parquet(src: &Path, dest: &Path, keep: &[bool]) -> Result<()> {
     let reader = builder
         .build()
         .map_err(|e| anyhow!("{}: {e}", src.display()))?;
-    let tmp = crate::corpus::jsonl::temp_name(dest, std::process::id())?;
-    let out =
-        std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let out = std::io::BufWriter::with_capacity(1 << 20, OutputFile::create(dest)?);
     let mut writer = ArrowWriter::try_new(out, schema, None)?;
     let mut offset = 0usize;
     for batch in reader {
@@ -537,11 +574,12 @@ fn write_kept_parquet(src: &Path, dest: &Path, keep: &[bool]) -> Result<()> {
         let filtered = arrow_select::filter::filter_record_batch(&batch, &mask)?;
         writer.write(&filtered)?;
     }
-    let file = writer.into_inner()?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, dest)
-        .with_context(|| format!("cannot rename {} to {}", tmp.display(), dest.display()))?;
-    Ok(())
+    writer
+        .into_inner()?
+        .into_inner()
+        .map_err(|e| e.into_error())
+        .with_context(|| format!("cannot write {}", dest.display()))?
+        .commit()
 }
 
 /// JSON summary row for the CLI.

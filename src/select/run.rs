@@ -235,6 +235,7 @@ impl RunConfig {
             id: self.fields.id.clone(),
             source: self.fields.source.clone(),
             keep_input: false,
+            keep_raw: false,
         }
     }
 }
@@ -297,7 +298,7 @@ impl Steps {
     fn mark(&self, step: &str, fp: &str, seconds: f64, summary: serde_json::Value) -> Result<()> {
         std::fs::create_dir_all(&self.dir)?;
         let v = serde_json::json!({"step": step, "fingerprint": fp, "seconds": seconds, "summary": summary});
-        crate::corpus::jsonl::write_atomic(
+        crate::corpus::write_atomic(
             &self.dir.join(format!("{step}.json")),
             serde_json::to_string_pretty(&v)?.as_bytes(),
         )
@@ -308,8 +309,100 @@ fn say(step: &str, msg: &str) {
     eprintln!("mira run [{step}] {msg}");
 }
 
+impl RunConfig {
+    /// Check every step's settings, before any step reads or writes anything: a bad number in
+    /// the last section must not cost the outputs of an earlier run.
+    pub fn validate(&self) -> Result<()> {
+        use crate::checked::{count, finite, in_range, seconds};
+        self.device.parse::<Device>()?;
+        let g = &self.group;
+        count("[group] k", g.k, 0, 1 << 10)?;
+        count("[group] max_k", g.max_k, 2, 1 << 10)?;
+        count("[group] per_source", g.per_source, 1, 1 << 24)?;
+        if let Some(t) = &self.teacher {
+            count("[teacher] concurrency", t.concurrency, 1, 1 << 16)?;
+            seconds("[teacher] timeout_s", t.timeout_s)?;
+            in_range(
+                "[teacher] price_prompt_per_mtok",
+                t.price_prompt_per_mtok,
+                0.0,
+                f64::MAX,
+                false,
+                false,
+            )?;
+            in_range(
+                "[teacher] price_completion_per_mtok",
+                t.price_completion_per_mtok,
+                0.0,
+                f64::MAX,
+                false,
+                false,
+            )?;
+        }
+        count(
+            "[discover] records_per_group",
+            self.discover.records_per_group,
+            1,
+            1 << 24,
+        )?;
+        count("[discover] anchors", self.discover.anchors, 1, 1 << 10)?;
+        let l = &self.label;
+        count("[label] records_per_group", l.records_per_group, 1, 1 << 30)?;
+        in_range(
+            "[label] validation_fraction",
+            l.validation_fraction,
+            0.0,
+            1.0,
+            true,
+            true,
+        )?;
+        l.ingest_format.parse::<IngestFormat>()?;
+        let [lo, hi] = l.label_range;
+        finite("[label] label_range's low end", lo)?;
+        finite("[label] label_range's high end", hi)?;
+        if lo >= hi {
+            bail!(
+                "[label] label_range [{lo}, {hi}] is empty: the low end must be below the high end"
+            );
+        }
+        let r = &self.reliability;
+        in_range(
+            "[reliability] max_mae",
+            r.max_mae,
+            0.0,
+            f64::MAX,
+            false,
+            false,
+        )?;
+        in_range(
+            "[reliability] min_spearman",
+            r.min_spearman,
+            -1.0,
+            1.0,
+            false,
+            false,
+        )?;
+        count("[reliability] min_count", r.min_count, 0, 1 << 30)?;
+        self.select_options(Device::Cpu, false)?.validate()
+    }
+
+    fn select_options(&self, device: Device, progress: bool) -> Result<SelectOptions> {
+        Ok(SelectOptions {
+            budget: self.select.budget,
+            cutoff: self.select.cutoff.parse()?,
+            trim: self.select.trim,
+            unknown: self.select.unknown_source.parse()?,
+            fields: self.field_names(),
+            device,
+            progress,
+            ..Default::default()
+        })
+    }
+}
+
 /// Run every step of `cfg`; returns the selection.
 pub fn run(cfg: &RunConfig, progress: bool) -> Result<retain::Selection> {
+    cfg.validate()?;
     let device: Device = cfg.device.parse()?;
     let work = &cfg.work_dir;
     std::fs::create_dir_all(work).with_context(|| format!("cannot create {}", work.display()))?;
@@ -317,7 +410,7 @@ pub fn run(cfg: &RunConfig, progress: bool) -> Result<retain::Selection> {
         dir: work.join("steps"),
     };
     let fields = cfg.field_names();
-    let files = corpus::expand_inputs(&cfg.inputs)?;
+    let files = corpus::expand_inputs_excluding(&cfg.inputs, std::slice::from_ref(work))?;
     let inputs_fp: Vec<(String, u64, Option<std::time::SystemTime>)> = files
         .iter()
         .map(|f| {
@@ -338,7 +431,7 @@ pub fn run(cfg: &RunConfig, progress: bool) -> Result<retain::Selection> {
             let mut tc = TeacherConfig::new(&t.base_url, &t.model);
             tc.api_key = std::env::var(&t.api_key_env).ok().filter(|k| !k.is_empty());
             tc.concurrency = t.concurrency;
-            tc.timeout = std::time::Duration::from_secs_f64(t.timeout_s);
+            tc.timeout = crate::checked::seconds("[teacher] timeout_s", t.timeout_s)?;
             tc.cache_dir = Some(
                 t.cache_dir
                     .clone()
@@ -624,16 +717,7 @@ pub fn run(cfg: &RunConfig, progress: bool) -> Result<retain::Selection> {
         serde_json::json!({"state": "running"}),
     )?;
     let t = Instant::now();
-    let opts = SelectOptions {
-        budget: cfg.select.budget,
-        cutoff: cfg.select.cutoff.parse()?,
-        trim: cfg.select.trim,
-        unknown: cfg.select.unknown_source.parse()?,
-        fields,
-        device,
-        progress,
-        ..Default::default()
-    };
+    let opts = cfg.select_options(device, progress)?;
     let rel = reliability::Reliability::load(&rel_path)?;
     let sel = retain::select(&files, &groups, &students, &rel, &selected, &opts)?;
     say(

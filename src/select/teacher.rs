@@ -10,7 +10,8 @@
 //! - A reply the caller cannot use (malformed or truncated JSON) is asked for again, as a new
 //!   *attempt*, up to `max_attempts` per request.
 //! - An on-disk cache keyed by the request (model, messages, sampling parameters, attempt), so a
-//!   killed run resumes without paying twice; token counts and cost in [`TeacherStats`].
+//!   killed run resumes without paying twice; only replies the caller could use are cached, so a
+//!   rerun asks again for whatever failed. Token counts and cost in [`TeacherStats`].
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -21,7 +22,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use crate::corpus::jsonl::write_atomic;
+use crate::corpus::write_atomic;
 
 /// Where and how to reach the teacher.
 #[derive(Debug, Clone)]
@@ -77,6 +78,9 @@ pub struct ChatRequest {
     pub schema: Option<Value>,
     pub max_tokens: u32,
 }
+
+/// The longest pause between two tries of a request, whatever the server asks for.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
 /// Counts over a teacher's life (fresh requests only are paid; cache hits are free).
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
@@ -211,15 +215,37 @@ impl Teacher {
         self.stats.lock().unwrap().requests += 1;
         let mut last_err = anyhow!("no attempt made");
         for attempt in 0..self.cfg.max_attempts.max(1) {
-            let content = match self.complete(req, attempt) {
-                Ok(c) => c,
-                Err(e) => {
-                    self.stats.lock().unwrap().failures += 1;
-                    return Err(e);
+            // Only replies that parse are cached, so a rerun (against a healthier server, or
+            // with a better parser) asks again for every attempt that failed. An entry written
+            // by an older mira that does not parse is asked for again too.
+            let mut reply = self.cached(req, attempt);
+            if let Some(content) = &reply {
+                if parse(content).is_err() {
+                    reply = None;
+                } else {
+                    self.stats.lock().unwrap().cache_hits += 1;
                 }
+            }
+            let (content, fresh) = match reply {
+                Some(c) => (c, None),
+                None => match self.complete(req, attempt) {
+                    Ok((c, entry)) => (c, Some(entry)),
+                    Err(e) => {
+                        self.stats.lock().unwrap().failures += 1;
+                        return Err(e);
+                    }
+                },
             };
             match parse(&content) {
-                Ok(v) => return Ok(v),
+                Ok(v) => {
+                    if let (Some(entry), Some(path)) =
+                        (fresh, self.cache_path(&self.cache_key(req, attempt)))
+                    {
+                        std::fs::create_dir_all(path.parent().expect("cache paths have a parent"))?;
+                        write_atomic(&path, format!("{entry}\n").as_bytes())?;
+                    }
+                    return Ok(v);
+                }
                 Err(e) => {
                     self.stats.lock().unwrap().rejected_replies += 1;
                     last_err = e.context(format!(
@@ -256,20 +282,16 @@ impl Teacher {
             .map(|d| d.join(&key[..2]).join(format!("{key}.json")))
     }
 
-    /// The reply text of one attempt, from the cache or the server.
-    fn complete(&self, req: &ChatRequest, attempt: u32) -> Result<String> {
-        let key = self.cache_key(req, attempt);
-        let path = self.cache_path(&key);
-        if let Some(p) = &path {
-            if let Ok(bytes) = std::fs::read(p) {
-                if let Ok(v) = serde_json::from_slice::<Value>(&bytes) {
-                    if let Some(c) = v["content"].as_str() {
-                        self.stats.lock().unwrap().cache_hits += 1;
-                        return Ok(c.to_string());
-                    }
-                }
-            }
-        }
+    /// The cached reply text of one attempt, if there is one.
+    fn cached(&self, req: &ChatRequest, attempt: u32) -> Option<String> {
+        let path = self.cache_path(&self.cache_key(req, attempt))?;
+        let bytes = std::fs::read(path).ok()?;
+        let v = serde_json::from_slice::<Value>(&bytes).ok()?;
+        v["content"].as_str().map(str::to_string)
+    }
+
+    /// The reply text of one attempt from the server, and the cache entry to keep if it parses.
+    fn complete(&self, req: &ChatRequest, attempt: u32) -> Result<(String, Value)> {
         let reply = self.post_with_retries(req, attempt)?;
         let content = reply["choices"][0]["message"]["content"]
             .as_str()
@@ -289,18 +311,14 @@ impl Teacher {
             st.cost += pt as f64 * self.cfg.price_prompt_per_mtok / 1e6
                 + ct as f64 * self.cfg.price_completion_per_mtok / 1e6;
         }
-        if let Some(p) = &path {
-            std::fs::create_dir_all(p.parent().unwrap())?;
-            let entry = json!({
-                "model": self.cfg.model,
-                "attempt": attempt,
-                "content": content,
-                "finish_reason": reply["choices"][0]["finish_reason"],
-                "usage": reply["usage"],
-            });
-            write_atomic(p, format!("{entry}\n").as_bytes())?;
-        }
-        Ok(content)
+        let entry = json!({
+            "model": self.cfg.model,
+            "attempt": attempt,
+            "content": content,
+            "finish_reason": reply["choices"][0]["finish_reason"],
+            "usage": reply["usage"],
+        });
+        Ok((content, entry))
     }
 
     fn body(&self, req: &ChatRequest, attempt: u32, level: u8) -> Value {
@@ -366,7 +384,7 @@ impl Teacher {
                     let wait = after
                         .map(|d| d.as_secs_f64())
                         .unwrap_or(base * jitter)
-                        .min(60.0);
+                        .min(MAX_BACKOFF.as_secs_f64());
                     std::thread::sleep(Duration::from_secs_f64(wait));
                     retry += 1;
                     self.stats.lock().unwrap().retries += 1;
@@ -399,8 +417,7 @@ impl Teacher {
             .headers()
             .get("retry-after")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .map(Duration::from_secs_f64);
+            .and_then(|v| crate::checked::retry_after(v, MAX_BACKOFF));
         let text = match resp.body_mut().read_to_string() {
             Ok(t) => t,
             Err(e) => {

@@ -16,6 +16,9 @@ use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStr
 /// Bytes of text kept per token of budget before encoding (generous: English averages ~4).
 const BYTES_PER_TOKEN: usize = 16;
 
+/// Longest piece [`TextEncoder::count_tokens`] encodes at once: 1 MiB.
+pub const COUNT_PIECE_BYTES: usize = 1 << 20;
+
 pub struct TextEncoder {
     tok: Tokenizer,
     /// The same tokenizer without truncation, for counting whole documents' tokens.
@@ -27,7 +30,8 @@ impl TextEncoder {
     /// Load `tokenizer.json`, disable its padding and truncate to `max_tokens` (special tokens
     /// included).
     pub fn from_file(path: &Path, max_tokens: usize) -> Result<TextEncoder> {
-        let mut tok = Tokenizer::from_file(path)
+        let bytes = crate::checked::read_small_file(path, crate::checked::MAX_METADATA_BYTES)?;
+        let mut tok = Tokenizer::from_bytes(&bytes)
             .map_err(|e| anyhow!("cannot load tokenizer {}: {e}", path.display()))?;
         let specials = tok.get_post_processor().map_or(0, |p| {
             use tokenizers::PostProcessor;
@@ -66,6 +70,15 @@ impl TextEncoder {
     }
 
     /// Token ids of one document, special tokens included, at most `max_tokens`.
+    ///
+    /// A long text is trimmed by bytes first, so its size costs nothing: cut at whitespace (a
+    /// pre-tokenizer boundary: if the cut text still overflows, its ids are the full text's).
+    /// A text without whitespace near the budget (base64, CJK, minified code) is cut at
+    /// character boundaries instead, at the budget and at twice, four times... the budget: once
+    /// two successive cuts overflow and give the same ids, the cut no longer reaches the kept
+    /// tokens, and those ids are taken. Memory then stays bounded by the token limit, not the
+    /// document's size; only a text on which no cut up to 64 times the budget settles is
+    /// encoded whole.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let budget = self.max_tokens * BYTES_PER_TOKEN;
         if text.len() > budget {
@@ -74,18 +87,59 @@ impl TextEncoder {
                 if !enc.get_overflowing().is_empty() {
                     return Ok(enc.get_ids().to_vec());
                 }
+            } else if let Some(ids) = self.encode_by_growing_cuts(text, budget)? {
+                return Ok(ids);
             }
         }
         Ok(self.encode_raw(text)?.get_ids().to_vec())
     }
 
-    /// Tokens in the whole text, special tokens excluded.
+    /// Ids of `text` from prefixes cut at character boundaries at `budget`, `2 * budget`, ...
+    /// (at most 64 times), once two successive prefixes overflow with the same ids.
+    fn encode_by_growing_cuts(&self, text: &str, budget: usize) -> Result<Option<Vec<u32>>> {
+        let mut previous: Option<Vec<u32>> = None;
+        let mut limit = budget;
+        while limit < text.len() && limit <= 64 * budget {
+            let cut = char_cut(text, limit);
+            let enc = self.encode_raw(&text[..cut])?;
+            let ids = (!enc.get_overflowing().is_empty()).then(|| enc.get_ids().to_vec());
+            match (&previous, ids) {
+                (Some(p), Some(ids)) if *p == ids => return Ok(Some(ids)),
+                (_, ids) => previous = ids,
+            }
+            limit *= 2;
+        }
+        Ok(None)
+    }
+
+    /// Tokens in the whole text, special tokens excluded. A text over [`COUNT_PIECE_BYTES`] is
+    /// counted piece by piece (cut at whitespace where there is some near each cut, else at a
+    /// character boundary), so memory stays bounded whatever the document's size; a cut at
+    /// whitespace does not change the count, a cut inside a word may change it by a token.
     pub fn count_tokens(&self, text: &str) -> Result<usize> {
-        Ok(self
-            .counter
-            .encode_fast(text, false)
-            .map_err(|e| anyhow!("tokenization failed: {e}"))?
-            .len())
+        let mut total = 0;
+        let mut rest = text;
+        while !rest.is_empty() {
+            let cut = if rest.len() <= COUNT_PIECE_BYTES {
+                rest.len()
+            } else {
+                whitespace_cut(rest, COUNT_PIECE_BYTES)
+                    .filter(|&c| c > 0)
+                    .unwrap_or_else(|| char_cut(rest, COUNT_PIECE_BYTES).max(1))
+            };
+            let cut = if rest.is_char_boundary(cut) {
+                cut
+            } else {
+                rest.len()
+            };
+            total += self
+                .counter
+                .encode_fast(&rest[..cut], false)
+                .map_err(|e| anyhow!("tokenization failed: {e}"))?
+                .len();
+            rest = &rest[cut..];
+        }
+        Ok(total)
     }
 
     fn encode_raw(&self, text: &str) -> Result<tokenizers::Encoding> {
@@ -93,6 +147,15 @@ impl TextEncoder {
             .encode_fast(text, true)
             .map_err(|e| anyhow!("tokenization failed: {e}"))
     }
+}
+
+/// The largest character boundary `<= limit`.
+fn char_cut(text: &str, limit: usize) -> usize {
+    let mut i = limit.min(text.len());
+    while !text.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
 }
 
 /// The largest index `<= limit` that starts a whitespace character, if one lies in the upper
