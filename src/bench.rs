@@ -33,7 +33,7 @@ pub struct BenchReport {
     pub tokenize_docs_per_s: Option<f64>,
     /// CUDA graph counters over the warm-up and all passes (CUDA only): graphs recorded,
     /// forward passes replayed from one, graph-sized batches run op by op.
-    pub cuda_graphs: Option<crate::engine::backend::cuda::graph::GraphStats>,
+    pub cuda_graphs: Option<crate::engine::GraphStats>,
 }
 
 /// Time the forward pass over `ids` (`repeat` passes after one warm-up batch; the best pass is

@@ -42,6 +42,11 @@ pub fn in_range(
     Ok(value)
 }
 
+/// A finite number, zero or more (a price, a tolerance).
+pub fn non_negative(what: &str, value: f64) -> Result<f64> {
+    in_range(what, value, 0.0, f64::MAX, false, false)
+}
+
 /// Any finite number.
 pub fn finite(what: &str, value: f64) -> Result<f64> {
     if !value.is_finite() {
@@ -54,6 +59,14 @@ pub fn finite(what: &str, value: f64) -> Result<f64> {
 pub fn seconds(what: &str, value: f64) -> Result<Duration> {
     in_range(what, value, 0.0, MAX_SECONDS, true, false)?;
     Ok(Duration::from_secs_f64(value))
+}
+
+/// A computed wait in seconds as a `Duration`, in `[0, max]` (NaN and negatives are 0).
+pub fn clamped_seconds(value: f64, max: Duration) -> Duration {
+    if value.is_nan() || value <= 0.0 {
+        return Duration::ZERO;
+    }
+    Duration::from_secs_f64(value.min(max.as_secs_f64()))
 }
 
 /// A server's `Retry-After` header in seconds (RFC 9110 allows a non-negative integer; we take

@@ -307,7 +307,7 @@ fn job(a: JobArgs, task: Task) -> Result<()> {
     let summary = pipeline::run_job(&scorer, task, &inputs, &output, &opts)?;
     let text = serde_json::to_string_pretty(&summary)?;
     if let Some(path) = &a.stats {
-        std::fs::write(path, &text).with_context(|| format!("cannot write {}", path.display()))?;
+        corpus::write_atomic(path, text.as_bytes())?;
     }
     if summary.files_skipped > 0 {
         eprintln!(

@@ -146,6 +146,7 @@ pub fn run_job(
         Output::PerFile(dir) => {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
+            let mut live = corpus::LiveWriters::default();
             for f in inputs {
                 let out = match &opts.format {
                     Format::Jsonl => dir.join(corpus::output_name_compressed(
@@ -161,7 +162,7 @@ pub fn run_job(
                 corpus::refuse_input(&out, inputs)?;
                 if corpus::is_done(dir, &out) {
                     summary.files_skipped += 1;
-                } else if corpus::live_writer(&out) {
+                } else if live.holds(&out) {
                     // Another job on the same output folder is writing it: leave it to that job.
                     eprintln!(
                         "note: {} is being written by another job; skipped (rerun to check it is done)",

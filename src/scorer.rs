@@ -4,9 +4,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-use crate::engine::backend::cuda::graph::GraphStats;
 use crate::engine::backend::Backend;
-use crate::engine::{self, Batch, Device, Packer, Pooling};
+use crate::engine::{self, BackendOptions, Batch, Device, GraphStats, Packer, Pooling};
 use crate::model::config::{ModelConfig, ProblemType};
 use crate::model::st::SentenceConfig;
 use crate::model::weights::Weights;
@@ -97,18 +96,18 @@ impl Scorer {
         let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
         let sentence = SentenceConfig::load(dir)?;
         let weights = Weights::open(dir)?;
-        let devices = match device {
-            Device::CudaAll => engine::backend::cuda::device::devices()?
-                .iter()
-                .filter(|d| engine::backend::cuda::device::unusable_reason(d.capability).is_none())
-                .map(|d| Device::Cuda(Some(d.ordinal)))
-                .collect(),
-            one => vec![one],
+        let backend_opts = BackendOptions {
+            precision: opts.precision,
+            cuda_graph_tokens: opts.cuda_graph_tokens,
         };
-        let engines = devices
-            .iter()
-            .map(|&d| {
-                model::load_encoder(&cfg, &weights, d, opts.precision, opts.cuda_graph_tokens)
+        let loader = model::EncoderLoader {
+            cfg: &cfg,
+            weights: &weights,
+        };
+        let engines = engine::device::expand(device)?
+            .into_iter()
+            .map(|d| {
+                engine::device::build_on(d, backend_opts, &loader)
                     .with_context(|| format!("cannot load model {} on {d}", dir.display()))
             })
             .collect::<Result<Vec<_>>>()?;
@@ -420,10 +419,9 @@ impl Scorer {
         })
     }
 
-    /// Worker threads over the engines: each engine gets as many as it can keep busy
-    /// (`Encoder::concurrency`: 1 on CPU and wgpu, 2 per CUDA device), all pull batches from one
-    /// queue, and results come back in batch order. One worker runs on the calling thread. The
-    /// first error stops the others from taking new batches and is returned.
+    /// Run `forward` on every batch over all engines, each engine with as many workers as it
+    /// can keep busy (`Encoder::concurrency`: 1 on CPU and wgpu, 2 per CUDA device), results in
+    /// batch order (`engine::pool`).
     fn fan_out<T: Send>(
         &self,
         batches: &[Batch],
@@ -434,44 +432,7 @@ impl Scorer {
             .iter()
             .flat_map(|e| std::iter::repeat_n(e.as_ref(), e.concurrency().max(1)))
             .collect();
-        if workers.len() <= 1 || batches.len() <= 1 {
-            let engine = self.encoder();
-            return batches.iter().map(|b| forward(engine, b)).collect();
-        }
-        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-        use std::sync::Mutex;
-        let next = AtomicUsize::new(0);
-        let failed = AtomicBool::new(false);
-        let results: Mutex<Vec<Option<Result<T>>>> =
-            Mutex::new((0..batches.len()).map(|_| None).collect());
-        std::thread::scope(|scope| {
-            for engine in workers {
-                let (next, failed, results, forward) = (&next, &failed, &results, &forward);
-                scope.spawn(move || loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= batches.len() || failed.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    let r = forward(engine, &batches[i]);
-                    if r.is_err() {
-                        failed.store(true, Ordering::Relaxed);
-                    }
-                    results.lock().unwrap()[i] = Some(r);
-                });
-            }
-        });
-        // The first error in batch order wins; without one, every batch has its result.
-        let results = results.into_inner().unwrap();
-        let failed_at = results.iter().position(|r| matches!(r, Some(Err(_))));
-        let mut results = results.into_iter();
-        if let Some(i) = failed_at {
-            if let Some(Some(Err(e))) = results.nth(i) {
-                return Err(e);
-            }
-        }
-        results
-            .map(|r| r.expect("every batch ran: no worker failed"))
-            .collect()
+        engine::pool::run_in_order(&workers, batches, |e, b| forward(*e, b))
     }
 
     /// Pack, run every batch and put each document's `width` outputs back in input order. The
@@ -599,8 +560,13 @@ mod tests {
         let mut two = Scorer::load_with(fixture(), Device::Cpu, opts).unwrap();
         let cfg = ModelConfig::from_file(&fixture().join("config.json")).unwrap();
         let weights = Weights::open(&fixture()).unwrap();
-        two.engines
-            .push(model::load_encoder(&cfg, &weights, Device::Cpu, Default::default(), 0).unwrap());
+        let loader = model::EncoderLoader {
+            cfg: &cfg,
+            weights: &weights,
+        };
+        two.engines.push(
+            engine::device::build_on(Device::Cpu, BackendOptions::default(), &loader).unwrap(),
+        );
         assert!(two.device_name().starts_with("2 engines: cpu"));
         let ids: Vec<Vec<u32>> = (0..57)
             .map(|d| {

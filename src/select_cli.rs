@@ -335,7 +335,7 @@ pub struct ReliabilityArgs {
 }
 
 pub fn reliability_cmd(a: ReliabilityArgs) -> Result<()> {
-    mira::checked::in_range("--max-mae", a.max_mae, 0.0, f64::MAX, false, false)?;
+    mira::checked::non_negative("--max-mae", a.max_mae)?;
     mira::checked::in_range("--min-spearman", a.min_spearman, -1.0, 1.0, false, false)?;
     let v = distill::read_validation(&a.validation)?;
     let t = Thresholds {

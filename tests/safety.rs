@@ -24,7 +24,11 @@ fn model() -> PathBuf {
 }
 
 fn score(input: &str, output: &[&str], extra: &[&str]) -> std::process::Output {
-    let m = model();
+    score_with(&model(), input, output, extra)
+}
+
+/// `mira score --model MODEL --device cpu --input INPUT OUTPUT... EXTRA...`
+fn score_with(m: &Path, input: &str, output: &[&str], extra: &[&str]) -> std::process::Output {
     let mut args = vec![
         "score",
         "--model",
@@ -474,17 +478,12 @@ fn a_non_finite_output_is_one_error_row() {
         .collect();
     write(&input, &docs);
     let out = tmp.path().join("out.jsonl");
-    let o = mira(&[
-        "score",
-        "--model",
-        dir.to_str().unwrap(),
-        "--device",
-        "cpu",
-        "--input",
+    let o = score_with(
+        &dir,
         input.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-    ]);
+        &["--output", out.to_str().unwrap()],
+        &[],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let rows = lines(&out);
     assert_eq!(rows.len(), 3);
@@ -525,19 +524,12 @@ fn label_names_are_unique_and_never_a_column() {
     let input = tmp.path().join("in.jsonl");
     write(&input, DOCS);
     let out = tmp.path().join("out.parquet");
-    let o = mira(&[
-        "score",
-        "--model",
-        dir.to_str().unwrap(),
-        "--device",
-        "cpu",
-        "--input",
+    let o = score_with(
+        &dir,
         input.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-        "--format",
-        "parquet",
-    ]);
+        &["--output", out.to_str().unwrap()],
+        &["--format", "parquet"],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let file = std::fs::File::open(&out).unwrap();
     let builder =

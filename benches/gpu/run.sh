@@ -75,12 +75,12 @@ if [ "${SKIP_CHECKS:-0}" != 1 ]; then
     [ -z "$MINILM" ] && skip=(--skip minilm) && echo "# MiniLM not bundled: its model check is skipped"
     for t in cuda_ops cuda_model; do
         echo "## $t"
-        MIRA_REQUIRE_CUDA=1 "$BIN/$t" --test-threads 1 --nocapture "${skip[@]}" 2>&1 | tee "$OUT/$t.log" \
+        MIRA_REQUIRE_CUDA=1 "$BIN/$t" --include-ignored --test-threads 1 --nocapture "${skip[@]}" 2>&1 | tee "$OUT/$t.log" \
             | grep -E '^test |test result|cosine|panicked|SKIPPED' || true
         [ "${PIPESTATUS[0]}" = 0 ] || status=1
     done
     echo "## cuda_ops attention with MIRA_CUDA_ATTENTION=scalar (the plain kernel in bf16/f16 too)"
-    MIRA_CUDA_ATTENTION=scalar MIRA_REQUIRE_CUDA=1 "$BIN/cuda_ops" --test-threads 1 attention 2>&1 \
+    MIRA_CUDA_ATTENTION=scalar MIRA_REQUIRE_CUDA=1 "$BIN/cuda_ops" --include-ignored --test-threads 1 attention 2>&1 \
         | tee "$OUT/cuda_ops_scalar.log" | grep -E '^test |test result|panicked' || true
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi

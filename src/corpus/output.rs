@@ -204,6 +204,44 @@ pub fn live_writer(path: &Path) -> bool {
     temps_of(path).iter().any(|t| is_held(t))
 }
 
+/// [`live_writer`] for many outputs: each folder is listed once (a job over 50,000 files in one
+/// folder would otherwise list it 50,000 times), for its temporary files only.
+#[derive(Default)]
+pub struct LiveWriters {
+    temps_by_dir: std::collections::HashMap<PathBuf, Vec<std::ffi::OsString>>,
+}
+
+impl LiveWriters {
+    pub fn holds(&mut self, path: &Path) -> bool {
+        let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+            return false;
+        };
+        let temps = self
+            .temps_by_dir
+            .entry(dir.to_path_buf())
+            .or_insert_with(|| {
+                std::fs::read_dir(if dir.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    dir
+                })
+                .map(|entries| {
+                    entries
+                        .flatten()
+                        .map(|e| e.file_name())
+                        .filter(|n| n.to_string_lossy().ends_with(".tmp"))
+                        .collect()
+                })
+                .unwrap_or_default()
+            });
+        let prefix = format!(".{}.", name.to_string_lossy());
+        temps
+            .iter()
+            .filter(|n| n.to_string_lossy().starts_with(&prefix))
+            .any(|n| is_held(&dir.join(n)))
+    }
+}
+
 /// Remove temporary files that killed writers of `path` left behind (`.NAME.<pid>.tmp` whose
 /// lock nobody holds); a live writer's file is left alone.
 pub fn remove_stale_temps(path: &Path) -> Result<()> {

@@ -30,7 +30,7 @@ use super::{FieldNames, Record, RecordError, RecordSink};
 pub struct ParquetReader {
     name: String,
     fields: FieldNames,
-    batches: ParquetRecordBatchReader,
+    batches: Batches,
     current: Option<RecordBatch>,
     /// The current batch's rows as JSON objects, with `--keep-input`.
     current_json: Vec<Option<serde_json::Map<String, Value>>>,
@@ -39,13 +39,69 @@ pub struct ParquetReader {
     failed: bool,
 }
 
-impl ParquetReader {
-    pub fn open(path: &Path, fields: FieldNames) -> Result<ParquetReader> {
+/// Run a call into the parquet crate, turning a panic into an error naming the file: the crate
+/// asserts on some corrupt files (a negative column offset, found by `tests/fuzz.rs`), and a
+/// damaged input must not take the job down.
+fn guarded<T>(path: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let why = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown".into());
+        Err(anyhow!(
+            "{} is a corrupt Parquet file (the reader failed: {why})",
+            path.display()
+        ))
+    })
+}
+
+/// The record batches of a Parquet file, `batch_size` rows each; a file the parquet crate
+/// cannot read (even one that makes it panic) is an error naming it.
+pub struct Batches {
+    path: PathBuf,
+    schema: arrow_schema::SchemaRef,
+    reader: ParquetRecordBatchReader,
+}
+
+impl Batches {
+    pub fn open(path: &Path, batch_size: usize) -> Result<Batches> {
         let file =
             File::open(path).with_context(|| format!("cannot open input {}", path.display()))?;
-        let batches = ParquetRecordBatchReaderBuilder::try_new(file)
-            .and_then(|b| b.with_batch_size(1024).build())
-            .map_err(|e| anyhow!("{} is not a readable Parquet file: {e}", path.display()))?;
+        guarded(path, || {
+            let builder = ParquetRecordBatchReaderBuilder::try_new(file)?;
+            let schema = builder.schema().clone();
+            let reader = builder.with_batch_size(batch_size).build()?;
+            Ok(Batches {
+                path: path.to_path_buf(),
+                schema,
+                reader,
+            })
+        })
+        .map_err(|e| anyhow!("{} is not a readable Parquet file: {e:#}", path.display()))
+    }
+
+    pub fn schema(&self) -> arrow_schema::SchemaRef {
+        self.schema.clone()
+    }
+}
+
+impl Iterator for Batches {
+    type Item = Result<RecordBatch>;
+    fn next(&mut self) -> Option<Result<RecordBatch>> {
+        let path = self.path.clone();
+        let reader = &mut self.reader;
+        match guarded(&path, || Ok(reader.next())) {
+            Ok(None) => None,
+            Ok(Some(batch)) => Some(batch.map_err(|e| anyhow!("{}: {e}", path.display()))),
+            Err(e) => Some(Err(e)),
+        }
+    }
+}
+
+impl ParquetReader {
+    pub fn open(path: &Path, fields: FieldNames) -> Result<ParquetReader> {
+        let batches = Batches::open(path, 1024)?;
         Ok(ParquetReader {
             name: path.display().to_string(),
             fields,

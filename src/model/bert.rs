@@ -192,7 +192,7 @@ impl<B: Backend> super::Encoder for Bert<B> {
         self.be.concurrency()
     }
 
-    fn graph_stats(&self) -> Option<crate::engine::backend::cuda::graph::GraphStats> {
+    fn graph_stats(&self) -> Option<crate::engine::GraphStats> {
         self.be.graph_stats()
     }
 

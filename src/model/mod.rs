@@ -10,11 +10,8 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
-use crate::engine::backend::cpu::CpuBackend;
-use crate::engine::backend::cuda::CudaBackend;
-use crate::engine::backend::wgpu::WgpuBackend;
 use crate::engine::backend::Backend;
-use crate::engine::{Batch, Device, Pooling, Precision};
+use crate::engine::{Batch, GraphStats, OnBackend, Pooling};
 use config::{Arch, ModelConfig};
 use weights::Weights;
 
@@ -46,7 +43,7 @@ pub trait Encoder: Send + Sync {
         1
     }
     /// Graph counters of the backend, where it has graphs (see `Backend::graph_stats`).
-    fn graph_stats(&self) -> Option<crate::engine::backend::cuda::graph::GraphStats> {
+    fn graph_stats(&self) -> Option<GraphStats> {
         None
     }
 }
@@ -93,27 +90,17 @@ impl<B: crate::engine::Backend> Loader<'_, B> {
     }
 }
 
-/// Build the encoder described by `cfg` from `weights` on a concrete `device`; `precision` is
-/// the storage type on GPUs (the CPU backend is f32); on CUDA, batches of at most
-/// `cuda_graph_tokens` tokens run as CUDA graphs (0: never).
-pub fn load_encoder(
-    cfg: &ModelConfig,
-    weights: &Weights,
-    device: Device,
-    precision: Precision,
-    cuda_graph_tokens: usize,
-) -> Result<Box<dyn Encoder>> {
-    match device {
-        Device::Cpu => load_encoder_on(cfg, weights, CpuBackend),
-        Device::Wgpu(n) => load_encoder_on(cfg, weights, WgpuBackend::new(n, precision)?),
-        Device::Cuda(n) => {
-            let be = CudaBackend::new(n.unwrap_or(0), precision)?;
-            be.set_graph_tokens(cuda_graph_tokens);
-            load_encoder_on(cfg, weights, be)
-        }
-        Device::Auto | Device::CudaAll => bail!(
-            "device {device} names several or no device: the Scorer resolves it to one per engine"
-        ),
+/// The encoder of a checkpoint, to be built on whatever backend the device registry makes
+/// (`engine::device::build_on`).
+pub struct EncoderLoader<'a> {
+    pub cfg: &'a ModelConfig,
+    pub weights: &'a Weights,
+}
+
+impl OnBackend for EncoderLoader<'_> {
+    type Output = Box<dyn Encoder>;
+    fn build<B: Backend>(&self, backend: B) -> Result<Box<dyn Encoder>> {
+        load_encoder_on(self.cfg, self.weights, backend)
     }
 }
 

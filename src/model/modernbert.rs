@@ -238,7 +238,7 @@ impl<B: Backend> super::Encoder for ModernBert<B> {
         self.be.concurrency()
     }
 
-    fn graph_stats(&self) -> Option<crate::engine::backend::cuda::graph::GraphStats> {
+    fn graph_stats(&self) -> Option<crate::engine::GraphStats> {
         self.be.graph_stats()
     }
 

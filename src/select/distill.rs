@@ -331,8 +331,9 @@ fn write_student(
     for f in COPIED {
         let p = src.join(f);
         if p.exists() {
-            std::fs::copy(&p, dir.join(f))
-                .with_context(|| format!("cannot copy {}", p.display()))?;
+            let bytes =
+                std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?;
+            crate::corpus::write_atomic(&dir.join(f), &bytes)?;
         }
     }
     agree_on_max_tokens(dir, encoder.max_tokens())?;

@@ -398,13 +398,10 @@ type JsonRow = (String, Result<Map<String, Value>>);
 fn json_rows(path: &Path) -> Result<Vec<JsonRow>> {
     let name = path.display().to_string();
     if name.ends_with(".parquet") {
-        let file = std::fs::File::open(path).with_context(|| format!("cannot open {name}"))?;
-        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-            .and_then(|b| b.build())
-            .map_err(|e| anyhow!("{name} is not a readable Parquet file: {e}"))?;
+        let reader = crate::corpus::parquet::Batches::open(path, 1024)?;
         let mut rows = Vec::new();
         for batch in reader {
-            let batch = batch.map_err(|e| anyhow!("{name}: {e}"))?;
+            let batch = batch?;
             let arr = crate::corpus::parquet::json_rows(&batch).with_context(|| name.clone())?;
             for obj in arr {
                 rows.push((format!("{name}:row {}", rows.len()), Ok(obj)));

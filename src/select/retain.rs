@@ -549,21 +549,14 @@ fn write_kept(
 }
 
 fn write_kept_parquet(src: &Path, dest: &Path, keep: &[bool]) -> Result<()> {
-    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     use parquet::arrow::ArrowWriter;
-    let file =
-        std::fs::File::open(src).with_context(|| format!("cannot open {}", src.display()))?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
-        .map_err(|e| anyhow!("{}: {e}", src.display()))?;
-    let schema = builder.schema().clone();
-    let reader = builder
-        .build()
-        .map_err(|e| anyhow!("{}: {e}", src.display()))?;
+    let reader = corpus::parquet::Batches::open(src, 1024)?;
+    let schema = reader.schema();
     let out = std::io::BufWriter::with_capacity(1 << 20, OutputFile::create(dest)?);
     let mut writer = ArrowWriter::try_new(out, schema, None)?;
     let mut offset = 0usize;
     for batch in reader {
-        let batch = batch.map_err(|e| anyhow!("{}: {e}", src.display()))?;
+        let batch = batch?;
         let n = batch.num_rows();
         let mask = arrow_array::BooleanArray::from(
             (offset..offset + n)

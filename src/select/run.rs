@@ -313,7 +313,7 @@ impl RunConfig {
     /// Check every step's settings, before any step reads or writes anything: a bad number in
     /// the last section must not cost the outputs of an earlier run.
     pub fn validate(&self) -> Result<()> {
-        use crate::checked::{count, finite, in_range, seconds};
+        use crate::checked::{count, finite, in_range, non_negative, seconds};
         self.device.parse::<Device>()?;
         let g = &self.group;
         count("[group] k", g.k, 0, 1 << 10)?;
@@ -322,21 +322,10 @@ impl RunConfig {
         if let Some(t) = &self.teacher {
             count("[teacher] concurrency", t.concurrency, 1, 1 << 16)?;
             seconds("[teacher] timeout_s", t.timeout_s)?;
-            in_range(
-                "[teacher] price_prompt_per_mtok",
-                t.price_prompt_per_mtok,
-                0.0,
-                f64::MAX,
-                false,
-                false,
-            )?;
-            in_range(
+            non_negative("[teacher] price_prompt_per_mtok", t.price_prompt_per_mtok)?;
+            non_negative(
                 "[teacher] price_completion_per_mtok",
                 t.price_completion_per_mtok,
-                0.0,
-                f64::MAX,
-                false,
-                false,
             )?;
         }
         count(
@@ -366,14 +355,7 @@ impl RunConfig {
             );
         }
         let r = &self.reliability;
-        in_range(
-            "[reliability] max_mae",
-            r.max_mae,
-            0.0,
-            f64::MAX,
-            false,
-            false,
-        )?;
+        non_negative("[reliability] max_mae", r.max_mae)?;
         in_range(
             "[reliability] min_spearman",
             r.min_spearman,
@@ -400,342 +382,434 @@ impl RunConfig {
     }
 }
 
-/// Run every step of `cfg`; returns the selection.
+/// Run every step of `cfg`; returns the selection. Each step is skipped while its fingerprint
+/// (its settings and what it depends on) is unchanged and its outputs exist.
 pub fn run(cfg: &RunConfig, progress: bool) -> Result<retain::Selection> {
     cfg.validate()?;
-    let device: Device = cfg.device.parse()?;
-    let work = &cfg.work_dir;
-    std::fs::create_dir_all(work).with_context(|| format!("cannot create {}", work.display()))?;
-    let steps = Steps {
-        dir: work.join("steps"),
-    };
-    let fields = cfg.field_names();
-    let files = corpus::expand_inputs_excluding(&cfg.inputs, std::slice::from_ref(work))?;
-    let inputs_fp: Vec<(String, u64, Option<std::time::SystemTime>)> = files
-        .iter()
-        .map(|f| {
-            let m = std::fs::metadata(&f.path).ok();
-            (
-                f.path.display().to_string(),
-                m.as_ref().map_or(0, |m| m.len()),
-                m.and_then(|m| m.modified().ok()),
-            )
-        })
-        .collect();
-    let encoder = Scorer::load(&cfg.encoder, device)?;
-    if let Some(note) = encoder.device_note() {
-        eprintln!("mira: {note}");
-    }
-    let teacher = match &cfg.teacher {
-        Some(t) => {
-            let mut tc = TeacherConfig::new(&t.base_url, &t.model);
-            tc.api_key = std::env::var(&t.api_key_env).ok().filter(|k| !k.is_empty());
-            tc.concurrency = t.concurrency;
-            tc.timeout = crate::checked::seconds("[teacher] timeout_s", t.timeout_s)?;
-            tc.cache_dir = Some(
-                t.cache_dir
-                    .clone()
-                    .unwrap_or_else(|| work.join("teacher-cache")),
-            );
-            tc.price_prompt_per_mtok = t.price_prompt_per_mtok;
-            tc.price_completion_per_mtok = t.price_completion_per_mtok;
-            tc.progress = progress;
-            Some(Teacher::new(tc)?)
+    let ctx = Ctx::new(cfg, progress)?;
+    let fp_group = ctx.group()?;
+    let groups = Groups::load(&ctx.work.join("groups.json"))?;
+    let fp_discover = ctx.discover(&fp_group, &groups)?;
+    let fp_label = ctx.label(&fp_discover, &groups)?;
+    let fp_distill = ctx.distill(&fp_label)?;
+    let fp_rel = ctx.reliability(&fp_distill)?;
+    ctx.select(&fp_rel)
+}
+
+/// What every step reads: the config, the work folder and its step stamps, the inputs (and
+/// their fingerprint), the encoder and the teacher.
+struct Ctx<'a> {
+    cfg: &'a RunConfig,
+    work: &'a Path,
+    steps: Steps,
+    fields: FieldNames,
+    files: Vec<corpus::InputFile>,
+    inputs_fp: Vec<(String, u64, Option<std::time::SystemTime>)>,
+    encoder: Scorer,
+    teacher: Option<Teacher>,
+    device: Device,
+    progress: bool,
+}
+
+impl<'a> Ctx<'a> {
+    fn new(cfg: &'a RunConfig, progress: bool) -> Result<Ctx<'a>> {
+        let device: Device = cfg.device.parse()?;
+        let work = &cfg.work_dir;
+        std::fs::create_dir_all(work)
+            .with_context(|| format!("cannot create {}", work.display()))?;
+        let steps = Steps {
+            dir: work.join("steps"),
+        };
+        let fields = cfg.field_names();
+        let files = corpus::expand_inputs_excluding(&cfg.inputs, std::slice::from_ref(work))?;
+        let inputs_fp: Vec<(String, u64, Option<std::time::SystemTime>)> = files
+            .iter()
+            .map(|f| {
+                let m = std::fs::metadata(&f.path).ok();
+                (
+                    f.path.display().to_string(),
+                    m.as_ref().map_or(0, |m| m.len()),
+                    m.and_then(|m| m.modified().ok()),
+                )
+            })
+            .collect();
+        let encoder = Scorer::load(&cfg.encoder, device)?;
+        if let Some(note) = encoder.device_note() {
+            eprintln!("mira: {note}");
         }
-        None => None,
-    };
-    let need_teacher = |what: &str| -> Result<&Teacher> {
-        teacher.as_ref().ok_or_else(|| {
+        let teacher = match &cfg.teacher {
+            Some(t) => {
+                let mut tc = TeacherConfig::new(&t.base_url, &t.model);
+                tc.api_key = std::env::var(&t.api_key_env).ok().filter(|k| !k.is_empty());
+                tc.concurrency = t.concurrency;
+                tc.timeout = crate::checked::seconds("[teacher] timeout_s", t.timeout_s)?;
+                tc.cache_dir = Some(
+                    t.cache_dir
+                        .clone()
+                        .unwrap_or_else(|| work.join("teacher-cache")),
+                );
+                tc.price_prompt_per_mtok = t.price_prompt_per_mtok;
+                tc.price_completion_per_mtok = t.price_completion_per_mtok;
+                tc.progress = progress;
+                Some(Teacher::new(tc)?)
+            }
+            None => None,
+        };
+        Ok(Ctx {
+            cfg,
+            work,
+            steps,
+            fields,
+            files,
+            inputs_fp,
+            encoder,
+            teacher,
+            device,
+            progress,
+        })
+    }
+
+    fn need_teacher(&self, what: &str) -> Result<&Teacher> {
+        self.teacher.as_ref().ok_or_else(|| {
             anyhow!("{what} needs a [teacher] section (or shipped {what} results in the config)")
         })
-    };
-
-    // 1. group
-    let groups_path = work.join("groups.json");
-    let fp_group = fingerprint(&[&"group", &inputs_fp, &cfg.encoder, &cfg.group, &cfg.fields]);
-    if steps.done("group", &fp_group, &[&groups_path]) {
-        say("group", "up to date");
-    } else {
-        let t = Instant::now();
-        let opts = GroupOptions {
-            k: (cfg.group.k > 0).then_some(cfg.group.k),
-            max_k: cfg.group.max_k,
-            per_source: cfg.group.per_source,
-            fields: fields.clone(),
-            ..Default::default()
-        };
-        let g = group::group_sources(&encoder, &files, &opts)?;
-        group::write(&g, &groups_path)?;
-        say(
-            "group",
-            &format!(
-                "{} sources in {} groups -> {}",
-                g.groups.len(),
-                g.k,
-                groups_path.display()
-            ),
-        );
-        steps.mark(
-            "group",
-            &fp_group,
-            t.elapsed().as_secs_f64(),
-            serde_json::json!({"k": g.k}),
-        )?;
-    }
-    let groups = Groups::load(&groups_path)?;
-
-    // 2. discover
-    let rubrics = work.join("rubrics");
-    let rubric_files: Vec<PathBuf> = groups
-        .names()
-        .iter()
-        .map(|g| rubric_path(&rubrics, g))
-        .collect();
-    let shipped_rubrics: Vec<PathBuf> = match &cfg.discover.rubrics {
-        Some(src) => groups.names().iter().map(|g| rubric_path(src, g)).collect(),
-        None => Vec::new(),
-    };
-    let shipped_refs: Vec<&Path> = shipped_rubrics.iter().map(PathBuf::as_path).collect();
-    let fp_discover = fingerprint(&[
-        &"discover",
-        &fp_group,
-        &contents(&[&groups_path]),
-        &contents(&shipped_refs),
-        &cfg.discover,
-        &cfg.teacher.as_ref().map(|t| &t.model),
-    ]);
-    let rubric_refs: Vec<&Path> = rubric_files.iter().map(PathBuf::as_path).collect();
-    if steps.done("discover", &fp_discover, &rubric_refs) {
-        say("discover", "up to date");
-    } else if !cfg.label.ingest.is_empty() {
-        say(
-            "discover",
-            "skipped: labels are ingested, their columns are the anchors",
-        );
-    } else {
-        let t = Instant::now();
-        let summary = if let Some(src) = &cfg.discover.rubrics {
-            std::fs::create_dir_all(&rubrics)?;
-            for g in groups.names() {
-                let from = rubric_path(src, &g);
-                read_rubric(&from).with_context(|| format!("shipped rubric for group {g}"))?;
-                std::fs::copy(&from, rubric_path(&rubrics, &g))?;
-            }
-            say(
-                "discover",
-                &format!("using the rubrics in {}", src.display()),
-            );
-            serde_json::json!({"rubrics": src})
-        } else {
-            let opts = DiscoverOptions {
-                records_per_group: cfg.discover.records_per_group,
-                anchors: cfg.discover.anchors,
-                fields: fields.clone(),
-                ..Default::default()
-            };
-            let s = discover::discover(
-                need_teacher("discover")?,
-                &encoder,
-                &files,
-                &groups,
-                &rubrics,
-                &opts,
-            )?;
-            say(
-                "discover",
-                &format!("anchors per group {:?} -> {}", s.anchors, rubrics.display()),
-            );
-            serde_json::to_value(&s)?
-        };
-        steps.mark("discover", &fp_discover, t.elapsed().as_secs_f64(), summary)?;
     }
 
-    // 3. label
-    let labels_path = work.join("labels.jsonl");
-    let shipped_labels: Vec<&Path> = cfg.label.labels.iter().map(PathBuf::as_path).collect();
-    let ingested: Vec<&Path> = cfg.label.ingest.iter().map(PathBuf::as_path).collect();
-    let fp_label = fingerprint(&[
-        &"label",
-        &fp_discover,
-        &contents(&rubric_refs),
-        &contents(&shipped_labels),
-        &contents(&ingested),
-        &cfg.label,
-    ]);
-    if steps.done("label", &fp_label, &[&labels_path]) {
-        say("label", "up to date");
-    } else {
-        let t = Instant::now();
-        let summary = if !cfg.label.ingest.is_empty() {
-            let opts = IngestOptions {
-                format: cfg.label.ingest_format.parse::<IngestFormat>()?,
-                range: (cfg.label.label_range[0], cfg.label.label_range[1]),
-                validation_fraction: cfg.label.validation_fraction,
-                fields: fields.clone(),
-                ..Default::default()
-            };
-            let rows = label::ingest(
-                &corpus::expand_inputs(&cfg.label.ingest)?,
-                Some(&groups),
-                &opts,
-            )?;
-            label::write_labels(&labels_path, &rows)?;
-            serde_json::json!({"ingested": rows.len()})
-        } else if let Some(src) = &cfg.label.labels {
-            let rows = label::read_labels(src)?;
-            for r in &rows {
-                if groups.group_of(&r.source) != Some(r.group.as_str()) {
-                    bail!(
-                        "{}: record {} of source '{}' was labelled in group '{}' but groups.json puts the source in {:?}: these labels were made with a different grouping",
-                        src.display(), r.id, r.source, r.group, groups.group_of(&r.source)
-                    );
-                }
-            }
-            label::write_labels(&labels_path, &rows)?;
-            say(
-                "label",
-                &format!("using the {} labels in {}", rows.len(), src.display()),
-            );
-            serde_json::json!({"labels": src, "rows": rows.len()})
+    /// Step 1: `groups.json`.
+    fn group(&self) -> Result<String> {
+        // 1. group
+        let groups_path = self.work.join("groups.json");
+        let fp_group = fingerprint(&[
+            &"group",
+            &self.inputs_fp,
+            &self.cfg.encoder,
+            &self.cfg.group,
+            &self.cfg.fields,
+        ]);
+        if self.steps.done("group", &fp_group, &[&groups_path]) {
+            say("group", "up to date");
         } else {
-            let opts = LabelOptions {
-                records_per_group: cfg.label.records_per_group,
-                validation_fraction: cfg.label.validation_fraction,
-                fields: fields.clone(),
+            let t = Instant::now();
+            let opts = GroupOptions {
+                k: (self.cfg.group.k > 0).then_some(self.cfg.group.k),
+                max_k: self.cfg.group.max_k,
+                per_source: self.cfg.group.per_source,
+                fields: self.fields.clone(),
                 ..Default::default()
             };
-            let s = label::label(
-                need_teacher("label")?,
-                &files,
-                &groups,
-                &rubrics,
-                &labels_path,
-                &opts,
-            )?;
+            let g = group::group_sources(&self.encoder, &self.files, &opts)?;
+            group::write(&g, &groups_path)?;
             say(
-                "label",
+                "group",
                 &format!(
-                    "{} rows ({} failed) -> {}",
-                    s.rows,
-                    s.failed,
-                    labels_path.display()
+                    "{} sources in {} groups -> {}",
+                    g.groups.len(),
+                    g.k,
+                    groups_path.display()
                 ),
             );
-            serde_json::to_value(&s)?
-        };
-        steps.mark("label", &fp_label, t.elapsed().as_secs_f64(), summary)?;
+            self.steps.mark(
+                "group",
+                &fp_group,
+                t.elapsed().as_secs_f64(),
+                serde_json::json!({"k": g.k}),
+            )?;
+        }
+        Ok(fp_group)
     }
 
-    // 4. distill
-    let students = work.join("students");
-    let validation_path = students.join("validation.json");
-    let fp_distill = fingerprint(&[
-        &"distill",
-        &fp_label,
-        &contents(&[&labels_path]),
-        &cfg.encoder,
-    ]);
-    if steps.done("distill", &fp_distill, &[&validation_path]) {
-        say("distill", "up to date");
-    } else {
-        let t = Instant::now();
-        let rows = label::read_labels(&labels_path)?;
-        let v = distill::distill(&encoder, &rows, &students, &DistillOptions::default())?;
-        say(
-            "distill",
-            &format!("{} students -> {}", v.students.len(), students.display()),
-        );
-        steps.mark(
-            "distill",
+    /// Step 2: `rubrics/<group>.jsonl` (or the shipped rubrics).
+    fn discover(&self, fp_group: &str, groups: &Groups) -> Result<String> {
+        let groups_path = self.work.join("groups.json");
+        // 2. discover
+        let rubrics = self.work.join("rubrics");
+        let rubric_files: Vec<PathBuf> = groups
+            .names()
+            .iter()
+            .map(|g| rubric_path(&rubrics, g))
+            .collect();
+        let shipped_rubrics: Vec<PathBuf> = match &self.cfg.discover.rubrics {
+            Some(src) => groups.names().iter().map(|g| rubric_path(src, g)).collect(),
+            None => Vec::new(),
+        };
+        let shipped_refs: Vec<&Path> = shipped_rubrics.iter().map(PathBuf::as_path).collect();
+        let fp_discover = fingerprint(&[
+            &"discover",
+            &fp_group,
+            &contents(&[&groups_path]),
+            &contents(&shipped_refs),
+            &self.cfg.discover,
+            &self.cfg.teacher.as_ref().map(|t| &t.model),
+        ]);
+        let rubric_refs: Vec<&Path> = rubric_files.iter().map(PathBuf::as_path).collect();
+        if self.steps.done("discover", &fp_discover, &rubric_refs) {
+            say("discover", "up to date");
+        } else if !self.cfg.label.ingest.is_empty() {
+            say(
+                "discover",
+                "skipped: labels are ingested, their columns are the anchors",
+            );
+        } else {
+            let t = Instant::now();
+            let summary = if let Some(src) = &self.cfg.discover.rubrics {
+                std::fs::create_dir_all(&rubrics)?;
+                for g in groups.names() {
+                    let from = rubric_path(src, &g);
+                    read_rubric(&from).with_context(|| format!("shipped rubric for group {g}"))?;
+                    let bytes = std::fs::read(&from)
+                        .with_context(|| format!("cannot read {}", from.display()))?;
+                    corpus::write_atomic(&rubric_path(&rubrics, &g), &bytes)?;
+                }
+                say(
+                    "discover",
+                    &format!("using the rubrics in {}", src.display()),
+                );
+                serde_json::json!({"rubrics": src})
+            } else {
+                let opts = DiscoverOptions {
+                    records_per_group: self.cfg.discover.records_per_group,
+                    anchors: self.cfg.discover.anchors,
+                    fields: self.fields.clone(),
+                    ..Default::default()
+                };
+                let s = discover::discover(
+                    self.need_teacher("discover")?,
+                    &self.encoder,
+                    &self.files,
+                    groups,
+                    &rubrics,
+                    &opts,
+                )?;
+                say(
+                    "discover",
+                    &format!("anchors per group {:?} -> {}", s.anchors, rubrics.display()),
+                );
+                serde_json::to_value(&s)?
+            };
+            self.steps
+                .mark("discover", &fp_discover, t.elapsed().as_secs_f64(), summary)?;
+        }
+        Ok(fp_discover)
+    }
+
+    /// Step 3: `labels.jsonl` (teacher, shipped or ingested labels).
+    fn label(&self, fp_discover: &str, groups: &Groups) -> Result<String> {
+        let rubrics = self.work.join("rubrics");
+        let rubric_files: Vec<PathBuf> = groups
+            .names()
+            .iter()
+            .map(|g| rubric_path(&rubrics, g))
+            .collect();
+        let rubric_refs: Vec<&Path> = rubric_files.iter().map(PathBuf::as_path).collect();
+        // 3. label
+        let labels_path = self.work.join("labels.jsonl");
+        let shipped_labels: Vec<&Path> =
+            self.cfg.label.labels.iter().map(PathBuf::as_path).collect();
+        let ingested: Vec<&Path> = self.cfg.label.ingest.iter().map(PathBuf::as_path).collect();
+        let fp_label = fingerprint(&[
+            &"label",
+            &fp_discover,
+            &contents(&rubric_refs),
+            &contents(&shipped_labels),
+            &contents(&ingested),
+            &self.cfg.label,
+        ]);
+        if self.steps.done("label", &fp_label, &[&labels_path]) {
+            say("label", "up to date");
+        } else {
+            let t = Instant::now();
+            let summary = if !self.cfg.label.ingest.is_empty() {
+                let opts = IngestOptions {
+                    format: self.cfg.label.ingest_format.parse::<IngestFormat>()?,
+                    range: (self.cfg.label.label_range[0], self.cfg.label.label_range[1]),
+                    validation_fraction: self.cfg.label.validation_fraction,
+                    fields: self.fields.clone(),
+                    ..Default::default()
+                };
+                let rows = label::ingest(
+                    &corpus::expand_inputs(&self.cfg.label.ingest)?,
+                    Some(groups),
+                    &opts,
+                )?;
+                label::write_labels(&labels_path, &rows)?;
+                serde_json::json!({"ingested": rows.len()})
+            } else if let Some(src) = &self.cfg.label.labels {
+                let rows = label::read_labels(src)?;
+                for r in &rows {
+                    if groups.group_of(&r.source) != Some(r.group.as_str()) {
+                        bail!(
+                            "{}: record {} of source '{}' was labelled in group '{}' but groups.json puts the source in {:?}: these labels were made with a different grouping",
+                            src.display(), r.id, r.source, r.group, groups.group_of(&r.source)
+                        );
+                    }
+                }
+                label::write_labels(&labels_path, &rows)?;
+                say(
+                    "label",
+                    &format!("using the {} labels in {}", rows.len(), src.display()),
+                );
+                serde_json::json!({"labels": src, "rows": rows.len()})
+            } else {
+                let opts = LabelOptions {
+                    records_per_group: self.cfg.label.records_per_group,
+                    validation_fraction: self.cfg.label.validation_fraction,
+                    fields: self.fields.clone(),
+                    ..Default::default()
+                };
+                let s = label::label(
+                    self.need_teacher("label")?,
+                    &self.files,
+                    groups,
+                    &rubrics,
+                    &labels_path,
+                    &opts,
+                )?;
+                say(
+                    "label",
+                    &format!(
+                        "{} rows ({} failed) -> {}",
+                        s.rows,
+                        s.failed,
+                        labels_path.display()
+                    ),
+                );
+                serde_json::to_value(&s)?
+            };
+            self.steps
+                .mark("label", &fp_label, t.elapsed().as_secs_f64(), summary)?;
+        }
+        Ok(fp_label)
+    }
+
+    /// Step 4: `students/` and `students/validation.json`.
+    fn distill(&self, fp_label: &str) -> Result<String> {
+        let labels_path = self.work.join("labels.jsonl");
+        // 4. distill
+        let students = self.work.join("students");
+        let validation_path = students.join("validation.json");
+        let fp_distill = fingerprint(&[
+            &"distill",
+            &fp_label,
+            &contents(&[&labels_path]),
+            &self.cfg.encoder,
+        ]);
+        if self.steps.done("distill", &fp_distill, &[&validation_path]) {
+            say("distill", "up to date");
+        } else {
+            let t = Instant::now();
+            let rows = label::read_labels(&labels_path)?;
+            let v = distill::distill(&self.encoder, &rows, &students, &DistillOptions::default())?;
+            say(
+                "distill",
+                &format!("{} students -> {}", v.students.len(), students.display()),
+            );
+            self.steps.mark(
+                "distill",
+                &fp_distill,
+                t.elapsed().as_secs_f64(),
+                serde_json::json!({"students": v.students.len()}),
+            )?;
+        }
+        Ok(fp_distill)
+    }
+
+    /// Step 5: `reliability.json`.
+    fn reliability(&self, fp_distill: &str) -> Result<String> {
+        let validation_path = self.work.join("students").join("validation.json");
+        // 5. reliability
+        let rel_path = self.work.join("reliability.json");
+        let fp_rel = fingerprint(&[
+            &"reliability",
             &fp_distill,
-            t.elapsed().as_secs_f64(),
-            serde_json::json!({"students": v.students.len()}),
-        )?;
+            &contents(&[&validation_path]),
+            &self.cfg.reliability,
+        ]);
+        if self.steps.done("reliability", &fp_rel, &[&rel_path]) {
+            say("reliability", "up to date");
+        } else {
+            let t = Instant::now();
+            let v = distill::read_validation(&validation_path)?;
+            let th = Thresholds {
+                max_mae: self.cfg.reliability.max_mae,
+                min_spearman: self.cfg.reliability.min_spearman,
+                min_count: self.cfg.reliability.min_count,
+            };
+            let r = reliability::mask(&v, &th);
+            reliability::write(&r, &rel_path)?;
+            let masked = r.cells.iter().filter(|c| c.masked).count();
+            say(
+                "reliability",
+                &format!(
+                    "{masked} of {} (source, anchor) cells masked",
+                    r.cells.len()
+                ),
+            );
+            self.steps.mark(
+                "reliability",
+                &fp_rel,
+                t.elapsed().as_secs_f64(),
+                serde_json::json!({"masked": masked}),
+            )?;
+        }
+        Ok(fp_rel)
     }
 
-    // 5. reliability
-    let rel_path = work.join("reliability.json");
-    let fp_rel = fingerprint(&[
-        &"reliability",
-        &fp_distill,
-        &contents(&[&validation_path]),
-        &cfg.reliability,
-    ]);
-    if steps.done("reliability", &fp_rel, &[&rel_path]) {
-        say("reliability", "up to date");
-    } else {
+    /// Step 6: `selected/` (scores, kept corpus, report).
+    fn select(&self, fp_rel: &str) -> Result<retain::Selection> {
+        let (rel_path, groups_path) = (
+            self.work.join("reliability.json"),
+            self.work.join("groups.json"),
+        );
+        let students = self.work.join("students");
+        let groups = Groups::load(&groups_path)?;
+        // 6. select
+        let selected = self.work.join("selected");
+        let fp_select = fingerprint(&[
+            &"select",
+            &fp_rel,
+            &contents(&[&rel_path, &groups_path]),
+            &self.cfg.select,
+            &self.inputs_fp,
+        ]);
+        let sel_json = selected.join("selection.json");
+        if self.steps.done("select", &fp_select, &[&sel_json]) {
+            say("select", "up to date");
+            let text = std::fs::read_to_string(&sel_json)?;
+            return Ok(serde_json::from_str(&text)?);
+        }
+        let prior = std::fs::read_to_string(self.steps.dir.join("select.json")).unwrap_or_default();
+        if selected.exists() && !prior.contains(&fp_select) && !prior.is_empty() {
+            // Settings changed since a previous (possibly partial) selection: start afresh.
+            std::fs::remove_dir_all(&selected)?;
+        }
+        // Fingerprint first, so partial work of this same configuration is resumed, not discarded.
+        self.steps.mark(
+            "select",
+            &fp_select,
+            0.0,
+            serde_json::json!({"state": "running"}),
+        )?;
         let t = Instant::now();
-        let v = distill::read_validation(&validation_path)?;
-        let th = Thresholds {
-            max_mae: cfg.reliability.max_mae,
-            min_spearman: cfg.reliability.min_spearman,
-            min_count: cfg.reliability.min_count,
-        };
-        let r = reliability::mask(&v, &th);
-        reliability::write(&r, &rel_path)?;
-        let masked = r.cells.iter().filter(|c| c.masked).count();
+        let opts = self.cfg.select_options(self.device, self.progress)?;
+        let rel = reliability::Reliability::load(&rel_path)?;
+        let sel = retain::select(&self.files, &groups, &students, &rel, &selected, &opts)?;
         say(
-            "reliability",
+            "select",
             &format!(
-                "{masked} of {} (source, anchor) cells masked",
-                r.cells.len()
+                "kept {} of {} tokens ({} of {} records) -> {}",
+                sel.total.tokens_kept,
+                sel.total.tokens,
+                sel.total.records_kept,
+                sel.total.records,
+                selected.join("report.md").display()
             ),
         );
-        steps.mark(
-            "reliability",
-            &fp_rel,
+        self.steps.mark(
+            "select",
+            &fp_select,
             t.elapsed().as_secs_f64(),
-            serde_json::json!({"masked": masked}),
+            retain::summary_json(&sel),
         )?;
+        Ok(sel)
     }
-
-    // 6. select
-    let selected = work.join("selected");
-    let fp_select = fingerprint(&[
-        &"select",
-        &fp_rel,
-        &contents(&[&rel_path, &groups_path]),
-        &cfg.select,
-        &inputs_fp,
-    ]);
-    let sel_json = selected.join("selection.json");
-    if steps.done("select", &fp_select, &[&sel_json]) {
-        say("select", "up to date");
-        let text = std::fs::read_to_string(&sel_json)?;
-        return Ok(serde_json::from_str(&text)?);
-    }
-    let prior = std::fs::read_to_string(steps.dir.join("select.json")).unwrap_or_default();
-    if selected.exists() && !prior.contains(&fp_select) && !prior.is_empty() {
-        // Settings changed since a previous (possibly partial) selection: start afresh.
-        std::fs::remove_dir_all(&selected)?;
-    }
-    // Fingerprint first, so partial work of this same configuration is resumed, not discarded.
-    steps.mark(
-        "select",
-        &fp_select,
-        0.0,
-        serde_json::json!({"state": "running"}),
-    )?;
-    let t = Instant::now();
-    let opts = cfg.select_options(device, progress)?;
-    let rel = reliability::Reliability::load(&rel_path)?;
-    let sel = retain::select(&files, &groups, &students, &rel, &selected, &opts)?;
-    say(
-        "select",
-        &format!(
-            "kept {} of {} tokens ({} of {} records) -> {}",
-            sel.total.tokens_kept,
-            sel.total.tokens,
-            sel.total.records_kept,
-            sel.total.records,
-            selected.join("report.md").display()
-        ),
-    );
-    steps.mark(
-        "select",
-        &fp_select,
-        t.elapsed().as_secs_f64(),
-        retain::summary_json(&sel),
-    )?;
-    Ok(sel)
 }

@@ -385,7 +385,7 @@ impl Teacher {
                         .map(|d| d.as_secs_f64())
                         .unwrap_or(base * jitter)
                         .min(MAX_BACKOFF.as_secs_f64());
-                    std::thread::sleep(Duration::from_secs_f64(wait));
+                    std::thread::sleep(crate::checked::clamped_seconds(wait, MAX_BACKOFF));
                     retry += 1;
                     self.stats.lock().unwrap().retries += 1;
                 }

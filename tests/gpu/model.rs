@@ -275,13 +275,15 @@ pub fn check_graphs<D: mira::engine::backend::cuda::KernelDevice>(
 /// each calling `$check(dir, golden_name)`. For test crates that have `mod common;` and this
 /// file as `#[macro_use] mod model_check;`.
 macro_rules! model_tests {
-    ($check:ident) => {
+    ($check:ident $(, #[$attr:meta])*) => {
         #[test]
+        $(#[$attr])*
         fn minilm_matches_cpu() {
             $check(&common::minilm_dir(), "minilm");
         }
 
         #[test]
+        $(#[$attr])*
         fn bert_regression_head_matches_cpu() {
             $check(
                 &common::fixture_model("bert-cls-regression"),
@@ -290,11 +292,13 @@ macro_rules! model_tests {
         }
 
         #[test]
+        $(#[$attr])*
         fn bert_base_bf16_matches_cpu() {
             $check(&common::fixture_model("bert-base-bf16"), "bert-base-bf16");
         }
 
         #[test]
+        $(#[$attr])*
         fn bert_f16_sharded_classifier_matches_cpu() {
             $check(
                 &common::fixture_model("bert-cls-f16-sharded"),
@@ -303,6 +307,7 @@ macro_rules! model_tests {
         }
 
         #[test]
+        $(#[$attr])*
         fn modernbert_mean_pooled_head_matches_cpu() {
             $check(
                 &common::fixture_model("modernbert-cls-mean"),
@@ -311,6 +316,7 @@ macro_rules! model_tests {
         }
 
         #[test]
+        $(#[$attr])*
         fn modernbert_biased_cls_head_matches_cpu() {
             $check(
                 &common::fixture_model("modernbert-cls-biased"),
@@ -319,6 +325,7 @@ macro_rules! model_tests {
         }
 
         #[test]
+        $(#[$attr])*
         fn modernbert_encoder_matches_cpu() {
             $check(
                 &common::fixture_model("modernbert-base-enc"),

@@ -272,7 +272,7 @@ pub trait Backend: Send + Sync + 'static {
 
     /// How often forward passes were recorded as graphs, replayed from one, or run op by op,
     /// on a backend that has graphs (CUDA).
-    fn graph_stats(&self) -> Option<cuda::graph::GraphStats> {
+    fn graph_stats(&self) -> Option<GraphStats> {
         None
     }
 
@@ -280,5 +280,32 @@ pub trait Backend: Send + Sync + 'static {
     /// whose ops are asynchronous takes the next batch while the last one's result comes back.
     fn concurrency(&self) -> usize {
         1
+    }
+}
+
+/// How often forward passes were recorded as device graphs, replayed from one, or run op by op:
+/// a backend-neutral report (CUDA graphs today) that reaches `mira bench` without naming a
+/// backend.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct GraphStats {
+    /// Graphs recorded (captured and instantiated).
+    pub recorded: u64,
+    /// Forward passes run by launching a graph.
+    pub replayed: u64,
+    /// Forward passes of graph-sized batches run op by op.
+    pub direct: u64,
+    /// Graphs dropped to stay within the backend's graph budget.
+    pub evicted: u64,
+}
+
+impl std::ops::Add for GraphStats {
+    type Output = GraphStats;
+    fn add(self, o: GraphStats) -> GraphStats {
+        GraphStats {
+            recorded: self.recorded + o.recorded,
+            replayed: self.replayed + o.replayed,
+            direct: self.direct + o.direct,
+            evicted: self.evicted + o.evicted,
+        }
     }
 }

@@ -182,30 +182,7 @@ pub struct GraphCache<G> {
     pub stats: GraphStats,
 }
 
-/// Counters, for tests and benchmarks.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
-pub struct GraphStats {
-    /// Graphs recorded (captured and instantiated).
-    pub recorded: u64,
-    /// Forward passes run by launching a graph.
-    pub replayed: u64,
-    /// Forward passes of graph-sized batches run op by op.
-    pub direct: u64,
-    /// Graphs dropped to stay within [`MAX_GRAPHS`].
-    pub evicted: u64,
-}
-
-impl std::ops::Add for GraphStats {
-    type Output = GraphStats;
-    fn add(self, o: GraphStats) -> GraphStats {
-        GraphStats {
-            recorded: self.recorded + o.recorded,
-            replayed: self.replayed + o.replayed,
-            direct: self.direct + o.direct,
-            evicted: self.evicted + o.evicted,
-        }
-    }
-}
+pub use crate::engine::backend::GraphStats;
 
 impl<G> Default for GraphCache<G> {
     fn default() -> Self {
