@@ -20,6 +20,7 @@ pub mod reliability;
 pub mod report;
 pub mod retain;
 pub mod run;
+pub mod run_config;
 pub mod stats;
 pub mod teacher;
 

@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::discover::{self, DiscoverOptions};
@@ -17,228 +16,12 @@ use super::distill::{self, DistillOptions};
 use super::group::{self, GroupOptions};
 use super::label::{self, IngestFormat, IngestOptions, LabelOptions};
 use super::reliability::{self, Thresholds};
-use super::retain::{self, SelectOptions};
+use super::retain;
+pub use super::run_config::*;
 use super::teacher::{Teacher, TeacherConfig};
 use super::{read_rubric, rubric_path, Groups};
 use crate::corpus::{self, FieldNames};
 use crate::{Device, Scorer};
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RunConfig {
-    /// Where every step writes (relative paths in the config are relative to the config file).
-    pub work_dir: PathBuf,
-    /// Corpus files, directories or globs.
-    pub inputs: Vec<PathBuf>,
-    /// The encoder for grouping, rubric clustering and the students.
-    pub encoder: PathBuf,
-    #[serde(default = "default_device")]
-    pub device: String,
-    #[serde(default)]
-    pub fields: Fields,
-    #[serde(default)]
-    pub group: GroupSection,
-    pub teacher: Option<TeacherSection>,
-    #[serde(default)]
-    pub discover: DiscoverSection,
-    #[serde(default)]
-    pub label: LabelSection,
-    #[serde(default)]
-    pub reliability: ReliabilitySection,
-    #[serde(default)]
-    pub select: SelectSection,
-}
-
-fn default_device() -> String {
-    "auto".into()
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Fields {
-    pub text: String,
-    pub id: String,
-    pub source: String,
-}
-impl Default for Fields {
-    fn default() -> Self {
-        Fields {
-            text: "text".into(),
-            id: "id".into(),
-            source: "source".into(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct GroupSection {
-    /// 0: choose by silhouette.
-    pub k: usize,
-    pub max_k: usize,
-    pub per_source: usize,
-}
-impl Default for GroupSection {
-    fn default() -> Self {
-        let d = GroupOptions::default();
-        GroupSection {
-            k: 0,
-            max_k: d.max_k,
-            per_source: d.per_source,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TeacherSection {
-    pub base_url: String,
-    pub model: String,
-    /// Environment variable holding the API key.
-    #[serde(default = "default_key_env")]
-    pub api_key_env: String,
-    #[serde(default = "default_concurrency")]
-    pub concurrency: usize,
-    #[serde(default = "default_timeout")]
-    pub timeout_s: f64,
-    #[serde(default)]
-    pub price_prompt_per_mtok: f64,
-    #[serde(default)]
-    pub price_completion_per_mtok: f64,
-    /// Response cache [default: <work_dir>/teacher-cache].
-    #[serde(default)]
-    pub cache_dir: Option<PathBuf>,
-}
-fn default_key_env() -> String {
-    "OPENAI_API_KEY".into()
-}
-fn default_concurrency() -> usize {
-    4
-}
-fn default_timeout() -> f64 {
-    300.0
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DiscoverSection {
-    pub records_per_group: usize,
-    pub anchors: usize,
-    /// Use these rubrics (a folder of `<group>.jsonl`) instead of asking the teacher.
-    pub rubrics: Option<PathBuf>,
-}
-impl Default for DiscoverSection {
-    fn default() -> Self {
-        let d = DiscoverOptions::default();
-        DiscoverSection {
-            records_per_group: d.records_per_group,
-            anchors: d.anchors,
-            rubrics: None,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LabelSection {
-    pub records_per_group: usize,
-    pub validation_fraction: f64,
-    /// Use this labels file (from an earlier `mira label`) instead of asking the teacher.
-    pub labels: Option<PathBuf>,
-    /// Or ingest labels produced elsewhere (datatrove output, score columns).
-    pub ingest: Vec<PathBuf>,
-    pub ingest_format: String,
-    pub label_range: [f64; 2],
-}
-impl Default for LabelSection {
-    fn default() -> Self {
-        let d = LabelOptions::default();
-        LabelSection {
-            records_per_group: d.records_per_group,
-            validation_fraction: d.validation_fraction,
-            labels: None,
-            ingest: Vec::new(),
-            ingest_format: "auto".into(),
-            label_range: [0.0, 10.0],
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ReliabilitySection {
-    pub max_mae: f64,
-    pub min_spearman: f64,
-    pub min_count: usize,
-}
-impl Default for ReliabilitySection {
-    fn default() -> Self {
-        let t = Thresholds::default();
-        ReliabilitySection {
-            max_mae: t.max_mae,
-            min_spearman: t.min_spearman,
-            min_count: t.min_count,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SelectSection {
-    pub budget: f64,
-    pub cutoff: String,
-    pub trim: f64,
-    pub unknown_source: String,
-}
-impl Default for SelectSection {
-    fn default() -> Self {
-        SelectSection {
-            budget: 0.5,
-            cutoff: "group".into(),
-            trim: 0.1,
-            unknown_source: "error".into(),
-        }
-    }
-}
-
-impl RunConfig {
-    pub fn load(path: &Path) -> Result<RunConfig> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        let mut cfg: RunConfig =
-            toml::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        let fix = |p: &mut PathBuf| {
-            if p.is_relative() {
-                *p = base.join(&*p);
-            }
-        };
-        fix(&mut cfg.work_dir);
-        fix(&mut cfg.encoder);
-        cfg.inputs.iter_mut().for_each(fix);
-        cfg.label.ingest.iter_mut().for_each(fix);
-        if let Some(p) = cfg.discover.rubrics.as_mut() {
-            fix(p)
-        }
-        if let Some(p) = cfg.label.labels.as_mut() {
-            fix(p)
-        }
-        if let Some(p) = cfg.teacher.as_mut().and_then(|t| t.cache_dir.as_mut()) {
-            fix(p)
-        }
-        Ok(cfg)
-    }
-
-    fn field_names(&self) -> FieldNames {
-        FieldNames {
-            text: self.fields.text.clone(),
-            id: self.fields.id.clone(),
-            source: self.fields.source.clone(),
-            keep_input: false,
-            keep_raw: false,
-        }
-    }
-}
 
 /// Fingerprint of a step: its settings and the fingerprint of what it depends on.
 fn fingerprint(parts: &[&dyn erased::Json]) -> String {
@@ -295,6 +78,24 @@ impl Steps {
             std::fs::read_to_string(self.dir.join(format!("{step}.json"))).unwrap_or_default();
         stamp.contains(&format!("\"{fp}\"")) && outputs.iter().all(|p| p.exists())
     }
+    /// Run `step` unless its fingerprint and outputs say it is up to date; time it and stamp
+    /// it with the summary it returns.
+    fn run(
+        &self,
+        name: &str,
+        fp: &str,
+        outputs: &[&Path],
+        step: impl FnOnce() -> Result<serde_json::Value>,
+    ) -> Result<()> {
+        if self.done(name, fp, outputs) {
+            say(name, "up to date");
+            return Ok(());
+        }
+        let t = Instant::now();
+        let summary = step()?;
+        self.mark(name, fp, t.elapsed().as_secs_f64(), summary)
+    }
+
     fn mark(&self, step: &str, fp: &str, seconds: f64, summary: serde_json::Value) -> Result<()> {
         std::fs::create_dir_all(&self.dir)?;
         let v = serde_json::json!({"step": step, "fingerprint": fp, "seconds": seconds, "summary": summary});
@@ -307,79 +108,6 @@ impl Steps {
 
 fn say(step: &str, msg: &str) {
     eprintln!("mira run [{step}] {msg}");
-}
-
-impl RunConfig {
-    /// Check every step's settings, before any step reads or writes anything: a bad number in
-    /// the last section must not cost the outputs of an earlier run.
-    pub fn validate(&self) -> Result<()> {
-        use crate::checked::{count, finite, in_range, non_negative, seconds};
-        self.device.parse::<Device>()?;
-        let g = &self.group;
-        count("[group] k", g.k, 0, 1 << 10)?;
-        count("[group] max_k", g.max_k, 2, 1 << 10)?;
-        count("[group] per_source", g.per_source, 1, 1 << 24)?;
-        if let Some(t) = &self.teacher {
-            count("[teacher] concurrency", t.concurrency, 1, 1 << 16)?;
-            seconds("[teacher] timeout_s", t.timeout_s)?;
-            non_negative("[teacher] price_prompt_per_mtok", t.price_prompt_per_mtok)?;
-            non_negative(
-                "[teacher] price_completion_per_mtok",
-                t.price_completion_per_mtok,
-            )?;
-        }
-        count(
-            "[discover] records_per_group",
-            self.discover.records_per_group,
-            1,
-            1 << 24,
-        )?;
-        count("[discover] anchors", self.discover.anchors, 1, 1 << 10)?;
-        let l = &self.label;
-        count("[label] records_per_group", l.records_per_group, 1, 1 << 30)?;
-        in_range(
-            "[label] validation_fraction",
-            l.validation_fraction,
-            0.0,
-            1.0,
-            true,
-            true,
-        )?;
-        l.ingest_format.parse::<IngestFormat>()?;
-        let [lo, hi] = l.label_range;
-        finite("[label] label_range's low end", lo)?;
-        finite("[label] label_range's high end", hi)?;
-        if lo >= hi {
-            bail!(
-                "[label] label_range [{lo}, {hi}] is empty: the low end must be below the high end"
-            );
-        }
-        let r = &self.reliability;
-        non_negative("[reliability] max_mae", r.max_mae)?;
-        in_range(
-            "[reliability] min_spearman",
-            r.min_spearman,
-            -1.0,
-            1.0,
-            false,
-            false,
-        )?;
-        count("[reliability] min_count", r.min_count, 0, 1 << 30)?;
-        self.select_options(Device::Cpu, false)?.validate()
-    }
-
-    fn select_options(&self, device: Device, progress: bool) -> Result<SelectOptions> {
-        Ok(SelectOptions {
-            budget: self.select.budget,
-            cutoff: self.select.cutoff.parse()?,
-            trim: self.select.trim,
-            unknown: self.select.unknown_source.parse()?,
-            fields: self.field_names(),
-            device,
-            progress,
-            ..Default::default()
-        })
-    }
 }
 
 /// Run every step of `cfg`; returns the selection. Each step is skipped while its fingerprint
@@ -477,7 +205,6 @@ impl<'a> Ctx<'a> {
 
     /// Step 1: `groups.json`.
     fn group(&self) -> Result<String> {
-        // 1. group
         let groups_path = self.work.join("groups.json");
         let fp_group = fingerprint(&[
             &"group",
@@ -486,10 +213,7 @@ impl<'a> Ctx<'a> {
             &self.cfg.group,
             &self.cfg.fields,
         ]);
-        if self.steps.done("group", &fp_group, &[&groups_path]) {
-            say("group", "up to date");
-        } else {
-            let t = Instant::now();
+        self.steps.run("group", &fp_group, &[&groups_path], || {
             let opts = GroupOptions {
                 k: (self.cfg.group.k > 0).then_some(self.cfg.group.k),
                 max_k: self.cfg.group.max_k,
@@ -508,20 +232,14 @@ impl<'a> Ctx<'a> {
                     groups_path.display()
                 ),
             );
-            self.steps.mark(
-                "group",
-                &fp_group,
-                t.elapsed().as_secs_f64(),
-                serde_json::json!({"k": g.k}),
-            )?;
-        }
+            Ok(serde_json::json!({"k": g.k}))
+        })?;
         Ok(fp_group)
     }
 
     /// Step 2: `rubrics/<group>.jsonl` (or the shipped rubrics).
     fn discover(&self, fp_group: &str, groups: &Groups) -> Result<String> {
         let groups_path = self.work.join("groups.json");
-        // 2. discover
         let rubrics = self.work.join("rubrics");
         let rubric_files: Vec<PathBuf> = groups
             .names()
@@ -601,7 +319,6 @@ impl<'a> Ctx<'a> {
             .map(|g| rubric_path(&rubrics, g))
             .collect();
         let rubric_refs: Vec<&Path> = rubric_files.iter().map(PathBuf::as_path).collect();
-        // 3. label
         let labels_path = self.work.join("labels.jsonl");
         let shipped_labels: Vec<&Path> =
             self.cfg.label.labels.iter().map(PathBuf::as_path).collect();
@@ -614,10 +331,7 @@ impl<'a> Ctx<'a> {
             &contents(&ingested),
             &self.cfg.label,
         ]);
-        if self.steps.done("label", &fp_label, &[&labels_path]) {
-            say("label", "up to date");
-        } else {
-            let t = Instant::now();
+        self.steps.run("label", &fp_label, &[&labels_path], || {
             let summary = if !self.cfg.label.ingest.is_empty() {
                 let opts = IngestOptions {
                     format: self.cfg.label.ingest_format.parse::<IngestFormat>()?,
@@ -675,16 +389,14 @@ impl<'a> Ctx<'a> {
                 );
                 serde_json::to_value(&s)?
             };
-            self.steps
-                .mark("label", &fp_label, t.elapsed().as_secs_f64(), summary)?;
-        }
+            Ok(summary)
+        })?;
         Ok(fp_label)
     }
 
     /// Step 4: `students/` and `students/validation.json`.
     fn distill(&self, fp_label: &str) -> Result<String> {
         let labels_path = self.work.join("labels.jsonl");
-        // 4. distill
         let students = self.work.join("students");
         let validation_path = students.join("validation.json");
         let fp_distill = fingerprint(&[
@@ -693,30 +405,23 @@ impl<'a> Ctx<'a> {
             &contents(&[&labels_path]),
             &self.cfg.encoder,
         ]);
-        if self.steps.done("distill", &fp_distill, &[&validation_path]) {
-            say("distill", "up to date");
-        } else {
-            let t = Instant::now();
-            let rows = label::read_labels(&labels_path)?;
-            let v = distill::distill(&self.encoder, &rows, &students, &DistillOptions::default())?;
-            say(
-                "distill",
-                &format!("{} students -> {}", v.students.len(), students.display()),
-            );
-            self.steps.mark(
-                "distill",
-                &fp_distill,
-                t.elapsed().as_secs_f64(),
-                serde_json::json!({"students": v.students.len()}),
-            )?;
-        }
+        self.steps
+            .run("distill", &fp_distill, &[&validation_path], || {
+                let rows = label::read_labels(&labels_path)?;
+                let v =
+                    distill::distill(&self.encoder, &rows, &students, &DistillOptions::default())?;
+                say(
+                    "distill",
+                    &format!("{} students -> {}", v.students.len(), students.display()),
+                );
+                Ok(serde_json::json!({"students": v.students.len()}))
+            })?;
         Ok(fp_distill)
     }
 
     /// Step 5: `reliability.json`.
     fn reliability(&self, fp_distill: &str) -> Result<String> {
         let validation_path = self.work.join("students").join("validation.json");
-        // 5. reliability
         let rel_path = self.work.join("reliability.json");
         let fp_rel = fingerprint(&[
             &"reliability",
@@ -724,10 +429,7 @@ impl<'a> Ctx<'a> {
             &contents(&[&validation_path]),
             &self.cfg.reliability,
         ]);
-        if self.steps.done("reliability", &fp_rel, &[&rel_path]) {
-            say("reliability", "up to date");
-        } else {
-            let t = Instant::now();
+        self.steps.run("reliability", &fp_rel, &[&rel_path], || {
             let v = distill::read_validation(&validation_path)?;
             let th = Thresholds {
                 max_mae: self.cfg.reliability.max_mae,
@@ -744,13 +446,8 @@ impl<'a> Ctx<'a> {
                     r.cells.len()
                 ),
             );
-            self.steps.mark(
-                "reliability",
-                &fp_rel,
-                t.elapsed().as_secs_f64(),
-                serde_json::json!({"masked": masked}),
-            )?;
-        }
+            Ok(serde_json::json!({"masked": masked}))
+        })?;
         Ok(fp_rel)
     }
 
@@ -762,7 +459,6 @@ impl<'a> Ctx<'a> {
         );
         let students = self.work.join("students");
         let groups = Groups::load(&groups_path)?;
-        // 6. select
         let selected = self.work.join("selected");
         let fp_select = fingerprint(&[
             &"select",
