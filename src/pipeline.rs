@@ -147,6 +147,7 @@ pub fn run_job(
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
             let mut live = corpus::LiveWriters::default();
+            let input_ids = corpus::InputIds::of(inputs);
             for f in inputs {
                 let out = match &opts.format {
                     Format::Jsonl => dir.join(corpus::output_name_compressed(
@@ -159,7 +160,7 @@ pub fn run_job(
                         dir.join("attributes").join(experiment).join(&f.rel)
                     }
                 };
-                corpus::refuse_input(&out, inputs)?;
+                input_ids.refuse(&out)?;
                 if corpus::is_done(dir, &out) {
                     summary.files_skipped += 1;
                 } else if live.holds(&out) {

@@ -58,6 +58,13 @@ fn lines(path: &Path) -> Vec<Value> {
 const DOCS: &str = "{\"id\":\"a\",\"text\":\"A short document about rivers.\"}\n\
 {\"id\":\"b\",\"text\":\"Another one, on mountains and snow.\"}\n";
 
+/// `DIR/in.jsonl` holding [`DOCS`].
+fn docs_file(dir: &Path) -> PathBuf {
+    let input = dir.join("in.jsonl");
+    write(&input, DOCS);
+    input
+}
+
 fn write(path: &Path, text: &str) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(path, text).unwrap();
@@ -78,8 +85,7 @@ fn mkfifo(path: &Path) {
 #[test]
 fn an_output_that_is_an_input_is_refused_and_the_input_kept() {
     let tmp = tempfile::tempdir().unwrap();
-    let input = tmp.path().join("in.jsonl");
-    write(&input, DOCS);
+    let input = docs_file(tmp.path());
     let i = input.to_str().unwrap();
     std::fs::create_dir(tmp.path().join("sub")).unwrap();
     let other_spellings = [
@@ -165,8 +171,7 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 fn special_files_are_written_in_place_not_replaced() {
     use std::os::unix::fs::FileTypeExt;
     let tmp = tempfile::tempdir().unwrap();
-    let input = tmp.path().join("in.jsonl");
-    write(&input, DOCS);
+    let input = docs_file(tmp.path());
     let fifo = tmp.path().join("out.fifo");
     mkfifo(&fifo);
     let f = fifo.clone();
@@ -222,8 +227,7 @@ fn special_files_are_written_in_place_not_replaced() {
 #[test]
 fn parquet_streams_to_stdout() {
     let tmp = tempfile::tempdir().unwrap();
-    let input = tmp.path().join("in.jsonl");
-    write(&input, DOCS);
+    docs_file(tmp.path());
     let m = model();
     let o = Command::new(env!("CARGO_BIN_EXE_mira"))
         .current_dir(tmp.path())
@@ -521,8 +525,7 @@ fn label_names_are_unique_and_never_a_column() {
         ["text_score", "text_score_2", "id_score"]
     );
 
-    let input = tmp.path().join("in.jsonl");
-    write(&input, DOCS);
+    let input = docs_file(tmp.path());
     let out = tmp.path().join("out.parquet");
     let o = score_with(
         &dir,
@@ -683,8 +686,7 @@ fn group_names_cannot_leave_their_folder() {
 #[test]
 fn a_parquet_output_name_gets_parquet() {
     let tmp = tempfile::tempdir().unwrap();
-    let input = tmp.path().join("in.jsonl");
-    write(&input, DOCS);
+    let input = docs_file(tmp.path());
     let out = tmp.path().join("scores.parquet");
     let o = score(
         input.to_str().unwrap(),

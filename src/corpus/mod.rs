@@ -18,7 +18,7 @@ use anyhow::{bail, Context, Result};
 pub use jsonl::{JsonlReader, JsonlWriter};
 pub use output::{
     is_done, live_writer, mark_done, refuse_input, remove_stale_temps, write_atomic, Destination,
-    LiveWriters, OutputFile,
+    InputIds, LiveWriters, OutputFile,
 };
 pub use parquet::{ParquetColumns, ParquetReader, ParquetWriter};
 

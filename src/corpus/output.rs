@@ -325,30 +325,52 @@ pub fn clear_done(root: &Path, out: &Path) {
 /// symlink, a hard link or `..`), naming both. Writing it would replace the input before (or
 /// while) it is read.
 pub fn refuse_input(output: &Path, inputs: &[InputFile]) -> Result<()> {
-    let Some(out_id) = file_id(output) else {
-        return Ok(()); // does not exist yet, so it is no input
-    };
-    for f in inputs {
-        if file_id(&f.path) == Some(out_id) {
+    InputIds::of(inputs).refuse(output)
+}
+
+/// The identities of a job's inputs, taken once, for checking many outputs against them (one
+/// lookup per output instead of a pass over every input).
+pub struct InputIds<'a> {
+    by_id: std::collections::HashMap<FileId, &'a Path>,
+}
+
+impl<'a> InputIds<'a> {
+    pub fn of(inputs: &'a [InputFile]) -> InputIds<'a> {
+        let by_id = inputs
+            .iter()
+            .filter_map(|f| file_id(&f.path).map(|id| (id, f.path.as_path())))
+            .collect();
+        InputIds { by_id }
+    }
+
+    /// Refuse `output` when it is one of the inputs; see [`refuse_input`].
+    pub fn refuse(&self, output: &Path) -> Result<()> {
+        // An output that does not exist yet is no input.
+        if let Some(input) = file_id(output).and_then(|id| self.by_id.get(&id)) {
             bail!(
                 "output {} is the input {}: writing it would destroy the input; choose another output",
                 output.display(),
-                f.path.display()
+                input.display()
             );
         }
+        Ok(())
     }
-    Ok(())
 }
+
+#[cfg(unix)]
+type FileId = (u64, u64);
+#[cfg(not(unix))]
+type FileId = PathBuf;
 
 /// The identity of an existing file (device and inode on Unix, the canonical path elsewhere).
 #[cfg(unix)]
-fn file_id(path: &Path) -> Option<(u64, u64)> {
+fn file_id(path: &Path) -> Option<FileId> {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 #[cfg(not(unix))]
-fn file_id(path: &Path) -> Option<PathBuf> {
+fn file_id(path: &Path) -> Option<FileId> {
     std::fs::canonicalize(path).ok()
 }
 

@@ -356,8 +356,9 @@ pub fn select(
         bail!("mira select reads its inputs twice: standard input (`-`) cannot be one of them");
     }
     // No kept file may be an input (`--output-dir` pointing into the corpus).
+    let input_ids = corpus::InputIds::of(files);
     for f in files {
-        corpus::refuse_input(&kept_path(out, f), files)?;
+        input_ids.refuse(&kept_path(out, f))?;
     }
     let mut students = Students {
         dir: students_dir,
