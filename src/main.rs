@@ -241,6 +241,8 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
+// Long: turns the score/embed flags into a job in the order they are documented; each flag is a
+// line or two.
 fn job(a: JobArgs, task: Task) -> Result<()> {
     let (rank, world_size) = sharding(a.rank, a.world_size)?;
     if world_size > 1 && a.output_dir.is_none() {

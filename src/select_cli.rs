@@ -35,13 +35,12 @@ pub struct Fields {
 
 impl Fields {
     fn names(&self) -> FieldNames {
-        FieldNames {
+        corpus::TextFields {
             text: self.text_field.clone(),
             id: self.id_field.clone(),
             source: self.source_field.clone(),
-            keep_input: false,
-            keep_raw: false,
         }
+        .names()
     }
 }
 
@@ -102,14 +101,20 @@ pub struct TeacherArgs {
 
 impl TeacherArgs {
     fn teacher(&self) -> Result<Teacher> {
-        let mut c = TeacherConfig::new(&self.teacher_url, &self.teacher_model);
-        c.api_key = self.api_key.clone().filter(|k| !k.is_empty());
-        c.concurrency = mira::checked::count("--concurrency", self.concurrency, 1, 1 << 16)?;
+        let mut c = TeacherConfig::from_user(
+            (&self.teacher_url, &self.teacher_model),
+            self.api_key.clone(),
+            (self.concurrency, self.timeout),
+            (self.price_prompt, self.price_completion),
+            [
+                "--concurrency",
+                "--timeout",
+                "--price-prompt",
+                "--price-completion",
+            ],
+        )?;
         c.max_retries = self.max_retries;
-        c.timeout = mira::checked::seconds("--timeout", self.timeout)?;
         c.cache_dir = (!self.no_cache).then(|| self.cache_dir.clone());
-        c.price_prompt_per_mtok = self.price_prompt;
-        c.price_completion_per_mtok = self.price_completion;
         c.progress = progress();
         Teacher::new(c)
     }

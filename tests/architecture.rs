@@ -1,7 +1,8 @@
-//! The import and I/O rules of docs/ARCHITECTURE.md, checked on the source tree: each rule is
-//! a list of paths that some part of `src/` must not name. A rule broken by a change fails here
-//! with the file, line and rule. Comments and `#[cfg(test)]` modules (at each file's end) are
-//! not checked.
+//! The rules of docs/ARCHITECTURE.md, checked on the source tree. Import and I/O rules: each
+//! rule is a list of paths that some part of `src/` must not name; a rule broken by a change
+//! fails here with the file, line and rule (comments and `#[cfg(test)]` modules, at each file's
+//! end, are not checked). Size rules: no file over ~600 lines, no function over 80 lines without
+//! a `// Long: <reason>` comment above it.
 
 use std::path::{Path, PathBuf};
 
@@ -168,4 +169,98 @@ fn a_broken_rule_is_found() {
     assert_eq!(hits, vec![2]);
     assert!(names("let f = File::create(p);", "File::create"));
     assert!(!names("let f = OutputFile::create(p);", "File::create"));
+}
+
+/// Longest function body (signature to closing brace) allowed without a reason.
+const MAX_FN_LINES: usize = 80;
+/// Longest file in `src/`, tests included.
+const MAX_FILE_LINES: usize = 620;
+
+/// Functions of `text` over [`MAX_FN_LINES`] lines with no `// Long: <reason>` comment among the
+/// comments and attributes right above them, as `(line, name, length)`.
+fn long_functions(text: &str) -> Vec<(usize, String, usize)> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut found = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let t = line.trim_start();
+        let rest = ["pub(crate) ", "pub(super) ", "pub "]
+            .iter()
+            .find_map(|p| t.strip_prefix(p))
+            .unwrap_or(t);
+        let rest = rest.strip_prefix("unsafe ").unwrap_or(rest);
+        let Some(sig) = rest.strip_prefix("fn ") else {
+            continue;
+        };
+        let name: String = sig
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect();
+        // A declaration without a body (a trait's) ends with `;` before any `{`.
+        let Some(open) = (i..lines.len()).find(|&j| {
+            let l = lines[j].trim_end();
+            l.ends_with('{') || l.ends_with(';')
+        }) else {
+            continue;
+        };
+        if lines[open].trim_end().ends_with(';') {
+            continue;
+        }
+        let indent = &line[..line.len() - t.len()];
+        let close = format!("{indent}}}");
+        let Some(end) = (open..lines.len()).find(|&j| lines[j].trim_end() == close) else {
+            continue;
+        };
+        let length = end - i + 1;
+        let mut above = i;
+        let mut reason = false;
+        while above > 0 {
+            let a = lines[above - 1].trim_start();
+            if !(a.starts_with("//") || a.starts_with("#[")) {
+                break;
+            }
+            reason |= a.starts_with("// Long: ");
+            above -= 1;
+        }
+        if length > MAX_FN_LINES && !reason {
+            found.push((i + 1, name, length));
+        }
+    }
+    found
+}
+
+#[test]
+fn long_functions_say_why_and_files_stay_small() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut found = Vec::new();
+    for path in sources(&src) {
+        let text = std::fs::read_to_string(&path).unwrap();
+        for (line, name, length) in long_functions(&text) {
+            found.push(format!(
+                "{}:{line}: fn {name} is {length} lines (over {MAX_FN_LINES}): split it, or say why above it with `// Long: <reason>`",
+                path.display()
+            ));
+        }
+        let n = text.lines().count();
+        if n > MAX_FILE_LINES {
+            found.push(format!(
+                "{}: {n} lines (over {MAX_FILE_LINES}): split it by concern",
+                path.display()
+            ));
+        }
+    }
+    assert!(found.is_empty(), "{}", found.join("\n"));
+}
+
+/// The length check itself can fail: a long function without a reason is found, one with a
+/// reason and a long trait declaration are not.
+#[test]
+fn a_long_function_is_found() {
+    let body = "    let x = 1;\n".repeat(MAX_FN_LINES);
+    let text = format!(
+        "/// Doc.\npub fn long_one() {{\n{body}}}\n\n/// Doc.\n// Long: a reason.\n#[inline]\nfn long_two() {{\n{body}}}\n\ntrait T {{\n    fn decl(\n        &self,\n    ) -> u32;\n}}\nfn short() {{\n}}\n"
+    );
+    let found = long_functions(&text);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!((found[0].0, found[0].1.as_str()), (2, "long_one"));
+    assert_eq!(found[0].2, MAX_FN_LINES + 2);
 }

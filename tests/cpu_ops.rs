@@ -1,5 +1,8 @@
 //! Every CPU backend op against a naive float64 reference on fresh random inputs at awkward sizes
-//! (not multiples of any tile). GPU backends will run the same bodies against the CPU op.
+//! (not multiples of any tile): the float64 column of the op table (`op_table/mod.rs`), one
+//! `#[test]` per op.
+
+mod op_table;
 
 use mira::engine::backend::cpu::CpuBackend;
 use mira::engine::backend::{Backend, EmbeddingTables};
@@ -54,7 +57,6 @@ fn act_ref(x: f64, act: Activation) -> f64 {
     }
 }
 
-#[test]
 fn linear_with_bias_and_every_activation() {
     let be = CpuBackend;
     let mut rng = Rng(0x5eed);
@@ -91,7 +93,6 @@ fn linear_with_bias_and_every_activation() {
     }
 }
 
-#[test]
 fn add_layernorm_matches_reference() {
     let be = CpuBackend;
     let mut rng = Rng(7);
@@ -174,7 +175,6 @@ fn attention_ref(
     out
 }
 
-#[test]
 fn varlen_attention_with_and_without_windows() {
     let be = CpuBackend;
     let mut rng = Rng(42);
@@ -200,7 +200,6 @@ fn varlen_attention_with_and_without_windows() {
     }
 }
 
-#[test]
 fn embed_and_pool_match_reference() {
     let be = CpuBackend;
     let mut rng = Rng(99);
@@ -250,7 +249,6 @@ fn embed_and_pool_match_reference() {
     }
 }
 
-#[test]
 fn malformed_batches_are_errors_not_ub() {
     let be = CpuBackend;
     let mut b = batch(&[3, 2]);
@@ -277,7 +275,6 @@ fn malformed_batches_are_errors_not_ub() {
     assert!(be.attention(&qkv, &dev, 2, Some(0)).is_err(), "zero window");
 }
 
-#[test]
 fn add_norm_and_layernorm_match_reference() {
     let be = CpuBackend;
     let mut rng = Rng(11);
@@ -334,7 +331,6 @@ fn add_norm_and_layernorm_match_reference() {
     }
 }
 
-#[test]
 fn rope_rotates_q_and_k_at_sequence_positions() {
     let be = CpuBackend;
     let mut rng = Rng(5);
@@ -375,7 +371,6 @@ fn rope_rotates_q_and_k_at_sequence_positions() {
     }
 }
 
-#[test]
 fn geglu_matches_reference() {
     let be = CpuBackend;
     let mut rng = Rng(3);
@@ -400,3 +395,14 @@ fn geglu_matches_reference() {
         }
     }
 }
+
+macro_rules! cpu_against_f64 {
+    ($op:ident, [$($vs_cpu:ident),*], [$($vs_f64:ident),*]) => {
+        #[test]
+        fn $op() {
+            $($vs_f64();)*
+        }
+    };
+}
+
+op_table::every_op!(cpu_against_f64);

@@ -13,6 +13,7 @@ mod common;
 #[path = "cuda_emu/device.rs"]
 mod emu;
 mod gpu;
+mod op_table;
 #[macro_use]
 #[path = "gpu/model.rs"]
 mod model_check;
@@ -54,27 +55,19 @@ fn backends() -> Vec<(KernelBackend<emu::EmuDevice>, Prec, &'static str)> {
     out
 }
 
-macro_rules! op_test {
-    ($name:ident) => {
+macro_rules! emulated_against_cpu {
+    ($op:ident, [$($vs_cpu:ident),*], [$($vs_f64:ident),*]) => {
         #[test]
-        fn $name() {
+        fn $op() {
             for (be, prec, what) in backends() {
                 eprintln!("{:?} ({what})", be.storage());
-                ops::$name(&be, prec);
+                $(ops::$vs_cpu(&be, prec);)*
             }
         }
     };
 }
 
-op_test!(linear_every_activation_and_awkward_shape);
-op_test!(embed_with_and_without_positions_types_and_bias);
-op_test!(residual_layernorms_in_every_mode);
-op_test!(varlen_attention_global_and_windowed_at_several_head_sizes);
-op_test!(rope_at_sequence_positions);
-op_test!(geglu_every_activation);
-op_test!(cls_and_mean_pooling);
-op_test!(malformed_batches_and_shapes_are_errors);
-op_test!(many_single_token_sequences);
+op_table::every_op!(emulated_against_cpu);
 
 /// A checkpoint on the emulated CUDA backend against the CPU, bf16 (tensor-core attention),
 /// f16 (plain attention) and f32: the checks and tolerances of `gpu/model.rs`.

@@ -8,7 +8,8 @@ use anyhow::Result;
 use serde_json::Value;
 
 use super::output::OutputFile;
-use super::{FieldNames, Record, RecordError, RecordSink};
+use super::rows::{JsonRows, OutputRow, RecordSink};
+use super::{FieldNames, Record, RecordError};
 
 /// The longest line read as a record: 256 MiB. A longer one (an endless line, a file that is not
 /// JSON Lines) is one `line_too_long` error row naming `file:line`, read past in bounded memory.
@@ -263,19 +264,46 @@ impl JsonlWriter {
     }
 }
 
-impl RecordSink for JsonlWriter {
-    fn write(&mut self, value: &Value) -> Result<()> {
+impl JsonlWriter {
+    /// Write one JSON value as a line.
+    pub fn write_value(&mut self, value: &Value) -> Result<()> {
         let w = self.out.as_mut().expect("write before finish").writer();
         serde_json::to_writer(&mut *w, value)?;
         w.write_all(b"\n")?;
         Ok(())
     }
 
-    fn finish(mut self: Box<Self>) -> Result<()> {
+    /// End the stream and make the output visible (atomically, for files).
+    pub fn finish(mut self) -> Result<()> {
         if let Some(enc) = self.out.take() {
             enc.finish()?.commit()?;
         }
         Ok(())
+    }
+}
+
+/// Typed output rows as JSON Lines (plain rows or dolma side-cars).
+pub struct JsonlRowWriter {
+    out: JsonlWriter,
+    rows: JsonRows,
+}
+
+impl JsonlRowWriter {
+    pub fn create(path: &Path, rows: JsonRows) -> Result<JsonlRowWriter> {
+        Ok(JsonlRowWriter {
+            out: JsonlWriter::create(path)?,
+            rows,
+        })
+    }
+}
+
+impl RecordSink for JsonlRowWriter {
+    fn write(&mut self, row: &OutputRow) -> Result<()> {
+        self.out.write_value(&self.rows.row(row))
+    }
+
+    fn finish(self: Box<Self>) -> Result<()> {
+        self.out.finish()
     }
 }
 

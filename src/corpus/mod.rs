@@ -8,6 +8,7 @@
 pub mod jsonl;
 pub mod output;
 pub mod parquet;
+pub mod rows;
 
 use std::fmt;
 use std::io::{BufReader, Read};
@@ -15,12 +16,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-pub use jsonl::{JsonlReader, JsonlWriter};
+pub use jsonl::{JsonlReader, JsonlRowWriter, JsonlWriter};
 pub use output::{
     is_done, live_writer, mark_done, refuse_input, remove_stale_temps, write_atomic, Destination,
     InputIds, LiveWriters, OutputFile,
 };
-pub use parquet::{ParquetColumns, ParquetReader, ParquetWriter};
+pub use parquet::{ParquetReader, ParquetWriter};
+pub use rows::{JsonRows, JsonStyle, OutputRow, RecordSink, RowValues};
 
 /// Which JSON fields hold the text, id and source.
 #[derive(Debug, Clone)]
@@ -32,6 +34,40 @@ pub struct FieldNames {
     pub keep_input: bool,
     /// Keep each JSON Lines record's line as it was read ([`Record::raw`]), to copy it verbatim.
     pub keep_raw: bool,
+}
+
+/// The fields that hold the text, id and source, as a user names them (`--text-field`, `mira
+/// run`'s `[fields]`); the same JSON as before this type was shared, so `mira run` fingerprints
+/// are unchanged.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TextFields {
+    pub text: String,
+    pub id: String,
+    pub source: String,
+}
+
+impl Default for TextFields {
+    fn default() -> Self {
+        TextFields {
+            text: "text".into(),
+            id: "id".into(),
+            source: "source".into(),
+        }
+    }
+}
+
+impl TextFields {
+    /// The reader's field names: these fields, no input object or line kept.
+    pub fn names(&self) -> FieldNames {
+        FieldNames {
+            text: self.text.clone(),
+            id: self.id.clone(),
+            source: self.source.clone(),
+            keep_input: false,
+            keep_raw: false,
+        }
+    }
 }
 
 /// The value at `path` in a JSON object: the key itself when the object has it, else a dotted
@@ -97,10 +133,9 @@ impl RecordError {
             RecordError::NonFiniteOutput(_) => "non_finite_output",
         }
     }
-}
 
-impl fmt::Display for RecordError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    /// What went wrong, where (`file:line: ...`), without the kind.
+    pub fn message(&self) -> &str {
         match self {
             RecordError::InvalidUtf8(m)
             | RecordError::MalformedJson(m)
@@ -110,8 +145,14 @@ impl fmt::Display for RecordError {
             | RecordError::Failed(m)
             | RecordError::ReadError(m)
             | RecordError::LineTooLong(m)
-            | RecordError::NonFiniteOutput(m) => write!(f, "{}: {m}", self.kind()),
+            | RecordError::NonFiniteOutput(m) => m,
         }
+    }
+}
+
+impl fmt::Display for RecordError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.kind(), self.message())
     }
 }
 
@@ -133,6 +174,21 @@ pub struct Record {
 }
 
 impl Record {
+    /// A record held in memory (a library caller's text), named `location` in messages; `None`
+    /// is a `missing_text` record.
+    pub fn in_memory(location: String, text: Option<String>) -> Record {
+        let text = text.ok_or_else(|| RecordError::MissingText(format!("{location}: no text")));
+        Record {
+            id: location.clone(),
+            source: None,
+            text,
+            location,
+            input: None,
+            raw: None,
+            id_value: None,
+        }
+    }
+
     /// The row that stands for the unreadable rest of a file (or a whole unreadable file):
     /// id and location `location`, a `read_error`.
     pub fn unreadable(location: String, message: String) -> Record {
@@ -287,6 +343,8 @@ pub fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<InputFile>> {
 /// [`expand_inputs`], leaving out everything below the output folders `outputs` (so a job whose
 /// `--output-dir` lies inside its input folder never reads its own outputs). An input folder
 /// that is an output folder, or lies inside one, is refused: its files would be overwritten.
+// Long: one walk over the inputs that applies each input rule in order (stdin, globs, folders,
+// files, duplicates); the rules share the walk's state.
 pub fn expand_inputs_excluding(inputs: &[PathBuf], outputs: &[PathBuf]) -> Result<Vec<InputFile>> {
     let outputs: Vec<(PathBuf, PathBuf)> = outputs
         .iter()
@@ -520,11 +578,4 @@ fn walk(
         }
     }
     Ok(())
-}
-
-/// An ordered output: one JSON value per input record.
-pub trait RecordSink {
-    fn write(&mut self, value: &serde_json::Value) -> Result<()>;
-    /// Flush and make the output visible (atomically, for files).
-    fn finish(self: Box<Self>) -> Result<()>;
 }

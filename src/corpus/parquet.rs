@@ -14,7 +14,7 @@ use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, ensure, Context, Result};
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float32Type, Int32Type, Int64Type, UInt32Type, UInt64Type};
 use arrow_array::{Array, ArrayRef, FixedSizeListArray, Float32Array, RecordBatch, StringArray};
@@ -24,7 +24,8 @@ use parquet::arrow::ArrowWriter;
 use serde_json::Value;
 
 use super::output::OutputFile;
-use super::{FieldNames, Record, RecordError, RecordSink};
+use super::rows::{OutputRow, RecordSink, RowValues};
+use super::{FieldNames, Record, RecordError};
 
 /// Rows of a Parquet file as records, batch by batch.
 pub struct ParquetReader {
@@ -292,39 +293,40 @@ impl Iterator for ParquetReader {
 }
 
 /// What a Parquet output holds besides id, source and error.
-#[derive(Debug, Clone)]
-pub enum ParquetColumns {
-    /// One `float32` column per label.
-    Scores(Vec<String>),
-    /// A fixed-size list of `dim` floats.
-    Embedding(usize),
+/// One typed output row, as the Parquet writer keeps it until its batch is written.
+struct Row {
+    id: String,
+    source: Option<String>,
+    error: Option<String>,
+    values: Option<Vec<f32>>,
 }
 
-/// Writes output rows (`{"id", "source", "scores" | "embedding", "error"}`) as Parquet.
+/// Writes output rows as Parquet: `id`, `source`, `error` and one `float32` column per label (or
+/// an `embedding` fixed-size list).
 pub struct ParquetWriter {
     writer: Option<ArrowWriter<BufWriter<OutputFile>>>,
     schema: Arc<Schema>,
-    columns: ParquetColumns,
-    rows: Vec<Value>,
+    columns: RowValues,
+    rows: Vec<Row>,
     dest: PathBuf,
 }
 
 const ROWS_PER_BATCH: usize = 8192;
 
 impl ParquetWriter {
-    pub fn create(path: &Path, columns: ParquetColumns) -> Result<ParquetWriter> {
+    pub fn create(path: &Path, columns: RowValues) -> Result<ParquetWriter> {
         let mut fields = vec![
             Field::new("id", DataType::Utf8, false),
             Field::new("source", DataType::Utf8, true),
             Field::new("error", DataType::Utf8, true),
         ];
         match &columns {
-            ParquetColumns::Scores(labels) => fields.extend(
+            RowValues::Scores(labels) => fields.extend(
                 labels
                     .iter()
                     .map(|l| Field::new(l, DataType::Float32, true)),
             ),
-            ParquetColumns::Embedding(dim) => fields.push(Field::new(
+            RowValues::Embedding(dim) => fields.push(Field::new(
                 "embedding",
                 DataType::FixedSizeList(
                     Arc::new(Field::new("item", DataType::Float32, true)),
@@ -351,42 +353,26 @@ impl ParquetWriter {
         if self.rows.is_empty() {
             return Ok(());
         }
-        let text = |key: &str| -> StringArray {
-            self.rows
-                .iter()
-                .map(|r| r.get(key).and_then(Value::as_str).map(str::to_string))
-                .collect()
-        };
-        let mut arrays: Vec<ArrayRef> = vec![
-            Arc::new(text("id")),
-            Arc::new(text("source")),
-            Arc::new(text("error")),
-        ];
+        let ids: StringArray = self.rows.iter().map(|r| Some(r.id.as_str())).collect();
+        let sources: StringArray = self.rows.iter().map(|r| r.source.as_deref()).collect();
+        let errors: StringArray = self.rows.iter().map(|r| r.error.as_deref()).collect();
+        let mut arrays: Vec<ArrayRef> = vec![Arc::new(ids), Arc::new(sources), Arc::new(errors)];
         match &self.columns {
-            ParquetColumns::Scores(labels) => {
-                for l in labels {
+            RowValues::Scores(labels) => {
+                for l in 0..labels.len() {
                     let col: Float32Array = self
                         .rows
                         .iter()
-                        .map(|r| {
-                            r.get("scores")
-                                .and_then(|s| s.get(l))
-                                .and_then(Value::as_f64)
-                                .map(|v| v as f32)
-                        })
+                        .map(|r| r.values.as_ref().map(|v| v[l]))
                         .collect();
                     arrays.push(Arc::new(col));
                 }
             }
-            ParquetColumns::Embedding(dim) => {
+            RowValues::Embedding(dim) => {
                 let list = FixedSizeListArray::from_iter_primitive::<Float32Type, _, _>(
-                    self.rows.iter().map(|r| {
-                        r.get("embedding").and_then(Value::as_array).map(|a| {
-                            a.iter()
-                                .map(|v| v.as_f64().map(|x| x as f32))
-                                .collect::<Vec<_>>()
-                        })
-                    }),
+                    self.rows
+                        .iter()
+                        .map(|r| r.values.as_ref().map(|v| v.iter().map(|x| Some(*x)))),
                     *dim as i32,
                 );
                 arrays.push(Arc::new(list));
@@ -409,11 +395,30 @@ impl ParquetWriter {
 }
 
 impl RecordSink for ParquetWriter {
-    fn write(&mut self, value: &Value) -> Result<()> {
-        if value.get("id").and_then(Value::as_str).is_none() {
-            bail!("output row without an id");
-        }
-        self.rows.push(value.clone());
+    fn write(&mut self, row: &OutputRow) -> Result<()> {
+        let want = match &self.columns {
+            RowValues::Scores(labels) => labels.len(),
+            RowValues::Embedding(dim) => *dim,
+        };
+        let values = match row.outcome {
+            Ok(values) => {
+                ensure!(
+                    values.len() == want,
+                    "{}: {} values for {} columns",
+                    row.record.location,
+                    values.len(),
+                    want
+                );
+                Some(values.to_vec())
+            }
+            Err(_) => None,
+        };
+        self.rows.push(Row {
+            id: row.record.id.clone(),
+            source: row.record.source.clone(),
+            error: row.outcome.err().map(ToString::to_string),
+            values,
+        });
         if self.rows.len() >= ROWS_PER_BATCH {
             self.flush()?;
         }

@@ -60,6 +60,7 @@ pub struct Bert<B: Backend> {
 
 impl<B: Backend> Bert<B> {
     /// Build the model from checkpoint weights. `with_head`: load pooler + classifier too.
+    // Long: every BERT tensor loaded in turn, named as in the checkpoint.
     pub fn load(be: B, cfg: &BertConfig, weights: &Weights, with_head: bool) -> Result<Bert<B>> {
         let h = cfg.hidden_size;
         let i = cfg.intermediate_size;

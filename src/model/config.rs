@@ -165,6 +165,7 @@ fn default_rope_type() -> String {
 }
 
 impl ModernBertConfig {
+    // Long: every ModernBERT config field checked in turn, one line or two each.
     fn from_value(value: serde_json::Value) -> Result<ModernBertConfig> {
         let r: ModernBertRaw = serde_json::from_value(value)?;
         check_sizes(&[

@@ -183,6 +183,7 @@ pub fn anchor_id(name: &str) -> String {
 }
 
 /// Cluster judgment points into at most `k` anchors (largest clusters first).
+// Long: deduplicate, cluster and pick each cluster's anchor over the same point tables.
 pub fn anchors_from_points(
     scorer: &Scorer,
     points: &[Judgment],

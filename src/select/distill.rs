@@ -96,7 +96,105 @@ pub fn distill(
     };
     std::fs::create_dir_all(out)?;
     for (group, rows) in by_group {
-        // Anchors in first-appearance order (rubric order for teacher labels).
+        let GroupRows {
+            anchors,
+            usable,
+            train,
+            val,
+        } = GroupRows::of(group, &rows)?;
+        let dim = encoder.embedding_dim();
+        let a = anchors.len();
+        let xt = features(encoder, &train)
+            .with_context(|| format!("group {group}: encoder features"))?;
+        let xv = features(encoder, &val)?;
+        let targets = |rs: &[&LabelRow]| -> Vec<f64> {
+            rs.iter()
+                .flat_map(|r| anchors.iter().map(|k| r.score(k).unwrap()))
+                .collect()
+        };
+        let yt = targets(&train);
+        let yv = targets(&val);
+        let path = RidgePath::new(&xt, &yt, dim, a);
+        let (w, b, lambda) = choose_penalties(&path, (&xv, &yv), (dim, a), &opts.lambdas);
+        let pred = stats::predict(&xv, dim, &w, &b);
+        // The student's output names, as `mira score` will name them (`crate::names`): an
+        // anchor called `text` is the label `text_score` in the checkpoint and in the report.
+        let anchor_names = crate::names::label_names(&anchors);
+        let (mae, spearman) = (0..a)
+            .map(|j| {
+                let (p, t) = (column(&pred, a, j), column(&yv, a, j));
+                (stats::mae(&p, &t), stats::spearman(&p, &t))
+            })
+            .unzip();
+        let info = StudentInfo {
+            anchors: anchor_names.clone(),
+            lambda,
+            n_train: train.len(),
+            n_validation: val.len(),
+            skipped: rows.len() - usable.len(),
+            mae,
+            spearman,
+        };
+        validation.cells.extend(validation_cells(
+            group,
+            &usable,
+            &val,
+            &anchor_names,
+            (&pred, &yv),
+        ));
+        write_student(
+            encoder,
+            &student_dir(out, group),
+            group,
+            &anchor_names,
+            &w,
+            &b,
+            &info,
+        )?;
+        validation.students.insert(group.to_string(), info);
+    }
+    write_validation(out, &validation)?;
+    Ok(validation)
+}
+
+/// `validation.json` and `validation.md` under `out`.
+fn write_validation(out: &Path, validation: &Validation) -> Result<()> {
+    crate::corpus::write_atomic(
+        &out.join("validation.json"),
+        serde_json::to_string_pretty(validation)?.as_bytes(),
+    )?;
+    crate::corpus::write_atomic(&out.join("validation.md"), report(validation).as_bytes())
+}
+
+/// The encoder's features of the rows' texts, `[rows, dim]` row-major.
+fn features(encoder: &Scorer, rows: &[&LabelRow]) -> Result<Vec<f64>> {
+    let texts: Vec<&str> = rows.iter().map(|r| r.text.as_deref().unwrap()).collect();
+    let ids = encoder.tokenize(&texts)?;
+    Ok(encoder
+        .features_ids(&ids)?
+        .values
+        .iter()
+        .map(|v| *v as f64)
+        .collect())
+}
+
+/// Column `j` of a row-major matrix with `a` columns.
+fn column(v: &[f64], a: usize, j: usize) -> Vec<f64> {
+    v.iter().skip(j).step_by(a).copied().collect()
+}
+
+/// A group's label rows, split: its anchors (in first-appearance order, which is rubric order
+/// for teacher labels), the rows with a score on every anchor, and those split into training
+/// and validation.
+struct GroupRows<'a> {
+    anchors: Vec<String>,
+    usable: Vec<&'a LabelRow>,
+    train: Vec<&'a LabelRow>,
+    val: Vec<&'a LabelRow>,
+}
+
+impl<'a> GroupRows<'a> {
+    fn of(group: &str, rows: &[&'a LabelRow]) -> Result<GroupRows<'a>> {
         let mut anchors: Vec<String> = Vec::new();
         for r in rows.iter().filter(|r| r.error.is_none()) {
             for k in r.scores.keys() {
@@ -134,106 +232,78 @@ pub fn distill(
         if val.is_empty() {
             bail!("group {group}: no validation rows; label more records or raise the validation fraction");
         }
-        let feats = |rs: &[&LabelRow]| -> Result<Vec<f64>> {
-            let texts: Vec<&str> = rs.iter().map(|r| r.text.as_deref().unwrap()).collect();
-            let ids = encoder.tokenize(&texts)?;
-            Ok(encoder
-                .features_ids(&ids)?
-                .values
-                .iter()
-                .map(|v| *v as f64)
-                .collect())
-        };
-        let dim = encoder.embedding_dim();
-        let a = anchors.len();
-        let xt = feats(&train).with_context(|| format!("group {group}: encoder features"))?;
-        let xv = feats(&val)?;
-        let targets = |rs: &[&LabelRow]| -> Vec<f64> {
-            rs.iter()
-                .flat_map(|r| anchors.iter().map(|k| r.score(k).unwrap()))
-                .collect()
-        };
-        let yt = targets(&train);
-        let yv = targets(&val);
-        let path = RidgePath::new(&xt, &yt, dim, a);
-        // Choose each anchor's penalty by validation MAE.
-        let mut w = vec![0f64; a * dim];
-        let mut b = vec![0f64; a];
-        let mut lambda = vec![0f64; a];
-        let mut best_mae = vec![f64::INFINITY; a];
-        for &l in &opts.lambdas {
-            let (wl, bl) = path.solve(l);
-            let pred = stats::predict(&xv, dim, &wl, &bl);
-            for j in 0..a {
-                let m = (0..val.len())
-                    .map(|i| (pred[i * a + j] - yv[i * a + j]).abs())
-                    .sum::<f64>()
-                    / val.len() as f64;
-                if m < best_mae[j] {
-                    best_mae[j] = m;
-                    lambda[j] = l;
-                    w[j * dim..(j + 1) * dim].copy_from_slice(&wl[j * dim..(j + 1) * dim]);
-                    b[j] = bl[j];
-                }
-            }
-        }
-        let pred = stats::predict(&xv, dim, &w, &b);
-        let col = |v: &[f64], j: usize, idx: &[usize]| -> Vec<f64> {
-            idx.iter().map(|&i| v[i * a + j]).collect()
-        };
-        let all: Vec<usize> = (0..val.len()).collect();
-        // The student's output names, as `mira score` will name them (`crate::names`): an
-        // anchor called `text` is the label `text_score` in the checkpoint and in the report.
-        let anchor_names = crate::names::label_names(&anchors);
-        let mut info = StudentInfo {
-            anchors: anchor_names.clone(),
-            lambda: lambda.clone(),
-            n_train: train.len(),
-            n_validation: val.len(),
-            skipped,
-            mae: Vec::new(),
-            spearman: Vec::new(),
-        };
-        for j in 0..a {
-            info.mae
-                .push(stats::mae(&col(&pred, j, &all), &col(&yv, j, &all)));
-            info.spearman
-                .push(stats::spearman(&col(&pred, j, &all), &col(&yv, j, &all)));
-        }
-        let mut sources: Vec<&str> = usable.iter().map(|r| r.source.as_str()).collect();
-        sources.sort_unstable();
-        sources.dedup();
-        for src in sources {
-            let idx: Vec<usize> = (0..val.len()).filter(|&i| val[i].source == src).collect();
-            for (j, anchor) in anchor_names.iter().enumerate() {
-                let (p, t) = (col(&pred, j, &idx), col(&yv, j, &idx));
-                validation.cells.push(Cell {
-                    group: group.to_string(),
-                    source: src.to_string(),
-                    anchor: anchor.clone(),
-                    n: idx.len(),
-                    mae: stats::mae(&p, &t),
-                    spearman: stats::spearman(&p, &t),
-                });
-            }
-        }
-        write_student(
-            encoder,
-            &student_dir(out, group),
-            group,
-            &anchor_names,
-            &w,
-            &b,
-            &info,
-        )?;
-        validation.students.insert(group.to_string(), info);
+        Ok(GroupRows {
+            anchors,
+            usable,
+            train,
+            val,
+        })
     }
-    crate::corpus::write_atomic(
-        &out.join("validation.json"),
-        serde_json::to_string_pretty(&validation)?.as_bytes(),
-    )?;
-    crate::corpus::write_atomic(&out.join("validation.md"), report(&validation).as_bytes())?;
-    Ok(validation)
+}
+
+/// Each anchor's ridge penalty from `lambdas`, chosen by validation MAE: the weights `[a, dim]`,
+/// biases and penalties.
+fn choose_penalties(
+    path: &RidgePath,
+    (xv, yv): (&[f64], &[f64]),
+    (dim, a): (usize, usize),
+    lambdas: &[f64],
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let n_val = yv.len() / a;
+    let mut w = vec![0f64; a * dim];
+    let mut b = vec![0f64; a];
+    let mut lambda = vec![0f64; a];
+    let mut best_mae = vec![f64::INFINITY; a];
+    for &l in lambdas {
+        let (wl, bl) = path.solve(l);
+        let pred = stats::predict(xv, dim, &wl, &bl);
+        for j in 0..a {
+            let m = (0..n_val)
+                .map(|i| (pred[i * a + j] - yv[i * a + j]).abs())
+                .sum::<f64>()
+                / n_val as f64;
+            if m < best_mae[j] {
+                best_mae[j] = m;
+                lambda[j] = l;
+                w[j * dim..(j + 1) * dim].copy_from_slice(&wl[j * dim..(j + 1) * dim]);
+                b[j] = bl[j];
+            }
+        }
+    }
+    (w, b, lambda)
+}
+
+/// Validation MAE and Spearman per (source, anchor) of one group's student.
+fn validation_cells(
+    group: &str,
+    usable: &[&LabelRow],
+    val: &[&LabelRow],
+    anchor_names: &[String],
+    (pred, yv): (&[f64], &[f64]),
+) -> Vec<Cell> {
+    let a = anchor_names.len();
+    let col = |v: &[f64], j: usize, idx: &[usize]| -> Vec<f64> {
+        idx.iter().map(|&i| v[i * a + j]).collect()
+    };
+    let mut cells = Vec::new();
+    let mut sources: Vec<&str> = usable.iter().map(|r| r.source.as_str()).collect();
+    sources.sort_unstable();
+    sources.dedup();
+    for src in sources {
+        let idx: Vec<usize> = (0..val.len()).filter(|&i| val[i].source == src).collect();
+        for (j, anchor) in anchor_names.iter().enumerate() {
+            let (p, t) = (col(pred, j, &idx), col(yv, j, &idx));
+            cells.push(Cell {
+                group: group.to_string(),
+                source: src.to_string(),
+                anchor: anchor.clone(),
+                n: idx.len(),
+                mae: stats::mae(&p, &t),
+                spearman: stats::spearman(&p, &t),
+            });
+        }
+    }
+    cells
 }
 
 /// Files copied from the encoder folder into each student (tokenizer and token limit).
@@ -247,6 +317,8 @@ const COPIED: &[&str] = &[
 
 /// Write a `BertForSequenceClassification` folder: the encoder's tensors under `bert.`, the
 /// fitted `classifier` (`[A, H]` f32, `[A]` f32), config with regression and anchor labels.
+// Long: the student folder's files written in turn (config, tensors, tokenizer files, card), each
+// a few lines.
 fn write_student(
     encoder: &Scorer,
     dir: &Path,

@@ -87,6 +87,7 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
 }
 
 /// Cluster sources into groups.
+// Long: sample, embed, choose k and name the groups, over the same per-source tables.
 pub fn group_sources(scorer: &Scorer, files: &[InputFile], opts: &GroupOptions) -> Result<Groups> {
     let SourceMeans {
         names,

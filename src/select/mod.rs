@@ -15,12 +15,14 @@
 pub mod discover;
 pub mod distill;
 pub mod group;
+pub mod ingest;
 pub mod label;
 pub mod reliability;
 pub mod report;
 pub mod retain;
 pub mod run;
 pub mod run_config;
+pub mod selection;
 pub mod stats;
 pub mod teacher;
 

@@ -7,10 +7,12 @@ use std::path::Path;
 
 use anyhow::Result;
 
-use super::retain::{ScoreRow, Selection, Tally};
+use super::selection::{ScoreRow, Selection, Tally};
 use crate::corpus::write_atomic;
 
 /// A histogram of `all` scores with the `kept` ones overlaid and the cutoff marked, as SVG.
+// Long: one SVG document written element by element; split, its coordinates would travel between
+// functions.
 pub fn histogram_svg(title: &str, all: &[f64], kept: &[f64], cutoff: Option<f64>) -> String {
     const W: f64 = 640.0;
     const H: f64 = 320.0;
@@ -185,6 +187,7 @@ fn svg_name(bucket: &str) -> String {
 }
 
 /// Write `report.md`, `report/hist_<group>.svg` and `selection.json` under `out`.
+// Long: report.md written section by section, in the order it reads.
 pub fn write(
     out: &Path,
     sel: &Selection,

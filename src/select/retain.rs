@@ -16,140 +16,16 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use rayon::prelude::*;
-use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
 
 use super::distill::student_dir;
 use super::reliability::Reliability;
 use super::{source_of, stats, Groups};
-use crate::corpus::{
-    self, remove_stale_temps, write_atomic, FieldNames, InputFile, JsonlWriter, OutputFile,
-    RecordSink,
-};
+use crate::corpus::{self, remove_stale_temps, write_atomic, InputFile, JsonlWriter, OutputFile};
 use crate::{Device, Scorer};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Cutoff {
-    Group,
-    Global,
-    Source,
-}
-
-impl std::str::FromStr for Cutoff {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "group" => Ok(Cutoff::Group),
-            "global" => Ok(Cutoff::Global),
-            "source" => Ok(Cutoff::Source),
-            _ => bail!("unknown cutoff '{s}': group, global or source"),
-        }
-    }
-}
-
-/// What to do with records whose source is not in `groups.json`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UnknownSource {
-    Error,
-    Keep,
-    Drop,
-}
-
-impl std::str::FromStr for UnknownSource {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "error" => Ok(UnknownSource::Error),
-            "keep" => Ok(UnknownSource::Keep),
-            "drop" => Ok(UnknownSource::Drop),
-            _ => bail!("unknown policy '{s}': error, keep or drop"),
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct SelectOptions {
-    /// Share of tokens kept, in (0, 1].
-    pub budget: f64,
-    pub cutoff: Cutoff,
-    /// Fraction trimmed from each end before averaging anchors.
-    pub trim: f64,
-    pub unknown: UnknownSource,
-    pub fields: FieldNames,
-    pub device: Device,
-    /// Records scored per chunk.
-    pub chunk: usize,
-    pub progress: bool,
-}
-
-impl Default for SelectOptions {
-    fn default() -> Self {
-        SelectOptions {
-            budget: 0.5,
-            cutoff: Cutoff::Group,
-            trim: 0.1,
-            unknown: UnknownSource::Error,
-            fields: FieldNames::default(),
-            device: Device::Auto,
-            chunk: 2048,
-            progress: false,
-        }
-    }
-}
-
-impl SelectOptions {
-    /// Check the numbers before anything is read or written.
-    pub fn validate(&self) -> Result<()> {
-        crate::checked::in_range("the budget", self.budget, 0.0, 1.0, true, false)?;
-        crate::checked::in_range("the trim", self.trim, 0.0, 0.5, false, true)?;
-        crate::checked::count("the chunk size", self.chunk, 1, 1 << 24)?;
-        Ok(())
-    }
-}
-
-/// One record's line in a scores file.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ScoreRow {
-    pub id: String,
-    pub source: String,
-    /// `None`: the source is in no group (kept or dropped per `--unknown-source`).
-    pub group: Option<String>,
-    pub tokens: u64,
-    pub score: Option<f64>,
-    /// Why the record could not be scored (it is not kept).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
-
-/// The numbers of one bucket (group, source, or everything).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Tally {
-    pub records: u64,
-    pub records_kept: u64,
-    pub tokens: u64,
-    pub tokens_kept: u64,
-    /// Lowest kept score.
-    pub threshold: Option<f64>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Selection {
-    pub budget: f64,
-    pub cutoff: String,
-    pub trim: f64,
-    pub total: Tally,
-    pub groups: BTreeMap<String, Tally>,
-    pub sources: BTreeMap<String, Tally>,
-    /// Cutoff score per bucket.
-    pub thresholds: BTreeMap<String, f64>,
-    /// Records that could not be scored or read (not kept), by source.
-    pub errors: BTreeMap<String, u64>,
-    /// Sources with every anchor masked: scored on all anchors instead.
-    pub warnings: Vec<String>,
-    /// Output files written (relative to the output directory).
-    pub outputs: Vec<String>,
-}
+pub use super::selection::{
+    summary_json, Cutoff, ScoreRow, SelectOptions, Selection, Tally, UnknownSource,
+};
 
 /// The students and their masks, loaded lazily per group.
 struct Students<'a> {
@@ -186,6 +62,8 @@ fn kept_path(out: &Path, f: &InputFile) -> PathBuf {
 }
 
 /// Pass 1 for one file: score every record.
+// Long: one pass over a file's records (read, token counts, score per group student, rows) over
+// vectors indexed together.
 fn score_file(
     f: &InputFile,
     groups: &Groups,
@@ -370,7 +248,32 @@ pub fn select(
         students.get(&g)?;
     }
     let mut warnings = Vec::new();
-    // Pass 1: scores.
+    let all = score_files(files, groups, rel, &mut students, out, opts, &mut warnings)?;
+    let (keep, thresholds) = cutoffs(&all, opts, &mut warnings);
+    let mut sel = Selection {
+        budget: opts.budget,
+        cutoff: format!("{:?}", opts.cutoff).to_lowercase(),
+        trim: opts.trim,
+        thresholds,
+        warnings,
+        ..Default::default()
+    };
+    write_kept_files(files, &all, &keep, out, opts, &mut sel)?;
+    super::report::write(out, &sel, &all, &keep)?;
+    Ok(sel)
+}
+
+/// Pass 1: every input's score rows, from its scores file when one exists (a rerun), else
+/// scored now and written atomically.
+fn score_files(
+    files: &[InputFile],
+    groups: &Groups,
+    rel: &Reliability,
+    students: &mut Students,
+    out: &Path,
+    opts: &SelectOptions,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<Vec<ScoreRow>>> {
     let bar = super::count_bar(files.len() as u64, opts.progress, "select: scoring files");
     let mut all: Vec<Vec<ScoreRow>> = Vec::new();
     for f in files {
@@ -380,7 +283,7 @@ pub fn select(
         } else {
             std::fs::create_dir_all(sp.parent().unwrap())?;
             remove_stale_temps(&sp)?;
-            let rows = score_file(f, groups, rel, &mut students, opts, &mut warnings)?;
+            let rows = score_file(f, groups, rel, students, opts, warnings)?;
             let mut text = String::new();
             for r in &rows {
                 text.push_str(&serde_json::to_string(r)?);
@@ -394,7 +297,15 @@ pub fn select(
     }
     bar.finish_and_clear();
 
-    // Pass 2: cutoffs.
+    Ok(all)
+}
+
+/// Pass 2: the cutoff of each bucket (group, source or everything) and which records it keeps.
+fn cutoffs(
+    all: &[Vec<ScoreRow>],
+    opts: &SelectOptions,
+    warnings: &mut Vec<String>,
+) -> (Vec<Vec<bool>>, BTreeMap<String, f64>) {
     let bucket_of = |r: &ScoreRow| -> Option<String> {
         match opts.cutoff {
             Cutoff::Group => r.group.clone(),
@@ -454,16 +365,18 @@ pub fn select(
             keep[m.0][m.1] = k;
         }
     }
+    (keep, thresholds)
+}
 
-    // Pass 3: the kept corpus, in the input's format.
-    let mut sel = Selection {
-        budget: opts.budget,
-        cutoff: format!("{:?}", opts.cutoff).to_lowercase(),
-        trim: opts.trim,
-        thresholds,
-        warnings,
-        ..Default::default()
-    };
+/// Pass 3: the kept corpus, in the input's format, and the tallies.
+fn write_kept_files(
+    files: &[InputFile],
+    all: &[Vec<ScoreRow>],
+    keep: &[Vec<bool>],
+    out: &Path,
+    opts: &SelectOptions,
+    sel: &mut Selection,
+) -> Result<()> {
     for (fi, f) in files.iter().enumerate() {
         let dest = kept_path(out, f);
         if !corpus::is_done(out, &dest) {
@@ -502,8 +415,7 @@ pub fn select(
             }
         }
     }
-    super::report::write(out, &sel, &all, &keep)?;
-    Ok(sel)
+    Ok(())
 }
 
 /// Copy the kept records of one input file to `dest` in the same format and compression.
@@ -546,7 +458,7 @@ fn write_kept(
             w.write_line(&line)?;
         }
     }
-    Box::new(w).finish()
+    w.finish()
 }
 
 fn write_kept_parquet(src: &Path, dest: &Path, keep: &[bool]) -> Result<()> {
@@ -574,17 +486,4 @@ fn write_kept_parquet(src: &Path, dest: &Path, keep: &[bool]) -> Result<()> {
         .map_err(|e| e.into_error())
         .with_context(|| format!("cannot write {}", dest.display()))?
         .commit()
-}
-
-/// JSON summary row for the CLI.
-pub fn summary_json(sel: &Selection) -> Value {
-    json!({
-        "records": sel.total.records,
-        "records_kept": sel.total.records_kept,
-        "tokens": sel.total.tokens,
-        "tokens_kept": sel.total.tokens_kept,
-        "thresholds": sel.thresholds,
-        "errors": sel.errors,
-        "warnings": sel.warnings,
-    })
 }

@@ -167,17 +167,23 @@ impl<'a> Ctx<'a> {
         }
         let teacher = match &cfg.teacher {
             Some(t) => {
-                let mut tc = TeacherConfig::new(&t.base_url, &t.model);
-                tc.api_key = std::env::var(&t.api_key_env).ok().filter(|k| !k.is_empty());
-                tc.concurrency = t.concurrency;
-                tc.timeout = crate::checked::seconds("[teacher] timeout_s", t.timeout_s)?;
+                let mut tc = TeacherConfig::from_user(
+                    (&t.base_url, &t.model),
+                    std::env::var(&t.api_key_env).ok(),
+                    (t.concurrency, t.timeout_s),
+                    (t.price_prompt_per_mtok, t.price_completion_per_mtok),
+                    [
+                        "[teacher] concurrency",
+                        "[teacher] timeout_s",
+                        "[teacher] price_prompt_per_mtok",
+                        "[teacher] price_completion_per_mtok",
+                    ],
+                )?;
                 tc.cache_dir = Some(
                     t.cache_dir
                         .clone()
                         .unwrap_or_else(|| work.join("teacher-cache")),
                 );
-                tc.price_prompt_per_mtok = t.price_prompt_per_mtok;
-                tc.price_completion_per_mtok = t.price_completion_per_mtok;
                 tc.progress = progress;
                 Some(Teacher::new(tc)?)
             }
@@ -311,6 +317,8 @@ impl<'a> Ctx<'a> {
     }
 
     /// Step 3: `labels.jsonl` (teacher, shipped or ingested labels).
+    // Long: the label step's three sources (teacher, shipped labels, ingested labels) and their
+    // fingerprint, side by side.
     fn label(&self, fp_discover: &str, groups: &Groups) -> Result<String> {
         let rubrics = self.work.join("rubrics");
         let rubric_files: Vec<PathBuf> = groups

@@ -11,8 +11,8 @@ use super::discover::DiscoverOptions;
 use super::group::GroupOptions;
 use super::label::{IngestFormat, LabelOptions};
 use super::reliability::Thresholds;
-use super::retain::SelectOptions;
-use crate::corpus::FieldNames;
+use super::selection::SelectOptions;
+use crate::corpus::{FieldNames, TextFields};
 use crate::Device;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -27,7 +27,7 @@ pub struct RunConfig {
     #[serde(default = "default_device")]
     pub device: String,
     #[serde(default)]
-    pub fields: Fields,
+    pub fields: TextFields,
     #[serde(default)]
     pub group: GroupSection,
     pub teacher: Option<TeacherSection>,
@@ -43,23 +43,6 @@ pub struct RunConfig {
 
 fn default_device() -> String {
     "auto".into()
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Fields {
-    pub text: String,
-    pub id: String,
-    pub source: String,
-}
-impl Default for Fields {
-    fn default() -> Self {
-        Fields {
-            text: "text".into(),
-            id: "id".into(),
-            source: "source".into(),
-        }
-    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -221,13 +204,7 @@ impl RunConfig {
     }
 
     pub(super) fn field_names(&self) -> FieldNames {
-        FieldNames {
-            text: self.fields.text.clone(),
-            id: self.fields.id.clone(),
-            source: self.fields.source.clone(),
-            keep_input: false,
-            keep_raw: false,
-        }
+        self.fields.names()
     }
 }
 

@@ -99,6 +99,8 @@ pub fn kmeans(points: &[f32], dim: usize, k: usize, seed: u64, restarts: usize) 
     best.unwrap()
 }
 
+// Long: k-means++ seeding then Lloyd iterations over the same buffers, as the algorithm is usually
+// written.
 fn kmeans_once(points: &[f32], dim: usize, k: usize, seed: u64) -> KMeans {
     let n = points.len() / dim;
     let pt = |i: usize| &points[i * dim..(i + 1) * dim];

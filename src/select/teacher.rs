@@ -51,6 +51,26 @@ pub struct TeacherConfig {
 }
 
 impl TeacherConfig {
+    /// Settings from what a user wrote (`mira` flags or a `mira run` `[teacher]` section), the
+    /// one way both build a teacher: the numbers are checked and named in errors as the user
+    /// wrote them (`names`: the concurrency, time-out and two price settings), an empty API key
+    /// is none.
+    pub fn from_user(
+        (base_url, model): (&str, &str),
+        api_key: Option<String>,
+        (concurrency, timeout_s): (usize, f64),
+        (price_prompt, price_completion): (f64, f64),
+        names: [&str; 4],
+    ) -> Result<TeacherConfig> {
+        let mut c = TeacherConfig::new(base_url, model);
+        c.api_key = api_key.filter(|k| !k.is_empty());
+        c.concurrency = crate::checked::count(names[0], concurrency, 1, 1 << 16)?;
+        c.timeout = crate::checked::seconds(names[1], timeout_s)?;
+        c.price_prompt_per_mtok = crate::checked::non_negative(names[2], price_prompt)?;
+        c.price_completion_per_mtok = crate::checked::non_negative(names[3], price_completion)?;
+        Ok(c)
+    }
+
     pub fn new(base_url: &str, model: &str) -> TeacherConfig {
         TeacherConfig {
             base_url: base_url.trim_end_matches('/').to_string(),

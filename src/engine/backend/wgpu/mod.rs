@@ -5,6 +5,7 @@
 //! f32 otherwise); activations come from a buffer pool; every op of a forward pass is recorded
 //! into one command encoder and submitted when the result is downloaded (`context.rs`).
 
+mod adapter;
 mod context;
 pub mod shaders;
 
@@ -14,7 +15,8 @@ use std::sync::{Arc, Mutex};
 use anyhow::{ensure, Result};
 
 pub use crate::engine::Precision;
-pub use context::{adapters, describe, unusable_reason, Counters};
+pub use adapter::{adapters, describe, unusable_reason};
+pub use context::Counters;
 use context::{Context, Pool};
 use shaders::Op;
 

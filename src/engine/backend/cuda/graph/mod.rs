@@ -17,6 +17,8 @@
 //! [`MAX_GRAPHS`] holding at most [`MAX_BYTES`] of activations in all (least recently used
 //! shapes go first).
 
+pub(super) mod record;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
