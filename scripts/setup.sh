@@ -7,6 +7,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 need_apt=()
 command -v python3 >/dev/null || need_apt+=(python3 python3-pip)
 python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
+# The Python tests build mira's wheel into a fresh virtual environment.
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
 command -v cc >/dev/null || need_apt+=(gcc)
 if ((${#need_apt[@]})); then
     if [ "$(id -u)" = 0 ]; then

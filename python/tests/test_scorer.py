@@ -1,0 +1,149 @@
+"""mira.Scorer against the command line (bit for bit on CPU), its inputs, errors, threads and
+fork safety."""
+
+import multiprocessing
+import threading
+
+import numpy as np
+import pytest
+
+import mira
+from conftest import MINILM, STUDENT, CORPUS, assert_bitwise, cli_matrix, cli_rows
+
+
+@pytest.fixture(scope="module")
+def student():
+    return mira.Scorer(str(STUDENT), device="cpu", threads=2)
+
+
+def test_scores_equal_the_command_line_bit_for_bit(student, records, tmp_path):
+    rows = cli_rows("score", STUDENT, CORPUS, tmp_path)
+    assert [r["id"] for r in rows] == [r["id"] for r in records]
+    want = cli_matrix(rows, "scores", student.labels)
+    got = student.score([r["text"] for r in records])
+    assert got.shape == (len(records), 12)
+    assert_bitwise(got, want)
+
+
+def test_embeddings_equal_the_command_line_bit_for_bit(records, tmp_path):
+    embedder = mira.Scorer(str(MINILM), device="cpu", threads=2)
+    rows = cli_rows("embed", MINILM, CORPUS, tmp_path)
+    want = cli_matrix(rows, "embedding")
+    got = embedder.embed([r["text"] for r in records])
+    assert got.shape == (len(records), embedder.embedding_dim) == (len(records), 384)
+    assert_bitwise(got, want)
+
+
+def test_properties(student):
+    assert student.labels[:3] == ["clarity", "correctness", "depth"]
+    assert len(student.labels) == 12
+    assert student.device.startswith("cpu")
+    assert student.max_tokens > 0
+    assert student.model_dir.endswith("bert-cls-regression")
+    assert "bert-cls-regression" in repr(student)
+
+
+def test_every_kind_of_text_sequence_gives_the_same_scores(student, records):
+    import pandas as pd
+    import pyarrow as pa
+
+    texts = [r["text"] for r in records[:40]]
+    want = student.score(texts)
+    for seq in (tuple(texts), np.array(texts), np.array(texts, dtype=object), pa.array(texts),
+                pa.chunked_array([texts[:15], texts[15:]]), pd.Series(texts)):
+        assert_bitwise(student.score(seq), want)
+
+
+def test_one_str_is_refused_not_scored_per_character(student):
+    with pytest.raises(ValueError, match="not one str"):
+        student.score("a document")
+
+
+def test_a_missing_model_folder_names_the_path(tmp_path):
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(FileNotFoundError, match="no-such-model"):
+        mira.Scorer(str(missing))
+
+
+def test_a_broken_checkpoint_raises_with_mira_s_message(tmp_path):
+    import shutil
+
+    broken = tmp_path / "student"
+    shutil.copytree(STUDENT, broken)
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(RuntimeError, match="config.json"):
+        mira.Scorer(str(broken), device="cpu")
+    shutil.rmtree(broken)
+    broken.mkdir()
+    with pytest.raises(RuntimeError, match="has no config.json"):
+        mira.Scorer(str(broken), device="cpu")
+
+
+def test_bad_arguments_are_value_errors():
+    with pytest.raises(ValueError, match="device"):
+        mira.Scorer(str(STUDENT), device="tpu")
+    with pytest.raises(ValueError, match="precision"):
+        mira.Scorer(str(STUDENT), precision="f8")
+    with pytest.raises(ValueError, match="at least 1"):
+        mira.Scorer(str(STUDENT), threads=0)
+
+
+def test_an_embedding_model_cannot_score():
+    embedder = mira.Scorer(str(MINILM), device="cpu", threads=1)
+    assert embedder.labels == []
+    with pytest.raises(ValueError, match="no classification head"):
+        embedder.score(["text"])
+
+
+def test_empty_and_missing_texts_are_nan_rows_with_errors(student):
+    texts = ["a fine document", "", "   ", None, "another one"]
+    scores, errors = student.score_with_errors(texts)
+    assert scores.shape == (5, 12)
+    assert [e[:2] for e in errors] == [(1, "empty_text"), (2, "empty_text"), (3, "missing_text")]
+    assert "texts[1]" in errors[0][2]
+    assert np.isnan(scores[1:4]).all()
+    assert np.isfinite(scores[[0, 4]]).all()
+    # The good rows are what they are alone.
+    assert_bitwise(scores[[0, 4]], student.score(["a fine document", "another one"]))
+    assert_bitwise(student.score(texts, errors="nan"), scores)
+    with pytest.raises(ValueError, match=r"texts\[1\].*empty_text"):
+        student.score(texts)
+    with pytest.raises(ValueError, match="errors must be"):
+        student.score(texts, errors="skip")
+    with pytest.raises(ValueError, match=r"texts\[1\] is a int"):
+        student.score(["ok", 3])
+
+
+def test_threads_share_one_scorer(student, records):
+    texts = [r["text"] for r in records[:60]]
+    want = student.score(texts)
+    results = [None] * 4
+
+    def work(i):
+        results[i] = student.score(texts)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    for r in results:
+        assert_bitwise(r, want)
+
+
+def _score_in_child(texts):
+    return _FORK_SCORER.score(texts)
+
+
+_FORK_SCORER = None
+
+
+def test_a_forked_child_scores_without_hanging(records):
+    global _FORK_SCORER
+    _FORK_SCORER = mira.Scorer(str(STUDENT), device="cpu", threads=2)
+    texts = [r["text"] for r in records[:30]]
+    want = _FORK_SCORER.score(texts)  # the parent's pool is running now
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(2) as pool:
+        got = pool.apply_async(_score_in_child, (texts,)).get(timeout=120)
+    assert_bitwise(got, want)
