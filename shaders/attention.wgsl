@@ -30,22 +30,18 @@ var<workgroup> k_tile: array<f32, BK * HEAD_DIM>;
 var<workgroup> v_tile: array<f32, BK * HEAD_DIM>;
 
 @compute @workgroup_size(64)
-fn main(
-    @builtin(workgroup_id) wg: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) li: u32,
-) {
-    let blk = wg.x + wg.y * nwg.x;
+fn main(inv: Invocation) {
+    let blk = group_index(inv);
     if blk >= p.n_blocks {
         return;
     }
-    let head = wg.z;
+    let head = inv.wg.z;
     let stride = 3u * p.hidden;
     let seq = blocks[blk].x;
     let q0 = blocks[blk].y;
     let s0 = cu_seqlens[seq];
     let s1 = cu_seqlens[seq + 1u];
-    let qi = q0 + li;
+    let qi = q0 + inv.li;
     let live = qi < s1;
     let q_last = min(q0 + BQ, s1) - 1u;
 
@@ -72,7 +68,7 @@ fn main(
 
     for (var t0 = k_lo; t0 < k_hi; t0 = t0 + BK) {
         // Stage BK keys and values: BK·HEAD_DIM values each over BQ invocations.
-        for (var e = li; e < BK * HEAD_DIM; e = e + BQ) {
+        for (var e = inv.li; e < BK * HEAD_DIM; e = e + BQ) {
             let j = e / HEAD_DIM;
             let d = e % HEAD_DIM;
             let key = t0 + j;
@@ -128,10 +124,10 @@ fn main(
         workgroupBarrier();
     }
     if live {
-        let inv = 1.0 / l;
+        let inv_l = 1.0 / l;
         let obase = qi * p.hidden + head * HEAD_DIM;
         for (var d = 0u; d < HEAD_DIM; d = d + 1u) {
-            out[obase + d] = T(acc[d] * inv);
+            out[obase + d] = T(acc[d] * inv_l);
         }
     }
 }

@@ -2,10 +2,23 @@
 // `enable f16; alias T = f16;` where the adapter has SHADER_F16), this file, then the op's file.
 // Storage is `T`; all arithmetic is f32.
 
+// The builtins every op's entry point takes but matmul's (`fn main(inv: Invocation)`).
+struct Invocation {
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+}
+
 // Workgroups are laid out on a 2-D grid when one dimension would pass the 65,535 limit:
-// the linear index of a workgroup.
-fn linear_group(wg: vec3<u32>, nwg: vec3<u32>) -> u32 {
-    return wg.x + wg.y * nwg.x;
+// the linear index of this invocation's workgroup.
+fn group_index(inv: Invocation) -> u32 {
+    return inv.wg.x + inv.wg.y * inv.nwg.x;
+}
+
+// For ops with one output value per invocation and 256 invocations per workgroup: the value's
+// linear index.
+fn element_index(inv: Invocation) -> u32 {
+    return group_index(inv) * 256u + inv.li;
 }
 
 // erf as a rational approximation on [-4, 4] (Eigen's generic_fast_erf_float, as the CPU

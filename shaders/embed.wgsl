@@ -24,12 +24,8 @@ struct Params {
 @group(1) @binding(0) var<uniform> p: Params;
 
 @compute @workgroup_size(256)
-fn main(
-    @builtin(workgroup_id) wg: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) li: u32,
-) {
-    let row = linear_group(wg, nwg);
+fn main(inv: Invocation) {
+    let row = group_index(inv);
     if row >= p.rows {
         return;
     }
@@ -39,7 +35,7 @@ fn main(
     var vals: array<f32, ROW_SLOTS>;
     var sum = 0.0;
     for (var s = 0u; s < ROW_SLOTS; s = s + 1u) {
-        let c = li + s * ROW_THREADS;
+        let c = inv.li + s * ROW_THREADS;
         if c < h {
             var v = f32(word[id * h + c]);
             if p.has_position != 0u {
@@ -52,13 +48,13 @@ fn main(
             sum = sum + v;
         }
     }
-    let stats = row_stats(&vals, sum, h, p.eps, li);
+    let stats = row_stats(&vals, sum, h, p.eps, inv.li);
     let mean = stats.x;
-    let inv = stats.y;
+    let inv_std = stats.y;
     for (var s = 0u; s < ROW_SLOTS; s = s + 1u) {
-        let c = li + s * ROW_THREADS;
+        let c = inv.li + s * ROW_THREADS;
         if c < h {
-            var v = (vals[s] - mean) * inv * f32(gamma[c]);
+            var v = (vals[s] - mean) * inv_std * f32(gamma[c]);
             if p.has_bias != 0u {
                 v = v + f32(beta[c]);
             }

@@ -15,12 +15,8 @@ struct Params {
 @group(1) @binding(0) var<uniform> p: Params;
 
 @compute @workgroup_size(256)
-fn main(
-    @builtin(workgroup_id) wg: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) li: u32,
-) {
-    let e = linear_group(wg, nwg) * 256u + li;
+fn main(inv: Invocation) {
+    let e = element_index(inv);
     if e >= p.n_seqs * p.cols {
         return;
     }

@@ -16,14 +16,10 @@ struct Params {
 @group(1) @binding(0) var<uniform> p: Params;
 
 @compute @workgroup_size(256)
-fn main(
-    @builtin(workgroup_id) wg: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) li: u32,
-) {
+fn main(inv: Invocation) {
     // Per token: Q and K, H/2 pairs each (heads × d/2).
     let pairs = p.hidden;  // 2 blocks × H/2 pairs
-    let e = linear_group(wg, nwg) * 256u + li;
+    let e = element_index(inv);
     if e >= p.rows * pairs {
         return;
     }

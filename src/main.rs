@@ -106,12 +106,8 @@ struct JobArgs {
     /// Number of workers sharing the inputs [default: $SLURM_ARRAY_TASK_COUNT, else 1]
     #[arg(long)]
     world_size: Option<usize>,
-    #[arg(long, default_value = "text")]
-    text_field: String,
-    #[arg(long, default_value = "id")]
-    id_field: String,
-    #[arg(long, default_value = "source")]
-    source_field: String,
+    #[command(flatten)]
+    fields: select_cli::Fields,
     /// Output rows: `jsonl` (id, source, scores or embedding), `parquet` (id, source, error and a
     /// float32 column per label, or an embedding list column) or `dolma` (attribute side-cars
     /// under <output-dir>/attributes/<experiment>/, for `dolma mix`; needs --experiment)
@@ -290,11 +286,8 @@ fn job(a: JobArgs, task: Task) -> Result<()> {
     let opts = JobOptions {
         format,
         fields: FieldNames {
-            text: a.text_field,
-            id: a.id_field,
-            source: a.source_field,
             keep_input: a.keep_input,
-            keep_raw: false,
+            ..a.fields.names()
         },
         strict: a.strict,
         compression: a.compression,

@@ -34,7 +34,7 @@ pub struct Fields {
 }
 
 impl Fields {
-    fn names(&self) -> FieldNames {
+    pub fn names(&self) -> FieldNames {
         corpus::TextFields {
             text: self.text_field.clone(),
             id: self.id_field.clone(),
