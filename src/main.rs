@@ -183,13 +183,19 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
     })
 }
 
-fn load(args: &ModelArgs) -> Result<Scorer> {
-    if let Some(n) = args.threads {
+/// `--threads`: the size of the global worker pool (CPU backend and tokenization).
+fn set_threads(threads: Option<usize>) -> Result<()> {
+    if let Some(n) = threads {
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .build_global()
             .context("cannot set threads")?;
     }
+    Ok(())
+}
+
+fn load(args: &ModelArgs) -> Result<Scorer> {
+    set_threads(args.threads)?;
     let packer = args.batch_tokens.map(|n| Packer {
         max_batch_tokens: n,
         ..Packer::default()

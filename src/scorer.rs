@@ -70,6 +70,40 @@ pub struct HeadInfo {
     pub problem_type: ProblemType,
 }
 
+/// What the `n` outputs of the checkpoint in `dir` mean: labels from `config.json` made unique
+/// and safe by [`crate::names::label_names`], and the problem type (transformers' own rule when
+/// it is unset).
+pub fn head_info(dir: &Path, cfg: &ModelConfig, n: usize) -> Result<HeadInfo> {
+    let labels = match &cfg.declared_labels {
+        Some(l) if l.len() == n => l.clone(),
+        Some(l) if l.len() > 1 || n == 1 => bail!(
+            "{}: the classifier has {n} outputs but config.json names {} labels",
+            dir.display(),
+            l.len()
+        ),
+        _ => (0..n).map(|i| format!("LABEL_{i}")).collect(),
+    };
+    let problem_type = cfg.problem_type.unwrap_or(if n == 1 {
+        ProblemType::Regression
+    } else {
+        ProblemType::SingleLabel
+    });
+    Ok(HeadInfo {
+        labels: crate::names::label_names(&labels),
+        problem_type,
+    })
+}
+
+/// A head's raw outputs (logits) turned into scores as the problem type says: raw for
+/// regression, softmax for single-label and sigmoid for multi-label classification.
+pub fn activate_outputs(problem_type: ProblemType, row: &mut [f32]) {
+    match problem_type {
+        ProblemType::Regression => {}
+        ProblemType::SingleLabel => softmax(row),
+        ProblemType::MultiLabel => row.iter_mut().for_each(|v| *v = 1.0 / (1.0 + (-*v).exp())),
+    }
+}
+
 /// A loaded student: tokenizer, encoder on a device, head and pooling metadata.
 pub struct Scorer {
     dir: PathBuf,
@@ -160,29 +194,7 @@ impl Scorer {
         let text = TextEncoder::from_file(&dir.join("tokenizer.json"), max_tokens)?;
         let head = match encoder.num_outputs() {
             0 => None,
-            n => {
-                let labels = match &cfg.declared_labels {
-                    Some(l) if l.len() == n => l.clone(),
-                    Some(l) if l.len() > 1 || n == 1 => bail!(
-                        "{}: the classifier has {n} outputs but config.json names {} labels",
-                        dir.display(),
-                        l.len()
-                    ),
-                    _ => (0..n).map(|i| format!("LABEL_{i}")).collect(),
-                };
-                // Unique names that are no output column (`crate::names`).
-                let labels = crate::names::label_names(&labels);
-                // transformers' own rule when problem_type is unset.
-                let problem_type = cfg.problem_type.unwrap_or(if n == 1 {
-                    ProblemType::Regression
-                } else {
-                    ProblemType::SingleLabel
-                });
-                Some(HeadInfo {
-                    labels,
-                    problem_type,
-                })
-            }
+            n => Some(head_info(dir, cfg, n)?),
         };
         // A GPU binds at most so many bytes at once: batches are split to fit, and one
         // document (which cannot be split) must fit alone.
@@ -280,7 +292,10 @@ impl Scorer {
     /// model's vocabulary (a tokenizer with added tokens the checkpoint was not resized for fails
     /// here, per record, rather than the whole batch).
     pub fn tokenize_one(&self, text: &str) -> Result<Vec<u32>> {
-        let ids = self.text.encode(text)?;
+        self.checked_ids(self.text.encode(text)?)
+    }
+
+    fn checked_ids(&self, ids: Vec<u32>) -> Result<Vec<u32>> {
         if ids.is_empty() {
             bail!("the text has no tokens (the tokenizer adds no special tokens)");
         }
@@ -289,6 +304,13 @@ impl Scorer {
             bail!("token id {bad} is outside the model's vocabulary of {vocab} (tokenizer and checkpoint disagree)");
         }
         Ok(ids)
+    }
+
+    /// [`tokenize_one`](Self::tokenize_one)'s ids and the whole text's token count
+    /// ([`count_tokens`](Self::count_tokens)) from one tokenizer pass where the text allows.
+    pub fn tokenize_counting(&self, text: &str) -> Result<(Vec<u32>, usize)> {
+        let (ids, count) = self.text.encode_counting(text)?;
+        Ok((self.checked_ids(ids)?, count))
     }
 
     /// Size of the tokenizer's vocabulary.
@@ -323,13 +345,7 @@ impl Scorer {
         let n = head.labels.len();
         let (mut values, failures) = self.run_lenient(ids, n, |e, b| e.logits(b))?;
         for row in values.chunks_exact_mut(n) {
-            match head.problem_type {
-                ProblemType::Regression => {}
-                ProblemType::SingleLabel => softmax(row),
-                ProblemType::MultiLabel => {
-                    row.iter_mut().for_each(|v| *v = 1.0 / (1.0 + (-*v).exp()))
-                }
-            }
+            activate_outputs(head.problem_type, row);
         }
         let scores = Scores {
             labels: head.labels.clone(),
@@ -383,6 +399,14 @@ impl Scorer {
         let dim = self.encoder().hidden_size();
         let values = self.run(ids, dim, |e, b| e.features(b))?;
         Ok(Embeddings { dim, values })
+    }
+
+    /// [`features_ids`](Self::features_ids) with per-document failures, as
+    /// [`score_ids_lenient`](Self::score_ids_lenient).
+    pub fn features_ids_lenient(&self, ids: &[Vec<u32>]) -> Result<(Embeddings, Vec<DocFailure>)> {
+        let dim = self.encoder().hidden_size();
+        let (values, failures) = self.run_lenient(ids, dim, |e, b| e.features(b))?;
+        Ok((Embeddings { dim, values }, failures))
     }
 
     /// Token count of the whole text (no truncation, no special tokens): the unit of

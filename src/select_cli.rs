@@ -389,11 +389,33 @@ pub struct SelectArgs {
     unknown_source: String,
     #[arg(long, default_value = "auto")]
     device: Device,
+    /// Storage type on a GPU: auto, f32, f16 or bf16 (as for `mira score`)
+    #[arg(long, default_value = "auto")]
+    precision: mira::engine::Precision,
+    /// Token budget of one packed batch [default: the device's]
+    #[arg(long)]
+    batch_tokens: Option<usize>,
+    /// Worker threads for the CPU backend and tokenization [default: all cores]
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Which pass to run: all (one process), or score and keep (per rank), cutoff and report
+    /// (once, after every rank's previous pass) for a sharded selection
+    #[arg(long, default_value = "all")]
+    pass: retain::Pass,
+    /// This worker's index among --world-size workers (score and keep passes)
+    /// [default: $SLURM_ARRAY_TASK_ID - $SLURM_ARRAY_TASK_MIN, else 0]
+    #[arg(long)]
+    rank: Option<usize>,
+    /// Number of workers sharing the inputs [default: $SLURM_ARRAY_TASK_COUNT, else 1]
+    #[arg(long)]
+    world_size: Option<usize>,
     #[command(flatten)]
     fields: Fields,
 }
 
 pub fn select_cmd(a: SelectArgs) -> Result<()> {
+    let shard = crate::sharding(a.rank, a.world_size)?;
+    crate::set_threads(a.threads)?;
     let groups = Groups::load(&a.groups)?;
     let rel = reliability::Reliability::load(&a.reliability)?;
     let files = corpus::expand_inputs_excluding(&a.input, std::slice::from_ref(&a.output_dir))?;
@@ -404,15 +426,40 @@ pub fn select_cmd(a: SelectArgs) -> Result<()> {
         unknown: a.unknown_source.parse()?,
         fields: a.fields.names(),
         device: a.device,
+        load: mira::LoadOptions {
+            precision: a.precision,
+            packer: a.batch_tokens.map(|n| mira::Packer {
+                max_batch_tokens: n,
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        shard,
         progress: progress(),
         ..Default::default()
     };
-    let sel = retain::select(&files, &groups, &a.students, &rel, &a.output_dir, &opts)?;
-    println!(
-        "{}",
-        serde_json::to_string_pretty(&retain::summary_json(&sel))?
-    );
-    eprintln!("report: {}", a.output_dir.join("report.md").display());
+    let sel = retain::run_pass(
+        a.pass,
+        &files,
+        &groups,
+        &a.students,
+        &rel,
+        &a.output_dir,
+        &opts,
+    )?;
+    match sel {
+        Some(sel) => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&retain::summary_json(&sel))?
+            );
+            eprintln!("report: {}", a.output_dir.join("report.md").display());
+        }
+        None => eprintln!(
+            "select: {:?} pass done (rank {} of {})",
+            a.pass, shard.0, shard.1
+        ),
+    }
     Ok(())
 }
 

@@ -2,6 +2,7 @@
 //! constructed data, ridge regression against an independent closed-form solve, Spearman and
 //! trimmed mean against hand-computed values, and budget selection within one record.
 
+use mira::select::cutoff;
 use mira::select::retain::budget_keep;
 use mira::select::stats::{self, kmeans, silhouette, spearman, trimmed_mean, RidgePath, SplitMix};
 
@@ -230,4 +231,85 @@ fn budget_keeps_the_requested_share_within_one_record() {
     // Ties break by input order.
     let (keep, _) = budget_keep(&[1.0, 1.0, 1.0, 1.0], &[10, 10, 10, 10], 0.5);
     assert_eq!(keep, vec![true, true, false, false]);
+}
+
+/// Entries of `n_buckets` buckets over `files` files, with scores from `distinct` values (so
+/// ties abound, some spanning files), zero-token records among them, and negative scores.
+fn cutoff_entries(rng: &mut SplitMix, n_buckets: usize, distinct: u64) -> Vec<cutoff::Entry> {
+    let files = 1 + rng.next_u64() % 6;
+    let mut out = Vec::new();
+    for f in 0..files {
+        for i in 0..rng.next_u64() % 120 {
+            let tokens = if rng.next_u64().is_multiple_of(7) {
+                0
+            } else {
+                1 + rng.next_u64() % 500
+            };
+            out.push(cutoff::Entry {
+                bucket: (rng.next_u64() % n_buckets as u64) as usize,
+                score: (rng.next_u64() % distinct) as f64 * 0.37 - 2.0,
+                tokens,
+                pos: (f as u32, i),
+            });
+        }
+    }
+    out
+}
+
+#[test]
+fn bounded_memory_cutoffs_keep_exactly_what_the_in_memory_sort_keeps() {
+    let mut rng = SplitMix(11);
+    for trial in 0..300 {
+        let n_buckets = 1 + trial % 4;
+        let distinct = [1, 2, 5, 40, 1 << 40][trial % 5];
+        let entries = cutoff_entries(&mut rng, n_buckets, distinct);
+        let budget = [0.05, 0.3, 0.5, 0.77, 1.0][(trial / 5) % 5];
+        // Tiny limits force every mode: histogram refinement, the single-score walk, collect.
+        let limits = cutoff::Limits {
+            bins: 2 + trial % 5,
+            collect: [1, 3, 17, 1000][trial % 4],
+        };
+        let mut passes = 0;
+        let mut scan = |f: &mut dyn FnMut(cutoff::Entry)| -> anyhow::Result<()> {
+            passes += 1;
+            entries.iter().for_each(|e| f(*e));
+            Ok(())
+        };
+        let mut stats = cutoff::bucket_stats(&mut scan).unwrap();
+        stats.resize(n_buckets, Default::default());
+        let cuts = cutoff::find_cuts(&stats, budget, limits, &mut scan).unwrap();
+        for (b, cut) in cuts.iter().enumerate() {
+            let members: Vec<&cutoff::Entry> = entries.iter().filter(|e| e.bucket == b).collect();
+            let scores: Vec<f64> = members.iter().map(|e| e.score).collect();
+            let tokens: Vec<u64> = members.iter().map(|e| e.tokens).collect();
+            let (keep, lowest) = budget_keep(&scores, &tokens, budget);
+            assert_eq!(cut.map(|c| c.score), lowest, "trial {trial} bucket {b}");
+            for (e, k) in members.iter().zip(&keep) {
+                let kept = cut.is_some_and(|c| c.keeps(e.score, e.pos));
+                assert_eq!(kept, *k, "trial {trial} bucket {b} entry {e:?}");
+            }
+            if let Some(c) = cut {
+                let tied = scores.iter().filter(|s| **s == c.score).count() as u64;
+                assert_eq!(c.tied_kept + c.tied_dropped, tied, "trial {trial}");
+            }
+        }
+        assert!(passes >= 1, "trial {trial}");
+    }
+}
+
+#[test]
+fn score_keys_order_as_total_cmp() {
+    let xs = [
+        -f64::INFINITY,
+        -3.5,
+        -0.0,
+        0.0,
+        1e-300,
+        2.0,
+        9.75,
+        f64::INFINITY,
+    ];
+    for w in xs.windows(2) {
+        assert!(cutoff::key(w[0]) < cutoff::key(w[1]), "{} < {}", w[0], w[1]);
+    }
 }

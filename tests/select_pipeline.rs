@@ -388,6 +388,164 @@ fn group_distill_mask_and_select() {
     )
     .unwrap();
     assert_eq!(s.groups["(no group)"].records_kept, 1);
+
+    sharded_selection_keeps_what_one_process_keeps(&fx.dir, &fx.rows, g, &students, &rel);
+    students_share_one_encoder_only_when_it_is_the_same(&fx.dir, g, &students, &rel, &sel);
+}
+
+/// `mira select` sharded over 48 files, with 3 workers through the library and 7 through the CLI
+/// (rank and world size from SLURM's array variables), keeps byte for byte what one process
+/// keeps, and reports the same numbers, for every cutoff mode.
+fn sharded_selection_keeps_what_one_process_keeps(
+    dir: &Path,
+    rows: &[Value],
+    g: &Groups,
+    students: &Path,
+    rel: &reliability::Reliability,
+) {
+    use mira::select::retain::Pass;
+    let many = dir.join("many");
+    std::fs::create_dir_all(&many).unwrap();
+    for i in 0..48 {
+        let text: String = rows
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| j % 48 == i)
+            .map(|(_, v)| format!("{}\n", spaced(v)))
+            .collect();
+        std::fs::write(many.join(format!("f{i:02}.jsonl")), text).unwrap();
+    }
+    std::fs::write(dir.join("groups.json"), serde_json::to_string(g).unwrap()).unwrap();
+    let files = expand_inputs(std::slice::from_ref(&many)).unwrap();
+    assert_eq!(files.len(), 48);
+    for cutoff in [Cutoff::Group, Cutoff::Global, Cutoff::Source] {
+        let name = format!("{cutoff:?}").to_lowercase();
+        let opts = SelectOptions {
+            cutoff,
+            device: Device::Cpu,
+            ..Default::default()
+        };
+        let one_out = dir.join(format!("one-{name}"));
+        let one = retain::select(&files, g, students, rel, &one_out, &opts).unwrap();
+        assert!(one.total.records_kept > 0 && one.total.records_kept < one.total.records);
+
+        let three = dir.join(format!("three-{name}"));
+        let run = |pass: Pass, shard: (usize, usize)| {
+            let o = SelectOptions {
+                shard,
+                ..opts.clone()
+            };
+            retain::run_pass(pass, &files, g, students, rel, &three, &o).unwrap()
+        };
+        for r in 0..3 {
+            assert!(run(Pass::Score, (r, 3)).is_none());
+        }
+        run(Pass::Cutoff, (0, 1));
+        for r in 0..3 {
+            run(Pass::Keep, (r, 3));
+        }
+        let sel3 = run(Pass::Report, (0, 1)).unwrap();
+        assert_eq!(sel3, one, "{name}: 3 workers");
+        same_kept_files(&files, &one_out, &three);
+
+        let seven = dir.join(format!("seven-{name}"));
+        let cli = |pass: &str, task: Option<usize>| {
+            let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_mira"));
+            c.args(["select", "--input"]).arg(&many);
+            c.arg("--groups").arg(dir.join("groups.json"));
+            c.arg("--students").arg(students);
+            c.arg("--reliability").arg(dir.join("reliability.json"));
+            c.arg("--output-dir").arg(&seven);
+            c.args(["--device", "cpu", "--cutoff", &name, "--pass", pass]);
+            c.env_remove("SLURM_ARRAY_TASK_ID");
+            if let Some(t) = task {
+                c.env("SLURM_ARRAY_TASK_ID", (t + 10).to_string());
+                c.env("SLURM_ARRAY_TASK_MIN", "10");
+                c.env("SLURM_ARRAY_TASK_COUNT", "7");
+            }
+            let o = c.output().unwrap();
+            assert!(
+                o.status.success(),
+                "{pass}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        };
+        for t in 0..7 {
+            cli("score", Some(t));
+        }
+        cli("cutoff", None);
+        for t in 0..7 {
+            cli("keep", Some(t));
+        }
+        cli("report", None);
+        let sel7: retain::Selection =
+            serde_json::from_slice(&std::fs::read(seven.join("selection.json")).unwrap()).unwrap();
+        assert_eq!(sel7, one, "{name}: 7 workers");
+        same_kept_files(&files, &one_out, &seven);
+    }
+}
+
+fn same_kept_files(files: &[mira::corpus::InputFile], a: &Path, b: &Path) {
+    for f in files {
+        let (x, y) = (a.join("kept").join(&f.rel), b.join("kept").join(&f.rel));
+        assert_eq!(
+            std::fs::read(&x).unwrap(),
+            std::fs::read(&y).unwrap(),
+            "{}",
+            y.display()
+        );
+    }
+}
+
+/// Students distilled from one encoder load it once; a student whose encoder differs by one
+/// weight byte makes them load separately.
+fn students_share_one_encoder_only_when_it_is_the_same(
+    dir: &Path,
+    g: &Groups,
+    students: &Path,
+    rel: &reliability::Reliability,
+    shared_sel: &retain::Selection,
+) {
+    use mira::select::students::Students;
+    let names = g.names();
+    let shared = Students::load(students, &names, Device::Cpu, Default::default()).unwrap();
+    assert_eq!(shared.encoders_loaded(), 1);
+    let foreign = dir.join("students-foreign");
+    for n in &names {
+        let from = mira::select::distill::student_dir(students, n);
+        let to = mira::select::distill::student_dir(&foreign, n);
+        std::fs::create_dir_all(&to).unwrap();
+        for e in std::fs::read_dir(&from).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+    // One byte of the first student's word embeddings changes.
+    let path = mira::select::distill::student_dir(&foreign, &names[0]).join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let word = st.tensor("bert.embeddings.word_embeddings.weight").unwrap();
+    let offset = word.data().as_ptr() as usize - bytes.as_ptr() as usize;
+    let mut changed = bytes.clone();
+    changed[offset] ^= 1;
+    std::fs::write(&path, changed).unwrap();
+    let separate = Students::load(&foreign, &names, Device::Cpu, Default::default()).unwrap();
+    assert_eq!(separate.encoders_loaded(), names.len());
+    // Either way each group has its anchors.
+    for n in &names {
+        assert_eq!(shared.labels(n), separate.labels(n));
+    }
+    // Separate students select too: every record scored (one weight bit apart, the scores and
+    // so the kept records may differ slightly).
+    let files = expand_inputs(&[dir.join("part1.jsonl"), dir.join("part2.jsonl.gz")]).unwrap();
+    let opts = SelectOptions {
+        device: Device::Cpu,
+        ..Default::default()
+    };
+    let sel = retain::select(&files, g, &foreign, rel, &dir.join("sel-foreign"), &opts).unwrap();
+    assert_eq!(sel.total.records, shared_sel.total.records);
+    assert_eq!(sel.total.tokens, shared_sel.total.tokens);
+    assert!(sel.errors.is_empty(), "{:?}", sel.errors);
 }
 
 fn gunzip(b: &[u8]) -> String {

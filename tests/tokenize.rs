@@ -56,16 +56,41 @@ fn trimmed_long_documents_tokenize_like_the_full_text() {
         let scorer = Scorer::load_with(&dir, Device::Cpu, opts).unwrap();
         let mut texts = long.to_vec();
         texts.extend([boundary_text(max_tokens, 1), boundary_text(max_tokens, 2)]);
+        texts.extend(texts_to_count());
         for (i, text) in texts.iter().enumerate() {
             let got = scorer.tokenize_one(text).unwrap();
-            assert_eq!(
-                got,
-                full_encode(&dir, text, max_tokens),
-                "text {i} at {max_tokens}"
-            );
+            let want = full_encode(&dir, text, max_tokens);
+            assert_eq!(got, want, "text {i} at {max_tokens}");
             assert!(got.len() <= max_tokens);
+            // One tokenizer pass for ids and count (`mira select`) gives the same of both.
+            let (ids, count) = scorer.tokenize_counting(text).unwrap();
+            assert_eq!(ids, want, "counting: text {i} at {max_tokens}");
+            // Past one counting piece, `count_tokens`' own rule (tested below) applies.
+            let want_count = match text.len() <= mira::text::tokenize::COUNT_PIECE_BYTES {
+                true => whole_count(&dir, text),
+                false => scorer.count_tokens(text).unwrap(),
+            };
+            assert_eq!(count, want_count, "count: text {i}");
         }
     }
+}
+
+/// Tokens of the whole text, no special tokens, through `tokenizers` alone.
+fn whole_count(dir: &std::path::Path, text: &str) -> usize {
+    let mut tok = Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+    tok.with_padding(None);
+    tok.with_truncation(None).unwrap();
+    tok.encode(text, false).unwrap().get_ids().len()
+}
+
+/// Short and mid-sized texts (the one-pass path of `tokenize_counting`).
+fn texts_to_count() -> Vec<String> {
+    vec![
+        "a".into(),
+        "Short text.".into(),
+        "word ".repeat(10_000),
+        "混合 text 数据 with code: fn f(x) { x + 1 }\n".repeat(500),
+    ]
 }
 
 /// A text whose byte-trim cut (16 bytes per token of budget) lands on the space after the last of

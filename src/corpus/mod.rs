@@ -18,8 +18,8 @@ use anyhow::{bail, Context, Result};
 
 pub use jsonl::{JsonlReader, JsonlRowWriter, JsonlWriter};
 pub use output::{
-    is_done, live_writer, mark_done, refuse_input, remove_stale_temps, write_atomic, Destination,
-    InputIds, LiveWriters, OutputFile,
+    done_summary, is_done, live_writer, mark_done, refuse_input, remove_stale_temps, write_atomic,
+    Destination, InputIds, LiveWriters, OutputFile,
 };
 pub use parquet::{ParquetReader, ParquetWriter};
 pub use rows::{JsonRows, JsonStyle, OutputRow, RecordSink, RowValues};

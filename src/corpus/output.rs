@@ -305,6 +305,14 @@ pub fn is_done(root: &Path, out: &Path) -> bool {
     false
 }
 
+/// The contents of `out`'s done marker, when `out` is complete.
+pub fn done_summary(root: &Path, out: &Path) -> Option<Vec<u8>> {
+    if !is_done(root, out) {
+        return None;
+    }
+    std::fs::read(done_marker(root, out)).ok()
+}
+
 /// Mark `out` complete, with `summary` as the marker's contents.
 pub fn mark_done(root: &Path, out: &Path, summary: &[u8]) -> Result<()> {
     let marker = done_marker(root, out);

@@ -25,6 +25,8 @@ pub type Outcome<'a> = std::result::Result<&'a [f32], &'a RecordError>;
 pub struct OutputRow<'a> {
     pub record: &'a Record,
     pub outcome: Outcome<'a>,
+    /// The whole text's tokens, when the job counts them (`JobOptions::count_tokens`).
+    pub tokens: Option<u64>,
 }
 
 /// An ordered output: one row per input record.
@@ -165,6 +167,7 @@ mod tests {
         let rec = record(None, None);
         let ok = rows.row(&OutputRow {
             record: &rec,
+            tokens: None,
             outcome: Ok(&[0.1, -2.5]),
         });
         assert_eq!(
@@ -174,6 +177,7 @@ mod tests {
         let err = RecordError::EmptyText("f.jsonl:1: the text is empty".into());
         let bad = rows.row(&OutputRow {
             record: &rec,
+            tokens: None,
             outcome: Err(&err),
         });
         assert_eq!(
@@ -194,6 +198,7 @@ mod tests {
         let rec = record(Some(Value::from(7)), Some("s"));
         let ok = rows.row(&OutputRow {
             record: &rec,
+            tokens: None,
             outcome: Ok(&[1.5]),
         });
         assert_eq!(
@@ -203,6 +208,7 @@ mod tests {
         let err = RecordError::NonFiniteOutput("f.jsonl:1: NaN".into());
         let bad = rows.row(&OutputRow {
             record: &rec,
+            tokens: None,
             outcome: Err(&err),
         });
         assert_eq!(

@@ -6,7 +6,7 @@
 //! streaming, multi-threaded corpus job replaces the loop body, not its contract.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicUsize;
 use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::Arc;
@@ -31,6 +31,9 @@ pub enum Task {
     Embed,
     /// `{"id", "scores": {"<label>": x}}`
     Score,
+    /// What a linear head reads, `[hidden]` per record (BERT's pooler output), for heads applied
+    /// outside the model: `mira select` runs one shared encoder and each group's head after it.
+    Features,
 }
 
 /// How output rows look.
@@ -46,6 +49,33 @@ pub enum Format {
     /// Parquet: `id`, `source`, `error` and one `float32` column per label (or an `embedding`
     /// list column).
     Parquet,
+    /// The caller's own rows (`mira select`'s score rows), one file per input.
+    Custom(CustomFormat),
+}
+
+/// Opens the caller's sink for one output file.
+pub type SinkMaker = dyn Fn(&Path) -> Result<Box<dyn RecordSink>> + Send + Sync;
+
+/// A sink the caller supplies, with the extension of its per-file outputs
+/// (`<input's relative path>.<extension>`).
+#[derive(Clone)]
+pub struct CustomFormat {
+    pub extension: String,
+    pub create: Arc<SinkMaker>,
+}
+
+impl PartialEq for CustomFormat {
+    fn eq(&self, other: &Self) -> bool {
+        self.extension == other.extension && Arc::ptr_eq(&self.create, &other.create)
+    }
+}
+
+impl Eq for CustomFormat {}
+
+impl std::fmt::Debug for CustomFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CustomFormat(.{})", self.extension)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -60,6 +90,8 @@ pub struct JobOptions {
     pub progress: bool,
     /// Compression of per-file JSON Lines outputs (default: as the input).
     pub compression: corpus::OutputCompression,
+    /// Count each record's whole-text tokens in the tokenizer pass ([`OutputRow::tokens`]).
+    pub count_tokens: bool,
 }
 
 impl Default for JobOptions {
@@ -71,6 +103,7 @@ impl Default for JobOptions {
             chunk_records: 4096,
             progress: true,
             compression: corpus::OutputCompression::Keep,
+            count_tokens: false,
         }
     }
 }
@@ -156,7 +189,7 @@ pub fn run_job(
         scope.spawn(move || {
             for chunk in read_rx {
                 if tok_tx
-                    .send(chunk.map(|c| tokenize_chunk(scorer, c)))
+                    .send(chunk.map(|c| tokenize_chunk(scorer, c, opts.count_tokens)))
                     .is_err()
                 {
                     return;
@@ -224,7 +257,7 @@ pub fn run_records(
         file_records: Arc::default(),
         file_ok: Arc::default(),
     };
-    let tokenized = tokenize_chunk(scorer, chunk);
+    let tokenized = tokenize_chunk(scorer, chunk, false);
     let results = run_chunk(scorer, task, &tokenized)?;
     Ok(tok_outcomes(&tokenized, results))
 }
@@ -255,6 +288,8 @@ struct Tokenized {
     /// Token ids of the usable records, and the chunk index each belongs to.
     ids: Vec<Vec<u32>>,
     owners: Vec<usize>,
+    /// Whole-text token counts of the usable records (with `count_tokens`; else empty).
+    counts: Vec<u64>,
     /// Records the tokenizer refused.
     failures: BTreeMap<usize, RecordError>,
 }
@@ -337,7 +372,7 @@ fn span(chunk: &[Record]) -> String {
 
 /// Tokenizer stage: token ids of the usable records, in parallel; a tokenizer failure marks only
 /// its record.
-fn tokenize_chunk(scorer: &Scorer, chunk: Chunk) -> Tokenized {
+fn tokenize_chunk(scorer: &Scorer, chunk: Chunk, count_tokens: bool) -> Tokenized {
     use rayon::prelude::*;
     let texts: Vec<(usize, &str)> = chunk
         .records
@@ -358,17 +393,24 @@ fn tokenize_chunk(scorer: &Scorer, chunk: Chunk) -> Tokenized {
             !empty
         })
         .collect();
-    let encoded: Vec<Result<Vec<u32>>> = texts
+    let encoded: Vec<Result<(Vec<u32>, usize)>> = texts
         .par_iter()
-        .map(|(_, t)| scorer.tokenize_one(t))
+        .map(|(_, t)| match count_tokens {
+            true => scorer.tokenize_counting(t),
+            false => scorer.tokenize_one(t).map(|ids| (ids, 0)),
+        })
         .collect();
     let mut ids = Vec::with_capacity(texts.len());
     let mut owners = Vec::with_capacity(texts.len());
+    let mut counts = Vec::new();
     for ((i, _), enc) in texts.iter().zip(encoded) {
         match enc {
-            Ok(v) => {
+            Ok((v, n)) => {
                 ids.push(v);
                 owners.push(*i);
+                if count_tokens {
+                    counts.push(n as u64);
+                }
             }
             Err(e) => {
                 failures.insert(
@@ -382,6 +424,7 @@ fn tokenize_chunk(scorer: &Scorer, chunk: Chunk) -> Tokenized {
         chunk,
         ids,
         owners,
+        counts,
         failures,
     }
 }
@@ -401,10 +444,12 @@ fn run_chunk(scorer: &Scorer, task: Task, t: &Tokenized) -> Result<Vec<EngineRes
             let rows: Vec<Vec<f32>> = (0..t.ids.len()).map(|d| s.row(d).to_vec()).collect();
             (rows, failures)
         }
-        Task::Embed => {
-            let (e, failures) = scorer
-                .embed_ids_lenient(&t.ids)
-                .with_context(|| span(&t.chunk.records))?;
+        Task::Embed | Task::Features => {
+            let (e, failures) = match task {
+                Task::Embed => scorer.embed_ids_lenient(&t.ids),
+                _ => scorer.features_ids_lenient(&t.ids),
+            }
+            .with_context(|| span(&t.chunk.records))?;
             let rows: Vec<Vec<f32>> = (0..t.ids.len()).map(|d| e.row(d).to_vec()).collect();
             (rows, failures)
         }
@@ -457,7 +502,11 @@ fn write_chunk(
     opts: &JobOptions,
     summary: &mut JobSummary,
 ) -> Result<()> {
-    for (rec, outcome) in t.chunk.records.iter().zip(&outcomes) {
+    let mut counts = vec![None; t.chunk.records.len()];
+    for (&owner, &n) in t.owners.iter().zip(&t.counts) {
+        counts[owner] = Some(n);
+    }
+    for ((rec, outcome), tokens) in t.chunk.records.iter().zip(&outcomes).zip(counts) {
         summary.records += 1;
         match outcome {
             Err(err) if opts.strict => bail!("{err}"),
@@ -467,6 +516,7 @@ fn write_chunk(
         sink.write(&OutputRow {
             record: rec,
             outcome: outcome.as_ref().map(Vec::as_slice),
+            tokens,
         })?;
     }
     summary.tokens += t.ids.iter().map(Vec::len).sum::<usize>();

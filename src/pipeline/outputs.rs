@@ -42,6 +42,7 @@ pub(super) fn plan_outputs<'a>(
                 opts.compression,
             )),
             Format::Parquet => dir.join(corpus::output_name(&f.rel, "parquet")),
+            Format::Custom(c) => dir.join(corpus::output_name(&f.rel, &c.extension)),
             Format::Dolma { experiment, .. } => {
                 dir.join("attributes").join(experiment).join(&f.rel)
             }
@@ -76,6 +77,7 @@ pub(super) fn create_sink(
                 values.clone(),
             )?))
         }
+        Format::Custom(c) => return (c.create)(path),
         Format::Jsonl => JsonStyle::Plain,
         Format::Dolma { experiment, model } => JsonStyle::Dolma {
             experiment: experiment.clone(),

@@ -12,11 +12,13 @@
 //!
 //! Every step reads and writes plain files a person can inspect and edit between steps.
 
+pub mod cutoff;
 pub mod discover;
 pub mod distill;
 pub mod group;
 pub mod ingest;
 pub mod label;
+pub mod reduce;
 pub mod reliability;
 pub mod report;
 pub mod retain;
@@ -24,6 +26,7 @@ pub mod run;
 pub mod run_config;
 pub mod selection;
 pub mod stats;
+pub mod students;
 pub mod teacher;
 
 use std::collections::{BTreeMap, BinaryHeap};

@@ -7,33 +7,21 @@ use std::path::Path;
 
 use anyhow::Result;
 
-use super::selection::{ScoreRow, Selection, Tally};
+use super::selection::{ScoreHistogram, Selection, Tally, HIST_BINS};
 use crate::corpus::write_atomic;
 
-/// A histogram of `all` scores with the `kept` ones overlaid and the cutoff marked, as SVG.
+/// A histogram of a group's scores with the kept ones overlaid and the cutoff marked, as SVG.
 // Long: one SVG document written element by element; split, its coordinates would travel between
 // functions.
-pub fn histogram_svg(title: &str, all: &[f64], kept: &[f64], cutoff: Option<f64>) -> String {
+pub fn histogram_svg(title: &str, hist: &ScoreHistogram, cutoff: Option<f64>) -> String {
     const W: f64 = 640.0;
     const H: f64 = 320.0;
     const L: f64 = 56.0; // left margin
     const B: f64 = 40.0; // bottom margin
     const T: f64 = 36.0; // top margin
-    const BINS: usize = 30;
-    let lo = all.iter().cloned().fold(f64::INFINITY, f64::min);
-    let hi = all.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-    let (lo, hi) = if !lo.is_finite() {
-        (0.0, 1.0)
-    } else if hi - lo < 1e-9 {
-        (lo - 0.5, hi + 0.5)
-    } else {
-        (lo, hi)
-    };
-    let bin = |v: f64| (((v - lo) / (hi - lo) * BINS as f64) as usize).min(BINS - 1);
-    let mut h_all = [0usize; BINS];
-    let mut h_kept = [0usize; BINS];
-    all.iter().for_each(|v| h_all[bin(*v)] += 1);
-    kept.iter().for_each(|v| h_kept[bin(*v)] += 1);
+    const BINS: usize = HIST_BINS;
+    let (lo, hi) = (hist.lo, hist.hi);
+    let (h_all, h_kept) = (&hist.all, &hist.kept);
     let max = (*h_all.iter().max().unwrap()).max(1) as f64;
     let pw = W - L - 16.0;
     let ph = H - T - B;
@@ -50,7 +38,7 @@ pub fn histogram_svg(title: &str, all: &[f64], kept: &[f64], cutoff: Option<f64>
         escape(title)
     );
     let bw = pw / BINS as f64;
-    for (i, (&a, &k)) in h_all.iter().zip(&h_kept).enumerate() {
+    for (i, (&a, &k)) in h_all.iter().zip(h_kept).enumerate() {
         let bx = L + i as f64 * bw;
         let ha = a as f64 / max * ph;
         let hk = k as f64 / max * ph;
@@ -127,14 +115,14 @@ pub fn histogram_svg(title: &str, all: &[f64], kept: &[f64], cutoff: Option<f64>
         r##"<rect x="{:.1}" y="8" width="10" height="10" fill="#c8c8c8"/><text x="{:.1}" y="17">all ({})</text>"##,
         W - 200.0,
         W - 186.0,
-        all.len()
+        h_all.iter().sum::<u64>()
     );
     let _ = writeln!(
         s,
         r##"<rect x="{:.1}" y="8" width="10" height="10" fill="#3b6fb6"/><text x="{:.1}" y="17">kept ({})</text>"##,
         W - 110.0,
         W - 96.0,
-        kept.len()
+        h_kept.iter().sum::<u64>()
     );
     s.push_str("</svg>\n");
     s
@@ -188,12 +176,7 @@ fn svg_name(bucket: &str) -> String {
 
 /// Write `report.md`, `report/hist_<group>.svg` and `selection.json` under `out`.
 // Long: report.md written section by section, in the order it reads.
-pub fn write(
-    out: &Path,
-    sel: &Selection,
-    rows: &[Vec<ScoreRow>],
-    keep: &[Vec<bool>],
-) -> Result<()> {
+pub fn write(out: &Path, sel: &Selection, hists: &BTreeMap<String, ScoreHistogram>) -> Result<()> {
     let dir = out.join("report");
     std::fs::create_dir_all(&dir)?;
     let mut s = String::new();
@@ -247,19 +230,7 @@ pub fn write(
         s.push('\n');
     }
     let _ = writeln!(s, "## Score histograms\n");
-    let mut per_group: BTreeMap<String, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
-    for (fr, fk) in rows.iter().zip(keep) {
-        for (r, &k) in fr.iter().zip(fk) {
-            if let (Some(g), Some(sc), None) = (&r.group, r.score, &r.error) {
-                let e = per_group.entry(g.clone()).or_default();
-                e.0.push(sc);
-                if k {
-                    e.1.push(sc);
-                }
-            }
-        }
-    }
-    for (g, (all, kept)) in &per_group {
+    for (g, hist) in hists {
         let cutoff = sel
             .thresholds
             .get(g)
@@ -268,7 +239,7 @@ pub fn write(
         let name = svg_name(g);
         write_atomic(
             &dir.join(&name),
-            histogram_svg(&format!("group {g}"), all, kept, cutoff).as_bytes(),
+            histogram_svg(&format!("group {g}"), hist, cutoff).as_bytes(),
         )?;
         let _ = writeln!(s, "![group {g}](report/{name})\n");
     }

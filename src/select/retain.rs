@@ -5,196 +5,350 @@
 //! globally, or per source: records are ranked by score (ties in input order) and kept until
 //! the kept tokens reach the budget, so each bucket keeps its share to within one record.
 //!
-//! Three passes, each resumable: (1) scores per input file under `<out>/scores/` (atomic, a
-//! rerun skips finished files); (2) cutoffs from all scores; (3) the kept records of each input
-//! file, in the input's format and compression, under `<out>/kept/` with `.done` markers. The
-//! report (`report.md`, SVG histograms, `selection.json`) closes the job.
+//! Four passes, each resumable, the first and third sharded over `--rank/--world-size`:
+//! 1. **score**: the streaming job of `mira score` (every device option, per-file outputs with
+//!    done markers) writes a score row per record under `<out>/scores/`; students that share an
+//!    encoder run it once per record and apply the record's group head after it;
+//! 2. **cutoff**: exact cutoffs from every file's scores in bounded memory (`cutoff.rs`) ->
+//!    `cutoffs.json`;
+//! 3. **keep**: each input's kept records, in its format and compression, under `<out>/kept/`,
+//!    its share of the report's counts in its done marker;
+//! 4. **report**: the counts added up -> `selection.json`, `report.md`, SVG histograms.
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use rayon::prelude::*;
 
-use super::distill::student_dir;
+use super::reduce::{self, kept_path, read_score_rows, scores_path, scores_root, Cutoffs};
 use super::reliability::Reliability;
+use super::students::{Head, Students};
 use super::{source_of, stats, Groups};
-use crate::corpus::{self, remove_stale_temps, write_atomic, InputFile, JsonlWriter, OutputFile};
-use crate::{Device, Scorer};
+use crate::corpus::{
+    self, remove_stale_temps, InputFile, JsonlWriter, OutputFile, OutputRow, RecordSink,
+};
+use crate::pipeline::{self, CustomFormat, Format, JobOptions, Output, Task};
+use crate::Scorer;
 
 pub use super::selection::{
     summary_json, Cutoff, ScoreRow, SelectOptions, Selection, Tally, UnknownSource,
 };
 
-/// The students and their masks, loaded lazily per group.
-struct Students<'a> {
-    dir: &'a Path,
-    device: Device,
-    loaded: HashMap<String, Arc<Scorer>>,
+/// Which part of the selection to run (`--pass`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    /// Everything, in one process.
+    All,
+    Score,
+    Cutoff,
+    Keep,
+    Report,
 }
 
-impl Students<'_> {
-    fn get(&mut self, group: &str) -> Result<Arc<Scorer>> {
-        if let Some(s) = self.loaded.get(group) {
-            return Ok(s.clone());
-        }
-        let dir = student_dir(self.dir, group);
-        let s = Arc::new(
-            Scorer::load(&dir, self.device)
-                .with_context(|| format!("cannot load the student of group {group}"))?,
-        );
-        if s.head().is_none() {
-            bail!("{}: the student has no head", dir.display());
-        }
-        self.loaded.insert(group.to_string(), s.clone());
-        Ok(s)
+impl std::str::FromStr for Pass {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "all" => Pass::All,
+            "score" => Pass::Score,
+            "cutoff" => Pass::Cutoff,
+            "keep" => Pass::Keep,
+            "report" => Pass::Report,
+            _ => bail!("unknown pass '{s}': all, score, cutoff, keep or report"),
+        })
     }
 }
 
-fn scores_path(out: &Path, f: &InputFile) -> PathBuf {
-    out.join("scores")
-        .join(corpus::output_name(&f.rel, "scores.jsonl"))
-}
-
-fn kept_path(out: &Path, f: &InputFile) -> PathBuf {
-    out.join("kept").join(&f.rel)
-}
-
-/// Pass 1 for one file: score every record.
-// Long: one pass over a file's records (read, token counts, score per group student, rows) over
-// vectors indexed together.
-fn score_file(
-    f: &InputFile,
+/// Run the whole selection in this process.
+pub fn select(
+    files: &[InputFile],
     groups: &Groups,
+    students_dir: &Path,
     rel: &Reliability,
-    students: &mut Students,
+    out: &Path,
     opts: &SelectOptions,
-    warnings: &mut Vec<String>,
-) -> Result<Vec<ScoreRow>> {
-    let mut rows: Vec<ScoreRow> = Vec::new();
-    let mut reader = corpus::open_input(&f.path, &opts.fields)?.peekable();
-    loop {
-        let mut chunk = Vec::with_capacity(opts.chunk);
-        while chunk.len() < opts.chunk {
-            match reader.next() {
-                Some(r) => chunk.push(r?),
-                None => break,
+) -> Result<Selection> {
+    let sel = run_pass(Pass::All, files, groups, students_dir, rel, out, opts)?;
+    Ok(sel.expect("the report pass returns the selection"))
+}
+
+/// Run one pass (or all); `files` is the whole corpus, in order, on every rank. The report pass
+/// (and `All`) return the selection.
+pub fn run_pass(
+    pass: Pass,
+    files: &[InputFile],
+    groups: &Groups,
+    students_dir: &Path,
+    rel: &Reliability,
+    out: &Path,
+    opts: &SelectOptions,
+) -> Result<Option<Selection>> {
+    opts.validate()?;
+    if pass == Pass::All && opts.shard.1 > 1 {
+        bail!("a selection sharded over {} workers runs pass by pass: --pass score, then cutoff (once), keep, and report (once)", opts.shard.1);
+    }
+    // Two passes over the inputs (score, then keep): standard input cannot be read twice.
+    if files.iter().any(|f| f.path.as_os_str() == "-") {
+        bail!("mira select reads its inputs twice: standard input (`-`) cannot be one of them");
+    }
+    // No kept file may be an input (`--output-dir` pointing into the corpus).
+    let input_ids = corpus::InputIds::of(files);
+    for f in files {
+        input_ids.refuse(&kept_path(out, f))?;
+    }
+    if matches!(pass, Pass::All | Pass::Score) {
+        let students = Students::load(
+            students_dir,
+            &groups.names(),
+            opts.device,
+            opts.load.clone(),
+        )?;
+        score_pass(files, groups, &students, rel, out, opts)?;
+    }
+    let cutoffs = match pass {
+        Pass::All | Pass::Cutoff => Some(reduce::cutoff_pass(files, out, opts)?),
+        Pass::Keep | Pass::Report => Some(Cutoffs::load(out)?),
+        Pass::Score => None,
+    };
+    if let Some(c) = &cutoffs {
+        c.check(files, opts)?;
+    }
+    if matches!(pass, Pass::All | Pass::Keep) {
+        keep_pass(files, rel, out, cutoffs.as_ref().unwrap(), opts)?;
+    }
+    if matches!(pass, Pass::All | Pass::Report) {
+        return Ok(Some(reduce::report_pass(
+            files,
+            out,
+            cutoffs.as_ref().unwrap(),
+            opts,
+        )?));
+    }
+    Ok(None)
+}
+
+/// This rank's files, with their positions in the corpus.
+fn my_files<'a>(files: &'a [InputFile], opts: &SelectOptions) -> Vec<(usize, &'a InputFile)> {
+    let (rank, world) = opts.shard;
+    files
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % world == rank)
+        .collect()
+}
+
+/// What turns a record's student outputs into its score.
+#[derive(Clone)]
+struct Scoring {
+    groups: Groups,
+    rel: Reliability,
+    trim: f64,
+    unknown: UnknownSource,
+}
+
+impl Scoring {
+    /// The trimmed mean of the outputs on the anchors left unmasked for `source` (all anchors
+    /// when every one is masked).
+    fn score(&self, labels: &[String], outputs: &[f32], source: &str) -> Option<f64> {
+        let vals: Vec<f64> = match self.rel.unmasked_for(source) {
+            Some(names) if !names.is_empty() => labels
+                .iter()
+                .zip(outputs)
+                .filter(|(l, _)| names.contains(l))
+                .map(|(_, v)| *v as f64)
+                .collect(),
+            _ => outputs.iter().map(|v| *v as f64).collect(),
+        };
+        stats::trimmed_mean(&vals, self.trim)
+    }
+
+    /// A record's row before its score: group, or the unknown-source policy's error.
+    fn row(&self, rec: &corpus::Record, tokens: u64) -> Result<ScoreRow> {
+        let source = source_of(rec);
+        let group = self.groups.group_of(&source).map(str::to_string);
+        if group.is_none() && rec.text.is_ok() && self.unknown == UnknownSource::Error {
+            bail!(
+                "{}: source '{source}' is in no group of groups.json (use --unknown-source keep|drop to let such records through or drop them)",
+                rec.location
+            );
+        }
+        Ok(ScoreRow {
+            id: rec.id.clone(),
+            source,
+            group,
+            tokens,
+            score: None,
+            error: None,
+        })
+    }
+}
+
+/// Score rows of one file from the shared encoder's features, written atomically.
+struct ScoreSink {
+    scoring: Arc<Scoring>,
+    heads: Arc<BTreeMap<String, Head>>,
+    w: JsonlWriter,
+}
+
+impl RecordSink for ScoreSink {
+    fn write(&mut self, r: &OutputRow) -> Result<()> {
+        let mut row = self.scoring.row(r.record, r.tokens.unwrap_or(0))?;
+        match (r.outcome, &row.group) {
+            (Err(e), _) => row.error = Some(e.to_string()),
+            (Ok(_), None) => {}
+            (Ok(features), Some(g)) => {
+                let head = &self.heads[g];
+                let outputs = head.apply(features);
+                row.score = self.scoring.score(&head.info.labels, &outputs, &row.source);
             }
         }
-        if chunk.is_empty() {
-            break;
+        self.w.write_line(serde_json::to_string(&row)?.as_bytes())
+    }
+
+    fn finish(self: Box<Self>) -> Result<()> {
+        self.w.finish()
+    }
+}
+
+/// Pass 1: this rank's score files (finished ones are skipped: a rerun resumes).
+fn score_pass(
+    files: &[InputFile],
+    groups: &Groups,
+    students: &Students,
+    rel: &Reliability,
+    out: &Path,
+    opts: &SelectOptions,
+) -> Result<()> {
+    let scoring = Arc::new(Scoring {
+        groups: groups.clone(),
+        rel: rel.clone(),
+        trim: opts.trim,
+        unknown: opts.unknown,
+    });
+    let mine: Vec<InputFile> = my_files(files, opts)
+        .into_iter()
+        .map(|(_, f)| f.clone())
+        .collect();
+    match students {
+        Students::Shared { encoder, heads } => {
+            let heads = Arc::new(heads.clone());
+            let create = move |path: &Path| -> Result<Box<dyn RecordSink>> {
+                Ok(Box::new(ScoreSink {
+                    scoring: scoring.clone(),
+                    heads: heads.clone(),
+                    w: JsonlWriter::create(path)?,
+                }))
+            };
+            let job = JobOptions {
+                format: Format::Custom(CustomFormat {
+                    extension: "scores.jsonl".into(),
+                    create: Arc::new(create),
+                }),
+                fields: opts.fields.clone(),
+                strict: false,
+                chunk_records: opts.chunk,
+                progress: opts.progress,
+                count_tokens: true,
+                ..JobOptions::default()
+            };
+            pipeline::run_job(
+                encoder,
+                Task::Features,
+                &mine,
+                &Output::PerFile(scores_root(out)),
+                &job,
+            )?;
         }
+        Students::Separate(each) => {
+            let bar = super::count_bar(mine.len() as u64, opts.progress, "select: scoring files");
+            for f in &mine {
+                let sp = scores_path(out, f);
+                if !corpus::is_done(&scores_root(out), &sp) {
+                    std::fs::create_dir_all(sp.parent().unwrap())?;
+                    remove_stale_temps(&sp)?;
+                    let rows = score_file_separately(f, &scoring, each, opts)?;
+                    let mut w = JsonlWriter::create(&sp)?;
+                    for r in &rows {
+                        w.write_line(serde_json::to_string(r)?.as_bytes())?;
+                    }
+                    w.finish()?;
+                    corpus::mark_done(&scores_root(out), &sp, b"")?;
+                }
+                bar.inc(1);
+            }
+            bar.finish_and_clear();
+        }
+    }
+    Ok(())
+}
+
+/// Pass 1 for one file when the students have encoders of their own: each group's records
+/// through its student.
+fn score_file_separately(
+    f: &InputFile,
+    scoring: &Scoring,
+    students: &BTreeMap<String, Scorer>,
+    opts: &SelectOptions,
+) -> Result<Vec<ScoreRow>> {
+    let any = students.values().next().expect("at least one student");
+    let mut rows: Vec<ScoreRow> = Vec::new();
+    let mut reader = corpus::open_input(&f.path, &opts.fields)?.peekable();
+    while reader.peek().is_some() {
+        let chunk: Vec<corpus::Record> = reader.by_ref().take(opts.chunk).collect::<Result<_>>()?;
         let base = rows.len();
-        // Token counts in parallel; errors become error rows.
-        let st: &Students = students;
-        let counted: Vec<Option<u64>> = chunk
+        // One tokenizer pass per record, with its group's student: ids and whole-text count.
+        type IdsAndCount = Result<(Vec<u32>, usize)>;
+        let tokenized: Vec<Option<IdsAndCount>> = chunk
             .par_iter()
-            .map(|r| match (&r.text, groups.group_of(&source_of(r))) {
-                (Ok(t), Some(g)) => students_tokenizer_count(st, g, t),
-                (Ok(t), None) => Some(t.split_whitespace().count() as u64),
-                _ => None,
+            .map(|r| {
+                let t = r.text.as_ref().ok()?;
+                let s = scoring
+                    .groups
+                    .group_of(&source_of(r))
+                    .map_or(any, |g| &students[g]);
+                Some(s.tokenize_counting(t))
             })
             .collect();
-        let mut by_group: BTreeMap<String, Vec<usize>> = BTreeMap::new();
-        for (k, r) in chunk.iter().enumerate() {
-            let source = source_of(r);
-            let group = groups.group_of(&source).map(str::to_string);
-            let mut row = ScoreRow {
-                id: r.id.clone(),
-                source: source.clone(),
-                group: group.clone(),
-                tokens: counted[k].unwrap_or(0),
-                score: None,
-                error: None,
-            };
-            match (&r.text, &group) {
-                (Err(e), _) => row.error = Some(e.to_string()),
-                (Ok(_), None) if opts.unknown == UnknownSource::Error => bail!(
-                    "{}: source '{source}' is in no group of groups.json (use --unknown-source keep|drop to let such records through or drop them)",
-                    r.location
-                ),
-                (Ok(_), None) => {}
-                (Ok(_), Some(g)) => by_group.entry(g.clone()).or_default().push(k),
+        let mut by_group: BTreeMap<String, Vec<(usize, Vec<u32>)>> = BTreeMap::new();
+        for (k, (r, t)) in chunk.iter().zip(tokenized).enumerate() {
+            let tokens = t
+                .as_ref()
+                .and_then(|t| t.as_ref().ok())
+                .map_or(0, |t| t.1 as u64);
+            let mut row = scoring.row(r, tokens)?;
+            match (&r.text, t, &row.group) {
+                (Err(e), _, _) => row.error = Some(e.to_string()),
+                (_, Some(Err(e)), _) => row.error = Some(format!("failed: {}: {e:#}", r.location)),
+                (_, Some(Ok((ids, _))), Some(g)) => {
+                    by_group.entry(g.clone()).or_default().push((k, ids))
+                }
+                _ => {}
             }
             rows.push(row);
         }
-        for (g, idx) in by_group {
-            let student = students.get(&g)?;
-            let labels = &student.head().unwrap().labels;
-            // A record the student cannot take (tokens outside its vocabulary) or score (a
-            // non-finite output) is an error row of its own; the others are scored.
-            let tokenized: Vec<Result<Vec<u32>>> = idx
-                .par_iter()
-                .map(|&k| student.tokenize_one(chunk[k].text.as_deref().unwrap()))
-                .collect();
-            let mut idx_ok = Vec::with_capacity(idx.len());
-            let mut ids = Vec::with_capacity(idx.len());
-            for (&k, t) in idx.iter().zip(tokenized) {
-                match t {
-                    Ok(t) => {
-                        idx_ok.push(k);
-                        ids.push(t);
-                    }
-                    Err(e) => {
-                        rows[base + k].error = Some(format!("failed: {}: {e:#}", chunk[k].location))
-                    }
-                }
-            }
+        for (g, docs) in by_group {
+            let student = &students[&g];
+            let labels = &student.head().expect("students have heads").labels;
+            let ids: Vec<Vec<u32>> = docs.iter().map(|d| d.1.clone()).collect();
             let (scores, failures) = student.score_ids_lenient(&ids)?;
-            for f in failures {
-                let k = idx_ok[f.doc];
+            for f in &failures {
+                let k = docs[f.doc].0;
                 rows[base + k].error = Some(format!(
                     "non_finite_output: {}: {}",
                     chunk[k].location, f.message
                 ));
             }
-            for (n, &k) in idx_ok.iter().enumerate() {
-                if rows[base + k].error.is_some() {
-                    continue;
+            for (n, (k, _)) in docs.iter().enumerate() {
+                let row = &mut rows[base + k];
+                if row.error.is_none() {
+                    row.score = scoring.score(labels, scores.row(n), &row.source);
                 }
-                let source = &rows[base + k].source;
-                let keep: Vec<usize> = match rel.unmasked_for(source) {
-                    Some(names) if !names.is_empty() => labels
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, l)| names.contains(l))
-                        .map(|(j, _)| j)
-                        .collect(),
-                    _ => {
-                        let w = format!("source {source}: every anchor masked (or never validated); scored on all anchors");
-                        if !warnings.contains(&w) {
-                            warnings.push(w);
-                        }
-                        (0..labels.len()).collect()
-                    }
-                };
-                let vals: Vec<f64> = keep.iter().map(|&j| scores.row(n)[j] as f64).collect();
-                rows[base + k].score = stats::trimmed_mean(&vals, opts.trim);
             }
         }
     }
     Ok(rows)
-}
-
-/// Whole-text token count with the group student's tokenizer (no truncation).
-fn students_tokenizer_count(students: &Students, group: &str, text: &str) -> Option<u64> {
-    students
-        .loaded
-        .get(group)
-        .and_then(|s| s.count_tokens(text).ok())
-        .map(|n| n as u64)
-}
-
-fn read_score_rows(path: &Path) -> Result<Vec<ScoreRow>> {
-    let text = std::fs::read_to_string(path)?;
-    text.lines()
-        .enumerate()
-        .map(|(i, l)| {
-            serde_json::from_str(l)
-                .with_context(|| format!("{}:{}: bad score row", path.display(), i + 1))
-        })
-        .collect()
 }
 
 /// Which records of one bucket to keep: rank by score (highest first; ties in input order) and
@@ -219,202 +373,40 @@ pub fn budget_keep(scores: &[f64], tokens: &[u64], budget: f64) -> (Vec<bool>, O
     (keep, cutoff)
 }
 
-/// Run the whole selection.
-pub fn select(
+/// Pass 3: this rank's kept files, each with its tally in its done marker (a file kept under
+/// the same cutoffs is skipped: a rerun resumes).
+fn keep_pass(
     files: &[InputFile],
-    groups: &Groups,
-    students_dir: &Path,
     rel: &Reliability,
     out: &Path,
+    cutoffs: &Cutoffs,
     opts: &SelectOptions,
-) -> Result<Selection> {
-    opts.validate()?;
-    // Two passes over the inputs (score, then keep): standard input cannot be read twice.
-    if files.iter().any(|f| f.path.as_os_str() == "-") {
-        bail!("mira select reads its inputs twice: standard input (`-`) cannot be one of them");
-    }
-    // No kept file may be an input (`--output-dir` pointing into the corpus).
-    let input_ids = corpus::InputIds::of(files);
-    for f in files {
-        input_ids.refuse(&kept_path(out, f))?;
-    }
-    let mut students = Students {
-        dir: students_dir,
-        device: opts.device,
-        loaded: HashMap::new(),
-    };
-    // Load every student up front: missing students fail before any work.
-    for g in groups.names() {
-        students.get(&g)?;
-    }
-    let mut warnings = Vec::new();
-    let all = score_files(files, groups, rel, &mut students, out, opts, &mut warnings)?;
-    let (keep, thresholds) = cutoffs(&all, opts, &mut warnings);
-    let mut sel = Selection {
-        budget: opts.budget,
-        cutoff: format!("{:?}", opts.cutoff).to_lowercase(),
-        trim: opts.trim,
-        thresholds,
-        warnings,
-        ..Default::default()
-    };
-    write_kept_files(files, &all, &keep, out, opts, &mut sel)?;
-    super::report::write(out, &sel, &all, &keep)?;
-    Ok(sel)
-}
-
-/// Pass 1: every input's score rows, from its scores file when one exists (a rerun), else
-/// scored now and written atomically.
-fn score_files(
-    files: &[InputFile],
-    groups: &Groups,
-    rel: &Reliability,
-    students: &mut Students,
-    out: &Path,
-    opts: &SelectOptions,
-    warnings: &mut Vec<String>,
-) -> Result<Vec<Vec<ScoreRow>>> {
-    let bar = super::count_bar(files.len() as u64, opts.progress, "select: scoring files");
-    let mut all: Vec<Vec<ScoreRow>> = Vec::new();
-    for f in files {
-        let sp = scores_path(out, f);
-        let rows = if sp.exists() {
-            read_score_rows(&sp)?
-        } else {
-            std::fs::create_dir_all(sp.parent().unwrap())?;
-            remove_stale_temps(&sp)?;
-            let rows = score_file(f, groups, rel, students, opts, warnings)?;
-            let mut text = String::new();
-            for r in &rows {
-                text.push_str(&serde_json::to_string(r)?);
-                text.push('\n');
-            }
-            write_atomic(&sp, text.as_bytes())?;
-            rows
-        };
-        all.push(rows);
+) -> Result<()> {
+    let id = cutoffs.id();
+    let masked = |s: &str| !matches!(rel.unmasked_for(s), Some(n) if !n.is_empty());
+    let mine = my_files(files, opts);
+    let bar = super::count_bar(mine.len() as u64, opts.progress, "select: keeping");
+    for (fi, f) in mine {
+        let dest = kept_path(out, f);
+        let current = corpus::done_summary(out, &dest)
+            .and_then(|b| serde_json::from_slice::<super::selection::FileTally>(&b).ok())
+            .is_some_and(|t| t.cutoffs_id == id);
+        if !current {
+            let rows = read_score_rows(&scores_path(out, f))?;
+            let keep: Vec<bool> = rows
+                .iter()
+                .enumerate()
+                .map(|(i, r)| cutoffs.keeps(r, (fi as u32, i as u64), opts.unknown))
+                .collect();
+            std::fs::create_dir_all(dest.parent().unwrap())?;
+            remove_stale_temps(&dest)?;
+            write_kept(f, &dest, &keep, &rows, opts)?;
+            let tally = reduce::file_tally(&rows, &keep, cutoffs, &masked);
+            corpus::mark_done(out, &dest, serde_json::to_string(&tally)?.as_bytes())?;
+        }
         bar.inc(1);
     }
     bar.finish_and_clear();
-
-    Ok(all)
-}
-
-/// Pass 2: the cutoff of each bucket (group, source or everything) and which records it keeps.
-fn cutoffs(
-    all: &[Vec<ScoreRow>],
-    opts: &SelectOptions,
-    warnings: &mut Vec<String>,
-) -> (Vec<Vec<bool>>, BTreeMap<String, f64>) {
-    let bucket_of = |r: &ScoreRow| -> Option<String> {
-        match opts.cutoff {
-            Cutoff::Group => r.group.clone(),
-            Cutoff::Global => r.group.as_ref().map(|_| "all".to_string()),
-            Cutoff::Source => r.group.as_ref().map(|_| r.source.clone()),
-        }
-    };
-    let mut buckets: BTreeMap<String, Vec<(usize, usize)>> = BTreeMap::new();
-    for (fi, rows) in all.iter().enumerate() {
-        for (i, r) in rows.iter().enumerate() {
-            if r.error.is_none() && r.score.is_some() {
-                if let Some(b) = bucket_of(r) {
-                    buckets.entry(b).or_default().push((fi, i));
-                }
-            }
-        }
-    }
-    let mut keep: Vec<Vec<bool>> = all
-        .iter()
-        .map(|rows| {
-            rows.iter()
-                .map(|r| {
-                    r.error.is_none() && r.group.is_none() && opts.unknown == UnknownSource::Keep
-                })
-                .collect()
-        })
-        .collect();
-    let mut thresholds = BTreeMap::new();
-    for (b, members) in buckets {
-        let scores: Vec<f64> = members
-            .iter()
-            .map(|&(fi, i)| all[fi][i].score.unwrap())
-            .collect();
-        let tokens: Vec<u64> = members.iter().map(|&(fi, i)| all[fi][i].tokens).collect();
-        let (kept, cutoff) = budget_keep(&scores, &tokens, opts.budget);
-        if let Some(c) = cutoff {
-            // Records tied at the cutoff on both sides: input order decided between them.
-            let tied_out = scores
-                .iter()
-                .zip(&kept)
-                .filter(|(s, k)| !**k && **s == c)
-                .count();
-            if tied_out > 0 {
-                let tied_in = scores
-                    .iter()
-                    .zip(&kept)
-                    .filter(|(s, k)| **k && **s == c)
-                    .count();
-                warnings.push(format!(
-                    "{b}: {} records score exactly {c} at the cutoff ({tied_in} kept, {tied_out} dropped, in input order); the students do not separate them",
-                    tied_in + tied_out
-                ));
-            }
-            thresholds.insert(b.clone(), c);
-        }
-        for (m, k) in members.iter().zip(kept) {
-            keep[m.0][m.1] = k;
-        }
-    }
-    (keep, thresholds)
-}
-
-/// Pass 3: the kept corpus, in the input's format, and the tallies.
-fn write_kept_files(
-    files: &[InputFile],
-    all: &[Vec<ScoreRow>],
-    keep: &[Vec<bool>],
-    out: &Path,
-    opts: &SelectOptions,
-    sel: &mut Selection,
-) -> Result<()> {
-    for (fi, f) in files.iter().enumerate() {
-        let dest = kept_path(out, f);
-        if !corpus::is_done(out, &dest) {
-            std::fs::create_dir_all(dest.parent().unwrap())?;
-            remove_stale_temps(&dest)?;
-            write_kept(f, &dest, &keep[fi], &all[fi], opts)?;
-            corpus::mark_done(out, &dest, b"")?;
-        }
-        sel.outputs.push(
-            dest.strip_prefix(out)
-                .unwrap_or(&dest)
-                .display()
-                .to_string(),
-        );
-        for (i, r) in all[fi].iter().enumerate() {
-            if r.error.is_some() {
-                *sel.errors.entry(r.source.clone()).or_default() += 1;
-                continue;
-            }
-            let k = keep[fi][i];
-            let group = r.group.clone().unwrap_or_else(|| "(no group)".into());
-            for t in [
-                &mut sel.total,
-                sel.groups.entry(group).or_default(),
-                sel.sources.entry(r.source.clone()).or_default(),
-            ] {
-                t.records += 1;
-                t.tokens += r.tokens;
-                if k {
-                    t.records_kept += 1;
-                    t.tokens_kept += r.tokens;
-                    if let Some(s) = r.score {
-                        t.threshold = Some(t.threshold.map_or(s, |x: f64| x.min(s)));
-                    }
-                }
-            }
-        }
-    }
     Ok(())
 }
 

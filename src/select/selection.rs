@@ -1,6 +1,7 @@
 //! What `mira select` decides and reports, as data: its options (budget, cutoff, trim), a
-//! record's line in a scores file, and the selection's tallies per group and source. Shared by
-//! `retain.rs` (which computes it) and `report.rs` (which draws it).
+//! record's line in a scores file, the selection's tallies per group and source, and each kept
+//! file's share of them. Shared by `retain.rs` and `reduce.rs` (which compute them) and
+//! `report.rs` (which draws them).
 
 use std::collections::BTreeMap;
 
@@ -9,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::corpus::FieldNames;
-use crate::Device;
+use crate::{Device, LoadOptions};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -61,6 +62,10 @@ pub struct SelectOptions {
     pub unknown: UnknownSource,
     pub fields: FieldNames,
     pub device: Device,
+    /// How the students load (precision, batch size, max tokens).
+    pub load: LoadOptions,
+    /// This worker's share of the input files: (rank, world size), files `rank::world_size`.
+    pub shard: (usize, usize),
     /// Records scored per chunk.
     pub chunk: usize,
     pub progress: bool,
@@ -75,6 +80,8 @@ impl Default for SelectOptions {
             unknown: UnknownSource::Error,
             fields: FieldNames::default(),
             device: Device::Auto,
+            load: LoadOptions::default(),
+            shard: (0, 1),
             chunk: 2048,
             progress: false,
         }
@@ -87,6 +94,11 @@ impl SelectOptions {
         crate::checked::in_range("the budget", self.budget, 0.0, 1.0, true, false)?;
         crate::checked::in_range("the trim", self.trim, 0.0, 0.5, false, true)?;
         crate::checked::count("the chunk size", self.chunk, 1, 1 << 24)?;
+        let (rank, world) = self.shard;
+        crate::checked::count("the world size", world, 1, 1 << 20)?;
+        if rank >= world {
+            bail!("rank {rank} is not below world size {world}");
+        }
         Ok(())
     }
 }
@@ -105,6 +117,73 @@ pub struct ScoreRow {
     pub error: Option<String>,
 }
 
+/// Bins of a report histogram.
+pub const HIST_BINS: usize = 30;
+
+/// Records per score bin of one group, all and kept, over the group's score range (from the
+/// cutoff pass): a report histogram, summed over files.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ScoreHistogram {
+    pub lo: f64,
+    pub hi: f64,
+    pub all: Vec<u64>,
+    pub kept: Vec<u64>,
+}
+
+impl ScoreHistogram {
+    /// Empty, over scores from `min` to `max` (widened to 1 around a single value).
+    pub fn over(min: f64, max: f64) -> Self {
+        let (lo, hi) = if !min.is_finite() || !max.is_finite() {
+            (0.0, 1.0)
+        } else if max - min < 1e-9 {
+            (min - 0.5, max + 0.5)
+        } else {
+            (min, max)
+        };
+        ScoreHistogram {
+            lo,
+            hi,
+            all: vec![0; HIST_BINS],
+            kept: vec![0; HIST_BINS],
+        }
+    }
+
+    pub fn bin(&self, v: f64) -> usize {
+        (((v - self.lo) / (self.hi - self.lo) * HIST_BINS as f64) as usize).min(HIST_BINS - 1)
+    }
+
+    pub fn add(&mut self, score: f64, kept: bool) {
+        let b = self.bin(score);
+        self.all[b] += 1;
+        if kept {
+            self.kept[b] += 1;
+        }
+    }
+
+    pub fn merge(&mut self, other: &ScoreHistogram) {
+        for (a, b) in self.all.iter_mut().zip(&other.all) {
+            *a += b;
+        }
+        for (a, b) in self.kept.iter_mut().zip(&other.kept) {
+            *a += b;
+        }
+    }
+}
+
+/// One kept file's share of the report, kept in its done marker; the report pass adds them up.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FileTally {
+    /// Which `cutoffs.json` decided the file (a changed cutoff redoes it).
+    pub cutoffs_id: String,
+    pub total: Tally,
+    pub groups: BTreeMap<String, Tally>,
+    pub sources: BTreeMap<String, Tally>,
+    pub errors: BTreeMap<String, u64>,
+    pub histograms: BTreeMap<String, ScoreHistogram>,
+    /// Sources scored on all anchors because every anchor was masked for them.
+    pub masked: Vec<String>,
+}
+
 /// The numbers of one bucket (group, source, or everything).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Tally {
@@ -114,6 +193,32 @@ pub struct Tally {
     pub tokens_kept: u64,
     /// Lowest kept score.
     pub threshold: Option<f64>,
+}
+
+impl Tally {
+    /// Count one record (its score, if kept, may lower the threshold).
+    pub fn add(&mut self, tokens: u64, kept: bool, score: Option<f64>) {
+        self.records += 1;
+        self.tokens += tokens;
+        if kept {
+            self.records_kept += 1;
+            self.tokens_kept += tokens;
+            if let Some(s) = score {
+                self.threshold = Some(self.threshold.map_or(s, |x: f64| x.min(s)));
+            }
+        }
+    }
+
+    pub fn merge(&mut self, o: &Tally) {
+        self.records += o.records;
+        self.records_kept += o.records_kept;
+        self.tokens += o.tokens;
+        self.tokens_kept += o.tokens_kept;
+        self.threshold = match (self.threshold, o.threshold) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

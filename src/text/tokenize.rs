@@ -112,6 +112,26 @@ impl TextEncoder {
         Ok(None)
     }
 
+    /// [`encode`](Self::encode) and [`count_tokens`](Self::count_tokens) at once: a text up to
+    /// [`COUNT_PIECE_BYTES`] is tokenized once, whole, and its encoding truncated and
+    /// post-processed exactly as `encode` would (the tokenizer's own order: truncate, then add
+    /// the special tokens); a longer one takes both paths.
+    pub fn encode_counting(&self, text: &str) -> Result<(Vec<u32>, usize)> {
+        if text.len() > COUNT_PIECE_BYTES {
+            return Ok((self.encode(text)?, self.count_tokens(text)?));
+        }
+        let whole = self
+            .counter
+            .encode_fast(text, false)
+            .map_err(|e| anyhow!("tokenization failed: {e}"))?;
+        let count = whole.len();
+        let enc = self
+            .tok
+            .post_process(whole, None, true)
+            .map_err(|e| anyhow!("tokenization failed: {e}"))?;
+        Ok((enc.get_ids().to_vec(), count))
+    }
+
     /// Tokens in the whole text, special tokens excluded. A text over [`COUNT_PIECE_BYTES`] is
     /// counted piece by piece (cut at whitespace where there is some near each cut, else at a
     /// character boundary), so memory stays bounded whatever the document's size; a cut at
