@@ -482,7 +482,57 @@ fn sharded_selection_keeps_what_one_process_keeps(
             serde_json::from_slice(&std::fs::read(seven.join("selection.json")).unwrap()).unwrap();
         assert_eq!(sel7, one, "{name}: 7 workers");
         same_kept_files(&files, &one_out, &seven);
+        if cutoff == Cutoff::Group {
+            killed_passes_resume(dir, &many, students, &files, &one_out, &one);
+        }
     }
+}
+
+/// Each pass killed (SIGKILL) at several moments, then run to its end: the outputs equal an
+/// uninterrupted run. At this corpus size only the score pass lasts long enough to be killed
+/// mid-way every time; the count of mid-pass kills is asserted for it.
+fn killed_passes_resume(
+    dir: &Path,
+    many: &Path,
+    students: &Path,
+    files: &[mira::corpus::InputFile],
+    one_out: &Path,
+    one: &retain::Selection,
+) {
+    let out = dir.join("killed");
+    let cmd = |pass: &str| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_mira"));
+        c.args(["select", "--input"]).arg(many);
+        c.arg("--groups").arg(dir.join("groups.json"));
+        c.arg("--students").arg(students);
+        c.arg("--reliability").arg(dir.join("reliability.json"));
+        c.arg("--output-dir").arg(&out);
+        c.args(["--device", "cpu", "--pass", pass]);
+        c.env_remove("SLURM_ARRAY_TASK_ID");
+        c.stdout(std::process::Stdio::null());
+        c.stderr(std::process::Stdio::null());
+        c
+    };
+    for pass in ["score", "cutoff", "keep", "report"] {
+        let mut killed = 0;
+        for delay_ms in [300, 700, 1200, 2000] {
+            let mut child = cmd(pass).spawn().unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+            if child.try_wait().unwrap().is_none() {
+                child.kill().unwrap();
+                killed += 1;
+            }
+            child.wait().unwrap();
+        }
+        if pass == "score" {
+            assert!(killed > 0, "no score pass was killed before it finished");
+        }
+        assert!(cmd(pass).status().unwrap().success(), "{pass} after kills");
+    }
+    let sel: retain::Selection =
+        serde_json::from_slice(&std::fs::read(out.join("selection.json")).unwrap()).unwrap();
+    assert_eq!(&sel, one, "killed and resumed");
+    same_kept_files(files, one_out, &out);
 }
 
 fn same_kept_files(files: &[mira::corpus::InputFile], a: &Path, b: &Path) {
