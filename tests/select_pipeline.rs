@@ -406,12 +406,18 @@ fn sharded_selection_keeps_what_one_process_keeps(
     use mira::select::retain::Pass;
     let many = dir.join("many");
     std::fs::create_dir_all(&many).unwrap();
+    // Each record twice in a row (the twin under another id): identical texts in one batch score
+    // identically, so every bucket's cutoff falls on a tie that input order breaks.
     for i in 0..48 {
         let text: String = rows
             .iter()
             .enumerate()
             .filter(|(j, _)| j % 48 == i)
-            .map(|(_, v)| format!("{}\n", spaced(v)))
+            .map(|(_, v)| {
+                let mut twin = v.clone();
+                twin["id"] = json!(format!("{}-twin", v["id"].as_str().unwrap()));
+                format!("{}\n{}\n", spaced(v), spaced(&twin))
+            })
             .collect();
         std::fs::write(many.join(format!("f{i:02}.jsonl")), text).unwrap();
     }
@@ -428,6 +434,12 @@ fn sharded_selection_keeps_what_one_process_keeps(
         let one_out = dir.join(format!("one-{name}"));
         let one = retain::select(&files, g, students, rel, &one_out, &opts).unwrap();
         assert!(one.total.records_kept > 0 && one.total.records_kept < one.total.records);
+        let cuts: Value =
+            serde_json::from_slice(&std::fs::read(one_out.join("cutoffs.json")).unwrap()).unwrap();
+        for (bucket, cut) in cuts["buckets"].as_object().unwrap() {
+            let tied = cut["tied_kept"].as_u64().unwrap() + cut["tied_dropped"].as_u64().unwrap();
+            assert!(tied >= 2, "{name}: the cutoff of {bucket} is no tie: {cut}");
+        }
 
         let three = dir.join(format!("three-{name}"));
         let run = |pass: Pass, shard: (usize, usize)| {

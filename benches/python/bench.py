@@ -28,6 +28,11 @@ def best_of(repeat, fn):
     return min(times)
 
 
+def progress(out, key):
+    """Each figure on stderr as soon as it is measured (a long run that is cut short keeps them)."""
+    print(json.dumps({key: out[key]}), file=sys.stderr, flush=True)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", required=True)
@@ -52,16 +57,19 @@ def main():
         check=True, capture_output=True, text=True).stdout)
     tokens = bench["tokens"]
     out["mira_bench"] = {"docs_per_s": bench["docs_per_s"], "tokens_per_s": bench["tokens_per_s"]}
+    progress(out, "mira_bench")
 
     with tempfile.TemporaryDirectory() as tmp:
         cli = [a.mira_bin, task, "--model", a.model, "--input", a.corpus, "--device", "cpu",
                "--threads", str(a.threads), "--output", f"{tmp}/out.jsonl"]
         s = best_of(a.repeat, lambda: subprocess.run(cli, check=True, capture_output=True))
     out["cli_job"] = {"seconds": s, "docs_per_s": len(texts) / s, "tokens_per_s": tokens / s}
+    progress(out, "cli_job")
 
     run(texts[:8])  # warm-up
     s = best_of(a.repeat, lambda: run(texts))
     out["python_scorer"] = {"seconds": s, "docs_per_s": len(texts) / s, "tokens_per_s": tokens / s}
+    progress(out, "python_scorer")
     out["python_vs_mira_bench"] = out["python_scorer"]["docs_per_s"] / bench["docs_per_s"]
     out["python_vs_cli_job"] = out["python_scorer"]["docs_per_s"] / out["cli_job"]["docs_per_s"]
 
