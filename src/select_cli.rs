@@ -387,6 +387,7 @@ pub struct SelectArgs {
     /// Records of sources in no group: error, keep or drop
     #[arg(long, default_value = "error")]
     unknown_source: String,
+    /// auto, cpu, wgpu[:N], cuda[:N] or cuda:all
     #[arg(long, default_value = "auto")]
     device: Device,
     /// Storage type on a GPU: auto, f32, f16 or bf16 (as for `mira score`)
