@@ -45,12 +45,12 @@ fn cutoffs_path(out: &Path) -> PathBuf {
 }
 
 /// The bucket a scored record competes in.
-pub fn bucket_of(row: &ScoreRow, cutoff: Cutoff) -> Option<String> {
-    let g = row.group.as_ref()?;
+pub fn bucket_of(row: &ScoreRow, cutoff: Cutoff) -> Option<&str> {
+    let g = row.group.as_deref()?;
     Some(match cutoff {
-        Cutoff::Group => g.clone(),
-        Cutoff::Global => "all".into(),
-        Cutoff::Source => row.source.clone(),
+        Cutoff::Group => g,
+        Cutoff::Global => "all",
+        Cutoff::Source => &row.source,
     })
 }
 
@@ -83,7 +83,7 @@ impl Cutoffs {
         match (row.score, bucket_of(row, self.cutoff)) {
             (Some(s), Some(b)) => self
                 .buckets
-                .get(&b)
+                .get(b)
                 .copied()
                 .flatten()
                 .is_some_and(|c| c.keeps(s, pos)),
@@ -155,8 +155,15 @@ pub fn cutoff_pass(files: &[InputFile], out: &Path, opts: &SelectOptions) -> Res
                     .entry(row.group.clone().unwrap_or_default())
                     .or_insert((score, score));
                 *r = (r.0.min(score), r.1.max(score));
-                let n = names.len();
-                let bucket = *names.entry(b).or_insert(n);
+                // Looked up by reference: a name is allocated once per bucket, not per row.
+                let bucket = match names.get(b) {
+                    Some(&i) => i,
+                    None => {
+                        let i = names.len();
+                        names.insert(b.to_string(), i);
+                        i
+                    }
+                };
                 each(Entry {
                     bucket,
                     score,

@@ -107,24 +107,19 @@ pub fn run_pass(
         )?;
         score_pass(files, groups, &students, rel, out, opts)?;
     }
-    let cutoffs = match pass {
-        Pass::All | Pass::Cutoff => Some(reduce::cutoff_pass(files, out, opts)?),
-        Pass::Keep | Pass::Report => Some(Cutoffs::load(out)?),
-        Pass::Score => None,
-    };
-    if let Some(c) = &cutoffs {
-        c.check(files, opts)?;
+    if pass == Pass::Score {
+        return Ok(None);
     }
+    let cutoffs = match pass {
+        Pass::All | Pass::Cutoff => reduce::cutoff_pass(files, out, opts)?,
+        _ => Cutoffs::load(out)?,
+    };
+    cutoffs.check(files, opts)?;
     if matches!(pass, Pass::All | Pass::Keep) {
-        keep_pass(files, rel, out, cutoffs.as_ref().unwrap(), opts)?;
+        keep_pass(files, rel, out, &cutoffs, opts)?;
     }
     if matches!(pass, Pass::All | Pass::Report) {
-        return Ok(Some(reduce::report_pass(
-            files,
-            out,
-            cutoffs.as_ref().unwrap(),
-            opts,
-        )?));
+        return Ok(Some(reduce::report_pass(files, out, &cutoffs, opts)?));
     }
     Ok(None)
 }
