@@ -381,3 +381,171 @@ fn unreadable_files_enormous_and_empty_documents_keep_row_accounting() {
     );
     assert!(rows[1]["error"].as_str().unwrap().starts_with("empty_text"));
 }
+
+/// A scored corpus large enough that `mira select`'s cutoff and keep passes take seconds: the
+/// score files (as the score pass writes them, with their done markers) are made directly, so
+/// no model runs. Scores fall on a 0.25 grid, so every cutoff lands on a tie.
+fn make_scored_corpus(root: &Path, files: usize, records: usize) -> (PathBuf, PathBuf) {
+    use mira::select::selection::ScoreRow;
+    let input = root.join("in");
+    std::fs::create_dir_all(&input).unwrap();
+    let mut state = 0x9e3779b97f4a7c15u64;
+    let mut next = move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        state >> 33
+    };
+    let mut rows_of = Vec::new();
+    for f in 0..files {
+        let mut text = String::new();
+        let mut rows = Vec::new();
+        for r in 0..records {
+            let source = format!("s{}", next() % 5);
+            let id = format!("f{f}r{r}");
+            text.push_str(&format!(
+                "{{\"id\":\"{id}\",\"source\":\"{source}\",\"text\":\"record {r} of file {f}\",\"n\":{r}}}\n"
+            ));
+            rows.push(ScoreRow {
+                id,
+                group: Some(if source.as_str() < "s3" { "g0" } else { "g1" }.to_string()),
+                source,
+                tokens: 10 + next() % 200,
+                score: Some((next() % 41) as f64 / 4.0),
+                error: None,
+            });
+        }
+        std::fs::write(input.join(format!("doc{f:03}.jsonl")), text).unwrap();
+        rows_of.push(rows);
+    }
+    let meta = root.join("meta");
+    std::fs::create_dir_all(&meta).unwrap();
+    std::fs::write(
+        meta.join("groups.json"),
+        r#"{"groups":{"s0":"g0","s1":"g0","s2":"g0","s3":"g1","s4":"g1"},"members":{"g0":["s0","s1","s2"],"g1":["s3","s4"]}}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        meta.join("reliability.json"),
+        r#"{"thresholds":{"max_mae":2.0,"min_spearman":0.3,"min_count":5},"cells":[],"unmasked":{}}"#,
+    )
+    .unwrap();
+    let files_of = mira::corpus::expand_inputs(&[input.clone()]).unwrap();
+    assert_eq!(files_of.len(), files);
+    // The score files are written into a template output folder, copied per run.
+    let template = root.join("scored");
+    for (f, rows) in files_of.iter().zip(rows_of) {
+        let path = mira::select::reduce::scores_path(&template, f);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let text: String = rows
+            .iter()
+            .map(|r| serde_json::to_string(r).unwrap() + "\n")
+            .collect();
+        std::fs::write(&path, text).unwrap();
+        mira::corpus::mark_done(&mira::select::reduce::scores_root(&template), &path, b"{}")
+            .unwrap();
+    }
+    (input, meta)
+}
+
+fn select_pass(input: &Path, meta: &Path, out: &Path, pass: &str) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_mira"));
+    c.args(["select", "--input"]).arg(input);
+    c.arg("--groups").arg(meta.join("groups.json"));
+    c.arg("--reliability").arg(meta.join("reliability.json"));
+    // The cutoff, keep and report passes run no student.
+    c.arg("--students").arg(meta.join("no-students"));
+    c.arg("--output-dir").arg(out);
+    c.args(["--device", "cpu", "--pass", pass]);
+    c.env_remove("SLURM_ARRAY_TASK_ID")
+        .env_remove("SLURM_ARRAY_TASK_COUNT")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    c
+}
+
+/// `mira select`'s cutoff, keep and report passes, each killed with SIGKILL part-way through its
+/// measured running time, then rerun: the outputs equal an uninterrupted selection's byte for
+/// byte, with no temporaries left. The cutoff and keep passes must really be killed before they
+/// finish; the report pass (a reduce over the kept files' tallies, milliseconds) is killed when
+/// the timing allows.
+#[test]
+fn select_passes_killed_midway_resume_to_identical_outputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (input, meta) = make_scored_corpus(tmp.path(), 150, 3000);
+    let template = tmp.path().join("scored");
+    let reference = tmp.path().join("reference");
+    let out = tmp.path().join("out");
+    copy_dir(&template, &reference);
+    copy_dir(&template, &out);
+    let mut took = BTreeMap::new();
+    for pass in ["cutoff", "keep", "report"] {
+        let t = std::time::Instant::now();
+        let o = select_pass(&input, &meta, &reference, pass)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{pass}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        took.insert(pass, t.elapsed());
+    }
+    eprintln!("uninterrupted passes took {took:?}");
+    let want = snapshot(&reference);
+    assert!(want.keys().any(|k| k.starts_with("kept")), "something kept");
+
+    for pass in ["cutoff", "keep", "report"] {
+        let mut killed_mid_pass = 0;
+        for share in [0.5, 0.25, 0.75, 0.1] {
+            let mut child = select_pass(&input, &meta, &out, pass).spawn().unwrap();
+            std::thread::sleep(took[pass].mul_f64(share));
+            let running = child.try_wait().unwrap().is_none();
+            if running {
+                child.kill().unwrap(); // SIGKILL
+                killed_mid_pass += 1;
+            }
+            child.wait().unwrap();
+            if pass == "keep" && running {
+                let kept = snapshot(&out.join("kept"))
+                    .keys()
+                    .filter(|k| !k.to_string_lossy().starts_with('.'))
+                    .count();
+                assert!(kept < 150, "a killed keep pass had finished every file");
+            }
+        }
+        eprintln!("{pass}: killed {killed_mid_pass} of 4 runs before they finished");
+        if pass != "report" {
+            assert!(
+                killed_mid_pass > 0,
+                "no {pass} pass was killed before it finished (it took {:?})",
+                took[pass]
+            );
+        }
+        let o = select_pass(&input, &meta, &out, pass).output().unwrap();
+        assert!(
+            o.status.success(),
+            "{pass} after kills: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let got = snapshot(&out);
+    let only = |a: &BTreeMap<PathBuf, Vec<u8>>, b: &BTreeMap<PathBuf, Vec<u8>>| {
+        a.keys()
+            .filter(|k| !b.contains_key(*k))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        (only(&got, &want), only(&want, &got)),
+        (vec![], vec![]),
+        "same files, no temporaries left (files only after the kills, only uninterrupted)"
+    );
+    for (rel, bytes) in &want {
+        assert!(
+            got[rel] == *bytes,
+            "{} differs from the uninterrupted run",
+            rel.display()
+        );
+    }
+}

@@ -19,7 +19,7 @@ use anyhow::{bail, Context, Result};
 pub use jsonl::{JsonlReader, JsonlRowWriter, JsonlWriter};
 pub use output::{
     done_summary, is_done, live_writer, mark_done, refuse_input, remove_stale_temps, write_atomic,
-    Destination, InputIds, LiveWriters, OutputFile,
+    write_once, Destination, InputIds, LiveWriters, OutputFile,
 };
 pub use parquet::{ParquetReader, ParquetWriter};
 pub use rows::{JsonRows, JsonStyle, OutputRow, RecordSink, RowValues};

@@ -262,6 +262,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     out.commit()
 }
 
+/// [`write_atomic`], then remove the temporaries that killed earlier writers of `path` left
+/// beside it (one listing of its folder): for cutoffs, reports and done markers, which a rerun
+/// writes again whole.
+pub fn write_once(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic(path, bytes)?;
+    remove_stale_temps(path)
+}
+
 /// Where the done marker of `out` (an output below the job's output folder `root`) lives:
 /// `<root>/.mira/done/<out's path below root>.done`. Markers stay out of the data folders, so
 /// readers that glob them (`dolma --attributes .../*`, Hugging Face `load_dataset(data_dir=...)`)
@@ -320,7 +328,7 @@ pub fn mark_done(root: &Path, out: &Path, summary: &[u8]) -> Result<()> {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("cannot create {}", parent.display()))?;
     }
-    write_atomic(&marker, summary)
+    write_once(&marker, summary)
 }
 
 /// Forget that `out` was complete (it is about to be rewritten).

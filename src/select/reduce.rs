@@ -188,7 +188,7 @@ pub fn cutoff_pass(files: &[InputFile], out: &Path, opts: &SelectOptions) -> Res
         buckets,
         groups: ranges,
     };
-    corpus::write_atomic(
+    corpus::write_once(
         &cutoffs_path(out),
         serde_json::to_string_pretty(&c)?.as_bytes(),
     )?;

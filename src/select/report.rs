@@ -8,7 +8,7 @@ use std::path::Path;
 use anyhow::Result;
 
 use super::selection::{ScoreHistogram, Selection, Tally, HIST_BINS};
-use crate::corpus::write_atomic;
+use crate::corpus::write_once;
 
 /// A histogram of a group's scores with the kept ones overlaid and the cutoff marked, as SVG.
 // Long: one SVG document written element by element; split, its coordinates would travel between
@@ -237,14 +237,14 @@ pub fn write(out: &Path, sel: &Selection, hists: &BTreeMap<String, ScoreHistogra
             .copied()
             .or(sel.groups.get(g).and_then(|t| t.threshold));
         let name = svg_name(g);
-        write_atomic(
+        write_once(
             &dir.join(&name),
             histogram_svg(&format!("group {g}"), hist, cutoff).as_bytes(),
         )?;
         let _ = writeln!(s, "![group {g}](report/{name})\n");
     }
-    write_atomic(&out.join("report.md"), s.as_bytes())?;
-    write_atomic(
+    write_once(&out.join("report.md"), s.as_bytes())?;
+    write_once(
         &out.join("selection.json"),
         serde_json::to_string_pretty(sel)?.as_bytes(),
     )
