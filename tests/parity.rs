@@ -1,5 +1,5 @@
 //! Parity with independent references: Hugging Face transformers / sentence-transformers run in
-//! float64 by tests/fixtures/make_goldens.py. Tolerances from DESIGN.md §3 (f32 CPU vs f64).
+//! float64 by tests/fixtures/make_goldens.py and make_roberta.py. Tolerances from DESIGN.md §3 (f32 CPU vs f64).
 
 mod common;
 
@@ -35,4 +35,14 @@ fn random_regression_classifier_matches_transformers() {
 #[test]
 fn sharded_f16_gelu_tanh_classifier_matches_transformers() {
     check_score("bert-cls-f16-sharded");
+}
+
+#[test]
+fn xlm_roberta_classifier_with_unigram_tokenizer_matches_transformers() {
+    check_score("xlmr-cls-single");
+}
+
+#[test]
+fn roberta_model_with_byte_level_bpe_f16_matches_transformers() {
+    check_embed(&fixture_model("roberta-base-f16"), "roberta-base-f16");
 }

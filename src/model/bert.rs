@@ -1,7 +1,12 @@
-//! BERT (`BertModel`, `BertForSequenceClassification`) as a sequence of backend ops.
+//! BERT (`BertModel`, `BertForSequenceClassification`) and its RoBERTa family (`RobertaModel`,
+//! `XLMRobertaModel` and their `ForSequenceClassification`) as a sequence of backend ops.
 //!
 //! The struct tree mirrors the checkpoint's key tree (`encoder.layer.{i}.attention.self.query`),
-//! with or without the `bert.` prefix. Q, K and V are fused into one `[3H, H]` projection at load.
+//! with or without the `bert.`/`roberta.` prefix. Q, K and V are fused into one `[3H, H]`
+//! projection at load. RoBERTa differs in two places only: its positions start after the padding
+//! index (the position table is loaded from that row on, so the backends' embedding op is the
+//! same), and its classification head reads the first token's hidden state through dense ->
+//! tanh -> out_proj instead of BERT's pooler -> classifier.
 
 use anyhow::{Context, Result};
 
@@ -9,7 +14,7 @@ use super::weights::Weights;
 use super::Loader;
 use crate::engine::backend::EmbeddingTables;
 use crate::engine::{Activation, Backend, Batch, Pooling};
-use crate::model::config::BertConfig;
+use crate::model::config::{BertConfig, BertFamily};
 
 struct Layer<B: Backend> {
     /// `attention.self.{query,key,value}` stacked: `[3H, H]`, bias `[1, 3H]`
@@ -39,8 +44,11 @@ struct Pooler<B: Backend> {
     b: B::Tensor,
 }
 
-/// `BertForSequenceClassification`'s `classifier`: `[L, H]`, `[1, L]`.
+/// The classification head: `[L, H]`, `[1, L]` after what it reads.
 struct Classifier<B: Backend> {
+    /// RoBERTa's `classifier.dense` (`[H, H]`, `[1, H]`, then tanh) on the first token; `None`
+    /// for BERT, whose `classifier` reads the pooler output.
+    dense: Option<(B::Tensor, B::Tensor)>,
     w: B::Tensor,
     b: B::Tensor,
     labels: usize,
@@ -71,13 +79,19 @@ impl<B: Backend> Bert<B> {
         };
         let eps = cfg.layer_norm_eps as f32;
         let e = format!("{p}embeddings");
+        let positions = format!("{e}.position_embeddings.weight");
+        let table = weights.f32(&positions, &[cfg.max_position_embeddings, h])?;
         let embeddings = EmbeddingTables {
             word: ld.matrix(&format!("{e}.word_embeddings.weight"), cfg.vocab_size, h)?,
-            position: Some(ld.matrix(
-                &format!("{e}.position_embeddings.weight"),
-                cfg.max_position_embeddings,
-                h,
-            )?),
+            // Position i is row `position_offset + i` (RoBERTa: after the padding index).
+            position: Some(
+                be.weight(
+                    table[cfg.position_offset() * h..].to_vec(),
+                    cfg.max_positions(),
+                    h,
+                )
+                .with_context(|| format!("cannot place tensor {positions} on {}", be.name()))?,
+            ),
             token_type: Some(ld.row(
                 &format!("{e}.token_type_embeddings.weight"),
                 cfg.type_vocab_size,
@@ -112,8 +126,9 @@ impl<B: Backend> Bert<B> {
                 out_norm_b: ld.vector(&format!("{n}.output.LayerNorm.bias"), h)?,
             });
         }
+        let roberta = cfg.family == BertFamily::Roberta;
         let pooler_name = format!("{p}pooler.dense.weight");
-        let pooler = if with_head || weights.contains(&pooler_name) {
+        let pooler = if (with_head && !roberta) || weights.contains(&pooler_name) {
             Some(Pooler {
                 w: ld.matrix(&pooler_name, h, h)?,
                 b: ld.vector(&format!("{p}pooler.dense.bias"), h)?,
@@ -121,21 +136,29 @@ impl<B: Backend> Bert<B> {
         } else {
             None
         };
-        let head = if with_head {
-            let labels = weights
-                .get("classifier.weight")
-                .context("BertForSequenceClassification needs a classifier")?
-                .shape
-                .first()
-                .copied()
-                .unwrap_or(0);
-            Some(Classifier {
-                w: ld.matrix("classifier.weight", labels, h)?,
-                b: ld.vector("classifier.bias", labels)?,
-                labels,
-            })
-        } else {
-            None
+        let head = match (with_head, roberta) {
+            (false, _) => None,
+            (true, false) => {
+                let labels = out_features(weights, "classifier.weight")?;
+                Some(Classifier {
+                    dense: None,
+                    w: ld.matrix("classifier.weight", labels, h)?,
+                    b: ld.vector("classifier.bias", labels)?,
+                    labels,
+                })
+            }
+            (true, true) => {
+                let labels = out_features(weights, "classifier.out_proj.weight")?;
+                Some(Classifier {
+                    dense: Some((
+                        ld.matrix("classifier.dense.weight", h, h)?,
+                        ld.vector("classifier.dense.bias", h)?,
+                    )),
+                    w: ld.matrix("classifier.out_proj.weight", labels, h)?,
+                    b: ld.vector("classifier.out_proj.bias", labels)?,
+                    labels,
+                })
+            }
         };
         let act = Activation::from_hf(&cfg.hidden_act)?;
         Ok(Bert {
@@ -178,7 +201,7 @@ impl<B: Backend> Bert<B> {
         what: &str,
         forward: &dyn Fn(&B::Batch) -> Result<B::Tensor>,
     ) -> Result<Vec<f32>> {
-        let limits = (self.cfg.vocab_size, self.cfg.max_position_embeddings);
+        let limits = (self.cfg.vocab_size, self.cfg.max_positions());
         let kind = format!("bert{}/{what}", self.id);
         self.be.run_forward(batch, limits, &kind, forward)
     }
@@ -214,7 +237,7 @@ impl<B: Backend> super::Encoder for Bert<B> {
     }
 
     fn max_positions(&self) -> usize {
-        self.cfg.max_position_embeddings
+        self.cfg.max_positions()
     }
 
     fn vocab_size(&self) -> usize {
@@ -236,7 +259,7 @@ impl<B: Backend> super::Encoder for Bert<B> {
     }
 
     fn features(&self, batch: &Batch) -> Result<Vec<f32>> {
-        self.run(batch, "features", &|b| self.pooler_output(b)) // [n_seqs, H]
+        self.run(batch, "features", &|b| self.head_input(b)) // [n_seqs, H]
     }
 
     fn logits(&self, batch: &Batch) -> Result<Vec<f32>> {
@@ -245,14 +268,38 @@ impl<B: Backend> super::Encoder for Bert<B> {
             .as_ref()
             .context("this checkpoint has no classification head")?;
         self.run(batch, "logits", &|b| {
-            let pooled = self.pooler_output(b)?; // [n_seqs, H]
+            let read = self.head_input(b)?; // [n_seqs, H]
             self.be
-                .linear(&pooled, &head.w, Some(&head.b), Activation::None) // [n_seqs, L]
+                .linear(&read, &head.w, Some(&head.b), Activation::None) // [n_seqs, L]
         })
     }
 }
 
+/// Rows of a head's output matrix: its number of labels.
+fn out_features(weights: &Weights, name: &str) -> Result<usize> {
+    Ok(weights
+        .get(name)
+        .with_context(|| format!("a sequence classifier needs its head ({name})"))?
+        .shape
+        .first()
+        .copied()
+        .unwrap_or(0))
+}
+
 impl<B: Backend> Bert<B> {
+    /// What the classifier's last linear layer reads, `[n_seqs, H]`: RoBERTa's
+    /// tanh(classifier.dense(h_<s>)) when it has that head, else the pooler output.
+    fn head_input(&self, b: &B::Batch) -> Result<B::Tensor> {
+        match self.head.as_ref().and_then(|h| h.dense.as_ref()) {
+            None => self.pooler_output(b),
+            Some((w, bias)) => {
+                let x = self.encode(b)?;
+                let first = self.be.pool(&x, b, Pooling::Cls)?; // [n_seqs, H]
+                self.be.linear(&first, w, Some(bias), Activation::Tanh)
+            }
+        }
+    }
+
     /// tanh(pooler.dense([CLS])): `[n_seqs, H]`.
     fn pooler_output(&self, b: &B::Batch) -> Result<B::Tensor> {
         let pooler = self

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use crate::checked;
 use crate::engine::Activation;
 
-const SUPPORTED_TYPES: &str = "bert, modernbert";
+const SUPPORTED_TYPES: &str = "bert, roberta, xlm-roberta, modernbert";
 
 /// The sizes of an encoder as `config.json` gives them, checked before anything is allocated:
 /// each at least 1 and below a bound far above any real encoder, so a damaged config is an error
@@ -55,7 +55,8 @@ pub enum ProblemType {
     MultiLabel,
 }
 
-/// Hyper-parameters of a BERT-family encoder (`model_type: "bert"`).
+/// Hyper-parameters of a BERT-family encoder (`model_type: "bert"`, `"roberta"`,
+/// `"xlm-roberta"`).
 #[derive(Debug, Clone, Deserialize)]
 pub struct BertConfig {
     pub vocab_size: usize,
@@ -72,6 +73,39 @@ pub struct BertConfig {
     pub layer_norm_eps: f64,
     #[serde(default)]
     pub position_embedding_type: Option<String>,
+    /// RoBERTa's padding index (`pad_token_id`); read only for the RoBERTa family.
+    #[serde(default)]
+    pub pad_token_id: Option<usize>,
+    /// Which member of the family; set from `model_type`, not read from the file.
+    #[serde(skip)]
+    pub family: BertFamily,
+}
+
+/// The BERT-family variants that share one forward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BertFamily {
+    /// BERT: positions from 0; the classifier reads the pooler output.
+    #[default]
+    Bert,
+    /// RoBERTa and XLM-RoBERTa: positions start after the padding index (`pad_token_id + 1`);
+    /// the classification head is dense -> tanh -> out_proj on the first token's hidden state.
+    Roberta,
+}
+
+impl BertConfig {
+    /// Rows of the position table before the first position: RoBERTa numbers positions from
+    /// `padding_idx + 1` (fairseq's convention), so its 514 rows hold 512 positions.
+    pub fn position_offset(&self) -> usize {
+        match self.family {
+            BertFamily::Bert => 0,
+            BertFamily::Roberta => self.pad_token_id.unwrap_or(1) + 1,
+        }
+    }
+
+    /// The positions a sequence may use.
+    pub fn max_positions(&self) -> usize {
+        self.max_position_embeddings - self.position_offset()
+    }
 }
 
 fn default_act() -> String {
@@ -316,8 +350,11 @@ impl ModelConfig {
             .unwrap_or_default();
         let model_type = common.model_type.clone().unwrap_or_default();
         let arch = match model_type.as_str() {
-            "bert" => {
-                let c: BertConfig = serde_json::from_value(value)?;
+            "bert" | "roberta" | "xlm-roberta" => {
+                let mut c: BertConfig = serde_json::from_value(value)?;
+                if model_type != "bert" {
+                    c.family = BertFamily::Roberta;
+                }
                 check_sizes(&[
                     ("vocab_size", c.vocab_size, MAX_VOCAB),
                     ("hidden_size", c.hidden_size, MAX_HIDDEN),
@@ -327,6 +364,13 @@ impl ModelConfig {
                     ("max_position_embeddings", c.max_position_embeddings, MAX_POSITIONS),
                     ("type_vocab_size", c.type_vocab_size, MAX_TYPE_VOCAB),
                 ])?;
+                if c.position_offset() >= c.max_position_embeddings {
+                    bail!(
+                        "max_position_embeddings {} leaves no position after the padding offset {} (pad_token_id + 1)",
+                        c.max_position_embeddings,
+                        c.position_offset()
+                    );
+                }
                 if let Some(p) = &c.position_embedding_type {
                     if p != "absolute" {
                         bail!("position_embedding_type '{p}' is not supported (only 'absolute')");
@@ -343,6 +387,10 @@ impl ModelConfig {
                 Arch::Bert(c)
             }
             "modernbert" => Arch::ModernBert(ModernBertConfig::from_value(value)?),
+            "deberta" => bail!(
+                "DeBERTa v1 (model_type 'deberta', architecture '{}') is not supported; supported model types: {SUPPORTED_TYPES}",
+                if architecture.is_empty() { "?" } else { &architecture }
+            ),
             "" => bail!("config has no model_type; supported model types: {SUPPORTED_TYPES}"),
             other => bail!(
                 "unsupported architecture '{}' (model_type '{other}'); supported model types: {SUPPORTED_TYPES}",
@@ -350,7 +398,16 @@ impl ModelConfig {
             ),
         };
         let supported: &[&str] = match arch {
-            Arch::Bert(_) => &["BertModel", "BertForSequenceClassification"],
+            Arch::Bert(BertConfig {
+                family: BertFamily::Bert,
+                ..
+            }) => &["BertModel", "BertForSequenceClassification"],
+            Arch::Bert(_) => &[
+                "RobertaModel",
+                "RobertaForSequenceClassification",
+                "XLMRobertaModel",
+                "XLMRobertaForSequenceClassification",
+            ],
             Arch::ModernBert(_) => &["ModernBertModel", "ModernBertForSequenceClassification"],
         };
         if !architecture.is_empty() && !supported.contains(&architecture.as_str()) {

@@ -15,7 +15,7 @@ use crate::engine::{Batch, GraphStats, OnBackend, Pooling};
 use config::{Arch, ModelConfig};
 use weights::Weights;
 
-/// A loaded encoder on some device: the dyn-safe face of `Bert<B>` / `ModernBert<B>` for every
+/// A loaded encoder on some device: the dyn-safe face of `Bert<B>` (BERT, RoBERTa, XLM-R) / `ModernBert<B>` for every
 /// backend `B`.
 pub trait Encoder: Send + Sync {
     fn device_name(&self) -> String;
@@ -28,7 +28,8 @@ pub trait Encoder: Send + Sync {
     /// Pooled final hidden states, `[n_seqs, hidden]`, sequences in batch order.
     fn pooled(&self, batch: &Batch, pooling: Pooling) -> Result<Vec<f32>>;
     /// What a linear classifier reads, `[n_seqs, hidden]`: for BERT the pooler output
-    /// tanh(W·h_[CLS] + b). `mira distill` fits its heads on these.
+    /// tanh(W·h_[CLS] + b); for a RoBERTa classifier tanh(classifier.dense(h_<s>)). `mira
+    /// distill` fits its heads on these.
     fn features(&self, batch: &Batch) -> Result<Vec<f32>>;
     /// Raw head outputs, `[n_seqs, num_outputs]`, sequences in batch order.
     fn logits(&self, batch: &Batch) -> Result<Vec<f32>>;
@@ -111,9 +112,14 @@ pub fn load_encoder_on<B: Backend>(
     backend: B,
 ) -> Result<Box<dyn Encoder>> {
     let with_head = match cfg.architecture.as_str() {
-        "BertForSequenceClassification" | "ModernBertForSequenceClassification" => true,
-        "BertModel" | "ModernBertModel" => false,
-        _ => weights.contains("classifier.weight"),
+        "BertForSequenceClassification"
+        | "RobertaForSequenceClassification"
+        | "XLMRobertaForSequenceClassification"
+        | "ModernBertForSequenceClassification" => true,
+        "BertModel" | "RobertaModel" | "XLMRobertaModel" | "ModernBertModel" => false,
+        _ => {
+            weights.contains("classifier.weight") || weights.contains("classifier.out_proj.weight")
+        }
     };
     Ok(match &cfg.arch {
         Arch::Bert(c) => Box::new(bert::Bert::load(backend, c, weights, with_head)?),

@@ -121,8 +121,9 @@ impl Weights {
                 dir.display()
             );
         }
-        // Task models nest the encoder under `bert.` (BERT) or `model.` (ModernBERT).
-        let prefix = ["bert.", "model."]
+        // Task models nest the encoder under `bert.` (BERT), `roberta.` (RoBERTa, XLM-R) or
+        // `model.` (ModernBERT).
+        let prefix = ["bert.", "roberta.", "model."]
             .into_iter()
             .find(|p| {
                 index
@@ -138,7 +139,7 @@ impl Weights {
         })
     }
 
-    /// The encoder prefix detected in tensor names (`""`, `"bert."` or `"model."`).
+    /// The encoder prefix detected in tensor names (`""`, `"bert."`, `"roberta."` or `"model."`).
     pub fn prefix(&self) -> &str {
         &self.prefix
     }

@@ -271,7 +271,8 @@ pub fn check_graphs<D: mira::engine::backend::cuda::KernelDevice>(
     );
 }
 
-/// The whole-model tests, one per checkpoint (MiniLM and the six random BERT/ModernBERT fixtures),
+/// The whole-model tests, one per checkpoint (MiniLM and the eight random BERT, RoBERTa, XLM-R and
+/// ModernBERT fixtures),
 /// each calling `$check(dir, golden_name)`. For test crates that have `mod common;` and this
 /// file as `#[macro_use] mod model_check;`.
 macro_rules! model_tests {
@@ -304,6 +305,18 @@ macro_rules! model_tests {
                 &common::fixture_model("bert-cls-f16-sharded"),
                 "bert-cls-f16-sharded",
             );
+        }
+
+        #[test]
+        $(#[$attr])*
+        fn xlm_roberta_classifier_matches_cpu() {
+            $check(&common::fixture_model("xlmr-cls-single"), "xlmr-cls-single");
+        }
+
+        #[test]
+        $(#[$attr])*
+        fn roberta_f16_encoder_matches_cpu() {
+            $check(&common::fixture_model("roberta-base-f16"), "roberta-base-f16");
         }
 
         #[test]
