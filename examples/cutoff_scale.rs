@@ -22,13 +22,16 @@ fn peak_rss_mib() -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
+/// One pass over the synthetic records, handing each to the callback.
+type Scan<'a> = dyn FnMut(&mut dyn FnMut(Entry)) -> anyhow::Result<()> + 'a;
+
 /// The score files of a finished score pass over `per_file`-record inputs, as `scan` generates.
 fn write_score_files(
     dir: &std::path::Path,
     n: u64,
     buckets: u64,
     per_file: u64,
-    scan: &mut dyn FnMut(&mut dyn FnMut(Entry)) -> anyhow::Result<()>,
+    scan: &mut Scan,
 ) -> anyhow::Result<()> {
     use mira::select::reduce::{scores_path, scores_root};
     use mira::select::selection::ScoreRow;
