@@ -430,7 +430,7 @@ fn make_scored_corpus(root: &Path, files: usize, records: usize) -> (PathBuf, Pa
         r#"{"thresholds":{"max_mae":2.0,"min_spearman":0.3,"min_count":5},"cells":[],"unmasked":{}}"#,
     )
     .unwrap();
-    let files_of = mira::corpus::expand_inputs(&[input.clone()]).unwrap();
+    let files_of = mira::corpus::expand_inputs(std::slice::from_ref(&input)).unwrap();
     assert_eq!(files_of.len(), files);
     // The score files are written into a template output folder, copied per run.
     let template = root.join("scored");
