@@ -78,6 +78,11 @@ struct ModelArgs {
     /// Worker threads for the CPU backend and tokenization [default: all cores]
     #[arg(long)]
     threads: Option<usize>,
+    /// For a PyTorchModelHubMixin classifier (NeMo Curator's: config.json with base_model): the
+    /// base model's folder, with its config.json and tokenizer.json [default: base_model as a
+    /// local path, else in the local Hugging Face cache]
+    #[arg(long, value_name = "DIR")]
+    base_model: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -208,6 +213,7 @@ fn load(args: &ModelArgs) -> Result<Scorer> {
             packer,
             precision: args.precision,
             cuda_graph_tokens: args.cuda_graphs,
+            base_model: args.base_model.clone(),
         },
     )?;
     if let Some(note) = scorer.device_note() {

@@ -7,9 +7,8 @@ use anyhow::{bail, Context, Result};
 use crate::engine::backend::Backend;
 use crate::engine::{self, BackendOptions, Batch, Device, GraphStats, Packer, Pooling};
 pub use crate::head::{activate_outputs, head_info, HeadInfo};
-use crate::model::config::ModelConfig;
+use crate::model::checkpoint::Checkpoint;
 use crate::model::st::SentenceConfig;
-use crate::model::weights::Weights;
 use crate::model::{self, Encoder};
 use crate::text::TextEncoder;
 
@@ -27,6 +26,10 @@ pub struct LoadOptions {
     /// On CUDA, batches of at most this many tokens run as CUDA graphs once their shape
     /// repeats (one graph launch instead of ~10 launches per layer); 0, the default, never.
     pub cuda_graph_tokens: usize,
+    /// For a `PyTorchModelHubMixin` classifier (NeMo Curator's): the base model's folder (its
+    /// config.json and tokenizer.json). Default: `base_model` from the checkpoint's config.json,
+    /// as a local path or in the local Hugging Face cache (see `model::checkpoint`).
+    pub base_model: Option<PathBuf>,
 }
 
 /// A documents × outputs matrix of scores, with the output names.
@@ -85,18 +88,15 @@ impl Scorer {
 
     pub fn load_with(dir: impl AsRef<Path>, device: Device, opts: LoadOptions) -> Result<Scorer> {
         let dir = dir.as_ref();
-        model::check_folder(dir)?;
         let (device, device_note) = engine::resolve(device)?;
-        let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
-        let sentence = SentenceConfig::load(dir)?;
-        let weights = Weights::open(dir)?;
+        let ckpt = Checkpoint::open(dir, opts.base_model.as_deref())?;
         let backend_opts = BackendOptions {
             precision: opts.precision,
             cuda_graph_tokens: opts.cuda_graph_tokens,
         };
         let loader = model::EncoderLoader {
-            cfg: &cfg,
-            weights: &weights,
+            cfg: &ckpt.config,
+            weights: &ckpt.weights,
         };
         let engines = engine::device::expand(device)?
             .into_iter()
@@ -108,7 +108,7 @@ impl Scorer {
         let packer = opts
             .packer
             .unwrap_or_else(|| engine::default_packer(device));
-        Self::assemble(dir, &cfg, sentence, engines, opts, packer, device_note)
+        Self::assemble(ckpt, engines, opts, packer, device_note)
     }
 
     /// Load a checkpoint onto a backend the caller built (the tests' CPU emulation of the
@@ -119,29 +119,25 @@ impl Scorer {
         opts: LoadOptions,
     ) -> Result<Scorer> {
         let dir = dir.as_ref();
-        model::check_folder(dir)?;
-        let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
-        let sentence = SentenceConfig::load(dir)?;
-        let weights = Weights::open(dir)?;
+        let ckpt = Checkpoint::open(dir, opts.base_model.as_deref())?;
         let name = backend.name();
-        let engine = model::load_encoder_on(&cfg, &weights, backend)
+        let engine = model::load_encoder_on(&ckpt.config, &ckpt.weights, backend)
             .with_context(|| format!("cannot load model {} on {name}", dir.display()))?;
         let packer = opts
             .packer
             .unwrap_or_else(|| engine::default_packer(Device::Cpu));
-        Self::assemble(dir, &cfg, sentence, vec![engine], opts, packer, None)
+        Self::assemble(ckpt, vec![engine], opts, packer, None)
     }
 
     /// The tokenizer, head metadata and batch limits around loaded engines.
     fn assemble(
-        dir: &Path,
-        cfg: &ModelConfig,
-        sentence: SentenceConfig,
+        ckpt: Checkpoint,
         engines: Vec<Box<dyn Encoder>>,
         opts: LoadOptions,
         mut packer: Packer,
         device_note: Option<String>,
     ) -> Result<Scorer> {
+        let (dir, cfg, sentence) = (&ckpt.dir, &ckpt.config, ckpt.sentence.clone());
         let encoder = &engines[0];
         let max_pos = encoder.max_positions();
         let max_tokens = opts
@@ -151,7 +147,7 @@ impl Scorer {
         if max_tokens > max_pos {
             bail!("max_tokens {max_tokens} exceeds the model's max_position_embeddings {max_pos}");
         }
-        let text = TextEncoder::from_file(&dir.join("tokenizer.json"), max_tokens)?;
+        let text = TextEncoder::from_file(&ckpt.tokenizer(), max_tokens)?;
         let head = match encoder.num_outputs() {
             0 => None,
             n => Some(head_info(dir, cfg, n)?),
@@ -488,6 +484,8 @@ pub struct DocFailure {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::config::ModelConfig;
+    use crate::model::weights::Weights;
 
     fn fixture() -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/bert-cls-regression")

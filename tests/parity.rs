@@ -46,3 +46,84 @@ fn xlm_roberta_classifier_with_unigram_tokenizer_matches_transformers() {
 fn roberta_model_with_byte_level_bpe_f16_matches_transformers() {
     check_embed(&fixture_model("roberta-base-f16"), "roberta-base-f16");
 }
+
+#[test]
+fn nemo_style_mixin_classifier_matches_its_pytorch_module() {
+    // config.json names its base model by a path relative to the checkpoint folder.
+    check_score("nemo-mixin-roberta");
+}
+
+/// A mixin checkpoint moved away from its base model: an error that says where it looked; then
+/// found by `--base-model`, and by a hub id in the local Hugging Face cache (`HF_HUB_CACHE`),
+/// with the same scores as in place.
+#[test]
+fn mixin_base_model_is_found_by_flag_or_in_the_hub_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt = tmp.path().join("quality-classifier");
+    copy_dir(&fixture_model("nemo-mixin-roberta"), &ckpt);
+    let input = tmp.path().join("docs.jsonl");
+    std::fs::write(
+        &input,
+        "{\"id\":\"a\",\"text\":\"The quick brown fox.\"}\n{\"id\":\"b\",\"text\":\"def f(x): return x\"}\n",
+    )
+    .unwrap();
+    let score = |model: &std::path::Path, extra: &[&std::ffi::OsStr], hub: &std::path::Path| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_mira"))
+            .args(["score", "--device", "cpu", "--output", "-", "--model"])
+            .arg(model)
+            .arg("--input")
+            .arg(&input)
+            .args(extra)
+            .env("HF_HUB_CACHE", hub)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let empty_hub = tmp.path().join("empty-hub");
+    let (ok, in_place, err) = score(&fixture_model("nemo-mixin-roberta"), &[], &empty_hub);
+    assert!(ok, "{err}");
+    assert!(in_place.contains("\"High\""), "{in_place}");
+
+    let (ok, _, err) = score(&ckpt, &[], &empty_hub);
+    assert!(!ok);
+    assert!(
+        err.contains("base model '../roberta-base-f16' not found")
+            && err.contains("Hugging Face cache")
+            && err.contains("--base-model"),
+        "{err}"
+    );
+
+    let base = fixture_model("roberta-base-f16");
+    let (ok, by_flag, err) = score(
+        &ckpt,
+        &["--base-model".as_ref(), base.as_os_str()],
+        &empty_hub,
+    );
+    assert!(ok, "{err}");
+    assert_eq!(by_flag, in_place);
+
+    // As NeMo Curator's files name it: a hub id, found in the local cache's snapshot of main.
+    let cfg_path = ckpt.join("config.json");
+    let cfg = std::fs::read_to_string(&cfg_path).unwrap();
+    std::fs::write(
+        &cfg_path,
+        cfg.replace("../roberta-base-f16", "acme/roberta-tiny"),
+    )
+    .unwrap();
+    let hub = tmp.path().join("hub");
+    let repo = hub.join("models--acme--roberta-tiny");
+    let snapshot = repo.join("snapshots").join("0123abcd");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs").join("main"), "0123abcd\n").unwrap();
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(base.join(f), snapshot.join(f)).unwrap();
+    }
+    let (ok, from_cache, err) = score(&ckpt, &[], &hub);
+    assert!(ok, "{err}");
+    assert_eq!(from_cache, in_place);
+}

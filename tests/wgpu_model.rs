@@ -52,7 +52,8 @@ fn one_submit_per_forward_and_reused_buffers() {
         panic!("MiniLM is a BERT")
     };
     let be = WgpuBackend::new(None, Precision::F32).unwrap();
-    let model = mira::model::bert::Bert::load(be.clone(), c, &weights, false).unwrap();
+    let model =
+        mira::model::bert::Bert::load(be.clone(), c, &weights, false, Default::default()).unwrap();
     let seqs: Vec<Vec<u32>> = (0..9)
         .map(|d| {
             (0..(20 + 13 * d))

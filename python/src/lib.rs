@@ -196,7 +196,8 @@ impl Scorer {
 #[pymethods]
 impl Scorer {
     #[new]
-    #[pyo3(signature = (model_dir, device="auto", precision="auto", max_tokens=None, batch_tokens=None, threads=None))]
+    #[pyo3(signature = (model_dir, device="auto", precision="auto", max_tokens=None, batch_tokens=None, threads=None, base_model=None))]
+    #[allow(clippy::too_many_arguments)] // the Python keyword arguments, one each
     fn new(
         py: Python<'_>,
         model_dir: PathBuf,
@@ -205,6 +206,7 @@ impl Scorer {
         max_tokens: Option<usize>,
         batch_tokens: Option<usize>,
         threads: Option<usize>,
+        base_model: Option<PathBuf>,
     ) -> PyResult<Scorer> {
         if !model_dir.is_dir() {
             return Err(PyFileNotFoundError::new_err(format!(
@@ -231,6 +233,7 @@ impl Scorer {
             }),
             precision,
             cuda_graph_tokens: 0,
+            base_model,
         };
         let scorer = py
             .detach(|| mira::Scorer::load_with(&model_dir, device, opts))

@@ -147,3 +147,23 @@ def test_a_forked_child_scores_without_hanging(records):
     with ctx.Pool(2) as pool:
         got = pool.apply_async(_score_in_child, (texts,)).get(timeout=120)
     assert_bitwise(got, want)
+
+
+def test_a_nemo_style_mixin_classifier_loads_with_its_base_model(tmp_path):
+    import json
+    import shutil
+
+    fixtures = STUDENT.parent  # tests/fixtures/models
+    golden = json.loads((fixtures.parent / "goldens" / "nemo-mixin-roberta.json").read_text())
+    case = golden["settings"][0]["cases"][2]
+    scorer = mira.Scorer(str(fixtures / "nemo-mixin-roberta"), device="cpu")
+    assert scorer.labels == golden["labels"]
+    got = scorer.score([case["text"]])[0]
+    np.testing.assert_allclose(got, case["probs"], atol=1e-5)
+    # Moved away from its base model, it needs base_model=.
+    moved = tmp_path / "classifier"
+    shutil.copytree(fixtures / "nemo-mixin-roberta", moved)
+    with pytest.raises(RuntimeError, match="base model '../roberta-base-f16' not found"):
+        mira.Scorer(str(moved), device="cpu")
+    again = mira.Scorer(str(moved), device="cpu", base_model=str(fixtures / "roberta-base-f16"))
+    np.testing.assert_array_equal(again.score([case["text"]])[0], got)

@@ -14,7 +14,7 @@ use super::weights::Weights;
 use super::Loader;
 use crate::engine::backend::EmbeddingTables;
 use crate::engine::{Activation, Backend, Batch, Pooling};
-use crate::model::config::{BertConfig, BertFamily};
+use crate::model::config::{BertConfig, BertFamily, HeadLayout};
 
 struct Layer<B: Backend> {
     /// `attention.self.{query,key,value}` stacked: `[3H, H]`, bias `[1, 3H]`
@@ -46,12 +46,20 @@ struct Pooler<B: Backend> {
 
 /// The classification head: `[L, H]`, `[1, L]` after what it reads.
 struct Classifier<B: Backend> {
-    /// RoBERTa's `classifier.dense` (`[H, H]`, `[1, H]`, then tanh) on the first token; `None`
-    /// for BERT, whose `classifier` reads the pooler output.
-    dense: Option<(B::Tensor, B::Tensor)>,
+    reads: HeadInput<B>,
     w: B::Tensor,
     b: B::Tensor,
     labels: usize,
+}
+
+/// What a classifier's last linear layer reads.
+enum HeadInput<B: Backend> {
+    /// BERT's pooler output.
+    Pooler,
+    /// RoBERTa's `classifier.dense` (`[H, H]`, `[1, H]`, then tanh) on the first token.
+    FirstTokenDense(B::Tensor, B::Tensor),
+    /// The first token's final hidden state (a `PyTorchModelHubMixin` classifier's `fc`).
+    FirstToken,
 }
 
 pub struct Bert<B: Backend> {
@@ -69,7 +77,13 @@ pub struct Bert<B: Backend> {
 impl<B: Backend> Bert<B> {
     /// Build the model from checkpoint weights. `with_head`: load pooler + classifier too.
     // Long: every BERT tensor loaded in turn, named as in the checkpoint.
-    pub fn load(be: B, cfg: &BertConfig, weights: &Weights, with_head: bool) -> Result<Bert<B>> {
+    pub fn load(
+        be: B,
+        cfg: &BertConfig,
+        weights: &Weights,
+        with_head: bool,
+        layout: HeadLayout,
+    ) -> Result<Bert<B>> {
         let h = cfg.hidden_size;
         let i = cfg.intermediate_size;
         let p = weights.prefix().to_string();
@@ -126,9 +140,17 @@ impl<B: Backend> Bert<B> {
                 out_norm_b: ld.vector(&format!("{n}.output.LayerNorm.bias"), h)?,
             });
         }
-        let roberta = cfg.family == BertFamily::Roberta;
+        let reads = match (with_head, layout, cfg.family) {
+            (false, ..) | (true, HeadLayout::Native, BertFamily::Bert) => HeadInput::Pooler,
+            (true, HeadLayout::MixinFc, _) => HeadInput::FirstToken,
+            (true, HeadLayout::Native, BertFamily::Roberta) => HeadInput::FirstTokenDense(
+                ld.matrix("classifier.dense.weight", h, h)?,
+                ld.vector("classifier.dense.bias", h)?,
+            ),
+        };
         let pooler_name = format!("{p}pooler.dense.weight");
-        let pooler = if (with_head && !roberta) || weights.contains(&pooler_name) {
+        let needs_pooler = with_head && matches!(reads, HeadInput::Pooler);
+        let pooler = if needs_pooler || weights.contains(&pooler_name) {
             Some(Pooler {
                 w: ld.matrix(&pooler_name, h, h)?,
                 b: ld.vector(&format!("{p}pooler.dense.bias"), h)?,
@@ -136,29 +158,23 @@ impl<B: Backend> Bert<B> {
         } else {
             None
         };
-        let head = match (with_head, roberta) {
-            (false, _) => None,
-            (true, false) => {
-                let labels = out_features(weights, "classifier.weight")?;
-                Some(Classifier {
-                    dense: None,
-                    w: ld.matrix("classifier.weight", labels, h)?,
-                    b: ld.vector("classifier.bias", labels)?,
-                    labels,
-                })
-            }
-            (true, true) => {
-                let labels = out_features(weights, "classifier.out_proj.weight")?;
-                Some(Classifier {
-                    dense: Some((
-                        ld.matrix("classifier.dense.weight", h, h)?,
-                        ld.vector("classifier.dense.bias", h)?,
-                    )),
-                    w: ld.matrix("classifier.out_proj.weight", labels, h)?,
-                    b: ld.vector("classifier.out_proj.bias", labels)?,
-                    labels,
-                })
-            }
+        let head = if with_head {
+            let (w, b) = match &reads {
+                HeadInput::FirstToken => ("fc.weight", "fc.bias"),
+                HeadInput::FirstTokenDense(..) => {
+                    ("classifier.out_proj.weight", "classifier.out_proj.bias")
+                }
+                HeadInput::Pooler => ("classifier.weight", "classifier.bias"),
+            };
+            let labels = out_features(weights, w)?;
+            Some(Classifier {
+                w: ld.matrix(w, labels, h)?,
+                b: ld.vector(b, labels)?,
+                reads,
+                labels,
+            })
+        } else {
+            None
         };
         let act = Activation::from_hf(&cfg.hidden_act)?;
         Ok(Bert {
@@ -290,12 +306,16 @@ impl<B: Backend> Bert<B> {
     /// What the classifier's last linear layer reads, `[n_seqs, H]`: RoBERTa's
     /// tanh(classifier.dense(h_<s>)) when it has that head, else the pooler output.
     fn head_input(&self, b: &B::Batch) -> Result<B::Tensor> {
-        match self.head.as_ref().and_then(|h| h.dense.as_ref()) {
-            None => self.pooler_output(b),
-            Some((w, bias)) => {
+        match self.head.as_ref().map(|h| &h.reads) {
+            None | Some(HeadInput::Pooler) => self.pooler_output(b),
+            Some(HeadInput::FirstTokenDense(w, bias)) => {
                 let x = self.encode(b)?;
                 let first = self.be.pool(&x, b, Pooling::Cls)?; // [n_seqs, H]
                 self.be.linear(&first, w, Some(bias), Activation::Tanh)
+            }
+            Some(HeadInput::FirstToken) => {
+                let x = self.encode(b)?;
+                self.be.pool(&x, b, Pooling::Cls) // [n_seqs, H]
             }
         }
     }

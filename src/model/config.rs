@@ -93,6 +93,51 @@ pub enum BertFamily {
 }
 
 impl BertConfig {
+    /// Parse and check a BERT-family config (`model_type` bert, roberta or xlm-roberta).
+    fn from_value(value: serde_json::Value, model_type: &str) -> Result<BertConfig> {
+        let mut c: BertConfig = serde_json::from_value(value)?;
+        if model_type != "bert" {
+            c.family = BertFamily::Roberta;
+        }
+        check_sizes(&[
+            ("vocab_size", c.vocab_size, MAX_VOCAB),
+            ("hidden_size", c.hidden_size, MAX_HIDDEN),
+            ("intermediate_size", c.intermediate_size, MAX_INTERMEDIATE),
+            ("num_hidden_layers", c.num_hidden_layers, MAX_LAYERS),
+            ("num_attention_heads", c.num_attention_heads, MAX_HIDDEN),
+            (
+                "max_position_embeddings",
+                c.max_position_embeddings,
+                MAX_POSITIONS,
+            ),
+            ("type_vocab_size", c.type_vocab_size, MAX_TYPE_VOCAB),
+        ])?;
+        if let Some(p) = c.pad_token_id {
+            checked::count("pad_token_id", p, 0, MAX_VOCAB)?;
+        }
+        if c.position_offset() >= c.max_position_embeddings {
+            bail!(
+                "max_position_embeddings {} leaves no position after the padding offset {} (pad_token_id + 1)",
+                c.max_position_embeddings,
+                c.position_offset()
+            );
+        }
+        if let Some(p) = &c.position_embedding_type {
+            if p != "absolute" {
+                bail!("position_embedding_type '{p}' is not supported (only 'absolute')");
+            }
+        }
+        if c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) {
+            bail!(
+                "hidden_size {} is not divisible by num_attention_heads {}",
+                c.hidden_size,
+                c.num_attention_heads
+            );
+        }
+        Activation::from_hf(&c.hidden_act)?;
+        Ok(c)
+    }
+
     /// Rows of the position table before the first position: RoBERTa numbers positions from
     /// `padding_idx + 1` (fairseq's convention), so its 514 rows hold 512 positions.
     pub fn position_offset(&self) -> usize {
@@ -317,6 +362,18 @@ struct Common {
     num_labels: Option<usize>,
 }
 
+/// How the classification head sits on the encoder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HeadLayout {
+    /// As the architecture defines it (BERT's pooler + classifier, RoBERTa's dense-tanh-out_proj,
+    /// ModernBERT's head).
+    #[default]
+    Native,
+    /// A `PyTorchModelHubMixin` classifier (NeMo Curator's): `fc` on the first token's final
+    /// hidden state, then softmax.
+    MixinFc,
+}
+
 /// A parsed `config.json`.
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
@@ -326,6 +383,7 @@ pub struct ModelConfig {
     /// Head outputs as declared by the config (`id2label`/`num_labels`); the head's weights decide.
     pub declared_labels: Option<Vec<String>>,
     pub problem_type: Option<ProblemType>,
+    pub head: HeadLayout,
 }
 
 #[derive(Debug, Clone)]
@@ -350,42 +408,7 @@ impl ModelConfig {
             .unwrap_or_default();
         let model_type = common.model_type.clone().unwrap_or_default();
         let arch = match model_type.as_str() {
-            "bert" | "roberta" | "xlm-roberta" => {
-                let mut c: BertConfig = serde_json::from_value(value)?;
-                if model_type != "bert" {
-                    c.family = BertFamily::Roberta;
-                }
-                check_sizes(&[
-                    ("vocab_size", c.vocab_size, MAX_VOCAB),
-                    ("hidden_size", c.hidden_size, MAX_HIDDEN),
-                    ("intermediate_size", c.intermediate_size, MAX_INTERMEDIATE),
-                    ("num_hidden_layers", c.num_hidden_layers, MAX_LAYERS),
-                    ("num_attention_heads", c.num_attention_heads, MAX_HIDDEN),
-                    ("max_position_embeddings", c.max_position_embeddings, MAX_POSITIONS),
-                    ("type_vocab_size", c.type_vocab_size, MAX_TYPE_VOCAB),
-                ])?;
-                if c.position_offset() >= c.max_position_embeddings {
-                    bail!(
-                        "max_position_embeddings {} leaves no position after the padding offset {} (pad_token_id + 1)",
-                        c.max_position_embeddings,
-                        c.position_offset()
-                    );
-                }
-                if let Some(p) = &c.position_embedding_type {
-                    if p != "absolute" {
-                        bail!("position_embedding_type '{p}' is not supported (only 'absolute')");
-                    }
-                }
-                if c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) {
-                    bail!(
-                        "hidden_size {} is not divisible by num_attention_heads {}",
-                        c.hidden_size,
-                        c.num_attention_heads
-                    );
-                }
-                Activation::from_hf(&c.hidden_act)?;
-                Arch::Bert(c)
-            }
+            "bert" | "roberta" | "xlm-roberta" => Arch::Bert(BertConfig::from_value(value, &model_type)?),
             "modernbert" => Arch::ModernBert(ModernBertConfig::from_value(value)?),
             "deberta" => bail!(
                 "DeBERTa v1 (model_type 'deberta', architecture '{}') is not supported; supported model types: {SUPPORTED_TYPES}",
@@ -439,12 +462,13 @@ impl ModelConfig {
             architecture,
             declared_labels,
             problem_type,
+            head: HeadLayout::Native,
         })
     }
 }
 
 /// `id2label` keys are stringified integers; order them numerically and require 0..n.
-fn labels_from_id2label(map: &BTreeMap<String, String>) -> Result<Vec<String>> {
+pub(crate) fn labels_from_id2label(map: &BTreeMap<String, String>) -> Result<Vec<String>> {
     let mut pairs = Vec::with_capacity(map.len());
     for (k, v) in map {
         let i: usize = k
@@ -472,6 +496,38 @@ mod tests {
             "id2label":{"10":"k","2":"c","0":"a","1":"b","3":"d","4":"e","5":"f","6":"g","7":"h","8":"i","9":"j"}}"#;
         let c = ModelConfig::from_json(json).unwrap();
         assert_eq!(c.declared_labels.unwrap()[10], "k");
+    }
+
+    #[test]
+    fn roberta_positions_start_after_the_padding_index() {
+        let base = r#""vocab_size":10,"hidden_size":4,"num_hidden_layers":1,"num_attention_heads":1,"intermediate_size":8"#;
+        let cfg = |extra: &str| ModelConfig::from_json(&format!("{{{base},{extra}}}"));
+        let c = cfg(r#""model_type":"xlm-roberta","max_position_embeddings":514,"pad_token_id":1"#);
+        let Arch::Bert(c) = c.unwrap().arch else {
+            panic!("not BERT-family")
+        };
+        assert_eq!(
+            (c.family, c.position_offset(), c.max_positions()),
+            (BertFamily::Roberta, 2, 512)
+        );
+        let bert = cfg(r#""model_type":"bert","max_position_embeddings":512,"pad_token_id":1"#);
+        let Arch::Bert(b) = bert.unwrap().arch else {
+            panic!("not BERT-family")
+        };
+        assert_eq!((b.position_offset(), b.max_positions()), (0, 512));
+        let err = |extra: &str| format!("{:#}", cfg(extra).unwrap_err());
+        let e = err(r#""model_type":"roberta","max_position_embeddings":2,"pad_token_id":1"#);
+        assert!(e.contains("leaves no position"), "{e}");
+        let e = err(
+            r#""model_type":"roberta","max_position_embeddings":8,"pad_token_id":18446744073709551615"#,
+        );
+        assert!(e.contains("pad_token_id"), "{e}");
+        let e =
+            err(r#""model_type":"deberta","architectures":["DebertaForSequenceClassification"]"#);
+        assert!(
+            e.contains("DeBERTa v1") && e.contains("DebertaForSequenceClassification"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -1,18 +1,17 @@
 //! Encoder architectures, written once over the backend interface, and checkpoint loading.
 
 pub mod bert;
+pub mod checkpoint;
 pub mod config;
 pub mod modernbert;
 pub mod st;
 pub mod weights;
 
-use std::path::Path;
-
 use anyhow::{bail, Context, Result};
 
 use crate::engine::backend::Backend;
 use crate::engine::{Batch, GraphStats, OnBackend, Pooling};
-use config::{Arch, ModelConfig};
+use config::{Arch, HeadLayout, ModelConfig};
 use weights::Weights;
 
 /// A loaded encoder on some device: the dyn-safe face of `Bert<B>` (BERT, RoBERTa, XLM-R) / `ModernBert<B>` for every
@@ -117,27 +116,18 @@ pub fn load_encoder_on<B: Backend>(
         | "XLMRobertaForSequenceClassification"
         | "ModernBertForSequenceClassification" => true,
         "BertModel" | "RobertaModel" | "XLMRobertaModel" | "ModernBertModel" => false,
+        "PyTorchModelHubMixin" => true,
         _ => {
             weights.contains("classifier.weight") || weights.contains("classifier.out_proj.weight")
         }
     };
     Ok(match &cfg.arch {
-        Arch::Bert(c) => Box::new(bert::Bert::load(backend, c, weights, with_head)?),
+        Arch::Bert(c) => Box::new(bert::Bert::load(backend, c, weights, with_head, cfg.head)?),
+        Arch::ModernBert(_) if cfg.head == HeadLayout::MixinFc => {
+            bail!("a PyTorchModelHubMixin classifier on a ModernBERT base model is not supported")
+        }
         Arch::ModernBert(c) => Box::new(modernbert::ModernBert::load(
             backend, c, weights, with_head,
         )?),
     })
-}
-
-/// Whether a folder looks like a checkpoint (used for early, clear errors).
-pub fn check_folder(dir: &Path) -> Result<()> {
-    if !dir.is_dir() {
-        bail!("model folder {} does not exist", dir.display());
-    }
-    for f in ["config.json", "tokenizer.json"] {
-        if !dir.join(f).exists() {
-            bail!("model folder {} has no {f}", dir.display());
-        }
-    }
-    Ok(())
 }

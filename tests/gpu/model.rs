@@ -271,8 +271,8 @@ pub fn check_graphs<D: mira::engine::backend::cuda::KernelDevice>(
     );
 }
 
-/// The whole-model tests, one per checkpoint (MiniLM and the eight random BERT, RoBERTa, XLM-R and
-/// ModernBERT fixtures),
+/// The whole-model tests, one per checkpoint (MiniLM and the nine random BERT, RoBERTa, XLM-R, NeMo-style
+/// mixin and ModernBERT fixtures),
 /// each calling `$check(dir, golden_name)`. For test crates that have `mod common;` and this
 /// file as `#[macro_use] mod model_check;`.
 macro_rules! model_tests {
@@ -317,6 +317,12 @@ macro_rules! model_tests {
         $(#[$attr])*
         fn roberta_f16_encoder_matches_cpu() {
             $check(&common::fixture_model("roberta-base-f16"), "roberta-base-f16");
+        }
+
+        #[test]
+        $(#[$attr])*
+        fn nemo_style_mixin_classifier_matches_cpu() {
+            $check(&common::fixture_model("nemo-mixin-roberta"), "nemo-mixin-roberta");
         }
 
         #[test]
