@@ -200,6 +200,141 @@ fn varlen_attention_with_and_without_windows() {
     }
 }
 
+/// DeBERTa's disentangled attention in float64: `(q_i·k_j + q_i·pk[r] + k_j·pq[r]) /
+/// sqrt(d · factor)` with `r = relative_index(i, j)` (checked against transformers' buckets in
+/// tests/parity.rs), softmax, times V.
+#[allow(clippy::too_many_arguments)] // the op's inputs, one each
+fn disentangled_ref(
+    qkv: &[f32],
+    lens: &[usize],
+    heads: usize,
+    h: usize,
+    pk: Option<&[f32]>,
+    pq: Option<&[f32]>,
+    (span, buckets, max_relative): (usize, usize, usize),
+    factor: usize,
+) -> Vec<f64> {
+    let d = h / heads;
+    let total: usize = lens.iter().sum();
+    let mut out = vec![0f64; total * h];
+    let at = |m: &[f32], row: usize, stride: usize, col: usize| -> Vec<f64> {
+        (0..d).map(|p| m[row * stride + col + p] as f64).collect()
+    };
+    let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+    let mut start = 0;
+    for &len in lens {
+        for hd in 0..heads {
+            for i in 0..len {
+                let q = at(qkv, start + i, 3 * h, hd * d);
+                let scores: Vec<f64> = (0..len)
+                    .map(|j| {
+                        let k = at(qkv, start + j, 3 * h, h + hd * d);
+                        let r = mira::engine::backend::relative_index(
+                            i,
+                            j,
+                            span,
+                            buckets,
+                            max_relative,
+                        );
+                        let mut s = dot(&q, &k);
+                        if let Some(pk) = pk {
+                            s += dot(&q, &at(pk, r, h, hd * d));
+                        }
+                        if let Some(pq) = pq {
+                            s += dot(&k, &at(pq, r, h, hd * d));
+                        }
+                        s / ((d * factor) as f64).sqrt()
+                    })
+                    .collect();
+                let max = scores.iter().cloned().fold(f64::MIN, f64::max);
+                let z: f64 = scores.iter().map(|s| (s - max).exp()).sum();
+                for (j, s) in scores.iter().enumerate() {
+                    let p = (s - max).exp() / z;
+                    for c in 0..d {
+                        out[(start + i) * h + hd * d + c] +=
+                            p * qkv[(start + j) * 3 * h + 2 * h + hd * d + c] as f64;
+                    }
+                }
+            }
+        }
+        start += len;
+    }
+    out
+}
+
+fn disentangled_attention_matches_reference() {
+    let be = CpuBackend;
+    let mut rng = Rng(77);
+    // (span, buckets, max_relative): v3-like log buckets, plain clamped distances, v3-base's.
+    for rel in [(8usize, 8usize, 32usize), (16, 0, 16), (256, 256, 512)] {
+        for (heads, d) in [(3usize, 8usize), (2, 64), (1, 80)] {
+            let h = heads * d;
+            for lens in [vec![1], vec![5, 63, 64], vec![65, 1, 130]] {
+                let b = batch(&lens);
+                let dev = be.upload_batch(&b, 7, 512).unwrap();
+                let total: usize = lens.iter().sum();
+                let qkv = rng.vec(total * 3 * h, 1.0);
+                let qkv_t = be.weight(qkv.clone(), total, 3 * h).unwrap();
+                let pk = rng.vec(2 * rel.0 * h, 1.0);
+                let pq = rng.vec(2 * rel.0 * h, 1.0);
+                let (pk_t, pq_t) = (
+                    be.weight(pk.clone(), 2 * rel.0, h).unwrap(),
+                    be.weight(pq.clone(), 2 * rel.0, h).unwrap(),
+                );
+                for (c2p, p2c) in [(true, true), (true, false), (false, true)] {
+                    let factor = 1 + c2p as usize + p2c as usize;
+                    let op = mira::engine::backend::Disentangled {
+                        pos_key: c2p.then_some(&pk_t),
+                        pos_query: p2c.then_some(&pq_t),
+                        span: rel.0,
+                        buckets: rel.1,
+                        max_relative: rel.2,
+                        scale_factor: factor,
+                    };
+                    let out = be.attention_disentangled(&qkv_t, &dev, heads, &op).unwrap();
+                    let want = disentangled_ref(
+                        &qkv,
+                        &lens,
+                        heads,
+                        h,
+                        c2p.then_some(&pk[..]),
+                        p2c.then_some(&pq[..]),
+                        rel,
+                        factor,
+                    );
+                    assert_close(
+                        out.data(),
+                        &want,
+                        2e-5,
+                        &format!("disentangled heads={heads} d={d} lens={lens:?} rel={rel:?} c2p={c2p} p2c={p2c}"),
+                    );
+                }
+            }
+        }
+    }
+    // A table of the wrong shape is an error naming it.
+    let b = batch(&[4]);
+    let dev = be.upload_batch(&b, 7, 512).unwrap();
+    let qkv = be.weight(rng.vec(4 * 3 * 16, 1.0), 4, 48).unwrap();
+    let bad = be.weight(rng.vec(3 * 16, 1.0), 3, 16).unwrap();
+    let op = mira::engine::backend::Disentangled {
+        pos_key: Some(&bad),
+        pos_query: None,
+        span: 4,
+        buckets: 0,
+        max_relative: 4,
+        scale_factor: 2,
+    };
+    let err = format!(
+        "{:#}",
+        be.attention_disentangled(&qkv, &dev, 2, &op).unwrap_err()
+    );
+    assert!(
+        err.contains("pos_key is [3, 16], expected [8, 16]"),
+        "{err}"
+    );
+}
+
 fn embed_and_pool_match_reference() {
     let be = CpuBackend;
     let mut rng = Rng(99);

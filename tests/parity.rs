@@ -127,3 +127,50 @@ fn mixin_base_model_is_found_by_flag_or_in_the_hub_cache() {
     assert!(ok, "{err}");
     assert_eq!(from_cache, in_place);
 }
+
+#[test]
+fn deberta_v3_classifier_with_log_bucketed_relative_attention_matches_transformers() {
+    check_score("deberta-v3-cls");
+}
+
+#[test]
+fn deberta_v2_model_with_separate_position_projections_matches_transformers() {
+    check_embed(
+        &fixture_model("deberta-v2-base-bf16"),
+        "deberta-v2-base-bf16",
+    );
+}
+
+#[test]
+fn nemo_style_mixin_on_deberta_matches_its_pytorch_module() {
+    check_score("nemo-mixin-deberta");
+}
+
+/// `relative_index` against transformers' `make_log_bucket_position`, for the fixtures' settings
+/// and deberta-v3-base's (256 buckets, 512 positions), over every distance up to 1,100.
+#[test]
+fn deberta_relative_buckets_equal_transformers() {
+    let g = golden("deberta-buckets");
+    for t in g["tables"].as_array().unwrap() {
+        let buckets = t["buckets"].as_u64().unwrap() as usize;
+        let max_relative = t["max_relative"].as_u64().unwrap() as usize;
+        let from = t["from"].as_i64().unwrap();
+        let span = buckets;
+        let base = 2000usize;
+        for (k, b) in t["bucket"].as_array().unwrap().iter().enumerate() {
+            let rel = from + k as i64;
+            let want = (b.as_i64().unwrap() + span as i64).clamp(0, 2 * span as i64 - 1) as usize;
+            let got = mira::engine::backend::relative_index(
+                (base as i64 + rel) as usize,
+                base,
+                span,
+                buckets,
+                max_relative,
+            );
+            assert_eq!(
+                got, want,
+                "buckets {buckets}, max {max_relative}, distance {rel}"
+            );
+        }
+    }
+}

@@ -104,3 +104,21 @@ fn one_submit_per_forward_and_reused_buffers() {
     let _ = model.pooled(&batch2, mira::Pooling::Mean).unwrap();
     assert_eq!(be.counters().buffers_created, fourth.buffers_created);
 }
+
+/// DeBERTa's disentangled attention is CPU-only so far: loading one on wgpu is refused at load,
+/// naming the device and the way out.
+#[test]
+fn deberta_on_wgpu_is_refused_at_load() {
+    if !have_adapter() {
+        return;
+    }
+    let dir = common::fixture_model("deberta-v3-cls");
+    let err = match mira::Scorer::load(&dir, Device::Wgpu(None)) {
+        Ok(_) => panic!("DeBERTa loaded on wgpu: add it to model_tests! instead"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains("CPU backend only") && err.contains("wgpu") && err.contains("--device cpu"),
+        "{err}"
+    );
+}

@@ -12,12 +12,12 @@ use serde::Deserialize;
 use crate::checked;
 use crate::engine::Activation;
 
-const SUPPORTED_TYPES: &str = "bert, roberta, xlm-roberta, modernbert";
+const SUPPORTED_TYPES: &str = "bert, roberta, xlm-roberta, deberta-v2, modernbert";
 
 /// The sizes of an encoder as `config.json` gives them, checked before anything is allocated:
 /// each at least 1 and below a bound far above any real encoder, so a damaged config is an error
 /// naming the field, never an allocation of exabytes or an index into an empty table.
-fn check_sizes(sizes: &[(&str, usize, usize)]) -> Result<()> {
+pub(crate) fn check_encoder_sizes(sizes: &[(&str, usize, usize)]) -> Result<()> {
     for &(name, value, max) in sizes {
         checked::count(name, value, 1, max)?;
     }
@@ -25,12 +25,12 @@ fn check_sizes(sizes: &[(&str, usize, usize)]) -> Result<()> {
 }
 
 /// Bounds of [`check_sizes`]: vocabulary, width, FFN width, layers, positions, token types.
-const MAX_VOCAB: usize = 1 << 24;
-const MAX_HIDDEN: usize = 1 << 16;
-const MAX_INTERMEDIATE: usize = 1 << 18;
-const MAX_LAYERS: usize = 1 << 10;
-const MAX_POSITIONS: usize = 1 << 20;
-const MAX_TYPE_VOCAB: usize = 1 << 16;
+pub(crate) const MAX_VOCAB: usize = 1 << 24;
+pub(crate) const MAX_HIDDEN: usize = 1 << 16;
+pub(crate) const MAX_INTERMEDIATE: usize = 1 << 18;
+pub(crate) const MAX_LAYERS: usize = 1 << 10;
+pub(crate) const MAX_POSITIONS: usize = 1 << 20;
+pub(crate) const MAX_TYPE_VOCAB: usize = 1 << 16;
 const MAX_LABELS: usize = 1 << 16;
 
 /// What the checkpoint computes on top of the encoder.
@@ -99,7 +99,7 @@ impl BertConfig {
         if model_type != "bert" {
             c.family = BertFamily::Roberta;
         }
-        check_sizes(&[
+        check_encoder_sizes(&[
             ("vocab_size", c.vocab_size, MAX_VOCAB),
             ("hidden_size", c.hidden_size, MAX_HIDDEN),
             ("intermediate_size", c.intermediate_size, MAX_INTERMEDIATE),
@@ -247,7 +247,7 @@ impl ModernBertConfig {
     // Long: every ModernBERT config field checked in turn, one line or two each.
     fn from_value(value: serde_json::Value) -> Result<ModernBertConfig> {
         let r: ModernBertRaw = serde_json::from_value(value)?;
-        check_sizes(&[
+        check_encoder_sizes(&[
             ("vocab_size", r.vocab_size, MAX_VOCAB),
             ("hidden_size", r.hidden_size, MAX_HIDDEN),
             ("intermediate_size", r.intermediate_size, MAX_INTERMEDIATE),
@@ -389,6 +389,7 @@ pub struct ModelConfig {
 #[derive(Debug, Clone)]
 pub enum Arch {
     Bert(BertConfig),
+    Deberta(super::deberta::DebertaConfig),
     ModernBert(ModernBertConfig),
 }
 
@@ -410,6 +411,7 @@ impl ModelConfig {
         let arch = match model_type.as_str() {
             "bert" | "roberta" | "xlm-roberta" => Arch::Bert(BertConfig::from_value(value, &model_type)?),
             "modernbert" => Arch::ModernBert(ModernBertConfig::from_value(value)?),
+            "deberta-v2" => Arch::Deberta(super::deberta::DebertaConfig::from_value(value)?),
             "deberta" => bail!(
                 "DeBERTa v1 (model_type 'deberta', architecture '{}') is not supported; supported model types: {SUPPORTED_TYPES}",
                 if architecture.is_empty() { "?" } else { &architecture }
@@ -432,6 +434,7 @@ impl ModelConfig {
                 "XLMRobertaForSequenceClassification",
             ],
             Arch::ModernBert(_) => &["ModernBertModel", "ModernBertForSequenceClassification"],
+            Arch::Deberta(_) => &["DebertaV2Model", "DebertaV2ForSequenceClassification"],
         };
         if !architecture.is_empty() && !supported.contains(&architecture.as_str()) {
             bail!(
@@ -549,7 +552,7 @@ mod tests {
     fn modernbert(extra: &str) -> Result<ModernBertConfig> {
         match ModelConfig::from_json(&format!("{{{MB_BASE}{extra}}}"))?.arch {
             Arch::ModernBert(c) => Ok(c),
-            Arch::Bert(_) => unreachable!(),
+            Arch::Bert(_) | Arch::Deberta(_) => unreachable!(),
         }
     }
 

@@ -3,6 +3,7 @@
 pub mod bert;
 pub mod checkpoint;
 pub mod config;
+pub mod deberta;
 pub mod modernbert;
 pub mod st;
 pub mod weights;
@@ -112,10 +113,13 @@ pub fn load_encoder_on<B: Backend>(
 ) -> Result<Box<dyn Encoder>> {
     let with_head = match cfg.architecture.as_str() {
         "BertForSequenceClassification"
+        | "DebertaV2ForSequenceClassification"
         | "RobertaForSequenceClassification"
         | "XLMRobertaForSequenceClassification"
         | "ModernBertForSequenceClassification" => true,
-        "BertModel" | "RobertaModel" | "XLMRobertaModel" | "ModernBertModel" => false,
+        "BertModel" | "DebertaV2Model" | "RobertaModel" | "XLMRobertaModel" | "ModernBertModel" => {
+            false
+        }
         "PyTorchModelHubMixin" => true,
         _ => {
             weights.contains("classifier.weight") || weights.contains("classifier.out_proj.weight")
@@ -123,6 +127,9 @@ pub fn load_encoder_on<B: Backend>(
     };
     Ok(match &cfg.arch {
         Arch::Bert(c) => Box::new(bert::Bert::load(backend, c, weights, with_head, cfg.head)?),
+        Arch::Deberta(c) => Box::new(deberta::Deberta::load(
+            backend, c, weights, with_head, cfg.head,
+        )?),
         Arch::ModernBert(_) if cfg.head == HeadLayout::MixinFc => {
             bail!("a PyTorchModelHubMixin classifier on a ModernBERT base model is not supported")
         }

@@ -121,9 +121,9 @@ impl Weights {
                 dir.display()
             );
         }
-        // Task models nest the encoder under `bert.` (BERT), `roberta.` (RoBERTa, XLM-R) or
-        // `model.` (ModernBERT).
-        let prefix = ["bert.", "roberta.", "model."]
+        // Task models nest the encoder under `bert.` (BERT), `roberta.` (RoBERTa, XLM-R),
+        // `deberta.` (DeBERTa) or `model.` (ModernBERT, and mixin classifiers' backbones).
+        let prefix = ["bert.", "roberta.", "deberta.", "model."]
             .into_iter()
             .find(|p| {
                 index
@@ -139,7 +139,7 @@ impl Weights {
         })
     }
 
-    /// The encoder prefix detected in tensor names (`""`, `"bert."`, `"roberta."` or `"model."`).
+    /// The encoder prefix detected in tensor names (`""`, `"bert."`, `"roberta."`, `"deberta."` or `"model."`).
     pub fn prefix(&self) -> &str {
         &self.prefix
     }

@@ -171,6 +171,39 @@ pub fn residual_layernorms_in_every_mode<B: Backend>(gpu: &B, prec: Prec) {
     }
 }
 
+/// DeBERTa's disentangled attention is CPU-only so far: a GPU backend must refuse it with an
+/// error that names the backend and says where it runs (replace this check by a comparison with
+/// the CPU when a backend implements it).
+pub fn disentangled_attention_is_refused_until_implemented<B: Backend>(gpu: &B, _prec: Prec) {
+    let (heads, d, span) = (2usize, 8usize, 4usize);
+    let h = heads * d;
+    let b = batch(&[5, 3], 50);
+    let t = b.ids.len();
+    let mut rng = Rng(0xdeb);
+    let qkv = gpu.weight(rng.vec(t * 3 * h, 1.0), t, 3 * h).unwrap();
+    let table = gpu.weight(rng.vec(2 * span * h, 1.0), 2 * span, h).unwrap();
+    let bg = gpu.upload_batch(&b, 50, 512).unwrap();
+    let rel = mira::engine::backend::Disentangled {
+        pos_key: Some(&table),
+        pos_query: Some(&table),
+        span,
+        buckets: 0,
+        max_relative: span,
+        scale_factor: 3,
+    };
+    let err = match gpu.attention_disentangled(&qkv, &bg, heads, &rel) {
+        Ok(_) => panic!(
+            "{} computes disentangled attention: compare it with the CPU here",
+            gpu.name()
+        ),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains("not implemented on this backend yet") && err.contains("--device cpu"),
+        "{err}"
+    );
+}
+
 pub fn varlen_attention_global_and_windowed_at_several_head_sizes<B: Backend>(gpu: &B, prec: Prec) {
     let mut rng = Rng(0xa77e);
     // Sequences shorter than, equal to and longer than a 64-query block, and a lone token.

@@ -27,6 +27,57 @@ pub struct EmbeddingTables<T> {
     pub eps: f32,
 }
 
+/// DeBERTa's relative-position terms of one attention layer ([`Backend::attention_disentangled`]).
+pub struct Disentangled<'a, T> {
+    /// Content-to-position: the relative embeddings through the key projection, `[2·span, H]`.
+    pub pos_key: Option<&'a T>,
+    /// Position-to-content: the relative embeddings through the query projection, `[2·span, H]`.
+    pub pos_query: Option<&'a T>,
+    /// Relative embeddings per side (`position_buckets`, else `max_relative_positions`).
+    pub span: usize,
+    /// `position_buckets` (0: relative distances are not bucketed).
+    pub buckets: usize,
+    /// `max_relative_positions`.
+    pub max_relative: usize,
+    /// Scores are divided by `sqrt(d · scale_factor)`: one for content and one per position
+    /// term the config names (`pos_att_type`), even where relative attention is off.
+    pub scale_factor: usize,
+}
+
+/// The row of the relative tables that query `i` and key `j` use in DeBERTa's disentangled
+/// attention: `clamp(bucket(i - j) + span, 0, 2·span - 1)`, with transformers'
+/// `make_log_bucket_position` (distances beyond `buckets / 2` on a log scale up to
+/// `max_relative`, computed in f32 as torch does) when `buckets > 0`. Both the content-to-position
+/// and the position-to-content terms use it (the bucket of `j - i` is minus that of `i - j`).
+pub fn relative_index(
+    i: usize,
+    j: usize,
+    span: usize,
+    buckets: usize,
+    max_relative: usize,
+) -> usize {
+    let rel = i as i64 - j as i64;
+    let bucket = if buckets > 0 && max_relative > 0 {
+        let mid = (buckets / 2) as i64;
+        let abs = if rel < mid && rel > -mid {
+            mid - 1
+        } else {
+            rel.abs()
+        };
+        if abs <= mid {
+            rel
+        } else {
+            let ratio =
+                (abs as f32 / mid as f32).ln() / ((max_relative - 1) as f32 / mid as f32).ln();
+            let log_pos = (ratio * (mid - 1) as f32).ceil() + mid as f32;
+            log_pos as i64 * rel.signum()
+        }
+    } else {
+        rel
+    };
+    (bucket + span as i64).clamp(0, 2 * span as i64 - 1) as usize
+}
+
 /// Shape checks shared by every backend's `linear`: x `[m, k]`, w `[n, k]`, bias of `n` values.
 /// Returns `(m, k, n)`.
 pub fn linear_shape(
@@ -236,6 +287,29 @@ pub trait Backend: Send + Sync + 'static {
         heads: usize,
         window: Option<usize>,
     ) -> Result<Self::Tensor>;
+
+    /// DeBERTa's disentangled attention: [`Backend::attention`] (global) with each score
+    /// `q_i·k_j` joined by `q_i·pos_key[r]` (content-to-position) and `k_j·pos_query[r]`
+    /// (position-to-content), `r = relative_index(i, j, ..)`, all divided by
+    /// `sqrt(d · rel.scale_factor)`. Out: `[T, H]`. Backends without it say so.
+    fn attention_disentangled(
+        &self,
+        qkv: &Self::Tensor,
+        batch: &Self::Batch,
+        heads: usize,
+        rel: &Disentangled<'_, Self::Tensor>,
+    ) -> Result<Self::Tensor> {
+        let _ = (qkv, batch, heads, rel);
+        anyhow::bail!(
+            "{}: DeBERTa's disentangled attention is not implemented on this backend yet (it runs on the CPU backend: --device cpu)",
+            self.name()
+        )
+    }
+
+    /// Whether [`Backend::attention_disentangled`] is implemented here (models check at load).
+    fn has_disentangled_attention(&self) -> bool {
+        false
+    }
 
     /// One vector per sequence: `[T, H]` -> `[n_seqs, H]`.
     fn pool(&self, x: &Self::Tensor, batch: &Self::Batch, mode: Pooling) -> Result<Self::Tensor>;

@@ -30,6 +30,21 @@ pub struct Scratch {
     v: Vec<f32>,
     s: Vec<f32>,
     o: Vec<f32>,
+    /// Disentangled attention: the bias block, the query and key sides, relative indices.
+    bias: Vec<f32>,
+    c2p: Vec<f32>,
+    p2c: Vec<f32>,
+    index: Vec<usize>,
+}
+
+/// DeBERTa's relative tables for one head ([`crate::engine::backend::Disentangled`]).
+pub struct RelView<'a> {
+    /// `[2·span, H]` rows; this head's columns start at `HeadView::col`.
+    pub pos_key: Option<&'a [f32]>,
+    pub pos_query: Option<&'a [f32]>,
+    pub span: usize,
+    pub buckets: usize,
+    pub max_relative: usize,
 }
 
 /// One head of one sequence.
@@ -45,12 +60,91 @@ pub struct HeadView<'a> {
     pub len: usize,
     pub scale: f32,
     pub window: Option<usize>,
+    /// Disentangled attention's relative terms (global attention only).
+    pub rel: Option<RelView<'a>>,
+}
+
+/// Dot product of two equal-length slices.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// The key side of the relative terms (`k_j · pos_query[r] · scale`, `[len, 2·span]`) and the
+/// relative index of every distance (`index[i - j + len - 1]`).
+fn prepare_rel(hv: &HeadView, rel: &RelView, scratch: &mut Scratch) {
+    let (d, len, width) = (hv.d, hv.len, 2 * rel.span);
+    scratch.index.clear();
+    scratch.index.extend((0..2 * len - 1).map(|k| {
+        // Distance k - (len - 1) = i - j, as the pair (i, j) = (k, len - 1).
+        crate::engine::backend::relative_index(k, len - 1, rel.span, rel.buckets, rel.max_relative)
+    }));
+    scratch.p2c.clear();
+    if let Some(pq) = rel.pos_query {
+        scratch.p2c.resize(len * width, 0.0);
+        for j in 0..len {
+            let k = &hv.qkv[j * hv.stride + hv.col + hv.h..][..d];
+            for r in 0..width {
+                scratch.p2c[j * width + r] = dot(k, &pq[r * hv.h + hv.col..][..d]) * hv.scale;
+            }
+        }
+    }
+}
+
+/// The bias block of rows `q0..q0 + rows` over every key (`[rows_p, keys_p]`, zero-padded):
+/// `c2p[i][r] + p2c[j][r]` at `r = index(i - j)`. `q` holds the block's pre-scaled queries.
+fn rel_bias(
+    hv: &HeadView,
+    rel: &RelView,
+    q0: usize,
+    rows: usize,
+    keys_p: usize,
+    scratch: &mut Scratch,
+) {
+    let (d, len, width) = (hv.d, hv.len, 2 * rel.span);
+    let (rows_p, dp) = (round_up(rows, TR), round_up(d, TC));
+    let Scratch {
+        q,
+        bias,
+        c2p,
+        p2c,
+        index,
+        ..
+    } = scratch;
+    c2p.clear();
+    if let Some(pk) = rel.pos_key {
+        c2p.resize(rows * width, 0.0);
+        for i in 0..rows {
+            let qi = &q[i * dp..i * dp + d];
+            for r in 0..width {
+                c2p[i * width + r] = dot(qi, &pk[r * hv.h + hv.col..][..d]);
+            }
+        }
+    }
+    bias.clear();
+    bias.resize(rows_p * keys_p, 0.0);
+    for i in 0..rows {
+        let row = &mut bias[i * keys_p..i * keys_p + len];
+        for (j, b) in row.iter_mut().enumerate() {
+            let r = index[q0 + i + len - 1 - j];
+            let mut v = 0.0;
+            if !c2p.is_empty() {
+                v += c2p[i * width + r];
+            }
+            if !p2c.is_empty() {
+                v += p2c[j * width + r];
+            }
+            *b = v;
+        }
+    }
 }
 
 /// Attend one head of one sequence; `out(row, values)` receives each query row's `d` outputs.
 pub fn attend(hv: &HeadView, scratch: &mut Scratch, mut out: impl FnMut(usize, &[f32])) {
     let (d, len) = (hv.d, hv.len);
     let dp = round_up(d, TC);
+    if let Some(rel) = &hv.rel {
+        prepare_rel(hv, rel, scratch);
+    }
     for q0 in (0..len).step_by(QBLOCK) {
         let rows = QBLOCK.min(len - q0);
         let rows_p = round_up(rows, TR);
@@ -73,14 +167,27 @@ pub fn attend(hv: &HeadView, scratch: &mut Scratch, mut out: impl FnMut(usize, &
                 *dst = s * hv.scale;
             }
         }
+        match &hv.rel {
+            Some(rel) => rel_bias(hv, rel, q0, rows, keys_p, scratch),
+            None => scratch.bias.clear(),
+        }
         // Scores and outputs are overwritten in full by `block`: grow, never clear.
         grow(&mut scratch.s, rows_p * keys_p);
         grow(&mut scratch.o, rows_p * dp);
-        let Scratch { q, kt, v, s, o } = scratch;
+        let Scratch {
+            q,
+            kt,
+            v,
+            s,
+            o,
+            bias,
+            ..
+        } = scratch;
         block(
             q,
             kt,
             v,
+            bias,
             s,
             o,
             rows_p,
@@ -118,10 +225,11 @@ fn pack_kv(hv: &HeadView, k0: usize, keys: usize, keys_p: usize, dp: usize, scra
 }
 
 super::math::multiversion! {
-    /// Scores, window mask, softmax and P·V for one query block (all buffers padded).
-    /// `offset` = first query row − first key row; `window` = 0 for global attention.
+    /// Scores (plus `bias`, `[rows_p, keys_p]`, when not empty), window mask, softmax and P·V
+    /// for one query block (all buffers padded). `offset` = first query row − first key row;
+    /// `window` = 0 for global attention.
     #[allow(clippy::too_many_arguments)]
-    pub fn block(q: &[f32], kt: &[f32], v: &[f32], s: &mut [f32], o: &mut [f32], rows_p: usize, dp: usize, keys: usize, keys_p: usize, offset: isize, window: isize) {
+    pub fn block(q: &[f32], kt: &[f32], v: &[f32], bias: &[f32], s: &mut [f32], o: &mut [f32], rows_p: usize, dp: usize, keys: usize, keys_p: usize, offset: isize, window: isize) {
         // S = Q · Kᵀ, 4×32 tiles.
         for i in (0..rows_p).step_by(TR) {
             for j in (0..keys_p).step_by(TC) {
@@ -146,6 +254,11 @@ super::math::multiversion! {
         let mut inv_sum = [0f32; QBLOCK];
         for i in 0..rows_p {
             let row = &mut s[i * keys_p..(i + 1) * keys_p];
+            if !bias.is_empty() {
+                for (x, b) in row[..keys].iter_mut().zip(&bias[i * keys_p..]) {
+                    *x += b;
+                }
+            }
             if window > 0 {
                 let qi = i as isize + offset;
                 for (j, x) in row[..keys].iter_mut().enumerate() {

@@ -387,43 +387,41 @@ impl Backend for CpuBackend {
         heads: usize,
         window: Option<usize>,
     ) -> Result<CpuTensor> {
-        let (h, d) = super::qkv_shape("attention", qkv.rows, qkv.cols, batch.ids.len(), heads)?;
         ensure!(
             window != Some(0),
             "attention: a sliding window must be at least 1 token"
         );
-        let mut out = uninit(qkv.rows * h);
-        let out_ptr = SharedMut(out.as_mut_ptr() as *mut f32);
-        let tasks: Vec<(usize, usize)> = (0..batch.n_seqs())
-            .flat_map(|s| (0..heads).map(move |hd| (s, hd)))
-            .collect();
-        tasks
-            .into_par_iter()
-            .for_each_init(attention::Scratch::default, |scratch, (s, hd)| {
-                let seq = batch.seq(s);
-                let view = attention::HeadView {
-                    qkv: &qkv.data[seq.start * 3 * h..seq.end * 3 * h],
-                    stride: 3 * h,
-                    col: hd * d,
-                    h,
-                    d,
-                    len: seq.len(),
-                    scale: 1.0 / (d as f32).sqrt(),
-                    window,
-                };
-                attention::attend(&view, scratch, |row, values| {
-                    let offset = (seq.start + row) * h + hd * d;
-                    // SAFETY: row `row` of this sequence, columns of head `hd`: a region written by
-                    // this task alone, inside `out` ([T, H]).
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(values.as_ptr(), out_ptr.get().add(offset), d)
-                    };
-                });
-            });
-        // SAFETY: the tasks cover every (sequence, head) and `attend` hands back every row of its
-        // sequence, so each of the T×H outputs was written once.
-        let out = unsafe { assume_init(out) };
-        Ok(CpuTensor::new(out, qkv.rows, h))
+        attention_op(qkv, batch, heads, window, None)
+    }
+
+    fn has_disentangled_attention(&self) -> bool {
+        true
+    }
+
+    fn attention_disentangled(
+        &self,
+        qkv: &CpuTensor,
+        batch: &CpuBatch,
+        heads: usize,
+        rel: &super::Disentangled<'_, CpuTensor>,
+    ) -> Result<CpuTensor> {
+        let (h, _) = super::qkv_shape("attention", qkv.rows, qkv.cols, batch.ids.len(), heads)?;
+        ensure!(
+            rel.span > 0,
+            "attention_disentangled: span must be at least 1"
+        );
+        for (name, t) in [("pos_key", rel.pos_key), ("pos_query", rel.pos_query)] {
+            if let Some(t) = t {
+                ensure!(
+                    (t.rows, t.cols) == (2 * rel.span, h),
+                    "attention_disentangled: {name} is [{}, {}], expected [{}, {h}]",
+                    t.rows,
+                    t.cols,
+                    2 * rel.span
+                );
+            }
+        }
+        attention_op(qkv, batch, heads, None, Some(rel))
     }
 
     fn pool(&self, x: &CpuTensor, batch: &CpuBatch, mode: Pooling) -> Result<CpuTensor> {
@@ -455,4 +453,55 @@ impl Backend for CpuBackend {
     fn sync(&self) -> Result<()> {
         Ok(())
     }
+}
+
+/// Multi-head attention over every (sequence, head), optionally windowed or disentangled.
+fn attention_op(
+    qkv: &CpuTensor,
+    batch: &CpuBatch,
+    heads: usize,
+    window: Option<usize>,
+    rel: Option<&super::Disentangled<'_, CpuTensor>>,
+) -> Result<CpuTensor> {
+    let (h, d) = super::qkv_shape("attention", qkv.rows, qkv.cols, batch.ids.len(), heads)?;
+    let factor = rel.map_or(1, |r| r.scale_factor.max(1));
+    let mut out = uninit(qkv.rows * h);
+    let out_ptr = SharedMut(out.as_mut_ptr() as *mut f32);
+    let tasks: Vec<(usize, usize)> = (0..batch.n_seqs())
+        .flat_map(|s| (0..heads).map(move |hd| (s, hd)))
+        .collect();
+    tasks
+        .into_par_iter()
+        .for_each_init(attention::Scratch::default, |scratch, (s, hd)| {
+            let seq = batch.seq(s);
+            let view = attention::HeadView {
+                qkv: &qkv.data[seq.start * 3 * h..seq.end * 3 * h],
+                stride: 3 * h,
+                col: hd * d,
+                h,
+                d,
+                len: seq.len(),
+                scale: 1.0 / ((d * factor) as f32).sqrt(),
+                window,
+                rel: rel.map(|r| attention::RelView {
+                    pos_key: r.pos_key.map(|t| &t.data[..]),
+                    pos_query: r.pos_query.map(|t| &t.data[..]),
+                    span: r.span,
+                    buckets: r.buckets,
+                    max_relative: r.max_relative,
+                }),
+            };
+            attention::attend(&view, scratch, |row, values| {
+                let offset = (seq.start + row) * h + hd * d;
+                // SAFETY: row `row` of this sequence, columns of head `hd`: a region written by
+                // this task alone, inside `out` ([T, H]).
+                unsafe {
+                    std::ptr::copy_nonoverlapping(values.as_ptr(), out_ptr.get().add(offset), d)
+                };
+            });
+        });
+    // SAFETY: the tasks cover every (sequence, head) and `attend` hands back every row of its
+    // sequence, so each of the T×H outputs was written once.
+    let out = unsafe { assume_init(out) };
+    Ok(CpuTensor::new(out, qkv.rows, h))
 }
