@@ -6,8 +6,8 @@
 //! (log-bucketed beyond `position_buckets / 2`), from one shared table of relative embeddings
 //! (`encoder.rel_embeddings`, LayerNorm'd when `norm_rel_ebd` says so) projected by each layer's
 //! query and key projections (`share_att_key`, as in v3) or by its own `pos_key_proj` /
-//! `pos_query_proj`. The projected tables are computed once per layer at load: they do not
-//! depend on the input. The classifier reads `ContextPooler`: dense + activation on the first
+//! `pos_query_proj`. The projected tables are computed once per layer at load, by the backend's
+//! `linear`: they do not depend on the input. The classifier reads `ContextPooler`: dense + activation on the first
 //! token. Q, K and V are fused into one `[3H, H]` projection at load, as for BERT.
 
 use anyhow::{bail, Context, Result};
@@ -254,23 +254,6 @@ pub struct Deberta<B: Backend> {
     id: u64,
 }
 
-/// `x · wᵀ + b` in f32 on the host, `x` `[n, k]`, `w` `[m, k]`: the relative tables at load.
-fn host_linear(x: &[f32], w: &[f32], b: Option<&[f32]>, k: usize, m: usize) -> Vec<f32> {
-    let n = x.len() / k;
-    let mut out = vec![0f32; n * m];
-    for i in 0..n {
-        for o in 0..m {
-            let dot: f32 = x[i * k..(i + 1) * k]
-                .iter()
-                .zip(&w[o * k..(o + 1) * k])
-                .map(|(a, c)| a * c)
-                .sum();
-            out[i * m + o] = dot + b.map_or(0.0, |b| b[o]);
-        }
-    }
-    out
-}
-
 /// LayerNorm of each row on the host (the relative embeddings when `norm_rel_ebd` has it).
 fn host_layernorm(x: &mut [f32], w: &[f32], b: &[f32], eps: f64) {
     for row in x.chunks_mut(w.len()) {
@@ -347,7 +330,7 @@ impl<B: Backend> Deberta<B> {
                 let b = weights.f32(&format!("{p}encoder.LayerNorm.bias"), &[h])?;
                 host_layernorm(&mut table, &w, &b, cfg.layer_norm_eps);
             }
-            Some(table)
+            Some(be.weight(table, 2 * span, h)?)
         } else {
             None
         };
@@ -362,7 +345,7 @@ impl<B: Backend> Deberta<B> {
                 ))
             };
             let (q, k, v) = (part("query_proj")?, part("key_proj")?, part("value_proj")?);
-            // The relative tables through this layer's projections.
+            // The relative tables through this layer's projections, by the backend's GEMM.
             let table = |shared: &(Vec<f32>, Vec<f32>), own: &str| -> Result<Option<B::Tensor>> {
                 let Some(t) = &rel else { return Ok(None) };
                 let proj = if cfg.share_att_key {
@@ -370,8 +353,8 @@ impl<B: Backend> Deberta<B> {
                 } else {
                     part(own)?
                 };
-                let out = host_linear(t, &proj.0, Some(&proj.1), h, h);
-                Ok(Some(be.weight(out, 2 * span, h)?))
+                let (w, b) = (be.weight(proj.0, h, h)?, be.weight(proj.1, 1, h)?);
+                Ok(Some(be.linear(t, &w, Some(&b), Activation::None)?))
             };
             let pos_key = if c2p {
                 table(&k, "pos_key_proj")?

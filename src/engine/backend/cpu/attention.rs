@@ -64,9 +64,49 @@ pub struct HeadView<'a> {
     pub rel: Option<RelView<'a>>,
 }
 
-/// Dot product of two equal-length slices.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
+/// `dst[m, n] = scale · lhs[m, k] · tableᵀ` for one head: `lhs` rows `lhs_rs` apart, `table`
+/// the `[n, H]` relative table read at this head's columns (`table[r·h + p]`, from `col`). One
+/// GEMM per (sequence, head), single-threaded: the caller already runs heads in parallel.
+#[allow(clippy::too_many_arguments)] // a strided GEMM's operands, one each
+fn times_table(
+    dst: &mut Vec<f32>,
+    lhs: &[f32],
+    lhs_rs: usize,
+    m: usize,
+    k: usize,
+    table: &[f32],
+    h: usize,
+    n: usize,
+    scale: f32,
+) {
+    dst.clear();
+    dst.resize(m * n, 0.0);
+    assert!(m == 0 || (lhs.len() >= (m - 1) * lhs_rs + k && table.len() >= (n - 1) * h + k));
+    // SAFETY: dst is [m, n] row-major; lhs element (i, p) is lhs[i·lhs_rs + p] and table element
+    // (p, r) of the [k, n] right operand is table[r·h + p], both inside the slices (checked above).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            lhs.as_ptr(),
+            1,
+            lhs_rs as isize,
+            table.as_ptr(),
+            h as isize,
+            1,
+            0.0,
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
 }
 
 /// The key side of the relative terms (`k_j · pos_query[r] · scale`, `[len, 2·span]`) and the
@@ -80,13 +120,18 @@ fn prepare_rel(hv: &HeadView, rel: &RelView, scratch: &mut Scratch) {
     }));
     scratch.p2c.clear();
     if let Some(pq) = rel.pos_query {
-        scratch.p2c.resize(len * width, 0.0);
-        for j in 0..len {
-            let k = &hv.qkv[j * hv.stride + hv.col + hv.h..][..d];
-            for r in 0..width {
-                scratch.p2c[j * width + r] = dot(k, &pq[r * hv.h + hv.col..][..d]) * hv.scale;
-            }
-        }
+        let keys = &hv.qkv[hv.col + hv.h..];
+        times_table(
+            &mut scratch.p2c,
+            keys,
+            hv.stride,
+            len,
+            d,
+            &pq[hv.col..],
+            hv.h,
+            width,
+            hv.scale,
+        );
     }
 }
 
@@ -112,13 +157,8 @@ fn rel_bias(
     } = scratch;
     c2p.clear();
     if let Some(pk) = rel.pos_key {
-        c2p.resize(rows * width, 0.0);
-        for i in 0..rows {
-            let qi = &q[i * dp..i * dp + d];
-            for r in 0..width {
-                c2p[i * width + r] = dot(qi, &pk[r * hv.h + hv.col..][..d]);
-            }
-        }
+        // The block's queries are pre-scaled.
+        times_table(c2p, q, dp, rows, d, &pk[hv.col..], hv.h, width, 1.0);
     }
     bias.clear();
     bias.resize(rows_p * keys_p, 0.0);
