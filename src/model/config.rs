@@ -14,21 +14,49 @@ use crate::engine::Activation;
 
 const SUPPORTED_TYPES: &str = "bert, roberta, xlm-roberta, deberta-v2, modernbert";
 
-/// The sizes of an encoder as `config.json` gives them, checked before anything is allocated:
-/// each at least 1 and below a bound far above any real encoder, so a damaged config is an error
-/// naming the field, never an allocation of exabytes or an index into an empty table.
-pub(crate) fn check_encoder_sizes(sizes: &[(&str, usize, usize)]) -> Result<()> {
-    for &(name, value, max) in sizes {
-        checked::count(name, value, 1, max)?;
-    }
-    Ok(())
+/// The sizes every encoder has, as `config.json` gives them.
+pub(crate) struct EncoderSizes {
+    pub vocab: usize,
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub positions: usize,
 }
 
-/// Bounds of [`check_sizes`]: vocabulary, width, FFN width, layers, positions, token types.
-pub(crate) const MAX_VOCAB: usize = 1 << 24;
-pub(crate) const MAX_HIDDEN: usize = 1 << 16;
-pub(crate) const MAX_INTERMEDIATE: usize = 1 << 18;
-pub(crate) const MAX_LAYERS: usize = 1 << 10;
+impl EncoderSizes {
+    /// Checked before anything is allocated: each size (and each of the architecture's `extra`
+    /// ones) at least 1 and below a bound far above any real encoder, so a damaged config is an
+    /// error naming the field, never an allocation of exabytes or an index into an empty table;
+    /// and the width splits evenly into the heads.
+    pub(crate) fn check(&self, extra: &[(&str, usize, usize)]) -> Result<()> {
+        let common = [
+            ("vocab_size", self.vocab, MAX_VOCAB),
+            ("hidden_size", self.hidden, MAX_HIDDEN),
+            ("intermediate_size", self.intermediate, MAX_INTERMEDIATE),
+            ("num_hidden_layers", self.layers, MAX_LAYERS),
+            ("num_attention_heads", self.heads, MAX_HIDDEN),
+            ("max_position_embeddings", self.positions, MAX_POSITIONS),
+        ];
+        for &(name, value, max) in common.iter().chain(extra) {
+            checked::count(name, value, 1, max)?;
+        }
+        if !self.hidden.is_multiple_of(self.heads) {
+            bail!(
+                "hidden_size {} is not divisible by num_attention_heads {}",
+                self.hidden,
+                self.heads
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Bounds of [`EncoderSizes::check`]: vocabulary, width, FFN width, layers, positions, token types.
+const MAX_VOCAB: usize = 1 << 24;
+const MAX_HIDDEN: usize = 1 << 16;
+const MAX_INTERMEDIATE: usize = 1 << 18;
+const MAX_LAYERS: usize = 1 << 10;
 pub(crate) const MAX_POSITIONS: usize = 1 << 20;
 pub(crate) const MAX_TYPE_VOCAB: usize = 1 << 16;
 const MAX_LABELS: usize = 1 << 16;
@@ -99,19 +127,15 @@ impl BertConfig {
         if model_type != "bert" {
             c.family = BertFamily::Roberta;
         }
-        check_encoder_sizes(&[
-            ("vocab_size", c.vocab_size, MAX_VOCAB),
-            ("hidden_size", c.hidden_size, MAX_HIDDEN),
-            ("intermediate_size", c.intermediate_size, MAX_INTERMEDIATE),
-            ("num_hidden_layers", c.num_hidden_layers, MAX_LAYERS),
-            ("num_attention_heads", c.num_attention_heads, MAX_HIDDEN),
-            (
-                "max_position_embeddings",
-                c.max_position_embeddings,
-                MAX_POSITIONS,
-            ),
-            ("type_vocab_size", c.type_vocab_size, MAX_TYPE_VOCAB),
-        ])?;
+        EncoderSizes {
+            vocab: c.vocab_size,
+            hidden: c.hidden_size,
+            intermediate: c.intermediate_size,
+            layers: c.num_hidden_layers,
+            heads: c.num_attention_heads,
+            positions: c.max_position_embeddings,
+        }
+        .check(&[("type_vocab_size", c.type_vocab_size, MAX_TYPE_VOCAB)])?;
         if let Some(p) = c.pad_token_id {
             checked::count("pad_token_id", p, 0, MAX_VOCAB)?;
         }
@@ -126,13 +150,6 @@ impl BertConfig {
             if p != "absolute" {
                 bail!("position_embedding_type '{p}' is not supported (only 'absolute')");
             }
-        }
-        if c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) {
-            bail!(
-                "hidden_size {} is not divisible by num_attention_heads {}",
-                c.hidden_size,
-                c.num_attention_heads
-            );
         }
         Activation::from_hf(&c.hidden_act)?;
         Ok(c)
@@ -247,19 +264,15 @@ impl ModernBertConfig {
     // Long: every ModernBERT config field checked in turn, one line or two each.
     fn from_value(value: serde_json::Value) -> Result<ModernBertConfig> {
         let r: ModernBertRaw = serde_json::from_value(value)?;
-        check_encoder_sizes(&[
-            ("vocab_size", r.vocab_size, MAX_VOCAB),
-            ("hidden_size", r.hidden_size, MAX_HIDDEN),
-            ("intermediate_size", r.intermediate_size, MAX_INTERMEDIATE),
-            ("num_hidden_layers", r.num_hidden_layers, MAX_LAYERS),
-            ("num_attention_heads", r.num_attention_heads, MAX_HIDDEN),
-            (
-                "max_position_embeddings",
-                r.max_position_embeddings,
-                MAX_POSITIONS,
-            ),
-            ("local_attention", r.local_attention, MAX_POSITIONS),
-        ])?;
+        EncoderSizes {
+            vocab: r.vocab_size,
+            hidden: r.hidden_size,
+            intermediate: r.intermediate_size,
+            layers: r.num_hidden_layers,
+            heads: r.num_attention_heads,
+            positions: r.max_position_embeddings,
+        }
+        .check(&[("local_attention", r.local_attention, MAX_POSITIONS)])?;
         let global_layers = match (&r.layer_types, r.global_attn_every_n_layers) {
             (Some(types), _) => {
                 if types.len() != r.num_hidden_layers {
@@ -310,10 +323,8 @@ impl ModernBertConfig {
             "mean" => crate::engine::Pooling::Mean,
             other => bail!("classifier_pooling '{other}' is not supported (cls, mean)"),
         };
-        if r.num_attention_heads == 0
-            || !r.hidden_size.is_multiple_of(r.num_attention_heads)
-            || !(r.hidden_size / r.num_attention_heads).is_multiple_of(2)
-        {
+        // Rotary embeddings rotate pairs of dimensions.
+        if !(r.hidden_size / r.num_attention_heads).is_multiple_of(2) {
             bail!(
                 "hidden_size {} must split into {} heads of even size",
                 r.hidden_size,

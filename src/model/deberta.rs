@@ -86,30 +86,16 @@ impl DebertaConfig {
     /// (DeBERTa-v2-xlarge's convolution, a separate embedding size) named as unsupported.
     pub fn from_value(value: serde_json::Value) -> Result<DebertaConfig> {
         let c: DebertaConfig = serde_json::from_value(value)?;
-        super::config::check_encoder_sizes(&[
-            ("vocab_size", c.vocab_size, super::config::MAX_VOCAB),
-            ("hidden_size", c.hidden_size, super::config::MAX_HIDDEN),
-            (
-                "intermediate_size",
-                c.intermediate_size,
-                super::config::MAX_INTERMEDIATE,
-            ),
-            (
-                "num_hidden_layers",
-                c.num_hidden_layers,
-                super::config::MAX_LAYERS,
-            ),
-            (
-                "num_attention_heads",
-                c.num_attention_heads,
-                super::config::MAX_HIDDEN,
-            ),
-            (
-                "max_position_embeddings",
-                c.max_position_embeddings,
-                super::config::MAX_POSITIONS,
-            ),
-        ])?;
+        super::config::EncoderSizes {
+            vocab: c.vocab_size,
+            hidden: c.hidden_size,
+            intermediate: c.intermediate_size,
+            layers: c.num_hidden_layers,
+            heads: c.num_attention_heads,
+            positions: c.max_position_embeddings,
+        }
+        .check(&[])?;
+        // DeBERTa-v3 has no token types: 0 is allowed.
         crate::checked::count(
             "type_vocab_size",
             c.type_vocab_size,
@@ -126,13 +112,6 @@ impl DebertaConfig {
                     super::config::MAX_POSITIONS
                 );
             }
-        }
-        if c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) {
-            bail!(
-                "hidden_size {} is not divisible by num_attention_heads {}",
-                c.hidden_size,
-                c.num_attention_heads
-            );
         }
         let unsupported = |what: &str| bail!("DeBERTa-v2 with {what} is not supported");
         if c.conv_kernel_size > 0 {
