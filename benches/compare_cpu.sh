@@ -21,23 +21,7 @@ cargo build --release --locked -q
 echo "# $(date -u +%Y-%m-%dT%H:%MZ) $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores, threads=$THREADS"
 ./target/release/mira bench --model "$MODEL" --input "$CORPUS" --device cpu --threads "$THREADS" \
     --max-tokens "$MAXTOK" --repeat 3 --json
-python3 - "$MODEL" "$CORPUS" "$THREADS" "$MAXTOK" <<'PYEOF'
-import json, subprocess, sys, time
-model, corpus, threads, maxtok = sys.argv[1:]
-cmd = ["./target/release/mira", "embed", "--model", model, "--input", corpus, "--output",
-       "/tmp/mira-compare.jsonl", "--device", "cpu", "--threads", threads, "--max-tokens", maxtok,
-       "--stats", "/tmp/mira-compare.stats.json"]
-runs = []
-for _ in range(3):
-    t = time.perf_counter()
-    subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL)
-    runs.append(time.perf_counter() - t)
-stats = json.load(open("/tmp/mira-compare.stats.json"))
-best = min(runs)
-print(json.dumps({"engine": "mira embed (end to end, process wall time)", "wall_s": round(best, 3),
-                  "runs_s": [round(r, 3) for r in runs], "docs": stats["records"],
-                  "tokens": stats["tokens"], "tokens_per_s": round(stats["tokens"] / best, 1),
-                  "docs_per_s": round(stats["records"] / best, 2)}))
-PYEOF
+python3 benches/time_embed.py ./target/release/mira "$MODEL" "$CORPUS" --threads "$THREADS" \
+    --max-tokens "$MAXTOK" --repeat 3
 "$PY" benches/reference/bench_torch.py --model "$MODEL" --input "$CORPUS" --threads "$THREADS" \
     --max-tokens "$MAXTOK" --repeat 3 --onnx --json 2>/dev/null

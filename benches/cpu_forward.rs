@@ -26,7 +26,7 @@ fn random(n: usize, seed: u64) -> Vec<f32> {
 }
 
 fn ops(c: &mut Criterion) {
-    let be = CpuBackend;
+    let be = CpuBackend::default();
     let (t, h, i) = (4096, 384, 1536);
     let x = be.weight(random(t * h, 1), t, h).unwrap();
     let w = be.weight(random(i * h, 2), i, h).unwrap();

@@ -15,6 +15,7 @@ pub mod bench;
 pub mod checked;
 pub mod corpus;
 pub mod engine;
+pub mod fidelity;
 pub mod head;
 pub mod model;
 pub mod names;

@@ -1,5 +1,11 @@
 //! The `mira` command line. It parses arguments and calls library functions; nothing more.
 
+/// mimalloc keeps freed pages for reuse: with the system allocator every op's output (up to
+/// tens of MB) came back from the kernel zeroed, 1.4M page faults and 14% of a CPU run's time
+/// (BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
@@ -9,7 +15,7 @@ use clap::{Args, Parser, Subcommand};
 use mira::corpus::{self, FieldNames};
 use mira::engine::Precision;
 use mira::pipeline::{self, Format, JobOptions, Output, Task};
-use mira::{bench, engine, Device, LoadOptions, Packer, Scorer};
+use mira::{bench, engine, fidelity, Device, LoadOptions, Packer, Scorer};
 
 mod select_cli;
 
@@ -64,10 +70,11 @@ struct ModelArgs {
     /// Token budget of one packed batch [default: the device's, 4096 on CPU]
     #[arg(long)]
     batch_tokens: Option<usize>,
-    /// Storage type of weights and activations on a GPU: auto (f16 where the device has it,
-    /// as every CUDA device does, else f32), f32, f16 or bf16 (CUDA sm_80+ only, for models
-    /// whose activations overflow f16); arithmetic is f32 either way (the CPU backend is always
-    /// f32)
+    /// Precision: auto (GPUs: f16 where the device has it, as every CUDA device does, else f32;
+    /// CPU: f32), f32, f16, bf16 (CUDA sm_80+, for models whose activations overflow f16) or int8
+    /// (CPU only: int8 weights per channel, 16-bit activations per token, exact i32 sums). GPU
+    /// arithmetic is f32; on the CPU bf16 and f16 are emulated (weights rounded, f32 arithmetic).
+    /// Check a precision on your data with `mira bench --precision P --against f32`
     #[arg(long, default_value = "auto")]
     precision: Precision,
     /// CUDA only: run batches of at most this many tokens as CUDA graphs once their shape
@@ -163,6 +170,23 @@ struct BenchArgs {
     /// Print one JSON object instead of text
     #[arg(long)]
     json: bool,
+    /// Fidelity guard: also run the model at this precision (f32, say) on the same documents,
+    /// report how far --precision lands from it (embedding cosine, per-label error and Spearman,
+    /// overlap of a 50% token-budget selection) and both throughputs, and exit with status 1
+    /// when a threshold is missed
+    #[arg(long, value_name = "PRECISION")]
+    against: Option<Precision>,
+    /// Guard threshold: the lowest embedding cosine to the --against run any document may have
+    #[arg(long, default_value_t = fidelity::Guard::default().min_cosine, requires = "against")]
+    min_cosine: f64,
+    /// Guard threshold: the largest difference of any label, as a share of that label's range
+    /// over the documents in the --against run
+    #[arg(long, default_value_t = fidelity::Guard::default().max_share_of_range, requires = "against")]
+    max_label_error: f64,
+    /// Guard threshold: the smallest share of the --against run's kept tokens that a 50%
+    /// token-budget selection must also keep
+    #[arg(long, default_value_t = fidelity::Guard::default().min_selection_overlap, requires = "against")]
+    min_overlap: f64,
 }
 
 fn main() {
@@ -201,6 +225,11 @@ fn set_threads(threads: Option<usize>) -> Result<()> {
 
 fn load(args: &ModelArgs) -> Result<Scorer> {
     set_threads(args.threads)?;
+    load_at(args, args.precision)
+}
+
+/// Load the model at a given precision (the worker pool is already set up).
+fn load_at(args: &ModelArgs, precision: Precision) -> Result<Scorer> {
     let packer = args.batch_tokens.map(|n| Packer {
         max_batch_tokens: n,
         ..Packer::default()
@@ -211,7 +240,7 @@ fn load(args: &ModelArgs) -> Result<Scorer> {
         LoadOptions {
             max_tokens: args.max_tokens,
             packer,
-            precision: args.precision,
+            precision,
             cuda_graph_tokens: args.cuda_graphs,
             base_model: args.base_model.clone(),
         },
@@ -370,7 +399,61 @@ fn sharding(rank: Option<usize>, world_size: Option<usize>) -> Result<(usize, us
 
 fn bench_cmd(a: BenchArgs) -> Result<()> {
     let scorer = load(&a.model)?;
-    let (ids, input, tok_rate) = match &a.input {
+    let (ids, input, tok_rate) = bench_input(&a, &scorer)?;
+    let mut report = bench::run(&scorer, &ids, a.repeat, &input)?;
+    report.tokenize_docs_per_s = tok_rate;
+    let Some(against) = a.against else {
+        if a.json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else {
+            print_bench(&report);
+        }
+        return Ok(());
+    };
+    let reference = load_at(&a.model, against)?;
+    let ref_report = bench::run(&reference, &ids, a.repeat, &input)?;
+    let names = (a.model.precision.to_string(), against.to_string());
+    let fid = fidelity::compare(
+        &scorer,
+        &reference,
+        &ids,
+        (&names.0, &names.1),
+        fidelity::Guard {
+            min_cosine: a.min_cosine,
+            max_share_of_range: a.max_label_error,
+            min_selection_overlap: a.min_overlap,
+        },
+    )?;
+    if a.json {
+        let all = serde_json::json!({"bench": report, "against": ref_report, "fidelity": fid});
+        println!("{all}");
+    } else {
+        print_bench(&report);
+        println!("\nagainst    --precision {against}: {}", ref_report.device);
+        println!(
+            "throughput {:.0} tokens/s, {:.1} docs/s: {} runs {:.2}x as fast",
+            ref_report.tokens_per_s,
+            ref_report.docs_per_s,
+            names.0,
+            report.tokens_per_s / ref_report.tokens_per_s
+        );
+        print_fidelity(&fid);
+    }
+    if !fid.passed() {
+        bail!(
+            "precision {} misses the fidelity guard against {}: {}",
+            names.0,
+            names.1,
+            fid.failures.join("; ")
+        );
+    }
+    Ok(())
+}
+
+/// The token ids `mira bench` runs: the input file's texts, or synthetic documents; a name for
+/// them; and the tokenizer's docs/s when there was text.
+fn bench_input(a: &BenchArgs, scorer: &Scorer) -> Result<(Vec<Vec<u32>>, String, Option<f64>)> {
+    Ok(match &a.input {
         Some(path) => {
             let fields = FieldNames {
                 text: a.text_field.clone(),
@@ -396,44 +479,75 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
             };
             (docs, what, None)
         }
-    };
-    let mut report = bench::run(&scorer, &ids, a.repeat, &input)?;
-    report.tokenize_docs_per_s = tok_rate;
-    if a.json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
-        println!("model      {}", report.model);
-        println!("device     {}", report.device);
+    })
+}
+
+fn print_bench(report: &bench::BenchReport) {
+    println!("model      {}", report.model);
+    println!("device     {}", report.device);
+    println!(
+        "input      {} ({} docs, {} tokens, max {} tokens/doc)",
+        report.input, report.docs, report.tokens, report.max_tokens
+    );
+    println!(
+        "batches    {} (budget {} tokens), best of {}",
+        report.batches, report.batch_tokens, report.repeat
+    );
+    println!(
+        "throughput {:.0} tokens/s, {:.1} docs/s ({:.3}s)",
+        report.tokens_per_s, report.docs_per_s, report.seconds
+    );
+    println!(
+        "latency    p50 {:.1} ms, p99 {:.1} ms per batch",
+        report.batch_p50_ms, report.batch_p99_ms
+    );
+    if let Some(g) = report.cuda_graphs.filter(|g| *g != Default::default()) {
         println!(
-            "input      {} ({} docs, {} tokens, max {} tokens/doc)",
-            report.input, report.docs, report.tokens, report.max_tokens
+            "graphs     {} recorded, {} forward passes replayed, {} batches op by op",
+            g.recorded, g.replayed, g.direct
         );
-        println!(
-            "batches    {} (budget {} tokens), best of {}",
-            report.batches, report.batch_tokens, report.repeat
-        );
-        println!(
-            "throughput {:.0} tokens/s, {:.1} docs/s ({:.3}s)",
-            report.tokens_per_s, report.docs_per_s, report.seconds
-        );
-        println!(
-            "latency    p50 {:.1} ms, p99 {:.1} ms per batch",
-            report.batch_p50_ms, report.batch_p99_ms
-        );
-        if let Some(g) = report.cuda_graphs.filter(|g| *g != Default::default()) {
-            println!(
-                "graphs     {} recorded, {} forward passes replayed, {} batches op by op",
-                g.recorded, g.replayed, g.direct
-            );
-        }
-        println!(
-            "compute    {:.1} MFLOP/token, {:.3} TFLOP/s achieved (model FLOPs, no padding)",
-            report.model_flops_per_token / 1e6,
-            report.tflops_per_s
-        );
-        if let Some(r) = report.tokenize_docs_per_s {
-            println!("tokenize   {r:.0} docs/s (not included above)");
-        }
     }
-    Ok(())
+    println!(
+        "compute    {:.1} MFLOP/token, {:.3} TFLOP/s achieved (model FLOPs, no padding)",
+        report.model_flops_per_token / 1e6,
+        report.tflops_per_s
+    );
+    if let Some(r) = report.tokenize_docs_per_s {
+        println!("tokenize   {r:.0} docs/s (not included above)");
+    }
+}
+
+fn print_fidelity(f: &fidelity::FidelityReport) {
+    let e = &f.embedding;
+    println!(
+        "\nfidelity   {} against {} on {} docs ({} tokens)",
+        f.precision, f.against, f.docs, f.tokens
+    );
+    println!(
+        "embedding  cosine min {:.6}, p1 {:.6}, mean {:.6}; max abs {:.3e}",
+        e.cosine_min, e.cosine_p1, e.cosine_mean, e.max_abs
+    );
+    for l in &f.labels {
+        let rho = l.spearman.map_or("n/a".into(), |r| format!("{r:.5}"));
+        println!(
+            "label      {}: max abs {:.3e} ({:.3}% of its range), Spearman {rho}",
+            l.label,
+            l.max_abs,
+            100.0 * l.share_of_range
+        );
+    }
+    if let Some(o) = f.selection_overlap {
+        println!(
+            "selection  a 50% token budget keeps {:.2}% of the reference's tokens",
+            100.0 * o
+        );
+    }
+    println!(
+        "guard      {}",
+        if f.passed() {
+            "passed".to_string()
+        } else {
+            format!("FAILED: {}", f.failures.join("; "))
+        }
+    );
 }

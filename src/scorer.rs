@@ -21,7 +21,8 @@ pub struct LoadOptions {
     /// How documents are packed into batches; `None` picks the device's default
     /// ([`engine::default_packer`]).
     pub packer: Option<Packer>,
-    /// Storage precision on GPU backends (default: f16 where the device supports it).
+    /// Storage precision (default `auto`: f16 on GPUs that support it, f32 on the CPU; int8 is
+    /// CPU only).
     pub precision: engine::Precision,
     /// On CUDA, batches of at most this many tokens run as CUDA graphs once their shape
     /// repeats (one graph launch instead of ~10 launches per layer); 0, the default, never.
@@ -88,7 +89,13 @@ impl Scorer {
 
     pub fn load_with(dir: impl AsRef<Path>, device: Device, opts: LoadOptions) -> Result<Scorer> {
         let dir = dir.as_ref();
-        let (device, device_note) = engine::resolve(device)?;
+        let (device, mut device_note) = engine::resolve(device)?;
+        if let Some(note) = engine::device::precision_note(device, opts.precision) {
+            device_note = Some(match device_note {
+                Some(auto) => format!("{auto}; {note}"),
+                None => note,
+            });
+        }
         let ckpt = Checkpoint::open(dir, opts.base_model.as_deref())?;
         let backend_opts = BackendOptions {
             precision: opts.precision,

@@ -390,7 +390,7 @@ pub struct SelectArgs {
     /// auto, cpu, wgpu[:N], cuda[:N] or cuda:all
     #[arg(long, default_value = "auto")]
     device: Device,
-    /// Storage type on a GPU: auto, f32, f16 or bf16 (as for `mira score`)
+    /// Precision: auto, f32, f16, bf16 or int8 (CPU only), as for `mira score`
     #[arg(long, default_value = "auto")]
     precision: mira::engine::Precision,
     /// Token budget of one packed batch [default: the device's]

@@ -177,7 +177,13 @@ fn embed_matches_library_and_missing_input_is_named() {
 fn devices_and_unavailable_backends() {
     let o = mira(&["devices"]);
     assert!(o.status.success());
-    assert!(String::from_utf8_lossy(&o.stdout).contains("cpu"));
+    let listing = String::from_utf8_lossy(&o.stdout).into_owned();
+    let cpu = listing.lines().find(|l| l.starts_with("cpu")).unwrap();
+    // The CPU line says which vector features and which int8 kernel this machine has.
+    assert!(
+        cpu.contains("cpu features:") && cpu.contains("int8 kernel:"),
+        "{cpu}"
+    );
     let model = fixture_model("bert-base-bf16");
     let o = mira(&[
         "bench",
@@ -209,6 +215,88 @@ fn devices_and_unavailable_backends() {
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(err.contains("'cuda:all' is not available"), "{err}");
     }
+}
+
+/// `mira bench --precision int8 --against f32`: both throughputs and the fidelity report; exit
+/// status 1 with the missed threshold when the guard fails; asking bf16 of the CPU is said to be
+/// emulated, and int8 of a GPU backend is refused.
+#[test]
+fn bench_against_reports_fidelity_and_fails_a_missed_guard() {
+    let model = fixture_model("bert-cls-regression");
+    let model = model.to_str().unwrap();
+    let base = [
+        "bench", "--model", model, "--device", "cpu", "--docs", "40", "--repeat", "1",
+    ];
+    let run = |extra: &[&str]| mira(&[&base[..], extra].concat());
+    let o = run(&[
+        "--precision",
+        "int8",
+        "--against",
+        "f32",
+        "--json",
+        "--min-cosine",
+        "0.9",
+        "--max-label-error",
+        "0.5",
+        "--min-overlap",
+        "0.5",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("precision int8 on the cpu"), "{err}");
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(
+        r["bench"]["device"].as_str().unwrap().contains("int8"),
+        "{r}"
+    );
+    assert!(
+        !r["against"]["device"].as_str().unwrap().contains("int8"),
+        "{r}"
+    );
+    let f = &r["fidelity"];
+    assert_eq!(
+        (f["precision"].as_str(), f["against"].as_str()),
+        (Some("int8"), Some("f32"))
+    );
+    assert_eq!(f["docs"], 40);
+    let cos = f["embedding"]["cosine_min"].as_f64().unwrap();
+    assert!(
+        cos > 0.9 && cos < 1.0,
+        "int8 changes the numbers, a little: {cos}"
+    );
+    let labels = f["labels"].as_array().unwrap();
+    assert_eq!(labels.len(), 12);
+    assert!(
+        labels.iter().all(|l| l["spearman"].as_f64().unwrap() > 0.9),
+        "{f}"
+    );
+    assert!(f["failures"].as_array().unwrap().is_empty(), "{f}");
+    // A cosine floor of 1 cannot be met by int8: the guard fails, naming the threshold.
+    let o = run(&[
+        "--precision",
+        "int8",
+        "--against",
+        "f32",
+        "--min-cosine",
+        "1",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("precision int8 misses the fidelity guard against f32: embedding cosine"),
+        "{err}"
+    );
+    assert!(String::from_utf8_lossy(&o.stdout).contains("guard      FAILED"));
+    // bf16 on the CPU is emulated, and says so.
+    let o = run(&["--precision", "bf16"]);
+    assert!(o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("precision bf16 on the cpu is emulated"),
+        "{err}"
+    );
+    // Guard thresholds without --against are a usage error, not ignored.
+    assert!(!run(&["--min-cosine", "0.5"]).status.success());
 }
 
 #[test]

@@ -4,9 +4,9 @@
 
 mod op_table;
 
-use mira::engine::backend::cpu::CpuBackend;
+use mira::engine::backend::cpu::{int8, CpuBackend};
 use mira::engine::backend::{Backend, EmbeddingTables};
-use mira::engine::{Activation, Batch, Pooling};
+use mira::engine::{Activation, Batch, Pooling, Precision};
 
 struct Rng(u64);
 impl Rng {
@@ -58,7 +58,7 @@ fn act_ref(x: f64, act: Activation) -> f64 {
 }
 
 fn linear_with_bias_and_every_activation() {
-    let be = CpuBackend;
+    let be = CpuBackend::default();
     let mut rng = Rng(0x5eed);
     for (m, k, n) in [(1, 1, 1), (7, 33, 65), (130, 97, 31), (3, 384, 1153)] {
         let x = rng.vec(m * k, 1.0);
@@ -93,8 +93,123 @@ fn linear_with_bias_and_every_activation() {
     }
 }
 
+/// The int8 linear layer (`--precision int8`) against float64 on the unquantized operands: each
+/// output within the rigorous bound of its rounding (`Σ|x|·s_w/2 + Σ|ŵ|·s_x/2`, scales from this
+/// test's own float64 quantizer), and on average well inside it; a row holding a NaN gives NaNs.
+fn int8_linear_matches_reference() {
+    let be = CpuBackend::new(Precision::Int8);
+    let mut rng = Rng(0x1e8);
+    for (m, k, n) in [
+        (1, 1, 1),
+        (7, 33, 65),
+        (130, 97, 31),
+        (13, 1537, 70),
+        (3, 384, 1153),
+    ] {
+        let x = rng.vec(m * k, 2.0);
+        let w = rng.vec(n * k, 1.0 / (k as f64).sqrt());
+        let b = rng.vec(n, 0.5);
+        let xt = be.weight(x.clone(), m, k).unwrap();
+        let wt = be.linear_weight(w.clone(), n, k).unwrap();
+        let bt = be.weight(b.clone(), 1, n).unwrap();
+        let out = be.linear(&xt, &wt, Some(&bt), Activation::None).unwrap();
+        // The widest activation the exact i32 sum allows, as the module documents it.
+        let kp = k.next_multiple_of(2);
+        let act_max = ((i32::MAX as usize / (127 * kp)).min(32767)) as f64;
+        let max_abs = |v: &[f32]| v.iter().fold(0f64, |a, &b| a.max((b as f64).abs()));
+        let (mut err_sum, mut bound_sum) = (0f64, 0f64);
+        for i in 0..m {
+            let xr = &x[i * k..(i + 1) * k];
+            let sx = max_abs(xr) / act_max;
+            for j in 0..n {
+                let wr = &w[j * k..(j + 1) * k];
+                let sw = max_abs(wr) / 127.0;
+                let (mut exact, mut bound) = (b[j] as f64, 0f64);
+                for p in 0..k {
+                    exact += xr[p] as f64 * wr[p] as f64;
+                    bound +=
+                        (xr[p] as f64).abs() * sw / 2.0 + ((wr[p] as f64).abs() + sw) * sx / 2.0;
+                }
+                let got = out.data()[i * n + j] as f64;
+                let err = (got - exact).abs();
+                // f32 rounding of the scales and the store on top of the quantization bound.
+                assert!(
+                    err <= bound * 1.001 + 1e-5 * (1.0 + exact.abs()),
+                    "int8 linear {m}x{k}x{n} [{i},{j}]: got {got}, want {exact} (bound {bound})"
+                );
+                err_sum += err;
+                bound_sum += bound;
+            }
+        }
+        // Rounding errors are spread, not all of one sign: the mean is far below the worst case.
+        if k >= 33 {
+            assert!(
+                err_sum < 0.25 * bound_sum,
+                "int8 linear {m}x{k}x{n}: mean error {} of bound {}",
+                err_sum / (m * n) as f64,
+                bound_sum / (m * n) as f64
+            );
+        }
+        // The weight's values are what the layer computes with: each within half a step.
+        for (j, wr) in w.chunks_exact(k).enumerate() {
+            let step = max_abs(wr) / 127.0;
+            for (p, (&orig, &q)) in wr.iter().zip(&wt.data()[j * k..(j + 1) * k]).enumerate() {
+                assert!(
+                    (orig as f64 - q as f64).abs() <= step / 2.0 * 1.0001,
+                    "int8 weight [{j},{p}]: {orig} stored as {q} (step {step})"
+                );
+            }
+        }
+    }
+    // A NaN in one row poisons that row only.
+    let (m, k, n) = (3, 40, 20);
+    let mut x = rng.vec(m * k, 1.0);
+    x[k + 5] = f32::NAN;
+    let w = be.linear_weight(rng.vec(n * k, 0.2), n, k).unwrap();
+    let out = be
+        .linear(&be.weight(x, m, k).unwrap(), &w, None, Activation::None)
+        .unwrap();
+    let rows: Vec<&[f32]> = out.data().chunks_exact(n).collect();
+    assert!(rows[0].iter().chain(rows[2]).all(|v| v.is_finite()));
+    assert!(rows[1].iter().all(|v| v.is_nan()), "{:?}", rows[1]);
+}
+
+/// Every int8 micro-kernel this CPU runs gives the scalar kernel's i32 sums bit for bit (the
+/// arithmetic is exact), at sizes that leave partial tiles and panels.
+fn int8_kernels_agree_bit_for_bit() {
+    let mut rng = Rng(0xb17);
+    for (m, k, n) in [
+        (1, 1, 1),
+        (5, 2, 15),
+        (6, 3, 16),
+        (7, 33, 17),
+        (49, 384, 70),
+        (97, 1537, 33),
+    ] {
+        let x = rng.vec(m * k, 3.0);
+        let w = rng.vec(n * k, 0.1);
+        let (packed, _) = int8::PackedWeight::quantize(&w, n, k);
+        let rows = int8::QuantRows::quantize(&x, m, k);
+        let mut want = vec![f32::NAN; m * n];
+        int8::gemm_with(&rows, &packed, &mut want, int8::Kernel::Scalar);
+        for kernel in int8::Kernel::available() {
+            let mut got = vec![f32::NAN; m * n];
+            int8::gemm_with(&rows, &packed, &mut got, kernel);
+            let same = got
+                .iter()
+                .zip(&want)
+                .all(|(g, w)| g.to_bits() == w.to_bits());
+            assert!(
+                same,
+                "int8 {} differs from scalar at {m}x{k}x{n}",
+                kernel.name()
+            );
+        }
+    }
+}
+
 fn add_layernorm_matches_reference() {
-    let be = CpuBackend;
+    let be = CpuBackend::default();
     let mut rng = Rng(7);
     for (rows, cols) in [(1, 1), (5, 37), (67, 384)] {
         let x = rng.vec(rows * cols, 3.0);
@@ -176,7 +291,7 @@ fn attention_ref(
 }
 
 fn varlen_attention_with_and_without_windows() {
-    let be = CpuBackend;
+    let be = CpuBackend::default();
     let mut rng = Rng(42);
     for (heads, d) in [(3, 8), (2, 64), (1, 80), (12, 32)] {
         let h = heads * d;
@@ -263,7 +378,7 @@ fn disentangled_ref(
 }
 
 fn disentangled_attention_matches_reference() {
-    let be = CpuBackend;
+    let be = CpuBackend::default();
     let mut rng = Rng(77);
     // (span, buckets, max_relative): v3-like log buckets, plain clamped distances, v3-base's.
     for rel in [(8usize, 8usize, 32usize), (16, 0, 16), (256, 256, 512)] {
@@ -336,7 +451,7 @@ fn disentangled_attention_matches_reference() {
 }
 
 fn embed_and_pool_match_reference() {
-    let be = CpuBackend;
+    let be = CpuBackend::default();
     let mut rng = Rng(99);
     let (vocab, maxpos, h) = (7, 140, 19);
     let word = rng.vec(vocab * h, 1.0);
@@ -385,7 +500,7 @@ fn embed_and_pool_match_reference() {
 }
 
 fn malformed_batches_are_errors_not_ub() {
-    let be = CpuBackend;
+    let be = CpuBackend::default();
     let mut b = batch(&[3, 2]);
     assert!(be.upload_batch(&b, 7, 8).is_ok());
     b.cu_seqlens = vec![0, 1];
@@ -411,7 +526,7 @@ fn malformed_batches_are_errors_not_ub() {
 }
 
 fn add_norm_and_layernorm_match_reference() {
-    let be = CpuBackend;
+    let be = CpuBackend::default();
     let mut rng = Rng(11);
     for (rows, cols) in [(1, 3), (9, 48), (70, 64)] {
         let x = rng.vec(rows * cols, 2.0);
@@ -467,7 +582,7 @@ fn add_norm_and_layernorm_match_reference() {
 }
 
 fn rope_rotates_q_and_k_at_sequence_positions() {
-    let be = CpuBackend;
+    let be = CpuBackend::default();
     let mut rng = Rng(5);
     for (heads, d, theta) in [(2, 8, 10_000.0f64), (3, 16, 160_000.0), (1, 64, 10_000.0)] {
         let h = heads * d;
@@ -507,7 +622,7 @@ fn rope_rotates_q_and_k_at_sequence_positions() {
 }
 
 fn geglu_matches_reference() {
-    let be = CpuBackend;
+    let be = CpuBackend::default();
     let mut rng = Rng(3);
     for (rows, inter) in [(1, 1), (13, 96), (40, 1152)] {
         let x = rng.vec(rows * 2 * inter, 3.0);

@@ -18,6 +18,15 @@ fn mira(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// `mira bench` on the random classifier with `args`, which must fail: its stderr.
+fn bench_error(args: &[&str]) -> String {
+    let model = fixture_model("bert-cls-regression");
+    let base = ["bench", "--model", model.to_str().unwrap(), "--docs", "3"];
+    let o = mira(&[&base[..], args].concat());
+    assert!(!o.status.success(), "mira bench {args:?} succeeded");
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
 #[test]
 fn devices_lists_the_adapter_and_bad_ordinals_are_named() {
     if !have_adapter() {
@@ -34,18 +43,7 @@ fn devices_lists_the_adapter_and_bad_ordinals_are_named() {
         line.contains("max storage binding") && line.contains("f16"),
         "{line}"
     );
-    let model = fixture_model("bert-cls-regression");
-    let o = mira(&[
-        "bench",
-        "--model",
-        model.to_str().unwrap(),
-        "--device",
-        "wgpu:99",
-        "--docs",
-        "4",
-    ]);
-    assert!(!o.status.success());
-    let err = String::from_utf8_lossy(&o.stderr);
+    let err = bench_error(&["--device", "wgpu:99"]);
     assert!(err.contains("wgpu:99 does not exist"), "{err}");
 }
 
@@ -152,4 +150,7 @@ fn bench_runs_on_wgpu() {
         device.starts_with("wgpu") && device.contains("f32 storage"),
         "{device}"
     );
+    // int8 is the CPU's: asking it of wgpu is an error, not f32 in disguise.
+    let err = bench_error(&["--device", "wgpu", "--precision", "int8"]);
+    assert!(err.contains("int8 runs on the cpu only"), "{err}");
 }

@@ -31,7 +31,8 @@ struct ProcessPool {
 ///
 /// ``Scorer(model_dir, device="auto", precision="auto", max_tokens=None, batch_tokens=None,
 /// threads=None)``: ``device`` is ``auto``, ``cpu``, ``wgpu[:N]`` or ``cuda[:N]``; ``precision``
-/// (GPU storage) ``auto``, ``f32``, ``f16`` or ``bf16``; ``max_tokens`` truncates (default: the
+/// ``auto``, ``f32``, ``f16``, ``bf16`` or ``int8`` (CPU only; check it with ``mira bench
+/// --precision int8 --against f32``); ``max_tokens`` truncates (default: the
 /// model's own limit); ``batch_tokens`` caps the tokens of one batch; ``threads`` is the CPU
 /// threads (default: ``RAYON_NUM_THREADS``, else every core).
 #[pyclass(frozen, module = "mira._mira", name = "Scorer")]

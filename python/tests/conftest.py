@@ -28,12 +28,14 @@ def mira_bin() -> Path:
     return path
 
 
-def cli_rows(task: str, model: Path, corpus: Path, tmp: Path, threads: int = 2) -> list:
+def cli_rows(task: str, model: Path, corpus: Path, tmp: Path, threads: int = 2,
+             precision: str = "auto") -> list:
     """`mira score|embed` on CPU: its output rows, in order."""
-    out = tmp / f"cli-{task}-{model.name}.jsonl"
+    out = tmp / f"cli-{task}-{model.name}-{precision}.jsonl"
     subprocess.run(
         [str(mira_bin()), task, "--model", str(model), "--input", str(corpus),
-         "--output", str(out), "--device", "cpu", "--threads", str(threads)],
+         "--output", str(out), "--device", "cpu", "--threads", str(threads),
+         "--precision", precision],
         check=True, capture_output=True,
     )
     return [json.loads(line) for line in out.read_text().splitlines()]

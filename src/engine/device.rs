@@ -68,7 +68,7 @@ impl fmt::Display for Device {
     }
 }
 
-/// How a backend is built: storage precision (GPUs; the CPU backend is f32) and, on CUDA, the
+/// How a backend is built: storage precision (see `Precision` for the CPU's meaning) and, on CUDA, the
 /// largest batch (in tokens) run as a CUDA graph (0: never).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BackendOptions {
@@ -87,7 +87,7 @@ pub trait OnBackend {
 /// [`resolve`] and [`expand`]).
 pub fn build_on<W: OnBackend>(device: Device, opts: BackendOptions, what: &W) -> Result<W::Output> {
     match device {
-        Device::Cpu => what.build(CpuBackend),
+        Device::Cpu => what.build(CpuBackend::new(opts.precision)),
         Device::Wgpu(n) => what.build(WgpuBackend::new(n, opts.precision)?),
         Device::Cuda(n) => {
             let be = CudaBackend::new(n.unwrap_or(0), opts.precision)?;
@@ -131,15 +131,27 @@ pub fn list_devices() -> Vec<(String, String)> {
     vec![(
         "cpu".into(),
         format!(
-            "available: {} threads, {}",
+            "available: {} threads, {} (cpu features: {}; int8 kernel: {}; bf16 and f16: \
+             emulated)",
             rayon::current_num_threads(),
-            backend::cpu::simd_level()
+            backend::cpu::simd_level(),
+            backend::cpu::cpu_features(),
+            backend::cpu::int8::Kernel::best().name()
         ),
     )]
     .into_iter()
     .chain(wgpu_devices())
     .chain(cuda_devices())
     .collect()
+}
+
+/// What `precision` means on `device` when it is not what the name says (the CPU emulates bf16
+/// and f16 and runs int8 with its own kernels): a note for stderr.
+pub fn precision_note(device: Device, precision: Precision) -> Option<String> {
+    match device {
+        Device::Cpu => CpuBackend::precision_note(precision),
+        _ => None,
+    }
 }
 
 /// Why `cuda` / `cuda:N` cannot run here, or `None` when it can.

@@ -13,17 +13,33 @@ pub use backend::{Backend, GraphStats};
 pub use batch::{Batch, Packer};
 pub use device::{default_packer, list_devices, resolve, BackendOptions, Device, OnBackend};
 
-/// Storage precision of weights and activations on the device (arithmetic is always f32).
+/// Storage precision of weights and activations on the device (arithmetic is f32 except under
+/// `Int8`). On the CPU, bf16 and f16 round the weights and compute in f32 (see
+/// `backend::cpu::CpuPrecision`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Precision {
     /// The fastest the device stores accurately enough: f16 on CUDA; on wgpu f16 where the
-    /// adapter offers `SHADER_F16`, else f32.
+    /// adapter offers `SHADER_F16`, else f32; f32 on the CPU.
     #[default]
     Auto,
     F32,
     F16,
-    /// bfloat16 (CUDA only): f32's range with 8 significant bits.
+    /// bfloat16 (CUDA; emulated on the CPU): f32's range with 8 significant bits.
     Bf16,
+    /// CPU only: linear layers with int8 weights and activations and exact i32 sums.
+    Int8,
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::Auto => "auto",
+            Precision::F32 => "f32",
+            Precision::F16 => "f16",
+            Precision::Bf16 => "bf16",
+            Precision::Int8 => "int8",
+        })
+    }
 }
 
 impl std::str::FromStr for Precision {
@@ -34,7 +50,8 @@ impl std::str::FromStr for Precision {
             "f32" => Precision::F32,
             "f16" => Precision::F16,
             "bf16" => Precision::Bf16,
-            other => bail!("invalid precision '{other}' (expected auto, f32, f16 or bf16)"),
+            "int8" => Precision::Int8,
+            other => bail!("invalid precision '{other}' (expected auto, f32, f16, bf16 or int8)"),
         })
     }
 }

@@ -126,15 +126,15 @@ impl<B: Backend> Bert<B> {
                 qkv_b.extend(weights.f32(&format!("{n}.attention.self.{part}.bias"), &[h])?);
             }
             layers.push(Layer {
-                qkv_w: be.weight(qkv_w, 3 * h, h)?,
+                qkv_w: be.linear_weight(qkv_w, 3 * h, h)?,
                 qkv_b: be.weight(qkv_b, 1, 3 * h)?,
-                attn_out_w: ld.matrix(&format!("{n}.attention.output.dense.weight"), h, h)?,
+                attn_out_w: ld.linear(&format!("{n}.attention.output.dense.weight"), h, h)?,
                 attn_out_b: ld.vector(&format!("{n}.attention.output.dense.bias"), h)?,
                 attn_norm_w: ld.vector(&format!("{n}.attention.output.LayerNorm.weight"), h)?,
                 attn_norm_b: ld.vector(&format!("{n}.attention.output.LayerNorm.bias"), h)?,
-                up_w: ld.matrix(&format!("{n}.intermediate.dense.weight"), i, h)?,
+                up_w: ld.linear(&format!("{n}.intermediate.dense.weight"), i, h)?,
                 up_b: ld.vector(&format!("{n}.intermediate.dense.bias"), i)?,
-                down_w: ld.matrix(&format!("{n}.output.dense.weight"), h, i)?,
+                down_w: ld.linear(&format!("{n}.output.dense.weight"), h, i)?,
                 down_b: ld.vector(&format!("{n}.output.dense.bias"), h)?,
                 out_norm_w: ld.vector(&format!("{n}.output.LayerNorm.weight"), h)?,
                 out_norm_b: ld.vector(&format!("{n}.output.LayerNorm.bias"), h)?,

@@ -348,17 +348,17 @@ impl<B: Backend> Deberta<B> {
             let qkv_w: Vec<f32> = [&q.0, &k.0, &v.0].into_iter().flatten().copied().collect();
             let qkv_b: Vec<f32> = [&q.1, &k.1, &v.1].into_iter().flatten().copied().collect();
             layers.push(Layer {
-                qkv_w: be.weight(qkv_w, 3 * h, h)?,
+                qkv_w: be.linear_weight(qkv_w, 3 * h, h)?,
                 qkv_b: be.weight(qkv_b, 1, 3 * h)?,
                 pos_key,
                 pos_query,
-                attn_out_w: ld.matrix(&format!("{n}.attention.output.dense.weight"), h, h)?,
+                attn_out_w: ld.linear(&format!("{n}.attention.output.dense.weight"), h, h)?,
                 attn_out_b: ld.vector(&format!("{n}.attention.output.dense.bias"), h)?,
                 attn_norm_w: ld.vector(&format!("{n}.attention.output.LayerNorm.weight"), h)?,
                 attn_norm_b: ld.vector(&format!("{n}.attention.output.LayerNorm.bias"), h)?,
-                up_w: ld.matrix(&format!("{n}.intermediate.dense.weight"), i, h)?,
+                up_w: ld.linear(&format!("{n}.intermediate.dense.weight"), i, h)?,
                 up_b: ld.vector(&format!("{n}.intermediate.dense.bias"), i)?,
-                down_w: ld.matrix(&format!("{n}.output.dense.weight"), h, i)?,
+                down_w: ld.linear(&format!("{n}.output.dense.weight"), h, i)?,
                 down_b: ld.vector(&format!("{n}.output.dense.bias"), h)?,
                 out_norm_w: ld.vector(&format!("{n}.output.LayerNorm.weight"), h)?,
                 out_norm_b: ld.vector(&format!("{n}.output.LayerNorm.bias"), h)?,

@@ -71,6 +71,13 @@ impl<B: crate::engine::Backend> Loader<'_, B> {
             .with_context(|| format!("cannot place tensor {name} on {}", self.be.name()))
     }
 
+    /// The `[out, in]` weight of an encoder layer's linear map (see `Backend::linear_weight`).
+    pub fn linear(&self, name: &str, rows: usize, cols: usize) -> Result<B::Tensor> {
+        self.be
+            .linear_weight(self.w.f32(name, &[rows, cols])?, rows, cols)
+            .with_context(|| format!("cannot place tensor {name} on {}", self.be.name()))
+    }
+
     /// A `[n]` vector, as `[1, n]`.
     pub fn vector(&self, name: &str, n: usize) -> Result<B::Tensor> {
         self.be

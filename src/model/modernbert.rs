@@ -110,14 +110,14 @@ impl<B: Backend> ModernBert<B> {
                 } else {
                     Some(load_norm(&ld, &format!("{n}.attn_norm"), h, cfg.norm_bias)?)
                 },
-                wqkv: ld.matrix(&format!("{n}.attn.Wqkv.weight"), 3 * h, h)?,
+                wqkv: ld.linear(&format!("{n}.attn.Wqkv.weight"), 3 * h, h)?,
                 wqkv_b: ld.bias(cfg.attention_bias, &format!("{n}.attn.Wqkv.bias"), 3 * h)?,
-                wo: ld.matrix(&format!("{n}.attn.Wo.weight"), h, h)?,
+                wo: ld.linear(&format!("{n}.attn.Wo.weight"), h, h)?,
                 wo_b: ld.bias(cfg.attention_bias, &format!("{n}.attn.Wo.bias"), h)?,
                 mlp_norm: load_norm(&ld, &format!("{n}.mlp_norm"), h, cfg.norm_bias)?,
-                wi: ld.matrix(&format!("{n}.mlp.Wi.weight"), 2 * i, h)?,
+                wi: ld.linear(&format!("{n}.mlp.Wi.weight"), 2 * i, h)?,
                 wi_b: ld.bias(cfg.mlp_bias, &format!("{n}.mlp.Wi.bias"), 2 * i)?,
-                wo_mlp: ld.matrix(&format!("{n}.mlp.Wo.weight"), h, i)?,
+                wo_mlp: ld.linear(&format!("{n}.mlp.Wo.weight"), h, i)?,
                 wo_mlp_b: ld.bias(cfg.mlp_bias, &format!("{n}.mlp.Wo.bias"), h)?,
                 global: cfg.global_layers[l],
             });

@@ -315,11 +315,12 @@ const COPIED: &[&str] = &[
     "sentence_bert_config.json",
 ];
 
-/// Write a `BertForSequenceClassification` folder: the encoder's tensors under `bert.`, the
+/// Write a `BertForSequenceClassification` folder (a student; the precision tests write one with a
+/// random head): the encoder's tensors under `bert.`, the
 /// fitted `classifier` (`[A, H]` f32, `[A]` f32), config with regression and anchor labels.
 // Long: the student folder's files written in turn (config, tensors, tokenizer files, card), each
 // a few lines.
-fn write_student(
+pub fn write_student(
     encoder: &Scorer,
     dir: &Path,
     group: &str,

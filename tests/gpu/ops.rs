@@ -30,7 +30,9 @@ fn pair<B: Backend>(
     cols: usize,
 ) -> (<CpuBackend as Backend>::Tensor, B::Tensor) {
     (
-        CpuBackend.weight(data.to_vec(), rows, cols).unwrap(),
+        CpuBackend::default()
+            .weight(data.to_vec(), rows, cols)
+            .unwrap(),
         gpu.weight(data.to_vec(), rows, cols).unwrap(),
     )
 }
@@ -53,7 +55,7 @@ pub fn linear_every_activation_and_awkward_shape<B: Backend>(gpu: &B, prec: Prec
             let (xc, xg) = pair(gpu, &x, m, k);
             let (wc, wg) = pair(gpu, &w, n, k);
             let (bc, bg) = pair(gpu, &b, 1, n);
-            let want = CpuBackend
+            let want = CpuBackend::default()
                 .linear(&xc, &wc, with_bias.then_some(&bc), act)
                 .unwrap();
             let got = gpu.linear(&xg, &wg, with_bias.then_some(&bg), act).unwrap();
@@ -65,6 +67,28 @@ pub fn linear_every_activation_and_awkward_shape<B: Backend>(gpu: &B, prec: Prec
             );
         }
     }
+}
+
+/// `linear_weight` (an encoder layer's weight) on a GPU is stored as any weight: the layer
+/// matches the CPU's f32 linear.
+pub fn linear_weights_are_plain_weights<B: Backend>(gpu: &B, prec: Prec) {
+    let mut rng = Rng(0x1a7e);
+    let (m, k, n) = (37, 45, 70);
+    let x = rng.vec(m * k, 1.0);
+    let w = rng.vec(n * k, 1.0 / (k as f64).sqrt());
+    let (xc, xg) = pair(gpu, &x, m, k);
+    let wc = CpuBackend::default().weight(w.clone(), n, k).unwrap();
+    let wg = gpu.linear_weight(w, n, k).unwrap();
+    let want = CpuBackend::default()
+        .linear(&xc, &wc, None, Activation::Gelu)
+        .unwrap();
+    let got = gpu.linear(&xg, &wg, None, Activation::Gelu).unwrap();
+    assert_matches(
+        &gpu.download(&got).unwrap(),
+        want.data(),
+        prec,
+        "linear through linear_weight",
+    );
 }
 
 /// Embedding tables on `be` from host data `[word, position, token type, gamma, beta]`.
@@ -97,11 +121,16 @@ pub fn embed_with_and_without_positions_types_and_bias<B: Backend>(gpu: &B, prec
         let gamma = rng.vec(h, 1.0);
         let beta = rng.vec(h, 0.2);
         let host = [&word, &pos, &tt, &gamma, &beta];
-        let tc = tables(&CpuBackend, host, vocab, max_pos, h, with_extras);
+        let tc = tables(&CpuBackend::default(), host, vocab, max_pos, h, with_extras);
         let tg = tables(gpu, host, vocab, max_pos, h, with_extras);
         let b = batch(&[1, 70, 3, 129], vocab as u32);
-        let want = CpuBackend
-            .embed(&CpuBackend.upload_batch(&b, vocab, max_pos).unwrap(), &tc)
+        let want = CpuBackend::default()
+            .embed(
+                &CpuBackend::default()
+                    .upload_batch(&b, vocab, max_pos)
+                    .unwrap(),
+                &tc,
+            )
             .unwrap();
         let got = gpu
             .embed(&gpu.upload_batch(&b, vocab, max_pos).unwrap(), &tg)
@@ -133,7 +162,9 @@ pub fn residual_layernorms_in_every_mode<B: Backend>(gpu: &B, prec: Prec) {
             let (bc, bg) = (with_bias.then_some(&bc), with_bias.then_some(&bg));
             // Post-norm, in place.
             let (xc, xg) = pair(gpu, &x, rows, cols);
-            let want = CpuBackend.add_layernorm(xc, &rc, &gc, bc, 1e-5).unwrap();
+            let want = CpuBackend::default()
+                .add_layernorm(xc, &rc, &gc, bc, 1e-5)
+                .unwrap();
             let got = gpu.add_layernorm(xg, &rg, &gg, bg, 1e-5).unwrap();
             assert_matches(
                 &gpu.download(&got).unwrap(),
@@ -143,7 +174,9 @@ pub fn residual_layernorms_in_every_mode<B: Backend>(gpu: &B, prec: Prec) {
             );
             // Pre-norm step: the residual stream and its normalised copy.
             let (mut xc, mut xg) = pair(gpu, &x, rows, cols);
-            let want = CpuBackend.add_norm(&mut xc, &rc, &gc, bc, 1e-5).unwrap();
+            let want = CpuBackend::default()
+                .add_norm(&mut xc, &rc, &gc, bc, 1e-5)
+                .unwrap();
             let got = gpu.add_norm(&mut xg, &rg, &gg, bg, 1e-5).unwrap();
             assert_matches(
                 &gpu.download(&got).unwrap(),
@@ -159,7 +192,7 @@ pub fn residual_layernorms_in_every_mode<B: Backend>(gpu: &B, prec: Prec) {
             );
             // Plain.
             let (xc, xg) = pair(gpu, &x, rows, cols);
-            let want = CpuBackend.layernorm(&xc, &gc, bc, 1e-5).unwrap();
+            let want = CpuBackend::default().layernorm(&xc, &gc, bc, 1e-5).unwrap();
             let got = gpu.layernorm(&xg, &gg, bg, 1e-5).unwrap();
             assert_matches(
                 &gpu.download(&got).unwrap(),
@@ -221,10 +254,12 @@ pub fn varlen_attention_global_and_windowed_at_several_head_sizes<B: Backend>(gp
         let t = b.ids.len();
         let qkv = rng.vec(t * 3 * h, 1.0);
         let (qc, qg) = pair(gpu, &qkv, t, 3 * h);
-        let bc = CpuBackend.upload_batch(&b, 50, 512).unwrap();
+        let bc = CpuBackend::default().upload_batch(&b, 50, 512).unwrap();
         let bg = gpu.upload_batch(&b, 50, 512).unwrap();
         for window in [None, Some(8), Some(6), Some(128)] {
-            let want = CpuBackend.attention(&qc, &bc, heads, window).unwrap();
+            let want = CpuBackend::default()
+                .attention(&qc, &bc, heads, window)
+                .unwrap();
             let got = gpu.attention(&qg, &bg, heads, window).unwrap();
             assert_matches(
                 &gpu.download(&got).unwrap(),
@@ -244,10 +279,10 @@ pub fn rope_at_sequence_positions<B: Backend>(gpu: &B, prec: Prec) {
         let t = b.ids.len();
         let qkv = rng.vec(t * 3 * h, 1.0);
         let (qc, qg) = pair(gpu, &qkv, t, 3 * h);
-        let want = CpuBackend
+        let want = CpuBackend::default()
             .rope(
                 qc,
-                &CpuBackend.upload_batch(&b, 50, 512).unwrap(),
+                &CpuBackend::default().upload_batch(&b, 50, 512).unwrap(),
                 heads,
                 theta,
             )
@@ -271,7 +306,7 @@ pub fn geglu_every_activation<B: Backend>(gpu: &B, prec: Prec) {
         let x = rng.vec(rows * 2 * inner, 3.0);
         let (xc, xg) = pair(gpu, &x, rows, 2 * inner);
         for act in ACTS {
-            let want = CpuBackend.geglu(&xc, act).unwrap();
+            let want = CpuBackend::default().geglu(&xc, act).unwrap();
             let got = gpu.geglu(&xg, act).unwrap();
             assert_matches(
                 &gpu.download(&got).unwrap(),
@@ -289,10 +324,10 @@ pub fn cls_and_mean_pooling<B: Backend>(gpu: &B, prec: Prec) {
     let (t, h) = (b.ids.len(), 385);
     let x = rng.vec(t * h, 1.0);
     let (xc, xg) = pair(gpu, &x, t, h);
-    let bc = CpuBackend.upload_batch(&b, 50, 512).unwrap();
+    let bc = CpuBackend::default().upload_batch(&b, 50, 512).unwrap();
     let bg = gpu.upload_batch(&b, 50, 512).unwrap();
     for mode in [Pooling::Cls, Pooling::Mean] {
-        let want = CpuBackend.pool(&xc, &bc, mode).unwrap();
+        let want = CpuBackend::default().pool(&xc, &bc, mode).unwrap();
         let got = gpu.pool(&xg, &bg, mode).unwrap();
         assert_matches(
             &gpu.download(&got).unwrap(),
@@ -343,10 +378,10 @@ pub fn many_single_token_sequences<B: Backend>(gpu: &B, prec: Prec) {
     let (heads, d) = (2, 32);
     let qkv = rng.vec(b.ids.len() * 3 * heads * d, 1.0);
     let (qc, qg) = pair(gpu, &qkv, b.ids.len(), 3 * heads * d);
-    let want = CpuBackend
+    let want = CpuBackend::default()
         .attention(
             &qc,
-            &CpuBackend.upload_batch(&b, 50, 512).unwrap(),
+            &CpuBackend::default().upload_batch(&b, 50, 512).unwrap(),
             heads,
             None,
         )

@@ -205,6 +205,13 @@ pub trait Backend: Send + Sync + 'static {
     /// Upload a weight given in f32, `[rows, cols]`.
     fn weight(&self, data: Vec<f32>, rows: usize, cols: usize) -> Result<Self::Tensor>;
 
+    /// Upload the weight of an encoder layer's linear map (`[out, in]`, only ever passed as `w`
+    /// to [`Backend::linear`]): a backend may store it in a form only `linear` reads, as the CPU's
+    /// int8 path does. Heads and embedding tables go through [`Backend::weight`].
+    fn linear_weight(&self, data: Vec<f32>, rows: usize, cols: usize) -> Result<Self::Tensor> {
+        self.weight(data, rows, cols)
+    }
+
     /// Upload a batch's ids, positions and sequence boundaries after [`Batch::validate`] (`vocab`
     /// and `max_positions` bound the ids and positions): a malformed batch is an error, never an
     /// out-of-bounds read.

@@ -1,13 +1,19 @@
 //! The CPU backend: the readable reference, and fast enough to be useful.
 //!
-//! f32 throughout. GEMMs go through the `gemm` crate (packed, runtime-dispatched AVX2/AVX-512/NEON
-//! micro-kernels, rayon-parallel); bias and activation run as one vectorised pass over the output; attention runs one task per (sequence, head) over the ragged batch, with
+//! f32 arithmetic, except the linear layers under `--precision int8` (`int8.rs`: integer GEMM
+//! with exact i32 sums). f32 GEMMs go through the `gemm` crate (packed, runtime-dispatched
+//! AVX2/AVX-512/NEON micro-kernels, rayon-parallel); bias and activation run as one vectorised pass over the output; attention runs one task per (sequence, head) over the ragged batch, with
 //! a register-tiled kernel (`attention.rs`). Element-wise math is in `math.rs`.
 
 mod attention;
+pub mod int8;
 pub mod math;
+mod precision;
+
+pub use precision::{cpu_features, CpuPrecision};
 
 use std::mem::MaybeUninit;
+use std::sync::Arc;
 
 use anyhow::{ensure, Result};
 use gemm::Parallelism;
@@ -23,6 +29,9 @@ pub struct CpuTensor {
     data: Vec<f32>,
     rows: usize,
     cols: usize,
+    /// For a linear layer's weight under `--precision int8`: the same values (`data` holds them
+    /// dequantized) packed for the integer GEMM.
+    int8: Option<Arc<int8::PackedWeight>>,
 }
 
 impl CpuTensor {
@@ -32,7 +41,12 @@ impl CpuTensor {
             rows * cols,
             "tensor data does not match its shape"
         );
-        CpuTensor { data, rows, cols }
+        CpuTensor {
+            data,
+            rows,
+            cols,
+            int8: None,
+        }
     }
 
     pub fn data(&self) -> &[f32] {
@@ -66,7 +80,9 @@ impl CpuBatch {
 
 /// The CPU backend. Work is spread over rayon's global pool.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct CpuBackend;
+pub struct CpuBackend {
+    precision: CpuPrecision,
+}
 
 /// Which vector extensions the element-wise kernels use on this machine.
 pub fn simd_level() -> &'static str {
@@ -129,25 +145,79 @@ fn rows_per_task(rows: usize, cols: usize) -> usize {
     target.clamp(1, rows.max(1))
 }
 
+/// A linear layer's epilogue: bias and activation in one vectorised pass per block of rows
+/// (measured faster than accumulating the GEMM onto prefilled bias rows).
+fn bias_act(
+    mut out: Vec<f32>,
+    m: usize,
+    n: usize,
+    b: Option<&CpuTensor>,
+    act: Activation,
+) -> CpuTensor {
+    let kind = act.code();
+    let bias = b.map(|b| &b.data[..]).unwrap_or(&[]);
+    if kind != 0 || !bias.is_empty() {
+        let chunk = rows_per_task(m, n);
+        out.par_chunks_mut(chunk * n)
+            .for_each(|rows| math::bias_act_rows(rows, bias, n, kind));
+    }
+    CpuTensor::new(out, m, n)
+}
+
 impl Backend for CpuBackend {
     type Tensor = CpuTensor;
     type Batch = CpuBatch;
 
     fn name(&self) -> String {
+        let precision = match self.precision {
+            CpuPrecision::F32 => String::new(),
+            CpuPrecision::Bf16 => ", bf16 weights emulated".into(),
+            CpuPrecision::F16 => ", f16 weights emulated".into(),
+            CpuPrecision::Int8 => format!(", int8 {}", int8::Kernel::best().name()),
+        };
         format!(
-            "cpu ({} threads, {})",
+            "cpu ({} threads, {}{precision})",
             rayon::current_num_threads(),
             simd_level()
         )
     }
 
-    fn weight(&self, data: Vec<f32>, rows: usize, cols: usize) -> Result<CpuTensor> {
+    fn weight(&self, mut data: Vec<f32>, rows: usize, cols: usize) -> Result<CpuTensor> {
         ensure!(
             data.len() == rows * cols,
             "weight has {} values, expected {rows}x{cols}",
             data.len()
         );
-        Ok(CpuTensor { data, rows, cols })
+        match self.precision {
+            CpuPrecision::Bf16 => data
+                .iter_mut()
+                .for_each(|v| *v = half::bf16::from_f32(*v).to_f32()),
+            CpuPrecision::F16 => data
+                .iter_mut()
+                .for_each(|v| *v = half::f16::from_f32(*v).to_f32()),
+            CpuPrecision::F32 | CpuPrecision::Int8 => {}
+        }
+        Ok(CpuTensor::new(data, rows, cols))
+    }
+
+    fn linear_weight(&self, data: Vec<f32>, rows: usize, cols: usize) -> Result<CpuTensor> {
+        if self.precision != CpuPrecision::Int8 {
+            return self.weight(data, rows, cols);
+        }
+        ensure!(
+            data.len() == rows * cols,
+            "weight has {} values, expected {rows}x{cols}",
+            data.len()
+        );
+        ensure!(
+            cols <= int8::MAX_K,
+            "an int8 linear layer sums at most {} products per output, this one {cols}",
+            int8::MAX_K
+        );
+        let (packed, dequant) = int8::PackedWeight::quantize(&data, rows, cols);
+        let mut t = CpuTensor::new(dequant, rows, cols);
+        t.int8 = Some(Arc::new(packed));
+        Ok(t)
     }
 
     fn upload_batch(&self, batch: &Batch, vocab: usize, max_positions: usize) -> Result<CpuBatch> {
@@ -197,6 +267,21 @@ impl Backend for CpuBackend {
     ) -> Result<CpuTensor> {
         let (m, k, n) =
             super::linear_shape((x.rows, x.cols), (w.rows, w.cols), b.map(|b| b.data.len()))?;
+        if let Some(packed) = &w.int8 {
+            let xq = int8::QuantRows::quantize(&x.data, m, k);
+            let mut out = uninit(m * n);
+            {
+                // SAFETY: MaybeUninit<f32> and f32 have the same layout; `int8::gemm` writes every
+                // element of the [m, n] output (each row block walks every panel's columns).
+                let out_f32 = unsafe {
+                    std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut f32, out.len())
+                };
+                int8::gemm(&xq, packed, out_f32);
+            }
+            // SAFETY: written above.
+            let out = unsafe { assume_init(out) };
+            return Ok(bias_act(out, m, n, b, act));
+        }
         let mut out = uninit(m * n);
         if m > 0 {
             // SAFETY: out is [m, n] (row stride n), x is [m, k] (row stride k), and wᵀ is read as a
@@ -227,17 +312,8 @@ impl Backend for CpuBackend {
             }
         }
         // SAFETY: with read_dst = false the GEMM wrote every element of the [m, n] output.
-        let mut out = unsafe { assume_init(out) };
-        let kind = act.code();
-        // Epilogue: bias and activation in one vectorised pass per block of rows (measured
-        // faster than accumulating the GEMM onto prefilled bias rows).
-        let bias = b.map(|b| &b.data[..]).unwrap_or(&[]);
-        if kind != 0 || !bias.is_empty() {
-            let chunk = rows_per_task(m, n);
-            out.par_chunks_mut(chunk * n)
-                .for_each(|rows| math::bias_act_rows(rows, bias, n, kind));
-        }
-        Ok(CpuTensor::new(out, m, n))
+        let out = unsafe { assume_init(out) };
+        Ok(bias_act(out, m, n, b, act))
     }
 
     fn add_layernorm(

@@ -151,6 +151,7 @@ pub fn storage_for(precision: Precision, cc: (i32, i32)) -> Result<Storage> {
             cc.0,
             cc.1
         ),
+        Precision::Int8 => bail!("int8 runs on the cpu only: use --precision f16 or bf16 on cuda"),
     })
 }
 
@@ -551,6 +552,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("8.0") && err.contains("7.0"), "{err}");
+        let err = storage_for(Precision::Int8, (9, 0))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("int8 runs on the cpu only"), "{err}");
     }
 
     #[test]

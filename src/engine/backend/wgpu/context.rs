@@ -111,6 +111,9 @@ impl Context {
             Precision::Bf16 => bail!(
                 "wgpu has no bf16 storage (WGSL has no bf16 type): use --precision f16 or f32"
             ),
+            Precision::Int8 => {
+                bail!("int8 runs on the cpu only: use --precision f16 or f32 on wgpu")
+            }
             Precision::F16 => {
                 ensure!(
                     has_f16,

@@ -1,0 +1,82 @@
+//! What `--precision` means on the CPU backend: f32, bf16 and f16 emulated (weights rounded at
+//! load, f32 arithmetic), or int8 linear layers (`int8.rs`); the notes that say so; and the CPU
+//! features `mira devices` lists.
+
+use super::{int8, CpuBackend};
+use crate::engine::Precision;
+
+/// What `--precision` means on the CPU.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum CpuPrecision {
+    /// f32 weights and arithmetic (`auto` and `f32`).
+    #[default]
+    F32,
+    /// Weights rounded to bf16 at load, f32 arithmetic: bf16's numbers at f32's speed (no bf16
+    /// dot-product kernel yet, see `precision_note`).
+    Bf16,
+    /// Weights rounded to f16 at load, f32 arithmetic, likewise.
+    F16,
+    /// Encoder linear layers in integer arithmetic (`int8.rs`: int8 weights, 16-bit activations);
+    /// everything else f32.
+    Int8,
+}
+
+impl CpuBackend {
+    /// The backend for a requested precision. `auto` is f32: int8 and bf16 change the numbers,
+    /// so they are the user's choice, made after `mira bench --against f32` on their own data.
+    pub fn new(precision: Precision) -> CpuBackend {
+        let precision = match precision {
+            Precision::Auto | Precision::F32 => CpuPrecision::F32,
+            Precision::Bf16 => CpuPrecision::Bf16,
+            Precision::F16 => CpuPrecision::F16,
+            Precision::Int8 => CpuPrecision::Int8,
+        };
+        CpuBackend { precision }
+    }
+
+    pub fn precision(&self) -> CpuPrecision {
+        self.precision
+    }
+
+    /// What a user who asked for `precision` on the CPU gets, when it is not plain f32.
+    pub fn precision_note(precision: Precision) -> Option<String> {
+        match CpuBackend::new(precision).precision {
+            CpuPrecision::F32 => None,
+            CpuPrecision::Bf16 | CpuPrecision::F16 => Some(format!(
+                "precision {precision} on the cpu is emulated: weights are rounded to {precision} \
+                 at load and the arithmetic is f32, so results are {precision}'s at f32's speed \
+                 (mira has no {precision} dot-product kernel for the CPU; this CPU: {})",
+                cpu_features()
+            )),
+            CpuPrecision::Int8 => Some(format!(
+                "precision int8 on the cpu: encoder linear layers use int8 weights (per channel) \
+                 and 16-bit integer activations (per token) with exact i32 sums, kernel {}; \
+                 check the fidelity on your data with `mira bench --precision int8 --against f32`",
+                int8::Kernel::best().name()
+            )),
+        }
+    }
+}
+
+/// The CPU's vector extensions that matter to mira's kernels, for `mira devices` and notes.
+pub fn cpu_features() -> String {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let names = [
+            ("avx2", std::is_x86_feature_detected!("avx2")),
+            ("fma", std::is_x86_feature_detected!("fma")),
+            ("avx512f", std::is_x86_feature_detected!("avx512f")),
+            ("avx512_vnni", std::is_x86_feature_detected!("avx512vnni")),
+            ("avx_vnni", std::is_x86_feature_detected!("avxvnni")),
+            ("avx512_bf16", std::is_x86_feature_detected!("avx512bf16")),
+        ];
+        let has: Vec<&str> = names.iter().filter(|(_, h)| *h).map(|(n, _)| *n).collect();
+        if has.is_empty() {
+            "sse2 only".into()
+        } else {
+            has.join(" ")
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    std::env::consts::ARCH.to_string()
+}
