@@ -102,14 +102,6 @@ impl PackedWeight {
             dequant,
         )
     }
-
-    pub fn rows(&self) -> usize {
-        self.n
-    }
-
-    pub fn cols(&self) -> usize {
-        self.k
-    }
 }
 
 /// Activations quantized per row for [`gemm`]: row `i` stands for `q(i, ·)·scale[i]`.

@@ -34,10 +34,6 @@ impl CpuBackend {
         CpuBackend { precision }
     }
 
-    pub fn precision(&self) -> CpuPrecision {
-        self.precision
-    }
-
     /// What a user who asked for `precision` on the CPU gets, when it is not plain f32.
     pub fn precision_note(precision: Precision) -> Option<String> {
         match CpuBackend::new(precision).precision {
