@@ -97,6 +97,10 @@ pub struct TeacherArgs {
     /// Price per million completion tokens
     #[arg(long, default_value_t = 0.0)]
     price_completion: f64,
+    /// Print what the step would ask (requests, how many are cached, estimated prompt tokens,
+    /// completion tokens at most, cost at the prices given) and exit without asking
+    #[arg(long)]
+    estimate: bool,
 }
 
 impl TeacherArgs {
@@ -118,6 +122,16 @@ impl TeacherArgs {
         c.progress = progress();
         Teacher::new(c)
     }
+}
+
+/// `--estimate`: print the estimate for `requests` as JSON.
+fn print_estimate(
+    teacher: &Teacher,
+    requests: &[mira::select::teacher::ChatRequest],
+) -> Result<()> {
+    let e = mira::select::estimate::estimate(teacher, requests);
+    println!("{}", serde_json::to_string_pretty(&e)?);
+    Ok(())
 }
 
 #[derive(Args)]
@@ -189,7 +203,6 @@ pub struct DiscoverArgs {
 }
 
 pub fn discover_cmd(a: DiscoverArgs) -> Result<()> {
-    let scorer = a.encoder.load()?;
     let teacher = a.teacher.teacher()?;
     let groups = Groups::load(&a.groups)?;
     let files = corpus::expand_inputs(&a.input)?;
@@ -199,6 +212,10 @@ pub fn discover_cmd(a: DiscoverArgs) -> Result<()> {
         fields: a.fields.names(),
         ..Default::default()
     };
+    if a.teacher.estimate {
+        return print_estimate(&teacher, &discover::requests(&files, &groups, &opts)?);
+    }
+    let scorer = a.encoder.load()?;
     let s = discover::discover(&teacher, &scorer, &files, &groups, &a.output_dir, &opts)?;
     println!("{}", serde_json::to_string_pretty(&s)?);
     Ok(())
@@ -296,6 +313,12 @@ pub fn label_cmd(a: LabelArgs) -> Result<()> {
         ..Default::default()
     };
     let files = corpus::expand_inputs(&a.input)?;
+    if t.estimate {
+        return print_estimate(
+            &teacher,
+            &label::requests(&files, &groups, &a.rubrics, &opts)?,
+        );
+    }
     let s = label::label(&teacher, &files, &groups, &a.rubrics, &a.output, &opts)?;
     println!("{}", serde_json::to_string_pretty(&s)?);
     Ok(())

@@ -154,6 +154,7 @@ fn req(user: &str) -> ChatRequest {
         user: user.into(),
         schema: Some(json!({"type": "object"})),
         max_tokens: 50,
+        ..Default::default()
     }
 }
 

@@ -11,6 +11,8 @@
 //!   previous output untouched.
 //! - [`refuse_input`]: an output that is one of the job's inputs is refused before anything is
 //!   read, naming both paths (writing it would destroy the input).
+//! - [`open_log`], [`create_log`]: append-only logs (the teacher's response cache), which grow
+//!   in place by whole records and are never replaced.
 
 use std::fs::File;
 use std::io::Write;
@@ -252,6 +254,30 @@ pub fn remove_stale_temps(path: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// An existing append-only log, for reading and writing in place (its owner truncates a torn
+/// tail, then appends).
+pub fn open_log(path: &Path) -> Result<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("cannot open {}", path.display()))
+}
+
+/// A new append-only log; `Ok(None)` when `path` exists already (another process made it).
+pub fn create_log(path: &Path) -> Result<Option<File>> {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create_new(true)
+        .open(path)
+    {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot create {}", path.display())),
+    }
 }
 
 /// Write `bytes` to `path` (atomically, when it is a regular file).

@@ -12,6 +12,7 @@ use std::path::Path;
 use anyhow::{bail, Result};
 use serde_json::{json, Value};
 
+use super::points::{self, Checked};
 use super::teacher::{extract_json, ChatRequest, Teacher};
 use super::{clip, rubric_path, source_of, stats, write_rubric, Anchor, Groups};
 use crate::corpus::{FieldNames, InputFile};
@@ -42,35 +43,75 @@ impl Default for DiscoverOptions {
 }
 
 /// One judgment point as the teacher wrote it.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Judgment {
     pub name: String,
+    /// What the dimension measures, in general (empty when the teacher gave none).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub definition: String,
     pub score: Option<f64>,
     pub reason: String,
 }
 
+impl Judgment {
+    /// What the dimension means: its definition, else the reason, else the name.
+    pub fn meaning(&self) -> &str {
+        [&self.definition, &self.reason, &self.name]
+            .into_iter()
+            .map(|s| s.trim())
+            .find(|s| !s.is_empty())
+            .unwrap_or("")
+    }
+}
+
 pub const JUDGE_SYSTEM: &str = "You are an expert data curator judging documents that may be used \
 to train a language model. Judge the document in your own terms: name the quality dimensions \
-that matter most for this kind of document (between 3 and 8), and for each give a score from 0 \
-(worst) to 10 (best) after a one-sentence reason. Reply with JSON only, in the form \
-{\"dimensions\": [{\"name\": \"<dimension>\", \"reason\": \"<why>\", \"score\": <0-10>}]}.";
+that matter most for this kind of document (between 3 and 6). Give each dimension a short \
+noun-phrase name (1 to 4 lower-case words naming a general quality, never a word taken from the \
+document), a one-sentence definition of what a good document does on it, a one-sentence reason \
+about this document, and a score from 0 (worst) to 10 (best). Reply with JSON only, in the form \
+{\"dimensions\": [{\"name\": ..., \"definition\": ..., \"reason\": ..., \"score\": ...}]}.";
 
+/// The worked example shown before every document, from a domain no corpus here is about (a
+/// recipe), so that the teacher learns the form without copying the content.
+pub const JUDGE_EXAMPLE_USER: &str = "Source: recipes\n\nDocument:\n<<<\nPancakes. Ingredients: \
+flour, milk, two eggs. Mix the ingredients. Fry in a hot pan until golden. Serve.\n>>>";
+pub const JUDGE_EXAMPLE_REPLY: &str = r#"{"dimensions": [{"name": "step clarity", "definition": "Steps are in order and each says exactly what to do.", "reason": "The steps are in order but the pan temperature and times are vague.", "score": 6}, {"name": "ingredients listed", "definition": "Every ingredient used is listed with its amount.", "reason": "Flour and milk have no amounts.", "score": 3}, {"name": "usefulness", "definition": "A reader can act on the text without looking elsewhere.", "reason": "A cook can follow it but must guess the quantities.", "score": 5}]}"#;
+
+/// The worked example, which a reply must not copy.
+pub fn judge_example() -> points::Example {
+    points::Example {
+        document: JUDGE_EXAMPLE_USER.to_string(),
+        points: parse_judgments(JUDGE_EXAMPLE_REPLY).expect("the worked example parses"),
+    }
+}
+
+/// The reply's JSON schema. Servers that turn schemas into grammars (llama.cpp, vLLM, SGLang)
+/// then cannot emit a name that is not a short lower-case phrase, or a definition shorter than
+/// five words.
 pub fn judge_schema() -> Value {
+    let sentence = |max_words: usize| {
+        json!({
+            "type": "string",
+            "pattern": format!("^[A-Z][A-Za-z',-]*( [A-Za-z0-9',;()/-]+){{4,{max_words}}}[.]$"),
+        })
+    };
     json!({
         "type": "object",
         "properties": {
             "dimensions": {
                 "type": "array",
                 "minItems": 3,
-                "maxItems": 8,
+                "maxItems": 6,
                 "items": {
                     "type": "object",
                     "properties": {
-                        "name": {"type": "string", "minLength": 2, "maxLength": 40},
-                        "reason": {"type": "string", "minLength": 2, "maxLength": 160},
+                        "name": {"type": "string", "pattern": "^[a-z]{3,16}( [a-z]{2,16}){0,3}$"},
+                        "definition": sentence(24),
+                        "reason": sentence(30),
                         "score": {"type": "integer", "minimum": 0, "maximum": 10}
                     },
-                    "required": ["name", "reason", "score"]
+                    "required": ["name", "definition", "reason", "score"]
                 }
             }
         },
@@ -81,13 +122,22 @@ pub fn judge_schema() -> Value {
 pub fn judge_request(source: &str, text: &str, max_chars: usize) -> ChatRequest {
     ChatRequest {
         system: JUDGE_SYSTEM.to_string(),
-        user: format!(
-            "Source: {source}\n\nDocument:\n<<<\n{}\n>>>",
-            clip(text, max_chars)
-        ),
+        examples: vec![(
+            JUDGE_EXAMPLE_USER.to_string(),
+            JUDGE_EXAMPLE_REPLY.to_string(),
+        )],
+        user: judge_user(source, text, max_chars),
         schema: Some(judge_schema()),
         max_tokens: 700,
     }
+}
+
+/// The user message for one document (also the text point validation checks names against).
+fn judge_user(source: &str, text: &str, max_chars: usize) -> String {
+    format!(
+        "Source: {source}\n\nDocument:\n<<<\n{}\n>>>",
+        clip(text, max_chars)
+    )
 }
 
 /// A number from a JSON value: `7`, `7.5`, `"7"`, `"7/10"`.
@@ -150,8 +200,11 @@ pub fn parse_judgments(reply: &str) -> Result<Vec<Judgment>> {
             &["reason", "rationale", "explanation", "justification", "why"],
         )
         .unwrap_or_default();
+        let definition =
+            text_field(o, &["definition", "meaning", "description"]).unwrap_or_default();
         out.push(Judgment {
             name,
+            definition,
             score,
             reason,
         });
@@ -182,7 +235,11 @@ pub fn anchor_id(name: &str) -> String {
     }
 }
 
-/// Cluster judgment points into at most `k` anchors (largest clusters first).
+/// Cluster judgment points into at most `k` anchors (largest clusters first). Points are
+/// clustered by canonical name and meaning ([`points::clustering_text`]), so format variants
+/// of one dimension are one point with a weight. A cluster whose nearest point names a
+/// dimension an earlier anchor already has takes its nearest member with a new name, or else
+/// joins that anchor.
 // Long: deduplicate, cluster and pick each cluster's anchor over the same point tables.
 pub fn anchors_from_points(
     scorer: &Scorer,
@@ -198,11 +255,7 @@ pub fn anchors_from_points(
     let mut first: Vec<usize> = Vec::new();
     let mut weight: Vec<usize> = Vec::new();
     for (i, p) in points.iter().enumerate() {
-        let t = if p.reason.is_empty() {
-            p.name.clone()
-        } else {
-            format!("{}: {}", p.name, p.reason)
-        };
+        let t = points::clustering_text(p);
         match texts.iter().position(|x| *x == t) {
             Some(j) => weight[j] += 1,
             None => {
@@ -215,7 +268,7 @@ pub fn anchors_from_points(
     let emb = scorer.embed(&texts)?;
     let k = k.min(texts.len()).max(1);
     let km = stats::kmeans(&emb.values, emb.dim, k, seed, 8);
-    let nearest = km.nearest_points(&emb.values);
+    let dim = emb.dim;
     let mut clusters: Vec<(usize, usize)> = (0..k)
         .map(|c| {
             let size = (0..texts.len())
@@ -224,23 +277,12 @@ pub fn anchors_from_points(
                 .sum::<usize>();
             (c, size)
         })
+        .filter(|&(_, size)| size > 0)
         .collect();
     clusters.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     let mut anchors: Vec<Anchor> = Vec::new();
     for (c, size) in clusters {
-        let p = &points[first[nearest[c]]];
-        let mut name = anchor_id(&p.name);
-        let base = name.clone();
-        let mut n = 2;
-        while anchors.iter().any(|a| a.name == name) {
-            name = format!("{base}_{n}");
-            n += 1;
-        }
-        // Other members nearest the centroid first, distinct reasons only.
-        let dim = emb.dim;
-        let mut members: Vec<usize> = (0..texts.len())
-            .filter(|&i| km.assignment[i] == c && i != nearest[c])
-            .collect();
+        // Members nearest the centroid first.
         let dist = |i: usize| -> f64 {
             emb.values[i * dim..(i + 1) * dim]
                 .iter()
@@ -248,21 +290,41 @@ pub fn anchors_from_points(
                 .map(|(a, b)| ((a - b) as f64).powi(2))
                 .sum()
         };
-        members.sort_by(|&a, &b| dist(a).total_cmp(&dist(b)));
+        let mut members: Vec<usize> = (0..texts.len())
+            .filter(|&i| km.assignment[i] == c)
+            .collect();
+        members.sort_by(|&a, &b| dist(a).total_cmp(&dist(b)).then(a.cmp(&b)));
+        let name_of = |i: usize| points::canonical_name(&points[first[i]].name);
+        let Some(&chosen) = members
+            .iter()
+            .find(|&&i| !anchors.iter().any(|a| a.name == name_of(i)))
+        else {
+            // Every member names a dimension already anchored: the cluster joins the anchor
+            // its nearest point names.
+            let name = name_of(members[0]);
+            let a = anchors.iter_mut().find(|a| a.name == name).expect("named");
+            a.cluster_size += size;
+            continue;
+        };
+        // The definition most of the cluster's points with this name give (nearest first).
+        let name = name_of(chosen);
+        let mut best = chosen;
+        for &i in &members {
+            if name_of(i) == name && weight[i] > weight[best] {
+                best = i;
+            }
+        }
+        let p = &points[first[best]];
+        let chosen = best;
         let mut exemplars: Vec<String> = Vec::new();
-        for i in members {
-            let t = texts[i].clone();
-            if !exemplars.contains(&t) && exemplars.len() < 3 {
-                exemplars.push(t);
+        for &i in &members {
+            if i != chosen && !exemplars.contains(&texts[i]) && exemplars.len() < 3 {
+                exemplars.push(texts[i].clone());
             }
         }
         anchors.push(Anchor {
             name,
-            definition: if p.reason.is_empty() {
-                p.name.clone()
-            } else {
-                p.reason.clone()
-            },
+            definition: p.meaning().to_string(),
             exemplars,
             cluster_size: size,
             teacher_name: p.name.clone(),
@@ -276,12 +338,40 @@ pub fn anchors_from_points(
 pub struct DiscoverSummary {
     pub judged: BTreeMap<String, usize>,
     pub failed: BTreeMap<String, usize>,
+    /// Judgment points the teacher gave, valid or not.
     pub points: BTreeMap<String, usize>,
+    /// Points left after validation ([`points`]), the ones clustered.
+    pub valid_points: BTreeMap<String, usize>,
+    /// Rejected points by reason ([`points::REASONS`]).
+    pub rejected: BTreeMap<String, BTreeMap<String, usize>>,
     pub anchors: BTreeMap<String, usize>,
+    /// Groups that got fewer anchors than asked for, and why.
+    pub warnings: Vec<String>,
     pub teacher: super::teacher::TeacherStats,
 }
 
-/// Judge samples of every group and write `rubrics/<group>.jsonl` (+ `.judgments.jsonl`).
+fn judge_requests(recs: &[crate::corpus::Record], opts: &DiscoverOptions) -> Vec<ChatRequest> {
+    recs.iter()
+        .map(|r| judge_request(&source_of(r), r.text.as_deref().unwrap(), opts.max_chars))
+        .collect()
+}
+
+/// Every request `discover` would send, in order (for `--estimate`).
+pub fn requests(
+    files: &[InputFile],
+    groups: &Groups,
+    opts: &DiscoverOptions,
+) -> Result<Vec<ChatRequest>> {
+    let samples = groups.sample(files, &opts.fields, opts.records_per_group, opts.seed)?;
+    Ok(samples
+        .values()
+        .flat_map(|recs| judge_requests(recs, opts))
+        .collect())
+}
+
+/// Judge samples of every group and write `rubrics/<group>.jsonl` (+ `.judgments.jsonl`) and
+/// the rubric report `rubrics/report.md`.
+// Long: one loop per group: ask, log every reply, validate, cluster, write.
 pub fn discover(
     teacher: &Teacher,
     scorer: &Scorer,
@@ -297,9 +387,14 @@ pub fn discover(
         judged: BTreeMap::new(),
         failed: BTreeMap::new(),
         points: BTreeMap::new(),
+        valid_points: BTreeMap::new(),
+        rejected: BTreeMap::new(),
         anchors: BTreeMap::new(),
+        warnings: Vec::new(),
         teacher: Default::default(),
     };
+    let example = judge_example();
+    let mut rubrics = BTreeMap::new();
     for group in groups.names() {
         let Some(recs) = samples.get(&group) else {
             eprintln!(
@@ -307,18 +402,17 @@ pub fn discover(
             );
             continue;
         };
-        let reqs: Vec<ChatRequest> = recs
-            .iter()
-            .map(|r| judge_request(&source_of(r), r.text.as_deref().unwrap(), opts.max_chars))
-            .collect();
+        let reqs = judge_requests(recs, opts);
         let replies = teacher.ask_all(&reqs, &format!("discover {group}"), parse_judgments);
-        let mut points = Vec::new();
+        let mut checked = Checked::default();
+        let mut given = 0;
         let mut log = String::new();
         let mut failed = 0;
-        for (r, reply) in recs.iter().zip(replies) {
+        for ((r, req), reply) in recs.iter().zip(&reqs).zip(replies) {
             let row = match reply {
                 Ok(js) => {
-                    points.extend(js.iter().cloned());
+                    given += js.len();
+                    checked.add_reply(&js, &req.user, &example);
                     json!({"id": r.id, "source": source_of(r), "dimensions": js})
                 }
                 Err(e) => {
@@ -338,14 +432,96 @@ pub fn discover(
         )?;
         summary.judged.insert(group.clone(), recs.len() - failed);
         summary.failed.insert(group.clone(), failed);
-        summary.points.insert(group.clone(), points.len());
-        if points.is_empty() {
-            bail!("group {group}: the teacher gave no usable judgment ({failed} requests failed)");
+        summary.points.insert(group.clone(), given);
+        summary
+            .valid_points
+            .insert(group.clone(), checked.kept.len());
+        summary
+            .rejected
+            .insert(group.clone(), checked.rejected.clone());
+        if checked.kept.is_empty() {
+            bail!(
+                "group {group}: no valid judgment point ({given} given, rejected by reason: {:?}; \
+                 {failed} requests failed); see {}",
+                checked.rejected,
+                out_dir.display()
+            );
         }
-        let anchors = anchors_from_points(scorer, &points, opts.anchors, opts.seed)?;
+        let k = checked.anchors_supported(opts.anchors);
+        let anchors = anchors_from_points(scorer, &checked.kept, k, opts.seed)?;
+        if anchors.len() < opts.anchors {
+            let w = format!(
+                "group {group}: {} anchors, not {}: {} valid judgment points of {given} \
+                 ({} rejected), {} per anchor needed",
+                anchors.len(),
+                opts.anchors,
+                checked.kept.len(),
+                checked.rejected_total(),
+                points::POINTS_PER_ANCHOR
+            );
+            eprintln!("mira discover: warning: {w}");
+            summary.warnings.push(w);
+        }
         summary.anchors.insert(group.clone(), anchors.len());
         write_rubric(&rubric_path(out_dir, &group), &anchors)?;
+        rubrics.insert(group.clone(), anchors);
     }
+    crate::corpus::write_atomic(
+        &out_dir.join("report.md"),
+        rubric_report(&summary, &rubrics).as_bytes(),
+    )?;
     summary.teacher = teacher.stats().since(&before);
     Ok(summary)
+}
+
+/// The rubric report: per group, the anchors with their definitions and cluster sizes, and
+/// how many judgment points each rule rejected.
+pub fn rubric_report(s: &DiscoverSummary, rubrics: &BTreeMap<String, Vec<Anchor>>) -> String {
+    let mut md = String::from("# Rubrics\n\n");
+    md.push_str(
+        "| group | judged | failed | points | valid | anchors |\n|---|---|---|---|---|---|\n",
+    );
+    for (g, anchors) in rubrics {
+        md.push_str(&format!(
+            "| {g} | {} | {} | {} | {} | {} |\n",
+            s.judged.get(g).unwrap_or(&0),
+            s.failed.get(g).unwrap_or(&0),
+            s.points.get(g).unwrap_or(&0),
+            s.valid_points.get(g).unwrap_or(&0),
+            anchors.len()
+        ));
+    }
+    md.push_str("\n## Rejected judgment points\n\n| group |");
+    for r in points::REASONS {
+        md.push_str(&format!(" {r} |"));
+    }
+    md.push_str(&format!(
+        "\n|---|{}\n",
+        "---|".repeat(points::REASONS.len())
+    ));
+    for g in rubrics.keys() {
+        md.push_str(&format!("| {g} |"));
+        for r in points::REASONS {
+            let n = s.rejected.get(g).and_then(|m| m.get(*r)).unwrap_or(&0);
+            md.push_str(&format!(" {n} |"));
+        }
+        md.push('\n');
+    }
+    for w in &s.warnings {
+        md.push_str(&format!("\n- warning: {w}"));
+    }
+    for (g, anchors) in rubrics {
+        md.push_str(&format!(
+            "\n\n## {g}\n\n| anchor | points | definition |\n|---|---|---|\n"
+        ));
+        for a in anchors {
+            md.push_str(&format!(
+                "| {} | {} | {} |\n",
+                a.name,
+                a.cluster_size,
+                a.definition.replace('|', "\\|")
+            ));
+        }
+    }
+    md
 }

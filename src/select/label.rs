@@ -173,6 +173,7 @@ pub fn score_request(
         user,
         schema: Some(score_schema(anchors)),
         max_tokens: (60 * anchors.len() as u32).max(200),
+        ..Default::default()
     }
 }
 
@@ -267,6 +268,52 @@ pub struct LabelSummary {
     pub teacher: super::teacher::TeacherStats,
 }
 
+type Plan = (
+    BTreeMap<String, Vec<Anchor>>,
+    BTreeMap<String, Vec<crate::corpus::Record>>,
+);
+
+/// Every group's rubric and the records it samples.
+fn plan(files: &[InputFile], groups: &Groups, rubrics: &Path, opts: &LabelOptions) -> Result<Plan> {
+    let mut rubric = BTreeMap::new();
+    for g in groups.names() {
+        rubric.insert(g.clone(), read_rubric(&rubric_path(rubrics, &g))?);
+    }
+    let samples = groups.sample(files, &opts.fields, opts.records_per_group, opts.seed)?;
+    Ok((rubric, samples))
+}
+
+fn score_requests(
+    anchors: &[Anchor],
+    recs: &[crate::corpus::Record],
+    opts: &LabelOptions,
+) -> Vec<ChatRequest> {
+    recs.iter()
+        .map(|r| {
+            score_request(
+                anchors,
+                &source_of(r),
+                r.text.as_deref().unwrap(),
+                opts.max_chars,
+            )
+        })
+        .collect()
+}
+
+/// Every request `label` would send, in order (for `--estimate`).
+pub fn requests(
+    files: &[InputFile],
+    groups: &Groups,
+    rubrics: &Path,
+    opts: &LabelOptions,
+) -> Result<Vec<ChatRequest>> {
+    let (rubric, samples) = plan(files, groups, rubrics, opts)?;
+    Ok(samples
+        .iter()
+        .flat_map(|(g, recs)| score_requests(&rubric[g], recs, opts))
+        .collect())
+}
+
 /// Score samples of every group on its rubric and write `labels.jsonl`.
 pub fn label(
     teacher: &Teacher,
@@ -277,26 +324,12 @@ pub fn label(
     opts: &LabelOptions,
 ) -> Result<LabelSummary> {
     let before = teacher.stats();
-    let mut rubric = BTreeMap::new();
-    for g in groups.names() {
-        rubric.insert(g.clone(), read_rubric(&rubric_path(rubrics, &g))?);
-    }
-    let samples = groups.sample(files, &opts.fields, opts.records_per_group, opts.seed)?;
+    let (rubric, samples) = plan(files, groups, rubrics, opts)?;
     let mut rows = Vec::new();
     let mut per_group = BTreeMap::new();
     for (group, recs) in &samples {
         let anchors = &rubric[group];
-        let reqs: Vec<ChatRequest> = recs
-            .iter()
-            .map(|r| {
-                score_request(
-                    anchors,
-                    &source_of(r),
-                    r.text.as_deref().unwrap(),
-                    opts.max_chars,
-                )
-            })
-            .collect();
+        let reqs = score_requests(anchors, recs, opts);
         let replies = teacher.ask_all(&reqs, &format!("label {group}"), |reply| {
             parse_scores(reply, anchors)
         });

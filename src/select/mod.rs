@@ -12,14 +12,18 @@
 //!
 //! Every step reads and writes plain files a person can inspect and edit between steps.
 
+pub mod cache;
 pub mod cutoff;
 pub mod discover;
 pub mod distill;
+pub mod estimate;
 pub mod group;
 pub mod ingest;
 pub mod label;
+pub mod points;
 pub mod reduce;
 pub mod reliability;
+pub mod reply_json;
 pub mod report;
 pub mod retain;
 pub mod run;

@@ -10,8 +10,9 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::cutoff::{self, BucketCut, Entry};
+use super::reliability::Reliability;
 use super::selection::{
-    Cutoff, FileTally, ScoreHistogram, ScoreRow, SelectOptions, Selection, UnknownSource,
+    AnchorUse, Cutoff, FileTally, ScoreHistogram, ScoreRow, SelectOptions, Selection, UnknownSource,
 };
 use crate::corpus::{self, InputFile};
 
@@ -235,8 +236,34 @@ pub fn file_tally(
 }
 
 /// The report pass: every kept file's tally (from its done marker) added up, in corpus order.
+/// Per group, each anchor and the sources whose scores use it (unmasked) or not.
+fn anchor_use(rel: &Reliability) -> BTreeMap<String, Vec<AnchorUse>> {
+    let mut out: BTreeMap<String, Vec<AnchorUse>> = BTreeMap::new();
+    for c in &rel.cells {
+        let anchors = out.entry(c.cell.group.clone()).or_default();
+        let i = match anchors.iter().position(|a| a.anchor == c.cell.anchor) {
+            Some(i) => i,
+            None => {
+                anchors.push(AnchorUse {
+                    anchor: c.cell.anchor.clone(),
+                    ..Default::default()
+                });
+                anchors.len() - 1
+            }
+        };
+        let list = if c.masked {
+            &mut anchors[i].masked_for
+        } else {
+            &mut anchors[i].used_for
+        };
+        list.push(c.cell.source.clone());
+    }
+    out
+}
+
 pub fn report_pass(
     files: &[InputFile],
+    rel: &Reliability,
     out: &Path,
     cutoffs: &Cutoffs,
     opts: &SelectOptions,
@@ -303,6 +330,7 @@ pub fn report_pass(
             ));
         }
     }
+    sel.anchors = anchor_use(rel);
     super::report::write(out, &sel, &hists)?;
     Ok(sel)
 }

@@ -222,6 +222,25 @@ pub fn write(out: &Path, sel: &Selection, hists: &BTreeMap<String, ScoreHistogra
         }
         s.push('\n');
     }
+    if !sel.anchors.is_empty() {
+        let _ = writeln!(
+            s,
+            "## Anchors\n\nA record's score is the trimmed mean of its source's unmasked anchors.\n\n\
+             | group | anchor | used for | masked for |\n|---|---|---|---|"
+        );
+        for (g, anchors) in &sel.anchors {
+            for a in anchors {
+                let _ = writeln!(
+                    s,
+                    "| {g} | {} | {} | {} |",
+                    a.anchor.replace('|', "\\|"),
+                    a.used_for.join(", ").replace('|', "\\|"),
+                    a.masked_for.join(", ").replace('|', "\\|")
+                );
+            }
+        }
+        s.push('\n');
+    }
     if !sel.warnings.is_empty() {
         let _ = writeln!(s, "## Warnings\n");
         for w in &sel.warnings {

@@ -119,7 +119,7 @@ pub fn run_pass(
         keep_pass(files, rel, out, &cutoffs, opts)?;
     }
     if matches!(pass, Pass::All | Pass::Report) {
-        return Ok(Some(reduce::report_pass(files, out, &cutoffs, opts)?));
+        return Ok(Some(reduce::report_pass(files, rel, out, &cutoffs, opts)?));
     }
     Ok(None)
 }

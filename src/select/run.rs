@@ -264,6 +264,9 @@ impl<'a> Ctx<'a> {
             &contents(&shipped_refs),
             &self.cfg.discover,
             &self.cfg.teacher.as_ref().map(|t| &t.model),
+            // The request itself: a changed prompt, example or schema discovers again.
+            &discover::judge_request("", "", 0).messages(),
+            &discover::judge_schema(),
         ]);
         let rubric_refs: Vec<&Path> = rubric_files.iter().map(PathBuf::as_path).collect();
         if self.steps.done("discover", &fp_discover, &rubric_refs) {
@@ -338,6 +341,8 @@ impl<'a> Ctx<'a> {
             &contents(&shipped_labels),
             &contents(&ingested),
             &self.cfg.label,
+            // The request itself: a changed prompt labels again.
+            &super::label::score_request(&[], "", "", 0).messages(),
         ]);
         self.steps.run("label", &fp_label, &[&labels_path], || {
             let summary = if !self.cfg.label.ingest.is_empty() {

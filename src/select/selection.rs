@@ -237,6 +237,17 @@ pub struct Selection {
     pub warnings: Vec<String>,
     /// Output files written (relative to the output directory).
     pub outputs: Vec<String>,
+    /// Per group, each anchor and the sources it scores (from `reliability.json`).
+    #[serde(default)]
+    pub anchors: BTreeMap<String, Vec<AnchorUse>>,
+}
+
+/// One anchor of a group: the sources whose scores use it, and those it is masked for.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AnchorUse {
+    pub anchor: String,
+    pub used_for: Vec<String>,
+    pub masked_for: Vec<String>,
 }
 
 /// JSON summary row for the CLI.

@@ -18,11 +18,12 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use crate::corpus::write_atomic;
+use super::cache::{Key, ReplyCache};
+pub use super::reply_json::extract_json;
 
 /// Where and how to reach the teacher.
 #[derive(Debug, Clone)]
@@ -90,13 +91,28 @@ impl TeacherConfig {
     }
 }
 
-/// One chat request: a system and a user message, the JSON schema the reply should follow.
-#[derive(Debug, Clone)]
+/// One chat request: a system message, worked examples (user, assistant) shown before the
+/// user message, the JSON schema the reply should follow.
+#[derive(Debug, Clone, Default)]
 pub struct ChatRequest {
     pub system: String,
+    pub examples: Vec<(String, String)>,
     pub user: String,
     pub schema: Option<Value>,
     pub max_tokens: u32,
+}
+
+impl ChatRequest {
+    /// The chat messages, in order.
+    pub fn messages(&self) -> Value {
+        let mut m = vec![json!({"role": "system", "content": self.system})];
+        for (u, a) in &self.examples {
+            m.push(json!({"role": "user", "content": u}));
+            m.push(json!({"role": "assistant", "content": a}));
+        }
+        m.push(json!({"role": "user", "content": self.user}));
+        Value::Array(m)
+    }
 }
 
 /// The longest pause between two tries of a request, whatever the server asks for.
@@ -137,6 +153,45 @@ impl TeacherStats {
     }
 }
 
+/// The message of the progress bar: tokens/s and spend since the batch started, refreshed at
+/// most five times a second.
+struct Progress {
+    start: Instant,
+    before: TeacherStats,
+    last: Mutex<Instant>,
+}
+
+impl Progress {
+    fn new(before: TeacherStats) -> Progress {
+        let start = Instant::now();
+        Progress {
+            start,
+            before,
+            last: Mutex::new(start),
+        }
+    }
+
+    fn show(&self, bar: &indicatif::ProgressBar, stats: impl Fn() -> TeacherStats) {
+        if bar.is_hidden() {
+            return;
+        }
+        {
+            let mut last = self.last.lock().unwrap();
+            if last.elapsed() < Duration::from_millis(200) {
+                return;
+            }
+            *last = Instant::now();
+        }
+        let s = stats().since(&self.before);
+        let secs = self.start.elapsed().as_secs_f64().max(1e-3);
+        bar.set_message(format!(
+            "{:.0} tok/s, spend {:.4}",
+            (s.prompt_tokens + s.completion_tokens) as f64 / secs,
+            s.cost
+        ));
+    }
+}
+
 /// The response-format levels tried in order.
 const FORMAT_SCHEMA: u8 = 0;
 const FORMAT_OBJECT: u8 = 1;
@@ -144,6 +199,7 @@ const FORMAT_NONE: u8 = 2;
 
 pub struct Teacher {
     cfg: TeacherConfig,
+    cache: Option<ReplyCache>,
     agent: ureq::Agent,
     format_level: AtomicU8,
     stats: Mutex<TeacherStats>,
@@ -165,17 +221,21 @@ impl Teacher {
                 cfg.base_url
             );
         }
-        if let Some(dir) = &cfg.cache_dir {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("cannot create cache dir {}", dir.display()))?;
-        }
+        let cache = match &cfg.cache_dir {
+            Some(dir) => Some(ReplyCache::open(dir)?),
+            None => None,
+        };
+        // One idle connection kept per worker, so every worker reuses its connection.
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .timeout_global(Some(cfg.timeout))
             .http_status_as_error(false)
+            .max_idle_connections(cfg.concurrency.max(1) + 4)
+            .max_idle_connections_per_host(cfg.concurrency.max(1) + 4)
             .build()
             .into();
         Ok(Teacher {
             cfg,
+            cache,
             agent,
             format_level: AtomicU8::new(FORMAT_SCHEMA),
             stats: Mutex::new(TeacherStats::default()),
@@ -199,7 +259,8 @@ impl Teacher {
         what: &str,
         parse: impl Fn(&str) -> Result<T> + Sync,
     ) -> Vec<Result<T>> {
-        let bar = super::count_bar(requests.len() as u64, self.cfg.progress, what);
+        let bar = self.progress_bar(requests.len() as u64, what);
+        let progress = Progress::new(self.stats());
         let next = Mutex::new(0usize);
         let results: Mutex<Vec<Option<Result<T>>>> =
             Mutex::new((0..requests.len()).map(|_| None).collect());
@@ -218,6 +279,7 @@ impl Teacher {
                     let r = self.ask(&requests[i], &parse);
                     results.lock().unwrap()[i] = Some(r);
                     bar.inc(1);
+                    progress.show(&bar, || self.stats());
                 });
             }
         });
@@ -228,6 +290,26 @@ impl Teacher {
             .into_iter()
             .map(|r| r.expect("every request answered"))
             .collect()
+    }
+
+    /// The progress bar of [`Teacher::ask_all`]: requests done, requests/s, ETA; the message
+    /// shows tokens/s and spend ([`Progress`]).
+    fn progress_bar(&self, total: u64, what: &str) -> indicatif::ProgressBar {
+        if !self.cfg.progress {
+            return indicatif::ProgressBar::hidden();
+        }
+        let bar = indicatif::ProgressBar::with_draw_target(
+            Some(total),
+            indicatif::ProgressDrawTarget::stderr(),
+        );
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{prefix} {bar:25} {pos}/{len} {per_sec} {msg} eta {eta}",
+            )
+            .expect("valid template"),
+        );
+        bar.set_prefix(what.to_string());
+        bar
     }
 
     /// One logical request: cached or fresh attempts until `parse` accepts a reply.
@@ -258,11 +340,8 @@ impl Teacher {
             };
             match parse(&content) {
                 Ok(v) => {
-                    if let (Some(entry), Some(path)) =
-                        (fresh, self.cache_path(&self.cache_key(req, attempt)))
-                    {
-                        std::fs::create_dir_all(path.parent().expect("cache paths have a parent"))?;
-                        write_atomic(&path, format!("{entry}\n").as_bytes())?;
+                    if let (Some(entry), Some(cache)) = (fresh, &self.cache) {
+                        cache.put(&self.cache_key(req, attempt), entry.to_string().as_bytes())?;
                     }
                     return Ok(v);
                 }
@@ -281,31 +360,26 @@ impl Teacher {
     }
 
     /// The cache key: everything that decides the answer, not where the server lives.
-    fn cache_key(&self, req: &ChatRequest, attempt: u32) -> String {
+    fn cache_key(&self, req: &ChatRequest, attempt: u32) -> Key {
         let key = json!({
             "model": self.cfg.model,
-            "system": req.system,
-            "user": req.user,
+            "messages": req.messages(),
             "schema": req.schema,
             "max_tokens": req.max_tokens,
             "temperature": self.cfg.temperature,
             "attempt": attempt,
         });
-        let digest = Sha256::digest(key.to_string().as_bytes());
-        digest.iter().map(|b| format!("{b:02x}")).collect()
+        Sha256::digest(key.to_string().as_bytes()).into()
     }
 
-    fn cache_path(&self, key: &str) -> Option<PathBuf> {
-        self.cfg
-            .cache_dir
-            .as_ref()
-            .map(|d| d.join(&key[..2]).join(format!("{key}.json")))
+    /// Whether the first attempt of `req` is in the response cache.
+    pub fn is_cached(&self, req: &ChatRequest) -> bool {
+        self.cached(req, 0).is_some()
     }
 
     /// The cached reply text of one attempt, if there is one.
     fn cached(&self, req: &ChatRequest, attempt: u32) -> Option<String> {
-        let path = self.cache_path(&self.cache_key(req, attempt))?;
-        let bytes = std::fs::read(path).ok()?;
+        let bytes = self.cache.as_ref()?.get(&self.cache_key(req, attempt))?;
         let v = serde_json::from_slice::<Value>(&bytes).ok()?;
         v["content"].as_str().map(str::to_string)
     }
@@ -350,10 +424,7 @@ impl Teacher {
         };
         let mut body = json!({
             "model": self.cfg.model,
-            "messages": [
-                {"role": "system", "content": req.system},
-                {"role": "user", "content": req.user},
-            ],
+            "messages": req.messages(),
             "temperature": temperature,
             "max_tokens": req.max_tokens,
             "seed": attempt,
@@ -493,106 +564,4 @@ fn preview(s: &str) -> String {
     } else {
         format!("{}…", s.chars().take(200).collect::<String>())
     }
-}
-
-/// The JSON value in a model's reply, tolerantly: the whole text; else the text inside a
-/// ```` ``` ```` fence; else the first balanced `{...}` or `[...]`; else (a reply cut off by
-/// the token limit) the longest prefix made valid by closing its open strings and brackets.
-pub fn extract_json(text: &str) -> Option<Value> {
-    let t = text.trim();
-    if let Ok(v) = serde_json::from_str::<Value>(t) {
-        return Some(v);
-    }
-    if let Some(start) = t.find("```") {
-        let rest = &t[start + 3..];
-        let rest = rest.trim_start_matches(|c: char| c.is_ascii_alphabetic());
-        if let Some(end) = rest.find("```") {
-            if let Ok(v) = serde_json::from_str::<Value>(rest[..end].trim()) {
-                return Some(v);
-            }
-        }
-    }
-    let start = t.find(['{', '['])?;
-    let body = &t[start..];
-    match JsonScan::run(body) {
-        JsonScan { end: Some(i), .. } => serde_json::from_str(&body[..=i]).ok(),
-        _ => repair_truncated(body),
-    }
-}
-
-/// A string-aware scan of JSON text: where the first top-level value closes, or else the
-/// brackets (as their closers) and string left open at the end.
-struct JsonScan {
-    end: Option<usize>,
-    open: Vec<char>,
-    in_str: bool,
-}
-
-impl JsonScan {
-    fn run(text: &str) -> JsonScan {
-        let mut open = Vec::new();
-        let mut in_str = false;
-        let mut escaped = false;
-        for (i, c) in text.char_indices() {
-            if in_str {
-                match c {
-                    _ if escaped => escaped = false,
-                    '\\' => escaped = true,
-                    '"' => in_str = false,
-                    _ => {}
-                }
-                continue;
-            }
-            match c {
-                '"' => in_str = true,
-                '{' => open.push('}'),
-                '[' => open.push(']'),
-                '}' | ']' => {
-                    open.pop();
-                    if open.is_empty() {
-                        return JsonScan {
-                            end: Some(i),
-                            open,
-                            in_str,
-                        };
-                    }
-                }
-                _ => {}
-            }
-        }
-        JsonScan {
-            end: None,
-            open,
-            in_str,
-        }
-    }
-}
-
-/// Close a JSON text cut off mid-way: drop a dangling partial token, close the open string and
-/// brackets. Returns the parsed value if that yields valid JSON.
-fn repair_truncated(body: &str) -> Option<Value> {
-    let mut cut = body.len();
-    // Try progressively shorter prefixes ending at a structural boundary.
-    for _ in 0..64 {
-        let prefix = &body[..cut];
-        let JsonScan {
-            mut open, in_str, ..
-        } = JsonScan::run(prefix);
-        let mut fixed = prefix.trim_end().trim_end_matches(',').to_string();
-        if in_str {
-            fixed.push('"');
-        }
-        while let Some(c) = open.pop() {
-            fixed.push(c);
-        }
-        if let Ok(v) = serde_json::from_str::<Value>(&fixed) {
-            return Some(v);
-        }
-        // Back off to the previous comma or opening bracket.
-        match prefix[..prefix.len().saturating_sub(1)].rfind([',', '{', '[']) {
-            Some(p) if p > 0 => cut = if &prefix[p..=p] == "," { p } else { p + 1 },
-            _ => return None,
-        }
-    }
-    None
 }

@@ -1,6 +1,8 @@
 //! Shared helpers for integration tests: fixture paths, goldens, comparisons.
 #![allow(dead_code)]
 
+pub mod mock_teacher;
+
 use std::path::{Path, PathBuf};
 
 use mira::{Device, LoadOptions, Scorer};
