@@ -3,8 +3,10 @@
 //! `response_format`; retries, per-request errors, nothing lost, and the on-disk cache so a
 //! restarted run pays nothing twice.
 
+mod common;
+
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -78,24 +80,9 @@ fn serve(script: impl Fn(&Value, usize) -> Act + Send + Sync + 'static) -> Serve
 fn handle(stream: TcpStream, hits: &Mutex<HashMap<String, usize>>, script: &Script) {
     stream.set_nonblocking(false).unwrap();
     let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut len = 0usize;
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).unwrap_or(0) == 0 {
-            return;
-        }
-        let l = line.to_ascii_lowercase();
-        if let Some(v) = l.strip_prefix("content-length:") {
-            len = v.trim().parse().unwrap_or(0);
-        }
-        if line == "\r\n" {
-            break;
-        }
-    }
-    let mut body = vec![0u8; len];
-    if reader.read_exact(&mut body).is_err() {
+    let Some(body) = common::mock_teacher::read_request(&mut reader) else {
         return;
-    }
+    };
     let req: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let key = req["messages"][1]["content"]
         .as_str()

@@ -168,7 +168,7 @@ pub fn rejection(p: &Judgment, document: &str, example: &Example) -> Option<&'st
         let stem = w.trim_end_matches(|c: char| c.is_ascii_digit());
         stem.is_empty() || SCHEMA_WORDS.contains(&stem)
     });
-    if canonical == "dimension" || schema_only {
+    if schema_only {
         return Some("schema_word");
     }
     let copies = |a: &str| {

@@ -3,7 +3,7 @@
 //! connection, and a reply computed from the request by the caller's function. It counts the
 //! requests it answered. Bounded: it stops when dropped, or after 10 minutes.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -68,6 +68,26 @@ impl MockTeacher {
     }
 }
 
+/// The body of the next HTTP request on a connection (`None` once the client closes it).
+pub fn read_request(reader: &mut impl BufRead) -> Option<Vec<u8>> {
+    let mut len = 0usize;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return None;
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            len = v.trim().parse().unwrap_or(0);
+        }
+        if line == "\r\n" {
+            break;
+        }
+    }
+    let mut body = vec![0u8; len];
+    reader.read_exact(&mut body).ok()?;
+    Some(body)
+}
+
 /// Answer requests on one connection until the client closes it.
 fn serve_connection(stream: TcpStream, answered: &AtomicU64, reply: &Reply, stop: &AtomicBool) {
     stream.set_nonblocking(false).unwrap();
@@ -76,23 +96,9 @@ fn serve_connection(stream: TcpStream, answered: &AtomicU64, reply: &Reply, stop
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut out = stream;
     while !stop.load(Ordering::SeqCst) {
-        let mut len = 0usize;
-        loop {
-            let mut line = String::new();
-            if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                return;
-            }
-            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                len = v.trim().parse().unwrap_or(0);
-            }
-            if line == "\r\n" {
-                break;
-            }
-        }
-        let mut body = vec![0u8; len];
-        if reader.read_exact(&mut body).is_err() {
+        let Some(body) = read_request(&mut reader) else {
             return;
-        }
+        };
         let req: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
         let content = reply(&req);
         let completion_tokens = content.len() as u64 / 4 + 1;
