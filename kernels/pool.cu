@@ -1,19 +1,23 @@
-// One vector per sequence of a ragged batch, [T, H] -> [n_seqs, H]: the first token (mode 0,
-// CLS) or the mean over the sequence (mode 1). One block per sequence; threads stride over
-// columns, so neighbouring threads read neighbouring values.
+// One vector per sequence of a ragged batch: the first token (mode 0, CLS, [T, H] -> [n_seqs,
+// H]), the mean over the sequence (mode 1, [n_seqs, H]) or both side by side (mode 2,
+// [n_seqs, 2H] = [CLS | mean]). One block per sequence; threads stride over columns, so
+// neighbouring threads read neighbouring values.
 
 extern "C" __global__ void pool(const T* x, const u32* cu_seqlens, T* out, int n_seqs, int h,
                                 int mode) {
     const int s = blockIdx.x;
     if (s >= n_seqs) return;
     const u32 start = cu_seqlens[s], end = cu_seqlens[s + 1];
-    for (int c = threadIdx.x; c < h; c += blockDim.x) {
-        if (mode == 0) {
-            st(out, (size_t)s * h + c, ld(x, (size_t)start * h + c));
+    const int out_cols = mode == 2 ? 2 * h : h;
+    for (int oc = threadIdx.x; oc < out_cols; oc += blockDim.x) {
+        const bool mean = mode == 1 || (mode == 2 && oc >= h);
+        const int c = oc >= h ? oc - h : oc;
+        if (!mean) {
+            st(out, (size_t)s * out_cols + oc, ld(x, (size_t)start * h + c));
         } else {
             float sum = 0.0f;
             for (u32 t = start; t < end; ++t) sum += ld(x, (size_t)t * h + c);
-            st(out, (size_t)s * h + c, sum / (float)max(end - start, 1u));
+            st(out, (size_t)s * out_cols + oc, sum / (float)max(end - start, 1u));
         }
     }
 }

@@ -1,6 +1,7 @@
-// pool: one vector per sequence of a ragged batch, [T, H] -> [n_seqs, H]: the first token
-// (mode 0, CLS) or the mean over the sequence's tokens (mode 1), one invocation per output value
-// (neighbouring invocations read neighbouring columns).
+// pool: one vector per sequence of a ragged batch: the first token (mode 0, CLS, [T, H] ->
+// [n_seqs, H]), the mean over the sequence's tokens (mode 1, [n_seqs, H]) or both side by side
+// (mode 2, [n_seqs, 2H] = [CLS | mean]); one invocation per output value (neighbouring
+// invocations read neighbouring columns).
 
 struct Params {
     n_seqs: u32,
@@ -11,20 +12,26 @@ struct Params {
 
 @group(0) @binding(0) var<storage, read> x: array<T>;            // [T, H]
 @group(0) @binding(1) var<storage, read> cu_seqlens: array<u32>; // [n_seqs + 1]
-@group(0) @binding(2) var<storage, read_write> out: array<T>;    // [n_seqs, H]
+@group(0) @binding(2) var<storage, read_write> out: array<T>;    // [n_seqs, H or 2H]
 @group(1) @binding(0) var<uniform> p: Params;
 
 @compute @workgroup_size(256)
 fn main(inv: Invocation) {
     let e = element_index(inv);
-    if e >= p.n_seqs * p.cols {
+    let out_cols = select(p.cols, 2u * p.cols, p.mode == 2u);
+    if e >= p.n_seqs * out_cols {
         return;
     }
-    let s = e / p.cols;
-    let c = e % p.cols;
+    let s = e / out_cols;
+    var c = e % out_cols;
     let start = cu_seqlens[s];
     let end = cu_seqlens[s + 1u];
-    if p.mode == 0u {
+    // Mode 2's first half is CLS, its second half the mean.
+    let mean = p.mode == 1u || (p.mode == 2u && c >= p.cols);
+    if p.mode == 2u && c >= p.cols {
+        c = c - p.cols;
+    }
+    if !mean {
         out[e] = x[start * p.cols + c];
         return;
     }

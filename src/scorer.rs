@@ -12,6 +12,8 @@ use crate::model::st::SentenceConfig;
 use crate::model::{self, Encoder};
 use crate::text::TextEncoder;
 
+mod pooled;
+
 /// Options for [`Scorer::load_with`].
 #[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
@@ -77,6 +79,9 @@ pub struct Scorer {
     text: TextEncoder,
     sentence: SentenceConfig,
     head: Option<HeadInfo>,
+    /// Whether the head is the sentence-transformers `Dense` module (applied on the host after
+    /// the pooling) rather than the checkpoint's own classifier.
+    dense_head: bool,
     packer: Packer,
     device_note: Option<String>,
 }
@@ -155,9 +160,25 @@ impl Scorer {
             bail!("max_tokens {max_tokens} exceeds the model's max_position_embeddings {max_pos}");
         }
         let text = TextEncoder::from_file(&ckpt.tokenizer(), max_tokens)?;
-        let head = match encoder.num_outputs() {
-            0 => None,
-            n => Some(head_info(dir, cfg, n)?),
+        if let Some(d) = &sentence.dense {
+            if d.in_features != encoder.hidden_size() {
+                bail!(
+                    "{}: the Dense module reads {} values but the encoder's hidden size is {}",
+                    dir.display(),
+                    d.in_features,
+                    encoder.hidden_size()
+                );
+            }
+        }
+        // A sentence-transformers Dense module is the head when config.json says what its
+        // outputs mean (a `problem_type`, as `mira distill` writes); otherwise it is part of
+        // the embedding, as sentence-transformers applies it.
+        let dense_head =
+            encoder.num_outputs() == 0 && cfg.problem_type.is_some() && sentence.dense.is_some();
+        let head = match (encoder.num_outputs(), &sentence.dense) {
+            (0, Some(d)) if dense_head => Some(head_info(dir, cfg, d.out_features)?),
+            (0, _) => None,
+            (n, _) => Some(head_info(dir, cfg, n)?),
         };
         // A GPU binds at most so many bytes at once: batches are split to fit, and one
         // document (which cannot be split) must fit alone.
@@ -178,6 +199,7 @@ impl Scorer {
             text,
             sentence,
             head,
+            dense_head,
             packer,
             device_note,
         })
@@ -233,7 +255,16 @@ impl Scorer {
         (self.sentence.pooling, self.sentence.normalize)
     }
 
+    /// Values per embedding: the Dense module's outputs when there is one, else the hidden size.
     pub fn embedding_dim(&self) -> usize {
+        match &self.sentence.dense {
+            Some(d) => d.out_features,
+            None => self.encoder().hidden_size(),
+        }
+    }
+
+    /// The encoder's hidden size: the width of its final states and of each pooled vector.
+    pub fn hidden_size(&self) -> usize {
         self.encoder().hidden_size()
     }
 
@@ -306,7 +337,11 @@ impl Scorer {
             )
         })?;
         let n = head.labels.len();
-        let (mut values, failures) = self.run_lenient(ids, n, |e, b| e.logits(b))?;
+        let (mut values, failures) = if self.dense_head {
+            self.pooled_then_dense(ids)?
+        } else {
+            self.run_lenient(ids, n, |e, b| e.logits(b))?
+        };
         for row in values.chunks_exact_mut(n) {
             activate_outputs(head.problem_type, row);
         }
@@ -320,56 +355,17 @@ impl Scorer {
     /// Raw head outputs (logits) without the softmax/sigmoid of [`score`](Self::score).
     pub fn logits_ids(&self, ids: &[Vec<u32>]) -> Result<Vec<f32>> {
         let n = self.encoder().num_outputs();
+        if self.dense_head {
+            let (values, failures) = self.pooled_then_dense(ids)?;
+            return match failures.into_iter().next() {
+                Some(f) => bail!("document {}: {}", f.doc, f.message),
+                None => Ok(values),
+            };
+        }
         if n == 0 {
             bail!("{} has no classification head", self.dir.display());
         }
         self.run(ids, n, |e, b| e.logits(b))
-    }
-
-    /// Pooled embeddings of each text, as the checkpoint's sentence-transformers modules say
-    /// (mean pooling without normalisation when there are none).
-    pub fn embed<S: AsRef<str> + Sync>(&self, texts: &[S]) -> Result<Embeddings> {
-        self.embed_ids(&self.tokenize(texts)?)
-    }
-
-    pub fn embed_ids(&self, ids: &[Vec<u32>]) -> Result<Embeddings> {
-        let (emb, failures) = self.embed_ids_lenient(ids)?;
-        match failures.into_iter().next() {
-            Some(f) => bail!("document {}: {}", f.doc, f.message),
-            None => Ok(emb),
-        }
-    }
-
-    /// [`embed_ids`](Self::embed_ids) with per-document failures, as
-    /// [`score_ids_lenient`](Self::score_ids_lenient).
-    pub fn embed_ids_lenient(&self, ids: &[Vec<u32>]) -> Result<(Embeddings, Vec<DocFailure>)> {
-        let dim = self.encoder().hidden_size();
-        let pooling = self.sentence.pooling;
-        let (mut values, failures) = self.run_lenient(ids, dim, |e, b| e.pooled(b, pooling))?;
-        if self.sentence.normalize {
-            for row in values.chunks_exact_mut(dim) {
-                let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
-                row.iter_mut().for_each(|v| *v /= norm);
-            }
-        }
-        Ok((Embeddings { dim, values }, failures))
-    }
-
-    /// What a linear head reads (`[docs, hidden]`): for BERT the pooler output. `mira distill`
-    /// fits its regression heads on these, so a student is exactly this encoder plus a
-    /// `classifier` layer.
-    pub fn features_ids(&self, ids: &[Vec<u32>]) -> Result<Embeddings> {
-        let dim = self.encoder().hidden_size();
-        let values = self.run(ids, dim, |e, b| e.features(b))?;
-        Ok(Embeddings { dim, values })
-    }
-
-    /// [`features_ids`](Self::features_ids) with per-document failures, as
-    /// [`score_ids_lenient`](Self::score_ids_lenient).
-    pub fn features_ids_lenient(&self, ids: &[Vec<u32>]) -> Result<(Embeddings, Vec<DocFailure>)> {
-        let dim = self.encoder().hidden_size();
-        let (values, failures) = self.run_lenient(ids, dim, |e, b| e.features(b))?;
-        Ok((Embeddings { dim, values }, failures))
     }
 
     /// Token count of the whole text (no truncation, no special tokens): the unit of
@@ -389,11 +385,17 @@ impl Scorer {
     }
 
     fn forward_on(&self, engine: &dyn Encoder, batch: &Batch) -> Result<Vec<f32>> {
-        if self.head.is_some() {
-            engine.logits(batch)
-        } else {
-            engine.pooled(batch, self.sentence.pooling)
+        if self.head.is_some() && !self.dense_head {
+            return engine.logits(batch);
         }
+        let pooled = engine.pooled(batch, self.sentence.pooling)?;
+        Ok(match &self.sentence.dense {
+            Some(d) => pooled
+                .chunks_exact(d.in_features)
+                .flat_map(|row| d.apply(row))
+                .collect(),
+            None => pooled,
+        })
     }
 
     /// Run every batch through the encoder and head on all engines (as [`forward_batch`]

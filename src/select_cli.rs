@@ -10,6 +10,7 @@ use clap::Args;
 use mira::corpus::{self, FieldNames};
 use mira::select::discover::{self, DiscoverOptions};
 use mira::select::distill::{self, DistillOptions};
+use mira::select::features::FeatureChoice;
 use mira::select::group::{self, GroupOptions};
 use mira::select::label::{self, IngestOptions, LabelOptions};
 use mira::select::reliability::{self, Thresholds};
@@ -333,12 +334,21 @@ pub struct DistillArgs {
     /// Folder for students/<group>/ and validation.json / validation.md
     #[arg(long, default_value = "students")]
     output_dir: PathBuf,
+    /// What each student's head reads: auto (per group, lowest validation MAE), pooler
+    /// (a BertForSequenceClassification student), cls or mean (a sentence-transformers
+    /// student with a Dense head)
+    #[arg(long, default_value = "auto")]
+    feature: FeatureChoice,
 }
 
 pub fn distill_cmd(a: DistillArgs) -> Result<()> {
     let scorer = a.encoder.load()?;
     let rows = label::read_labels(&a.labels)?;
-    let v = distill::distill(&scorer, &rows, &a.output_dir, &DistillOptions::default())?;
+    let opts = DistillOptions {
+        feature: a.feature,
+        ..DistillOptions::default()
+    };
+    let v = distill::distill(&scorer, &rows, &a.output_dir, &opts)?;
     println!("{}", serde_json::to_string_pretty(&v.students)?);
     eprintln!("report: {}", a.output_dir.join("validation.md").display());
     Ok(())

@@ -487,6 +487,7 @@ fn embed_and_pool_match_reference() {
     assert_close(x.data(), &want, 2e-5, "embed");
     let cls = be.pool(&x, &dev, Pooling::Cls).unwrap();
     let mean = be.pool(&x, &dev, Pooling::Mean).unwrap();
+    let both = be.pool(&x, &dev, Pooling::ClsAndMean).unwrap();
     let mut start = 0;
     for (s, &len) in lens.iter().enumerate() {
         let first: Vec<f64> = want[start * h..(start + 1) * h].to_vec();
@@ -495,6 +496,13 @@ fn embed_and_pool_match_reference() {
             .map(|c| (start..start + len).map(|t| want[t * h + c]).sum::<f64>() / len as f64)
             .collect();
         assert_close(&mean.data()[s * h..(s + 1) * h], &avg, 2e-5, "mean pool");
+        let side_by_side = [first, avg].concat();
+        assert_close(
+            &both.data()[s * 2 * h..(s + 1) * 2 * h],
+            &side_by_side,
+            2e-5,
+            "cls-and-mean pool",
+        );
         start += len;
     }
 }

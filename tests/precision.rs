@@ -115,6 +115,8 @@ fn random_head_student(out: &std::path::Path) {
         skipped: 0,
         mae: vec![None; labels.len()],
         spearman: vec![None; labels.len()],
+        feature: mira::select::features::Feature::Pooler,
+        candidates: Vec::new(),
     };
     mira::select::distill::write_student(&encoder, out, "random", &labels, &w, &b, &info).unwrap();
 }

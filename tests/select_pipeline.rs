@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use mira::corpus::expand_inputs;
 use mira::select::distill::{self, DistillOptions};
+use mira::select::features::{Feature, FeatureChoice};
 use mira::select::group::{self, GroupOptions};
 use mira::select::label::{self, split_of, IngestOptions, LabelRow};
 use mira::select::reliability::{self, Thresholds};
@@ -158,7 +159,13 @@ fn group_distill_mask_and_select() {
     label::write_labels(&fx.dir.join("labels.jsonl"), &labels).unwrap();
     let labels = label::read_labels(&fx.dir.join("labels.jsonl")).unwrap();
     let students = fx.dir.join("students");
-    let v = distill::distill(&fx.encoder, &labels, &students, &DistillOptions::default()).unwrap();
+    // The pooler, so the students are BertForSequenceClassification folders (the feature
+    // choice and the other export are tests/select_students.rs).
+    let opts = DistillOptions {
+        feature: FeatureChoice::Fixed(Feature::Pooler),
+        ..Default::default()
+    };
+    let v = distill::distill(&fx.encoder, &labels, &students, &opts).unwrap();
     assert_eq!(v.students.len(), 2);
     let info = &v.students[code_group];
     assert_eq!(info.anchors, vec!["length", "has_def", "noise"]);

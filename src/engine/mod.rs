@@ -116,4 +116,17 @@ pub enum Pooling {
     Cls,
     /// The mean over all tokens of the sequence.
     Mean,
+    /// Both, side by side: `[CLS | mean]`, twice the hidden width. What `mira select` reads
+    /// when its students' heads read different features of one shared encoder.
+    ClsAndMean,
+}
+
+impl Pooling {
+    /// Values per sequence for hidden width `h`.
+    pub fn width(self, h: usize) -> usize {
+        match self {
+            Pooling::Cls | Pooling::Mean => h,
+            Pooling::ClsAndMean => 2 * h,
+        }
+    }
 }

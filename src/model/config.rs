@@ -54,7 +54,7 @@ impl EncoderSizes {
 
 /// Bounds of [`EncoderSizes::check`]: vocabulary, width, FFN width, layers, positions, token types.
 const MAX_VOCAB: usize = 1 << 24;
-const MAX_HIDDEN: usize = 1 << 16;
+pub(crate) const MAX_HIDDEN: usize = 1 << 16;
 const MAX_INTERMEDIATE: usize = 1 << 18;
 const MAX_LAYERS: usize = 1 << 10;
 pub(crate) const MAX_POSITIONS: usize = 1 << 20;

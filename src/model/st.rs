@@ -1,5 +1,6 @@
-//! sentence-transformers metadata: `modules.json`, `1_Pooling/config.json`,
-//! `sentence_bert_config.json`. Decides pooling, normalisation and the default token limit.
+//! sentence-transformers metadata: `modules.json`, `1_Pooling/config.json`, a `Dense` module's
+//! config and weights, `sentence_bert_config.json`. Decides pooling, the projection after it,
+//! normalisation and the default token limit.
 
 use std::path::Path;
 
@@ -17,6 +18,88 @@ pub struct SentenceConfig {
     pub max_seq_length: Option<usize>,
     /// Whether `modules.json` was present.
     pub from_modules: bool,
+    /// A `Dense` module after the pooling: a linear layer (and activation) on the pooled vector.
+    pub dense: Option<Dense>,
+}
+
+/// sentence-transformers' `Dense` module: `activation(weight · pooled + bias)`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dense {
+    /// `[out_features, in_features]`, row-major.
+    pub weight: Vec<f32>,
+    /// `[out_features]` (zeros when the module has no bias).
+    pub bias: Vec<f32>,
+    pub in_features: usize,
+    pub out_features: usize,
+    /// `true` for `torch.nn.Tanh`, `false` for `torch.nn.Identity`.
+    pub tanh: bool,
+}
+
+impl Dense {
+    /// `activation(weight · x + bias)` of one pooled vector, accumulated in f64.
+    pub fn apply(&self, x: &[f32]) -> Vec<f32> {
+        self.weight
+            .chunks_exact(self.in_features)
+            .zip(&self.bias)
+            .map(|(w, b)| {
+                let dot: f64 = w.iter().zip(x).map(|(a, v)| *a as f64 * *v as f64).sum();
+                let y = dot + *b as f64;
+                (if self.tanh { y.tanh() } else { y }) as f32
+            })
+            .collect()
+    }
+
+    /// Read the module in `dir` (its `config.json` and `model.safetensors`).
+    fn load(dir: &Path) -> Result<Dense> {
+        let cfg: DenseConfig = read_json(&dir.join("config.json"))?;
+        let tanh = match cfg.activation_function.as_str() {
+            "torch.nn.modules.linear.Identity" => false,
+            "torch.nn.modules.activation.Tanh" => true,
+            other => bail!(
+                "{}: Dense activation '{other}' is not supported (supported: \
+                 torch.nn.modules.linear.Identity, torch.nn.modules.activation.Tanh)",
+                dir.join("config.json").display()
+            ),
+        };
+        let max = crate::model::config::MAX_HIDDEN;
+        let (i, o) = (
+            crate::checked::count("Dense in_features", cfg.in_features, 1, max)?,
+            crate::checked::count("Dense out_features", cfg.out_features, 1, max)?,
+        );
+        let w = crate::model::weights::Weights::open(dir)
+            .with_context(|| format!("the Dense module in {}", dir.display()))?;
+        let bias = if cfg.bias {
+            w.f32("linear.bias", &[o])?
+        } else {
+            vec![0.0; o]
+        };
+        Ok(Dense {
+            weight: w.f32("linear.weight", &[o, i])?,
+            bias,
+            in_features: i,
+            out_features: o,
+            tanh,
+        })
+    }
+}
+
+#[derive(Deserialize)]
+struct DenseConfig {
+    in_features: usize,
+    out_features: usize,
+    #[serde(default = "yes")]
+    bias: bool,
+    #[serde(default = "tanh_name")]
+    activation_function: String,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// sentence-transformers' default Dense activation.
+fn tanh_name() -> String {
+    "torch.nn.modules.activation.Tanh".into()
 }
 
 #[derive(Deserialize)]
@@ -62,6 +145,7 @@ impl SentenceConfig {
             normalize: false,
             max_seq_length: None,
             from_modules: false,
+            dense: None,
         };
         let sbert = dir.join("sentence_bert_config.json");
         if sbert.exists() {
@@ -99,14 +183,69 @@ impl SentenceConfig {
                         );
                     }
                 }
+                "Dense" if cfg.dense.is_none() && !cfg.normalize => {
+                    cfg.dense = Some(Dense::load(&dir.join(&m.path))?);
+                }
+                "Dense" => bail!(
+                    "{}: one Dense module, after the pooling and before any Normalize, is \
+                     supported",
+                    modules_path.display()
+                ),
                 "Normalize" => cfg.normalize = true,
                 other => bail!(
                     "{}: sentence-transformers module '{other}' is not supported \
-                     (supported: Transformer, Pooling, Normalize)",
+                     (supported: Transformer, Pooling, Dense, Normalize)",
                     modules_path.display()
                 ),
             }
         }
         Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn folder(modules: &str, dense_activation: &str) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("modules.json"), modules).unwrap();
+        std::fs::create_dir(dir.path().join("2_Dense")).unwrap();
+        std::fs::write(
+            dir.path().join("2_Dense/config.json"),
+            format!(
+                r#"{{"in_features": 4, "out_features": 2, "bias": true,
+                     "activation_function": "{dense_activation}"}}"#
+            ),
+        )
+        .unwrap();
+        dir
+    }
+
+    const DENSE: &str = r#"{"idx": 1, "name": "1", "path": "2_Dense",
+                           "type": "sentence_transformers.models.Dense"}"#;
+    const NORMALIZE: &str = r#"{"idx": 2, "name": "2", "path": "3_Normalize",
+                               "type": "sentence_transformers.models.Normalize"}"#;
+
+    #[test]
+    fn unsupported_dense_modules_are_refused_naming_the_file() {
+        let relu = folder(&format!("[{DENSE}]"), "torch.nn.modules.activation.ReLU");
+        let e = format!("{:#}", SentenceConfig::load(relu.path()).unwrap_err());
+        assert!(e.contains("ReLU") && e.contains("2_Dense"), "{e}");
+
+        let after = folder(
+            &format!("[{NORMALIZE}, {DENSE}]"),
+            "torch.nn.modules.linear.Identity",
+        );
+        let e = format!("{:#}", SentenceConfig::load(after.path()).unwrap_err());
+        assert!(e.contains("before any Normalize"), "{e}");
+
+        let two = folder(
+            &format!("[{DENSE}, {DENSE}]"),
+            "torch.nn.modules.linear.Identity",
+        );
+        // The first Dense has no weights here: that error names its folder.
+        let e = format!("{:#}", SentenceConfig::load(two.path()).unwrap_err());
+        assert!(e.contains("2_Dense"), "{e}");
     }
 }

@@ -34,6 +34,9 @@ pub enum Task {
     /// What a linear head reads, `[hidden]` per record (BERT's pooler output), for heads applied
     /// outside the model: `mira select` runs one shared encoder and each group's head after it.
     Features,
+    /// `[CLS | mean]` final hidden states, `[2 · hidden]` per record: what `mira select` reads
+    /// when its students' heads read features other than the pooler (`select::features`).
+    ClsAndMean,
 }
 
 /// How output rows look.
@@ -266,6 +269,8 @@ pub fn run_records(
 fn row_values(scorer: &Scorer, task: Task) -> RowValues {
     match (task, scorer.head()) {
         (Task::Score, Some(head)) => RowValues::Scores(head.labels.clone()),
+        (Task::Features, _) => RowValues::Embedding(scorer.hidden_size()),
+        (Task::ClsAndMean, _) => RowValues::Embedding(2 * scorer.hidden_size()),
         _ => RowValues::Embedding(scorer.embedding_dim()),
     }
 }
@@ -444,9 +449,10 @@ fn run_chunk(scorer: &Scorer, task: Task, t: &Tokenized) -> Result<Vec<EngineRes
             let rows: Vec<Vec<f32>> = (0..t.ids.len()).map(|d| s.row(d).to_vec()).collect();
             (rows, failures)
         }
-        Task::Embed | Task::Features => {
+        Task::Embed | Task::Features | Task::ClsAndMean => {
             let (e, failures) = match task {
                 Task::Embed => scorer.embed_ids_lenient(&t.ids),
+                Task::ClsAndMean => scorer.cls_and_mean_ids_lenient(&t.ids),
                 _ => scorer.features_ids_lenient(&t.ids),
             }
             .with_context(|| span(&t.chunk.records))?;

@@ -1,12 +1,17 @@
 //! Step 4, `mira distill`: one student per group.
 //!
-//! A student is the frozen encoder plus a multi-output linear head, one output per anchor. The
-//! head reads exactly what `BertForSequenceClassification`'s classifier reads (the pooler
-//! output tanh(W·h_[CLS] + b)), is fitted by ridge regression in closed form, and each anchor's
-//! penalty is chosen on the validation split (lowest MAE). The FineWeb-Edu recipe: a frozen
-//! encoder and a trained head. The student is written as an unmodified
-//! `BertForSequenceClassification` folder (`problem_type: regression`, anchor names in
-//! `id2label`) that `mira score` and transformers both load.
+//! A student is the frozen encoder plus a multi-output linear head, one output per anchor,
+//! fitted by ridge regression in closed form (the FineWeb-Edu recipe: a frozen encoder and a
+//! trained head). What the head reads is chosen per group by validation (`super::features`):
+//! the pooler output, the [CLS] state or the mean of the final states, whichever gives the
+//! lowest validation MAE averaged over the anchors (ties go to the pooler); each anchor's
+//! ridge penalty is chosen on the same split. The student is written in the format the feature
+//! calls for (`super::export`): `BertForSequenceClassification` for the pooler, a
+//! sentence-transformers folder with a `Dense` head otherwise; `mira score` loads both.
+//!
+//! The feature and penalties are chosen on the validation rows whose MAE and Spearman are then
+//! reported, so those figures lean optimistic by the little that three candidates and fifteen
+//! penalties can overfit; `validation.md` shows every candidate's figures beside the choice.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -14,8 +19,9 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
 
+pub use super::export::write_student;
+use super::features::{self, Feature, FeatureChoice, Pooler, Row};
 use super::label::{LabelRow, TRAIN, VALIDATION};
 use super::stats::{self, RidgePath};
 use crate::model::weights::Weights;
@@ -25,6 +31,8 @@ use crate::Scorer;
 pub struct DistillOptions {
     /// Ridge penalties tried per anchor.
     pub lambdas: Vec<f64>,
+    /// What the heads read: chosen per group by validation, or one feature for all.
+    pub feature: FeatureChoice,
 }
 
 impl Default for DistillOptions {
@@ -34,6 +42,7 @@ impl Default for DistillOptions {
             lambdas: (0..=14)
                 .map(|i| 10f64.powf(-3.0 + 0.5 * i as f64))
                 .collect(),
+            feature: FeatureChoice::Auto,
         }
     }
 }
@@ -70,6 +79,25 @@ pub struct StudentInfo {
     /// Validation MAE and Spearman per anchor over the whole group.
     pub mae: Vec<Option<f64>>,
     pub spearman: Vec<Option<f64>>,
+    /// What the head reads (students distilled before the choice existed read the pooler).
+    #[serde(default = "pooler")]
+    pub feature: Feature,
+    /// Every candidate feature's validation figures, the chosen one among them.
+    #[serde(default)]
+    pub candidates: Vec<Candidate>,
+}
+
+fn pooler() -> Feature {
+    Feature::Pooler
+}
+
+/// One candidate feature of a group's student: validation MAE and Spearman averaged over its
+/// anchors (Spearman over the anchors where it is defined).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Candidate {
+    pub feature: Feature,
+    pub mae: f64,
+    pub spearman: Option<f64>,
 }
 
 /// The student folder of a group.
@@ -95,6 +123,7 @@ pub fn distill(
         cells: Vec::new(),
     };
     std::fs::create_dir_all(out)?;
+    let pooler = Pooler::read(&Weights::open(encoder.model_dir())?, encoder.hidden_size())?;
     for (group, rows) in by_group {
         let GroupRows {
             anchors,
@@ -102,30 +131,27 @@ pub fn distill(
             train,
             val,
         } = GroupRows::of(group, &rows)?;
-        let dim = encoder.embedding_dim();
         let a = anchors.len();
-        let xt = features(encoder, &train)
-            .with_context(|| format!("group {group}: encoder features"))?;
-        let xv = features(encoder, &val)?;
         let targets = |rs: &[&LabelRow]| -> Vec<f64> {
             rs.iter()
                 .flat_map(|r| anchors.iter().map(|k| r.score(k).unwrap()))
                 .collect()
         };
-        let yt = targets(&train);
-        let yv = targets(&val);
-        let path = RidgePath::new(&xt, &yt, dim, a);
-        let (w, b, lambda) = choose_penalties(&path, (&xv, &yv), (dim, a), &opts.lambdas);
-        let pred = stats::predict(&xv, dim, &w, &b);
+        let (yt, yv) = (targets(&train), targets(&val));
+        let (fit, candidates) =
+            fit_group(encoder, (&train, &val), (&yt, &yv), pooler.as_ref(), opts)
+                .with_context(|| format!("group {group}"))?;
+        let Fit {
+            feature,
+            w,
+            b,
+            lambda,
+            pred,
+        } = fit;
         // The student's output names, as `mira score` will name them (`crate::names`): an
         // anchor called `text` is the label `text_score` in the checkpoint and in the report.
         let anchor_names = crate::names::label_names(&anchors);
-        let (mae, spearman) = (0..a)
-            .map(|j| {
-                let (p, t) = (column(&pred, a, j), column(&yv, a, j));
-                (stats::mae(&p, &t), stats::spearman(&p, &t))
-            })
-            .unzip();
+        let (mae, spearman) = per_anchor(&pred, &yv, a);
         let info = StudentInfo {
             anchors: anchor_names.clone(),
             lambda,
@@ -134,6 +160,8 @@ pub fn distill(
             skipped: rows.len() - usable.len(),
             mae,
             spearman,
+            feature,
+            candidates,
         };
         validation.cells.extend(validation_cells(
             group,
@@ -157,6 +185,47 @@ pub fn distill(
     Ok(validation)
 }
 
+/// A group's head on each candidate feature; the one with the lowest validation MAE averaged
+/// over the anchors (`candidates()` lists the pooler first, so it wins ties), and every
+/// candidate's figures. `yt`/`yv`: targets `[rows, anchors]`.
+fn fit_group(
+    encoder: &Scorer,
+    (train, val): (&[&LabelRow], &[&LabelRow]),
+    (yt, yv): (&[f64], &[f64]),
+    pooler: Option<&Pooler>,
+    opts: &DistillOptions,
+) -> Result<(Fit, Vec<Candidate>)> {
+    let dim = encoder.hidden_size();
+    let a = yt.len() / train.len();
+    let rows_t = cls_and_mean(encoder, train).context("encoder features")?;
+    let rows_v = cls_and_mean(encoder, val)?;
+    let mut fits = Vec::new();
+    for feature in opts.feature.candidates() {
+        if feature == Feature::Pooler && pooler.is_none() {
+            continue;
+        }
+        let (xt, xv) = (
+            feature_matrix(&rows_t, dim, feature, pooler)?,
+            feature_matrix(&rows_v, dim, feature, pooler)?,
+        );
+        let path = RidgePath::new(&xt, yt, dim, a);
+        let (w, b, lambda) = choose_penalties(&path, (&xv, yv), (dim, a), &opts.lambdas);
+        let pred = stats::predict(&xv, dim, &w, &b);
+        fits.push(Fit {
+            feature,
+            w,
+            b,
+            lambda,
+            pred,
+        });
+    }
+    let candidates: Vec<Candidate> = fits.iter().map(|f| f.candidate(yv, a)).collect();
+    let best = (0..fits.len())
+        .min_by(|&i, &j| candidates[i].mae.total_cmp(&candidates[j].mae))
+        .context("no candidate feature (the encoder has no pooler)")?;
+    Ok((fits.swap_remove(best), candidates))
+}
+
 /// `validation.json` and `validation.md` under `out`.
 fn write_validation(out: &Path, validation: &Validation) -> Result<()> {
     crate::corpus::write_atomic(
@@ -166,16 +235,69 @@ fn write_validation(out: &Path, validation: &Validation) -> Result<()> {
     crate::corpus::write_atomic(&out.join("validation.md"), report(validation).as_bytes())
 }
 
-/// The encoder's features of the rows' texts, `[rows, dim]` row-major.
-fn features(encoder: &Scorer, rows: &[&LabelRow]) -> Result<Vec<f64>> {
+/// One candidate's fitted head and its validation predictions `[val, anchors]`.
+struct Fit {
+    feature: Feature,
+    w: Vec<f64>,
+    b: Vec<f64>,
+    lambda: Vec<f64>,
+    pred: Vec<f64>,
+}
+
+impl Fit {
+    /// Its validation figures against `yv` (`[val, a]`), averaged over the anchors.
+    fn candidate(&self, yv: &[f64], a: usize) -> Candidate {
+        let (mut mae, mut rho) = (0.0, Vec::new());
+        for j in 0..a {
+            let (p, t) = (column(&self.pred, a, j), column(yv, a, j));
+            mae += stats::mae(&p, &t).unwrap_or(f64::INFINITY) / a as f64;
+            rho.extend(stats::spearman(&p, &t));
+        }
+        Candidate {
+            feature: self.feature,
+            mae,
+            spearman: (!rho.is_empty()).then(|| rho.iter().sum::<f64>() / rho.len() as f64),
+        }
+    }
+}
+
+/// The encoder's `[CLS | mean]` rows of the rows' texts (`[rows, 2 · hidden]`): one forward
+/// pass that serves every candidate feature.
+fn cls_and_mean(encoder: &Scorer, rows: &[&LabelRow]) -> Result<Vec<f32>> {
     let texts: Vec<&str> = rows.iter().map(|r| r.text.as_deref().unwrap()).collect();
     let ids = encoder.tokenize(&texts)?;
-    Ok(encoder
-        .features_ids(&ids)?
-        .values
-        .iter()
-        .map(|v| *v as f64)
-        .collect())
+    let (e, failures) = encoder.cls_and_mean_ids_lenient(&ids)?;
+    if let Some(f) = failures.first() {
+        bail!("label row of {}: {}", rows[f.doc].id, f.message);
+    }
+    Ok(e.values)
+}
+
+/// Feature `kind` of each `[CLS | mean]` row (`2 · hidden` values each), `[rows, hidden]`
+/// row-major in f64.
+fn feature_matrix(
+    rows: &[f32],
+    hidden: usize,
+    kind: Feature,
+    pooler: Option<&Pooler>,
+) -> Result<Vec<f64>> {
+    let mut out = Vec::with_capacity(rows.len() / 2);
+    for row in rows.chunks_exact(2 * hidden) {
+        let f = features::feature(kind, row, Row::ClsAndMean, pooler)?;
+        out.extend(f.iter().map(|v| *v as f64));
+    }
+    Ok(out)
+}
+
+/// Validation MAE and Spearman of each of the `a` anchors (`[rows, a]` predictions and targets).
+type PerAnchor = (Vec<Option<f64>>, Vec<Option<f64>>);
+fn per_anchor(pred: &[f64], yv: &[f64], a: usize) -> PerAnchor {
+    (0..a)
+        .map(|j| {
+            let (p, t) = (column(pred, a, j), column(yv, a, j));
+            (stats::mae(&p, &t), stats::spearman(&p, &t))
+        })
+        .unzip()
 }
 
 /// Column `j` of a row-major matrix with `a` columns.
@@ -306,160 +428,6 @@ fn validation_cells(
     cells
 }
 
-/// Files copied from the encoder folder into each student (tokenizer and token limit).
-const COPIED: &[&str] = &[
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.txt",
-    "special_tokens_map.json",
-    "sentence_bert_config.json",
-];
-
-/// Write a `BertForSequenceClassification` folder (a student; the precision tests write one with a
-/// random head): the encoder's tensors under `bert.`, the
-/// fitted `classifier` (`[A, H]` f32, `[A]` f32), config with regression and anchor labels.
-// Long: the student folder's files written in turn (config, tensors, tokenizer files, card), each
-// a few lines.
-pub fn write_student(
-    encoder: &Scorer,
-    dir: &Path,
-    group: &str,
-    anchors: &[String],
-    w: &[f64],
-    b: &[f64],
-    info: &StudentInfo,
-) -> Result<()> {
-    let src = encoder.model_dir();
-    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(src.join("config.json"))?)
-        .with_context(|| format!("{}: invalid config.json", src.display()))?;
-    if cfg["model_type"] != "bert" {
-        bail!("distillation writes BertForSequenceClassification students: the encoder must be a BERT model");
-    }
-    cfg["architectures"] = json!(["BertForSequenceClassification"]);
-    cfg["problem_type"] = json!("regression");
-    cfg["id2label"] = anchors
-        .iter()
-        .enumerate()
-        .map(|(i, a)| (i.to_string(), json!(a)))
-        .collect();
-    cfg["label2id"] = anchors
-        .iter()
-        .enumerate()
-        .map(|(i, a)| (a.clone(), json!(i)))
-        .collect();
-    cfg.as_object_mut().unwrap().remove("_name_or_path");
-
-    let weights = Weights::open(src)?;
-    let prefix = weights.prefix().to_string();
-    let mut tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
-    for name in weights.names() {
-        let t = weights.get(name)?;
-        let bare = name.strip_prefix(&prefix).unwrap_or(name);
-        if bare.starts_with("classifier.") {
-            continue;
-        }
-        tensors.push((
-            format!("bert.{bare}"),
-            t.dtype,
-            t.shape.clone(),
-            t.bytes.to_vec(),
-        ));
-    }
-    if !tensors.iter().any(|t| t.0 == "bert.pooler.dense.weight") {
-        bail!("{}: the encoder has no pooler (pooler.dense): cannot write a BertForSequenceClassification student", src.display());
-    }
-    let h = encoder.embedding_dim();
-    let f32_bytes =
-        |v: &[f64]| -> Vec<u8> { v.iter().flat_map(|x| (*x as f32).to_le_bytes()).collect() };
-    tensors.push((
-        "classifier.weight".into(),
-        safetensors::Dtype::F32,
-        vec![anchors.len(), h],
-        f32_bytes(w),
-    ));
-    tensors.push((
-        "classifier.bias".into(),
-        safetensors::Dtype::F32,
-        vec![anchors.len()],
-        f32_bytes(b),
-    ));
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
-        .iter()
-        .map(|(n, d, s, bytes)| {
-            Ok((
-                n.clone(),
-                safetensors::tensor::TensorView::new(*d, s.clone(), bytes)?,
-            ))
-        })
-        .collect::<Result<_>>()?;
-    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-    let bytes = safetensors::tensor::serialize(views, Some(meta))?;
-
-    std::fs::create_dir_all(dir)?;
-    crate::corpus::write_atomic(&dir.join("model.safetensors"), &bytes)?;
-    crate::corpus::write_atomic(
-        &dir.join("config.json"),
-        serde_json::to_string_pretty(&cfg)?.as_bytes(),
-    )?;
-    for f in COPIED {
-        let p = src.join(f);
-        if p.exists() {
-            let bytes =
-                std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?;
-            crate::corpus::write_atomic(&dir.join(f), &bytes)?;
-        }
-    }
-    agree_on_max_tokens(dir, encoder.max_tokens())?;
-    let card = json!({
-        "mira_student": 1,
-        "group": group,
-        "encoder": src.display().to_string(),
-        "features": "BERT pooler output (frozen); classifier fitted by ridge regression",
-        "anchors": anchors,
-        "lambda": info.lambda,
-        "n_train": info.n_train,
-        "n_validation": info.n_validation,
-    });
-    crate::corpus::write_atomic(
-        &dir.join("mira_student.json"),
-        serde_json::to_string_pretty(&card)?.as_bytes(),
-    )
-}
-
-/// Make the student's three statements of its input length say the same `max_tokens` (the
-/// length its head was fitted at): `tokenizer.json`'s truncation (and no padding),
-/// `tokenizer_config.json`'s `model_max_length` and `sentence_bert_config.json`'s
-/// `max_seq_length`. Copied from an encoder whose files disagree (all-MiniLM-L6-v2: 128, 512
-/// and 256), transformers and mira would otherwise truncate the same document differently.
-fn agree_on_max_tokens(dir: &Path, max_tokens: usize) -> Result<()> {
-    let edit = |name: &str, change: &dyn Fn(&mut Value)| -> Result<()> {
-        let path = dir.join(name);
-        let mut v: Value = match std::fs::read_to_string(&path) {
-            Ok(text) => serde_json::from_str(&text)
-                .with_context(|| format!("{}: invalid JSON", path.display()))?,
-            Err(_) if name == "sentence_bert_config.json" => json!({}),
-            Err(_) => return Ok(()),
-        };
-        change(&mut v);
-        crate::corpus::write_atomic(&path, serde_json::to_string_pretty(&v)?.as_bytes())
-    };
-    edit("tokenizer.json", &|v| {
-        v["truncation"] = json!({
-            "direction": "Right",
-            "max_length": max_tokens,
-            "strategy": "LongestFirst",
-            "stride": 0,
-        });
-        v["padding"] = Value::Null;
-    })?;
-    edit("tokenizer_config.json", &|v| {
-        v["model_max_length"] = json!(max_tokens)
-    })?;
-    edit("sentence_bert_config.json", &|v| {
-        v["max_seq_length"] = json!(max_tokens)
-    })
-}
-
 fn fmt_opt(v: Option<f64>) -> String {
     v.map_or("–".to_string(), |x| format!("{x:.3}"))
 }
@@ -469,15 +437,43 @@ pub fn report(v: &Validation) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "# Student validation\n\nEncoder `{}`; head: ridge on the pooler output.\n",
+        "# Student validation\n\nEncoder `{}` (frozen); each group's head is a ridge regression \
+         on the feature with the lowest validation MAE (averaged over its anchors).\n",
         v.encoder
     );
     for (g, info) in &v.students {
         let _ = writeln!(
             s,
-            "## Group {g}\n\n{} train / {} validation rows ({} skipped).\n\n| anchor | λ | MAE | Spearman |\n|---|---|---|---|",
-            info.n_train, info.n_validation, info.skipped
+            "## Group {g}\n\n{} train / {} validation rows ({} skipped). Head reads the {} \
+             (`{}`).\n",
+            info.n_train,
+            info.n_validation,
+            info.skipped,
+            info.feature.describe(),
+            info.feature
         );
+        if !info.candidates.is_empty() {
+            let _ = writeln!(
+                s,
+                "| feature | mean MAE | mean Spearman | |\n|---|---|---|---|"
+            );
+            for c in &info.candidates {
+                let chosen = if c.feature == info.feature {
+                    "chosen"
+                } else {
+                    ""
+                };
+                let _ = writeln!(
+                    s,
+                    "| {} | {:.3} | {} | {chosen} |",
+                    c.feature,
+                    c.mae,
+                    fmt_opt(c.spearman)
+                );
+            }
+            s.push('\n');
+        }
+        let _ = writeln!(s, "| anchor | λ | MAE | Spearman |\n|---|---|---|---|");
         for (j, a) in info.anchors.iter().enumerate() {
             let _ = writeln!(
                 s,

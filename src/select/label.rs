@@ -256,7 +256,30 @@ pub fn parse_scores(
     if !missing.is_empty() {
         bail!("no score for {}", missing.join(", "));
     }
+    let in_order: Vec<f64> = scores.values().filter_map(Value::as_f64).collect();
+    if counts_up(&in_order) {
+        bail!(
+            "{POSITION_ECHO}: the scores count up with the dimensions' order ({}), so they number \
+             the dimensions rather than judge the document",
+            in_order
+                .iter()
+                .map(|v| v.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     Ok((scores, rationales))
+}
+
+/// The error a label row carries when its reply numbers the dimensions instead of scoring
+/// them (a weak teacher's habit: 0, 1, 2, 3 for four dimensions, whatever the document).
+pub const POSITION_ECHO: &str = "position_echo";
+
+/// Whether scores in rubric order are 0, 1, 2, … or 1, 2, 3, … over three or more dimensions.
+fn counts_up(scores: &[f64]) -> bool {
+    scores.len() >= 3
+        && (scores[0] == 0.0 || scores[0] == 1.0)
+        && scores.windows(2).all(|w| w[1] - w[0] == 1.0)
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -264,6 +287,8 @@ pub struct LabelSummary {
     pub rows: usize,
     pub labelled: usize,
     pub failed: usize,
+    /// Of the failed rows, those whose reply numbered the dimensions ([`POSITION_ECHO`]).
+    pub position_echo: usize,
     pub per_group: BTreeMap<String, usize>,
     pub teacher: super::teacher::TeacherStats,
 }
@@ -366,13 +391,71 @@ pub fn label(
             rows[0].error.as_deref().unwrap_or("")
         );
     }
+    let position_echo = rows
+        .iter()
+        .filter(|r| {
+            r.error
+                .as_deref()
+                .is_some_and(|e| e.contains(POSITION_ECHO))
+        })
+        .count();
     Ok(LabelSummary {
         rows: rows.len(),
         labelled: rows.len() - failed,
         failed,
+        position_echo,
         per_group,
         teacher: teacher.stats().since(&before),
     })
 }
 
 pub use super::ingest::{ingest, IngestFormat, IngestOptions};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn anchors(names: &[&str]) -> Vec<Anchor> {
+        names
+            .iter()
+            .map(|n| Anchor {
+                name: n.to_string(),
+                definition: format!("how {n} the document is"),
+                exemplars: Vec::new(),
+                cluster_size: 1,
+                teacher_name: n.to_string(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn replies_that_number_the_dimensions_are_rejected() {
+        let a = anchors(&["clarity", "accuracy", "depth", "style"]);
+        let reply = |s: [u8; 4]| {
+            json!({
+                "clarity": {"rationale": "r", "score": s[0]},
+                "accuracy": {"rationale": "r", "score": s[1]},
+                "depth": {"rationale": "r", "score": s[2]},
+                "style": {"rationale": "r", "score": s[3]},
+            })
+            .to_string()
+        };
+        for echo in [[0, 1, 2, 3], [1, 2, 3, 4]] {
+            let e = parse_scores(&reply(echo), &a).unwrap_err().to_string();
+            assert!(e.starts_with(POSITION_ECHO), "{e}");
+        }
+        for fine in [
+            [0, 0, 0, 0],
+            [2, 3, 4, 5],
+            [0, 1, 2, 2],
+            [3, 2, 1, 0],
+            [7, 8, 9, 10],
+        ] {
+            assert!(parse_scores(&reply(fine), &a).is_ok(), "{fine:?}");
+        }
+        // Two dimensions scored 0 and 1 are an ordinary reply.
+        let two = anchors(&["clarity", "accuracy"]);
+        let r = json!({"clarity": {"score": 0}, "accuracy": {"score": 1}}).to_string();
+        assert!(parse_scores(&r, &two).is_ok());
+    }
+}

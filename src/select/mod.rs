@@ -17,6 +17,8 @@ pub mod cutoff;
 pub mod discover;
 pub mod distill;
 pub mod estimate;
+pub mod export;
+pub mod features;
 pub mod group;
 pub mod ingest;
 pub mod label;

@@ -22,6 +22,7 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context, Result};
 use rayon::prelude::*;
 
+use super::features::Row;
 use super::reduce::{self, kept_path, read_score_rows, scores_path, scores_root, Cutoffs};
 use super::reliability::Reliability;
 use super::students::{Head, Students};
@@ -184,6 +185,7 @@ impl Scoring {
 struct ScoreSink {
     scoring: Arc<Scoring>,
     heads: Arc<BTreeMap<String, Head>>,
+    row: Row,
     w: JsonlWriter,
 }
 
@@ -195,7 +197,7 @@ impl RecordSink for ScoreSink {
             (Ok(_), None) => {}
             (Ok(features), Some(g)) => {
                 let head = &self.heads[g];
-                let outputs = head.apply(features);
+                let outputs = head.apply(features, self.row)?;
                 row.score = self.scoring.score(&head.info.labels, &outputs, &row.source);
             }
         }
@@ -227,12 +229,18 @@ fn score_pass(
         .map(|(_, f)| f.clone())
         .collect();
     match students {
-        Students::Shared { encoder, heads } => {
+        Students::Shared {
+            encoder,
+            heads,
+            row,
+        } => {
             let heads = Arc::new(heads.clone());
+            let row = *row;
             let create = move |path: &Path| -> Result<Box<dyn RecordSink>> {
                 Ok(Box::new(ScoreSink {
                     scoring: scoring.clone(),
                     heads: heads.clone(),
+                    row,
                     w: JsonlWriter::create(path)?,
                 }))
             };
@@ -248,9 +256,13 @@ fn score_pass(
                 count_tokens: true,
                 ..JobOptions::default()
             };
+            let task = match row {
+                Row::Pooler => Task::Features,
+                Row::ClsAndMean => Task::ClsAndMean,
+            };
             pipeline::run_job(
                 encoder,
-                Task::Features,
+                task,
                 &mine,
                 &Output::PerFile(scores_root(out)),
                 &job,

@@ -12,7 +12,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use sha2::{Digest, Sha256};
 
 use super::discover::{self, DiscoverOptions};
-use super::distill::{self, DistillOptions};
+use super::distill;
 use super::group::{self, GroupOptions};
 use super::label::{self, IngestFormat, IngestOptions, LabelOptions};
 use super::reliability::{self, Thresholds};
@@ -341,8 +341,9 @@ impl<'a> Ctx<'a> {
             &contents(&shipped_labels),
             &contents(&ingested),
             &self.cfg.label,
-            // The request itself: a changed prompt labels again.
+            // The request itself: a changed prompt labels again; so does a new reply check.
             &super::label::score_request(&[], "", "", 0).messages(),
+            &super::label::POSITION_ECHO,
         ]);
         self.steps.run("label", &fp_label, &[&labels_path], || {
             let summary = if !self.cfg.label.ingest.is_empty() {
@@ -417,15 +418,26 @@ impl<'a> Ctx<'a> {
             &fp_label,
             &contents(&[&labels_path]),
             &self.cfg.encoder,
+            &format!("feature {}", self.cfg.distill.feature),
         ]);
+        let opts = self.cfg.distill_options()?;
         self.steps
             .run("distill", &fp_distill, &[&validation_path], || {
                 let rows = label::read_labels(&labels_path)?;
-                let v =
-                    distill::distill(&self.encoder, &rows, &students, &DistillOptions::default())?;
+                let v = distill::distill(&self.encoder, &rows, &students, &opts)?;
+                let heads: Vec<String> = v
+                    .students
+                    .iter()
+                    .map(|(g, i)| format!("{g}: {} ({}/{})", i.feature, i.n_train, i.n_validation))
+                    .collect();
                 say(
                     "distill",
-                    &format!("{} students -> {}", v.students.len(), students.display()),
+                    &format!(
+                        "{} students (feature, train/validation rows: {}) -> {}",
+                        v.students.len(),
+                        heads.join(", "),
+                        students.display()
+                    ),
                 );
                 Ok(serde_json::json!({"students": v.students.len()}))
             })?;

@@ -8,6 +8,7 @@ use anyhow::{anyhow, bail, Result};
 use serde::{Deserialize, Serialize};
 
 use super::discover::DiscoverOptions;
+use super::distill::DistillOptions;
 use super::group::GroupOptions;
 use super::label::{IngestFormat, LabelOptions};
 use super::reliability::Thresholds;
@@ -35,6 +36,8 @@ pub struct RunConfig {
     pub discover: DiscoverSection,
     #[serde(default)]
     pub label: LabelSection,
+    #[serde(default)]
+    pub distill: DistillSection,
     #[serde(default)]
     pub reliability: ReliabilitySection,
     #[serde(default)]
@@ -135,6 +138,21 @@ impl Default for LabelSection {
             ingest: Vec::new(),
             ingest_format: "auto".into(),
             label_range: [0.0, 10.0],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistillSection {
+    /// What the students' heads read: `auto` (chosen per group by validation), `pooler`, `cls`
+    /// or `mean`.
+    pub feature: String,
+}
+impl Default for DistillSection {
+    fn default() -> Self {
+        DistillSection {
+            feature: "auto".into(),
         }
     }
 }
@@ -253,6 +271,7 @@ impl RunConfig {
                 "[label] label_range [{lo}, {hi}] is empty: the low end must be below the high end"
             );
         }
+        self.distill_options()?;
         let r = &self.reliability;
         non_negative("[reliability] max_mae", r.max_mae)?;
         in_range(
@@ -265,6 +284,17 @@ impl RunConfig {
         )?;
         count("[reliability] min_count", r.min_count, 0, 1 << 30)?;
         self.select_options(Device::Cpu, false)?.validate()
+    }
+
+    pub(super) fn distill_options(&self) -> Result<DistillOptions> {
+        Ok(DistillOptions {
+            feature: self
+                .distill
+                .feature
+                .parse()
+                .map_err(|e| anyhow!("[distill] feature: {e}"))?,
+            ..Default::default()
+        })
     }
 
     pub(super) fn select_options(&self, device: Device, progress: bool) -> Result<SelectOptions> {

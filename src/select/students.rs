@@ -3,7 +3,10 @@
 //! and each group's head is applied to its output; otherwise each student is loaded whole.
 //!
 //! Sharing is checked, not assumed: the same tokenizer and side files, the same `config.json`
-//! apart from the head's keys, and every encoder tensor byte for byte.
+//! apart from the head's keys, and every encoder tensor byte for byte (under either export's
+//! tensor names). A head reads the feature its group's validation chose (`super::features`):
+//! `BertForSequenceClassification` students read the pooler, sentence-transformers students
+//! the [CLS] state or the mean their `1_Pooling` names, through the `Dense` module in `2_Dense`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -12,6 +15,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
 use super::distill::student_dir;
+use super::features::{self, Feature, Pooler, Row};
 use crate::model::config::ModelConfig;
 use crate::model::weights::Weights;
 use crate::scorer::{activate_outputs, head_info, HeadInfo};
@@ -27,22 +31,33 @@ const HEAD_KEYS: [&str; 6] = [
     "_name_or_path",
 ];
 
-/// Files of a student folder that are not the encoder's own.
-const NOT_ENCODER_FILES: [&str; 3] = ["config.json", "model.safetensors", "mira_student.json"];
+/// Files of a student folder that are not the encoder's own: its config, weights, card and the
+/// sentence-transformers module list (which names the head).
+const NOT_ENCODER_FILES: [&str; 4] = [
+    "config.json",
+    "model.safetensors",
+    "mira_student.json",
+    "modules.json",
+];
 
 /// A group's linear head on the shared encoder's features.
 #[derive(Clone)]
 pub struct Head {
     pub info: HeadInfo,
+    /// The feature it reads.
+    pub feature: Feature,
+    /// The encoder's pooler, when the head reads it from a `[CLS | mean]` row.
+    pooler: Option<std::sync::Arc<Pooler>>,
     /// `[outputs, hidden]`, row-major.
     weight: Vec<f32>,
     bias: Vec<f32>,
 }
 
 impl Head {
-    /// Scores of one record from its features: `weight · features + bias` (accumulated in f64),
-    /// then the head's activation.
-    pub fn apply(&self, features: &[f32]) -> Vec<f32> {
+    /// Scores of one record from its shared-encoder row (laid out as `row_kind` says):
+    /// `weight · feature + bias` (accumulated in f64), then the head's activation.
+    pub fn apply(&self, row: &[f32], row_kind: Row) -> Result<Vec<f32>> {
+        let features = features::feature(self.feature, row, row_kind, self.pooler.as_deref())?;
         let h = features.len();
         let mut out: Vec<f32> = self
             .weight
@@ -51,23 +66,25 @@ impl Head {
             .map(|(w, b)| {
                 let dot: f64 = w
                     .iter()
-                    .zip(features)
+                    .zip(features.iter())
                     .map(|(a, x)| *a as f64 * *x as f64)
                     .sum();
                 (dot + *b as f64) as f32
             })
             .collect();
         activate_outputs(self.info.problem_type, &mut out);
-        out
+        Ok(out)
     }
 }
 
 /// The students of every group.
 pub enum Students {
-    /// One encoder (loaded from the first group's student) and each group's head.
+    /// One encoder (loaded from the first group's student) and each group's head; `row` is
+    /// what the encoder computes per record for all of them.
     Shared {
         encoder: Box<Scorer>,
         heads: BTreeMap<String, Head>,
+        row: Row,
     },
     /// Each group's student, whole.
     Separate(BTreeMap<String, Scorer>),
@@ -100,17 +117,23 @@ impl Students {
             return Ok(Students::Separate(each));
         }
         let encoder = load_student(&groups[0], first, device, opts)?;
-        let hidden = encoder.embedding_dim();
+        let hidden = encoder.hidden_size();
+        let weights = Weights::open(first)?;
+        let pooler = Pooler::read(&weights, hidden)?.map(std::sync::Arc::new);
         let mut heads = BTreeMap::new();
         for (g, d) in groups.iter().zip(&dirs) {
-            heads.insert(
-                g.clone(),
-                read_head(d, hidden).with_context(|| format!("the student of group {g}"))?,
-            );
+            let mut head =
+                read_head(d, hidden).with_context(|| format!("the student of group {g}"))?;
+            if head.feature == Feature::Pooler {
+                head.pooler = pooler.clone();
+            }
+            heads.insert(g.clone(), head);
         }
+        let row = Row::serving(heads.values().map(|h| h.feature));
         Ok(Students::Shared {
             encoder: Box::new(encoder),
             heads,
+            row,
         })
     }
 
@@ -146,22 +169,51 @@ fn load_student(group: &str, dir: &Path, device: Device, opts: LoadOptions) -> R
     Ok(s)
 }
 
-/// A student's `classifier` as a head on `hidden` features.
+/// A student's head on `hidden` features: the `classifier` of a `BertForSequenceClassification`
+/// student (reads the pooler), or the `Dense` module of a sentence-transformers student (reads
+/// what its `1_Pooling` names).
 fn read_head(dir: &Path, hidden: usize) -> Result<Head> {
     let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
-    let w = Weights::open(dir)?;
-    let shape = w.get("classifier.weight")?.shape.clone();
-    if shape.len() != 2 || shape[1] != hidden {
-        bail!(
-            "{}: classifier.weight has shape {shape:?}, expected [outputs, {hidden}]",
-            dir.display()
-        );
-    }
-    let outputs = shape[0];
+    let sentence = crate::model::st::SentenceConfig::load(dir)?;
+    let (feature, weight, bias, outputs) = match sentence.dense {
+        Some(d) => {
+            if sentence.normalize || d.tanh || d.in_features != hidden {
+                bail!(
+                    "{}: a student's Dense head reads the {hidden} pooled values with no \
+                     activation and no Normalize module",
+                    dir.display()
+                );
+            }
+            let feature = match sentence.pooling {
+                crate::Pooling::Cls => Feature::Cls,
+                _ => Feature::Mean,
+            };
+            (feature, d.weight, d.bias, d.out_features)
+        }
+        None => {
+            let w = Weights::open(dir)?;
+            let shape = w.get("classifier.weight")?.shape.clone();
+            if shape.len() != 2 || shape[1] != hidden {
+                bail!(
+                    "{}: classifier.weight has shape {shape:?}, expected [outputs, {hidden}]",
+                    dir.display()
+                );
+            }
+            let outputs = shape[0];
+            (
+                Feature::Pooler,
+                w.f32("classifier.weight", &[outputs, hidden])?,
+                w.f32("classifier.bias", &[outputs])?,
+                outputs,
+            )
+        }
+    };
     Ok(Head {
         info: head_info(dir, &cfg, outputs)?,
-        weight: w.f32("classifier.weight", &[outputs, hidden])?,
-        bias: w.f32("classifier.bias", &[outputs])?,
+        feature,
+        pooler: None,
+        weight,
+        bias,
     })
 }
 
@@ -176,21 +228,26 @@ pub fn same_encoder(a: &Path, b: &Path) -> Result<bool> {
         return Ok(false);
     }
     let (wa, wb) = (Weights::open(a)?, Weights::open(b)?);
-    let names = |w: &Weights| -> Vec<String> {
-        let n: Vec<String> = w
-            .names()
+    // Encoder tensors by their bare names (`bert.` stripped): a BertForSequenceClassification
+    // student and a sentence-transformers one hold the same encoder under different names.
+    let encoder_tensors = |w: &Weights| -> BTreeMap<String, String> {
+        w.names()
             .into_iter()
             .filter(|n| !n.starts_with("classifier."))
-            .map(str::to_string)
-            .collect();
-        n
+            .map(|n| {
+                (
+                    n.strip_prefix(w.prefix()).unwrap_or(n).to_string(),
+                    n.to_string(),
+                )
+            })
+            .collect()
     };
-    let na = names(&wa);
-    if na != names(&wb) {
+    let (na, nb) = (encoder_tensors(&wa), encoder_tensors(&wb));
+    if na.keys().ne(nb.keys()) {
         return Ok(false);
     }
-    for n in &na {
-        let (ta, tb) = (wa.get(n)?, wb.get(n)?);
+    for (bare, full_a) in &na {
+        let (ta, tb) = (wa.get(full_a)?, wb.get(&nb[bare])?);
         if ta.dtype != tb.dtype || ta.shape != tb.shape || ta.bytes != tb.bytes {
             return Ok(false);
         }

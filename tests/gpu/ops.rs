@@ -326,7 +326,7 @@ pub fn cls_and_mean_pooling<B: Backend>(gpu: &B, prec: Prec) {
     let (xc, xg) = pair(gpu, &x, t, h);
     let bc = CpuBackend::default().upload_batch(&b, 50, 512).unwrap();
     let bg = gpu.upload_batch(&b, 50, 512).unwrap();
-    for mode in [Pooling::Cls, Pooling::Mean] {
+    for mode in [Pooling::Cls, Pooling::Mean, Pooling::ClsAndMean] {
         let want = CpuBackend::default().pool(&xc, &bc, mode).unwrap();
         let got = gpu.pool(&xg, &bg, mode).unwrap();
         assert_matches(

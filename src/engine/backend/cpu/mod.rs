@@ -503,23 +503,32 @@ impl Backend for CpuBackend {
     fn pool(&self, x: &CpuTensor, batch: &CpuBatch, mode: Pooling) -> Result<CpuTensor> {
         let h = x.cols;
         let n = batch.n_seqs();
-        let mut out = vec![0f32; n * h];
-        out.par_chunks_mut(h).enumerate().for_each(|(s, row)| {
+        let w = mode.width(h);
+        let mut out = vec![0f32; n * w];
+        out.par_chunks_mut(w).enumerate().for_each(|(s, row)| {
             let seq = batch.seq(s);
-            match mode {
-                Pooling::Cls => row.copy_from_slice(&x.data[seq.start * h..(seq.start + 1) * h]),
-                Pooling::Mean => {
-                    for t in seq.clone() {
-                        row.iter_mut()
-                            .zip(&x.data[t * h..(t + 1) * h])
-                            .for_each(|(a, v)| *a += v);
-                    }
-                    let inv = 1.0 / seq.len() as f32;
-                    row.iter_mut().for_each(|a| *a *= inv);
+            let (cls, mean) = match mode {
+                Pooling::Cls => (Some(&mut row[..]), None),
+                Pooling::Mean => (None, Some(&mut row[..])),
+                Pooling::ClsAndMean => {
+                    let (c, m) = row.split_at_mut(h);
+                    (Some(c), Some(m))
                 }
+            };
+            if let Some(cls) = cls {
+                cls.copy_from_slice(&x.data[seq.start * h..(seq.start + 1) * h]);
+            }
+            if let Some(mean) = mean {
+                for t in seq.clone() {
+                    mean.iter_mut()
+                        .zip(&x.data[t * h..(t + 1) * h])
+                        .for_each(|(a, v)| *a += v);
+                }
+                let inv = 1.0 / seq.len() as f32;
+                mean.iter_mut().for_each(|a| *a *= inv);
             }
         });
-        Ok(CpuTensor::new(out, n, h))
+        Ok(CpuTensor::new(out, n, w))
     }
 
     fn download(&self, x: &CpuTensor) -> Result<Vec<f32>> {

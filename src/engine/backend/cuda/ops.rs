@@ -334,13 +334,14 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
             x.rows,
             batch.n_tokens
         );
-        let out = self.output(batch.n_seqs, x.cols, "pooled")?;
+        let out = self.output(batch.n_seqs, mode.width(x.cols), "pooled")?;
         if batch.n_seqs * x.cols == 0 {
             return Ok(out);
         }
         let mode: i32 = match mode {
             Pooling::Cls => 0,
             Pooling::Mean => 1,
+            Pooling::ClsAndMean => 2,
         };
         let launch = Launch {
             entry: Entry::Pool,

@@ -485,14 +485,15 @@ impl Backend for WgpuBackend {
             x.rows,
             batch.n_tokens
         );
-        let out = self.output(batch.n_seqs, x.cols, "pooled")?;
-        let n = u32_of(batch.n_seqs * x.cols, "pooled values")?;
+        let out = self.output(batch.n_seqs, mode.width(x.cols), "pooled")?;
+        let n = u32_of(batch.n_seqs * mode.width(x.cols), "pooled values")?;
         if n == 0 {
             return Ok(out);
         }
         let mode = match mode {
             Pooling::Cls => 0,
             Pooling::Mean => 1,
+            Pooling::ClsAndMean => 2,
         };
         let p = params(&[batch.n_seqs as u32, x.cols as u32, mode]);
         let (gx, gy) = self.ctx.grid(n.div_ceil(256));
