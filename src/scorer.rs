@@ -86,6 +86,37 @@ pub struct Scorer {
     device_note: Option<String>,
 }
 
+/// Whether the checkpoint's sentence-transformers `Dense` module is its head (checking that it
+/// reads the encoder's width). It is when config.json says what its outputs mean, as `mira
+/// distill` writes: a `problem_type` and one `id2label` entry per output, no classifier of the
+/// model's own and no Normalize after it. Otherwise it is part of the embedding, as
+/// sentence-transformers applies it.
+fn dense_is_head(
+    dir: &Path,
+    cfg: &model::config::ModelConfig,
+    sentence: &SentenceConfig,
+    encoder: &dyn Encoder,
+) -> Result<bool> {
+    let Some(d) = &sentence.dense else {
+        return Ok(false);
+    };
+    if d.in_features != encoder.hidden_size() {
+        bail!(
+            "{}: the Dense module reads {} values but the encoder's hidden size is {}",
+            dir.display(),
+            d.in_features,
+            encoder.hidden_size()
+        );
+    }
+    Ok(encoder.num_outputs() == 0
+        && cfg.problem_type.is_some()
+        && !sentence.normalize
+        && cfg
+            .declared_labels
+            .as_ref()
+            .is_some_and(|l| l.len() == d.out_features))
+}
+
 impl Scorer {
     /// Load a Hugging Face checkpoint folder with default options.
     pub fn load(dir: impl AsRef<Path>, device: Device) -> Result<Scorer> {
@@ -160,21 +191,7 @@ impl Scorer {
             bail!("max_tokens {max_tokens} exceeds the model's max_position_embeddings {max_pos}");
         }
         let text = TextEncoder::from_file(&ckpt.tokenizer(), max_tokens)?;
-        if let Some(d) = &sentence.dense {
-            if d.in_features != encoder.hidden_size() {
-                bail!(
-                    "{}: the Dense module reads {} values but the encoder's hidden size is {}",
-                    dir.display(),
-                    d.in_features,
-                    encoder.hidden_size()
-                );
-            }
-        }
-        // A sentence-transformers Dense module is the head when config.json says what its
-        // outputs mean (a `problem_type`, as `mira distill` writes); otherwise it is part of
-        // the embedding, as sentence-transformers applies it.
-        let dense_head =
-            encoder.num_outputs() == 0 && cfg.problem_type.is_some() && sentence.dense.is_some();
+        let dense_head = dense_is_head(dir, cfg, &sentence, encoder.as_ref())?;
         let head = match (encoder.num_outputs(), &sentence.dense) {
             (0, Some(d)) if dense_head => Some(head_info(dir, cfg, d.out_features)?),
             (0, _) => None,

@@ -169,14 +169,18 @@ fn features_chosen_by_validation_export_and_share_one_encoder() {
         let info = &v.students[group];
         assert_eq!(info.feature, kind, "group {group}: {:?}", info.candidates);
         assert_eq!(info.candidates.len(), 3);
-        let chosen = info.candidates.iter().find(|c| c.feature == kind).unwrap();
-        for c in info.candidates.iter().filter(|c| c.feature != kind) {
+        let mae = |f: Feature| {
+            let c = info.candidates.iter().find(|c| c.feature == f).unwrap();
+            c.mae.unwrap()
+        };
+        for other in Feature::ALL.into_iter().filter(|f| *f != kind) {
             assert!(
-                chosen.mae < 0.05 && chosen.mae < 0.1 * c.mae,
+                mae(kind) < 0.05 && mae(kind) < 0.1 * mae(other),
                 "group {group}: {:?}",
                 info.candidates
             );
         }
+        let chosen = info.candidates.iter().find(|c| c.feature == kind).unwrap();
         assert!(chosen.spearman.unwrap() > 0.9, "{:?}", info.candidates);
     }
     let report = std::fs::read_to_string(students.join("validation.md")).unwrap();
@@ -316,7 +320,7 @@ fn features_chosen_by_validation_export_and_share_one_encoder() {
 }
 
 #[test]
-fn a_fixed_feature_is_used_for_every_group() {
+fn a_fixed_feature_is_used_for_every_group_and_a_rewrite_leaves_no_stale_head() {
     let tmp = tempfile::tempdir().unwrap();
     let encoder = Scorer::load(common::minilm_dir(), Device::Cpu).unwrap();
     let labels = labels(&encoder, &records());
@@ -329,4 +333,57 @@ fn a_fixed_feature_is_used_for_every_group() {
         assert_eq!(info.feature, Feature::Cls);
         assert_eq!(info.candidates.len(), 1);
     }
+    let dir = tmp.path().join("gmean");
+    let texts = [
+        "a short text",
+        "another one, a little longer than the first",
+    ];
+
+    // Without a problem_type in config.json the Dense module is part of the embedding, as
+    // sentence-transformers applies it: no head, and the embedding is the Dense output.
+    let cfg_path = dir.join("config.json");
+    let cfg = std::fs::read_to_string(&cfg_path).unwrap();
+    let mut plain = json_file(&cfg_path);
+    plain.as_object_mut().unwrap().remove("problem_type");
+    std::fs::write(&cfg_path, plain.to_string()).unwrap();
+    let embedder = Scorer::load(&dir, Device::Cpu).unwrap();
+    assert!(embedder.head().is_none());
+    assert_eq!(embedder.embedding_dim(), 2);
+    std::fs::write(&cfg_path, cfg).unwrap();
+    let as_head = Scorer::load(&dir, Device::Cpu)
+        .unwrap()
+        .score(&texts)
+        .unwrap();
+    assert_eq!(embedder.embed(&texts).unwrap().values, as_head.values);
+
+    // Distilled again into the same folders as pooler students: no sentence-transformers
+    // module of the earlier students is left behind to be loaded instead of the classifier.
+    let opts = DistillOptions {
+        feature: FeatureChoice::Fixed(Feature::Pooler),
+        ..Default::default()
+    };
+    distill::distill(&encoder, &labels, tmp.path(), &opts).unwrap();
+    for name in ["modules.json", "1_Pooling", "2_Dense"] {
+        assert!(!dir.join(name).exists(), "{name} left behind");
+    }
+    let groups = Groups::from_sources(
+        GROUPS
+            .iter()
+            .map(|(g, s, _)| (s.to_string(), g.to_string()))
+            .collect::<BTreeMap<_, _>>(),
+    );
+    let students = Students::load(
+        tmp.path(),
+        &groups.names(),
+        Device::Cpu,
+        LoadOptions::default(),
+    )
+    .unwrap();
+    assert!(matches!(
+        students,
+        Students::Shared {
+            row: Row::Pooler,
+            ..
+        }
+    ));
 }

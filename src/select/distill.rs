@@ -96,7 +96,7 @@ fn pooler() -> Feature {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Candidate {
     pub feature: Feature,
-    pub mae: f64,
+    pub mae: Option<f64>,
     pub spearman: Option<f64>,
 }
 
@@ -221,7 +221,10 @@ fn fit_group(
     }
     let candidates: Vec<Candidate> = fits.iter().map(|f| f.candidate(yv, a)).collect();
     let best = (0..fits.len())
-        .min_by(|&i, &j| candidates[i].mae.total_cmp(&candidates[j].mae))
+        .min_by(|&i, &j| {
+            let mae = |k: usize| candidates[k].mae.unwrap_or(f64::INFINITY);
+            mae(i).total_cmp(&mae(j))
+        })
         .context("no candidate feature (the encoder has no pooler)")?;
     Ok((fits.swap_remove(best), candidates))
 }
@@ -250,12 +253,12 @@ impl Fit {
         let (mut mae, mut rho) = (0.0, Vec::new());
         for j in 0..a {
             let (p, t) = (column(&self.pred, a, j), column(yv, a, j));
-            mae += stats::mae(&p, &t).unwrap_or(f64::INFINITY) / a as f64;
+            mae += stats::mae(&p, &t).unwrap_or(f64::NAN) / a as f64;
             rho.extend(stats::spearman(&p, &t));
         }
         Candidate {
             feature: self.feature,
-            mae,
+            mae: mae.is_finite().then_some(mae),
             spearman: (!rho.is_empty()).then(|| rho.iter().sum::<f64>() / rho.len() as f64),
         }
     }
@@ -465,9 +468,9 @@ pub fn report(v: &Validation) -> String {
                 };
                 let _ = writeln!(
                     s,
-                    "| {} | {:.3} | {} | {chosen} |",
+                    "| {} | {} | {} | {chosen} |",
                     c.feature,
-                    c.mae,
+                    fmt_opt(c.mae),
                     fmt_opt(c.spearman)
                 );
             }

@@ -51,6 +51,7 @@ pub fn write_student(
         Feature::Pooler => {
             cfg["architectures"] = json!(["BertForSequenceClassification"]);
             encoder_prefix = "bert.";
+            remove_sentence_modules(dir)?;
         }
         Feature::Cls | Feature::Mean => {
             cfg["architectures"] = json!(["BertModel"]);
@@ -158,6 +159,24 @@ fn serialize(tensors: &[Tensor]) -> Result<Vec<u8>> {
         .collect::<Result<_>>()?;
     let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
     Ok(safetensors::tensor::serialize(views, Some(meta))?)
+}
+
+/// Remove the sentence-transformers modules an earlier student in `dir` left (its feature was
+/// CLS or mean): the folder must not keep a second head that a library would load instead.
+fn remove_sentence_modules(dir: &Path) -> Result<()> {
+    let modules = dir.join("modules.json");
+    if modules.exists() {
+        std::fs::remove_file(&modules)
+            .with_context(|| format!("cannot remove {}", modules.display()))?;
+    }
+    for sub in ["1_Pooling", "2_Dense"] {
+        let p = dir.join(sub);
+        if p.exists() {
+            std::fs::remove_dir_all(&p)
+                .with_context(|| format!("cannot remove {}", p.display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// `modules.json`, `1_Pooling/` and `2_Dense/` of a sentence-transformers student.

@@ -125,6 +125,9 @@ impl Students {
             let mut head =
                 read_head(d, hidden).with_context(|| format!("the student of group {g}"))?;
             if head.feature == Feature::Pooler {
+                if pooler.is_none() {
+                    bail!("the student of group {g} reads the pooler, but the shared encoder has none");
+                }
                 head.pooler = pooler.clone();
             }
             heads.insert(g.clone(), head);
@@ -176,6 +179,11 @@ fn read_head(dir: &Path, hidden: usize) -> Result<Head> {
     let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
     let sentence = crate::model::st::SentenceConfig::load(dir)?;
     let (feature, weight, bias, outputs) = match sentence.dense {
+        Some(_) if Weights::open(dir)?.contains("classifier.weight") => bail!(
+            "{}: the student has two heads (classifier.weight and a Dense module in \
+             modules.json): distil it again into an empty folder",
+            dir.display()
+        ),
         Some(d) => {
             if sentence.normalize || d.tanh || d.in_features != hidden {
                 bail!(
