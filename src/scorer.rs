@@ -86,6 +86,14 @@ pub struct Scorer {
     device_note: Option<String>,
 }
 
+/// A lenient call's result, or an error naming its first failed document.
+fn strict<T>((value, failures): (T, Vec<DocFailure>)) -> Result<T> {
+    match failures.into_iter().next() {
+        Some(f) => bail!("document {}: {}", f.doc, f.message),
+        None => Ok(value),
+    }
+}
+
 /// Whether the checkpoint's sentence-transformers `Dense` module is its head (checking that it
 /// reads the encoder's width). It is when config.json says what its outputs mean, as `mira
 /// distill` writes: a `problem_type` and one `id2label` entry per output, no classifier of the
@@ -337,11 +345,7 @@ impl Scorer {
 
     /// Like [`score`](Self::score) on already tokenized documents.
     pub fn score_ids(&self, ids: &[Vec<u32>]) -> Result<Scores> {
-        let (scores, failures) = self.score_ids_lenient(ids)?;
-        match failures.into_iter().next() {
-            Some(f) => bail!("document {}: {}", f.doc, f.message),
-            None => Ok(scores),
-        }
+        strict(self.score_ids_lenient(ids)?)
     }
 
     /// [`score_ids`](Self::score_ids), except that a document the model cannot score (a
@@ -373,11 +377,7 @@ impl Scorer {
     pub fn logits_ids(&self, ids: &[Vec<u32>]) -> Result<Vec<f32>> {
         let n = self.encoder().num_outputs();
         if self.dense_head {
-            let (values, failures) = self.pooled_then_dense(ids)?;
-            return match failures.into_iter().next() {
-                Some(f) => bail!("document {}: {}", f.doc, f.message),
-                None => Ok(values),
-            };
+            return strict(self.pooled_then_dense(ids)?);
         }
         if n == 0 {
             bail!("{} has no classification head", self.dir.display());
@@ -449,11 +449,7 @@ impl Scorer {
         width: usize,
         forward: impl Fn(&dyn Encoder, &Batch) -> Result<Vec<f32>> + Sync,
     ) -> Result<Vec<f32>> {
-        let (out, failures) = self.run_lenient(ids, width, forward)?;
-        match failures.into_iter().next() {
-            Some(f) => bail!("document {}: {}", f.doc, f.message),
-            None => Ok(out),
-        }
+        strict(self.run_lenient(ids, width, forward)?)
     }
 
     /// [`Self::run`], except that a document whose outputs are not all finite gets a row of NaN

@@ -2,7 +2,7 @@
 //! module and `Normalize` where the checkpoint has them), the `[CLS | mean]` rows and pooler
 //! features that `mira distill` and `mira select` fit and apply heads on.
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 
 use super::{DocFailure, Embeddings, Scorer};
 use crate::engine::Pooling;
@@ -15,11 +15,7 @@ impl Scorer {
     }
 
     pub fn embed_ids(&self, ids: &[Vec<u32>]) -> Result<Embeddings> {
-        let (emb, failures) = self.embed_ids_lenient(ids)?;
-        match failures.into_iter().next() {
-            Some(f) => bail!("document {}: {}", f.doc, f.message),
-            None => Ok(emb),
-        }
+        super::strict(self.embed_ids_lenient(ids)?)
     }
 
     /// [`embed_ids`](Self::embed_ids) with per-document failures, as

@@ -46,19 +46,18 @@ pub fn write_student(
         f32_tensor("bias", vec![anchors.len()], b),
     ];
     std::fs::create_dir_all(dir)?;
-    let encoder_prefix;
-    match info.feature {
+    let encoder_prefix = match info.feature {
         Feature::Pooler => {
             cfg["architectures"] = json!(["BertForSequenceClassification"]);
-            encoder_prefix = "bert.";
             remove_sentence_modules(dir)?;
+            "bert."
         }
         Feature::Cls | Feature::Mean => {
             cfg["architectures"] = json!(["BertModel"]);
-            encoder_prefix = "";
             write_sentence_modules(dir, info.feature, h, anchors.len(), &head)?;
+            ""
         }
-    }
+    };
     let mut tensors = encoder_tensors(src, encoder_prefix)?;
     if info.feature == Feature::Pooler {
         if !tensors.iter().any(|t| t.0 == "bert.pooler.dense.weight") {

@@ -17,6 +17,7 @@ use serde_json::Value;
 use super::distill::student_dir;
 use super::features::{self, Feature, Pooler, Row};
 use crate::model::config::ModelConfig;
+use crate::model::st::Dense;
 use crate::model::weights::Weights;
 use crate::scorer::{activate_outputs, head_info, HeadInfo};
 use crate::{Device, LoadOptions, Scorer};
@@ -48,9 +49,8 @@ pub struct Head {
     pub feature: Feature,
     /// The encoder's pooler, when the head reads it from a `[CLS | mean]` row.
     pooler: Option<std::sync::Arc<Pooler>>,
-    /// `[outputs, hidden]`, row-major.
-    weight: Vec<f32>,
-    bias: Vec<f32>,
+    /// The linear layer (`[outputs, hidden]`, no activation).
+    linear: Dense,
 }
 
 impl Head {
@@ -58,20 +58,7 @@ impl Head {
     /// `weight · feature + bias` (accumulated in f64), then the head's activation.
     pub fn apply(&self, row: &[f32], row_kind: Row) -> Result<Vec<f32>> {
         let features = features::feature(self.feature, row, row_kind, self.pooler.as_deref())?;
-        let h = features.len();
-        let mut out: Vec<f32> = self
-            .weight
-            .chunks_exact(h)
-            .zip(&self.bias)
-            .map(|(w, b)| {
-                let dot: f64 = w
-                    .iter()
-                    .zip(features.iter())
-                    .map(|(a, x)| *a as f64 * *x as f64)
-                    .sum();
-                (dot + *b as f64) as f32
-            })
-            .collect();
+        let mut out = self.linear.apply(&features);
         activate_outputs(self.info.problem_type, &mut out);
         Ok(out)
     }
@@ -178,7 +165,7 @@ fn load_student(group: &str, dir: &Path, device: Device, opts: LoadOptions) -> R
 fn read_head(dir: &Path, hidden: usize) -> Result<Head> {
     let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
     let sentence = crate::model::st::SentenceConfig::load(dir)?;
-    let (feature, weight, bias, outputs) = match sentence.dense {
+    let (feature, linear) = match sentence.dense {
         Some(_) if Weights::open(dir)?.contains("classifier.weight") => bail!(
             "{}: the student has two heads (classifier.weight and a Dense module in \
              modules.json): distil it again into an empty folder",
@@ -196,7 +183,7 @@ fn read_head(dir: &Path, hidden: usize) -> Result<Head> {
                 crate::Pooling::Cls => Feature::Cls,
                 _ => Feature::Mean,
             };
-            (feature, d.weight, d.bias, d.out_features)
+            (feature, d)
         }
         None => {
             let w = Weights::open(dir)?;
@@ -208,20 +195,21 @@ fn read_head(dir: &Path, hidden: usize) -> Result<Head> {
                 );
             }
             let outputs = shape[0];
-            (
-                Feature::Pooler,
-                w.f32("classifier.weight", &[outputs, hidden])?,
-                w.f32("classifier.bias", &[outputs])?,
-                outputs,
-            )
+            let linear = Dense {
+                weight: w.f32("classifier.weight", &[outputs, hidden])?,
+                bias: w.f32("classifier.bias", &[outputs])?,
+                in_features: hidden,
+                out_features: outputs,
+                tanh: false,
+            };
+            (Feature::Pooler, linear)
         }
     };
     Ok(Head {
-        info: head_info(dir, &cfg, outputs)?,
+        info: head_info(dir, &cfg, linear.out_features)?,
         feature,
         pooler: None,
-        weight,
-        bias,
+        linear,
     })
 }
 
