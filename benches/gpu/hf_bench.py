@@ -2,9 +2,10 @@
 """The Hugging Face side of benches/gpu/run.sh: inputs for both engines, and the transformers baseline.
 
 usage:
-    python3 benches/gpu/hf_bench.py make-model OUT_DIR [--tokenizer-from DIR] [--labels 15]
+    python3 benches/gpu/hf_bench.py make-model OUT_DIR [--shape bert-base|minilm] [--tokenizer-from DIR] [--labels 15]
         A BERT-base-shaped random checkpoint (12 layers, hidden 768, 12 heads, intermediate 3072,
-        exact GELU, 512 positions) as BertForSequenceClassification with LABELS regression outputs (a
+        exact GELU, 512 positions; --shape minilm: all-MiniLM-L6-v2's 6 layers, hidden 384, 12 heads,
+        intermediate 1536, for when the real model is not bundled) as BertForSequenceClassification with LABELS regression outputs (a
         MIRA student: one output per anchor), weights N(0, 0.02^2) (LayerNorm weights 1 + N(0, 0.02^2),
         biases N(0, 0.02^2): nothing is zero), saved as bf16 safetensors with a tokenizer copied from
         --tokenizer-from (all-MiniLM-L6-v2's bert-base-uncased vocabulary when available, else the
@@ -42,14 +43,19 @@ def tokenizer_files(src):
             if os.path.exists(os.path.join(src, f))]
 
 
+# hidden size, layers, intermediate size
+SHAPES = {"bert-base": (768, 12, 3072), "minilm": (384, 6, 1536)}
+
+
 def make_model(args):
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
     src = args.tokenizer_from or TEST_TOKENIZER
     vocab = len(json.load(open(os.path.join(src, "tokenizer.json")))["model"]["vocab"])
-    cfg = BertConfig(vocab_size=vocab, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                     intermediate_size=3072, hidden_act="gelu", max_position_embeddings=512,
+    hidden, layers, inter = SHAPES[args.shape]
+    cfg = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=12,
+                     intermediate_size=inter, hidden_act="gelu", max_position_embeddings=512,
                      type_vocab_size=2, num_labels=args.labels, problem_type="regression",
                      id2label={i: f"anchor_{i}" for i in range(args.labels)},
                      label2id={f"anchor_{i}": i for i in range(args.labels)})
@@ -67,7 +73,7 @@ def make_model(args):
     for f in tokenizer_files(src):
         shutil.copy(os.path.join(src, f), os.path.join(args.out, f))
     n = sum(p.numel() for p in model.parameters())
-    print(f"wrote {args.out}: BertForSequenceClassification, {n / 1e6:.1f}M parameters, vocab {vocab}, "
+    print(f"wrote {args.out}: BertForSequenceClassification ({args.shape} shape), {n / 1e6:.1f}M parameters, vocab {vocab}, "
           f"{args.labels} regression outputs, bf16", file=sys.stderr)
 
 
@@ -138,6 +144,7 @@ def main():
     sub = p.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("make-model")
     m.add_argument("out")
+    m.add_argument("--shape", default="bert-base", choices=sorted(SHAPES))
     m.add_argument("--tokenizer-from")
     m.add_argument("--labels", type=int, default=15)
     m.add_argument("--seed", type=int, default=0)

@@ -18,7 +18,8 @@
 #           with .gl/libvulkan1*.deb carried too, mira's wgpu backend is benchmarked as well
 #   env     DOCS (default 20000) texts to benchmark; HF_BATCH (default 128) transformers' batch;
 #           OUT (where results go, default /tmp/mira-gpu);
-#           SKIP_CHECKS=1 or SKIP_BENCH=1 to run one half
+#           SKIP_CHECKS=1 or SKIP_BENCH=1 to run one half; STEP_S (default 150) limits each
+#           check or benchmark command (timeout), so one hang cannot use up the whole call
 # Needs python3 with torch + transformers and the CUDA 13 libraries cuBLASLt and NVRTC (found in
 # the Python environment's nvidia wheels or /usr/local/cuda).
 set -uo pipefail
@@ -26,6 +27,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 BUNDLE="${1:-.gpu}"
 BIN="$BUNDLE/bin"
 OUT="${OUT:-/tmp/mira-gpu}"
+T="timeout -k 5 ${STEP_S:-150}"  # no single check or benchmark may hang the whole (metered) call
 DOCS="${DOCS:-20000}"
 WORK="$(mktemp -d)"
 mkdir -p "$OUT"
@@ -58,11 +60,24 @@ if ls .gl/*.deb >/dev/null 2>&1; then
     ldconfig
     [ -e /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json ] \
         && export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+    [ -e /usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json ] \
+        && export __EGL_VENDOR_LIBRARY_FILENAMES=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
     WGPU=1
 fi
 echo "# $(date -u +%Y-%m-%dT%H:%MZ) $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader)"
 echo "# LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 "$BIN/mira" devices 2>&1 | grep -v XDG_RUNTIME
+if [ "$WGPU" = 1 ] && ! "$BIN/mira" devices 2>/dev/null | grep -q '^wgpu:'; then
+    # No adapter: say why (the Vulkan loader's own account, the driver manifests, what the
+    # driver library cannot find), then skip the wgpu benchmark.
+    echo "# wgpu sees no adapter; VK_DRIVER_FILES=${VK_DRIVER_FILES:-}"
+    ls /usr/local/nvidia/share/vulkan/icd.d /usr/share/vulkan/icd.d /etc/vulkan/icd.d 2>&1 | head
+    VK_LOADER_DEBUG=error,warn,driver "$BIN/mira" devices 2>&1 | grep -iv XDG_RUNTIME | head -30
+    for lib in $(ls /usr/local/nvidia/lib*/libGLX_nvidia.so.* /usr/lib/x86_64-linux-gnu/libGLX_nvidia.so.* 2>/dev/null | head -1); do
+        ldd "$lib" | grep "not found"
+    done
+    WGPU=0
+fi
 
 MINILM=""
 if [ -f "$BUNDLE/minilm/model.safetensors" ]; then
@@ -73,15 +88,17 @@ fi
 if [ "${SKIP_CHECKS:-0}" != 1 ]; then
     skip=()
     [ -z "$MINILM" ] && skip=(--skip minilm) && echo "# MiniLM not bundled: its model check is skipped"
+    # (no `|| true` after these pipelines: under pipefail it would run and reset PIPESTATUS, so a
+    # failed check would pass unnoticed)
     for t in cuda_ops cuda_model; do
         echo "## $t"
-        MIRA_REQUIRE_CUDA=1 "$BIN/$t" --include-ignored --test-threads 1 --nocapture "${skip[@]}" 2>&1 | tee "$OUT/$t.log" \
-            | grep -E '^test |test result|cosine|panicked|SKIPPED' || true
+        MIRA_REQUIRE_CUDA=1 $T "$BIN/$t" --include-ignored --test-threads 1 --nocapture "${skip[@]}" 2>&1 | tee "$OUT/$t.log" \
+            | grep -E '^test |test result|cosine|panicked|SKIPPED'
         [ "${PIPESTATUS[0]}" = 0 ] || status=1
     done
     echo "## cuda_ops attention with MIRA_CUDA_ATTENTION=scalar (the plain kernel in bf16/f16 too)"
-    MIRA_CUDA_ATTENTION=scalar MIRA_REQUIRE_CUDA=1 "$BIN/cuda_ops" --include-ignored --test-threads 1 attention 2>&1 \
-        | tee "$OUT/cuda_ops_scalar.log" | grep -E '^test |test result|panicked' || true
+    MIRA_CUDA_ATTENTION=scalar MIRA_REQUIRE_CUDA=1 $T "$BIN/cuda_ops" --include-ignored --test-threads 1 attention 2>&1 \
+        | tee "$OUT/cuda_ops_scalar.log" | grep -E '^test |test result|panicked'
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 
@@ -90,7 +107,12 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
     python3 benches/gpu/hf_bench.py make-model "$WORK/bert-base" --tokenizer-from "$tok_src" || status=1
     python3 benches/gpu/hf_bench.py make-texts "$WORK/texts.jsonl" --tokenizer "$WORK/bert-base" --docs "$DOCS" || status=1
     models=("bert-base=$WORK/bert-base")
-    [ -n "$MINILM" ] && models+=("minilm=$MINILM")
+    if [ -n "$MINILM" ]; then
+        models+=("minilm=$MINILM")
+    else  # the real model did not fit the transfer: its shape with random weights, same throughput
+        python3 benches/gpu/hf_bench.py make-model "$WORK/minilm-shape" --shape minilm --tokenizer-from "$tok_src" \
+            && models+=("minilm-shape=$WORK/minilm-shape")
+    fi
     : > "$OUT/bench.jsonl"
     for entry in "${models[@]}"; do
         name="${entry%%=*}"; dir="${entry#*=}"
@@ -98,26 +120,26 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
         # f16 storage (the default) at two batch sizes, and bf16 at the larger.
         for run in f16:16384 f16:65536 bf16:65536; do
             prec="${run%%:*}"; bt="${run#*:}"
-            "$BIN/mira" bench --model "$dir" --input "$WORK/texts.jsonl" --device cuda --precision "$prec" \
+            $T "$BIN/mira" bench --model "$dir" --input "$WORK/texts.jsonl" --device cuda --precision "$prec" \
                 --max-tokens 512 --batch-tokens "$bt" --repeat 3 --json 2>"$OUT/mira-$name-$prec-$bt.err" \
                 | sed "s/^{/{\"case\":\"$name\",\"engine\":\"mira cuda $prec, batches of $bt tokens\",/" \
                 | tee -a "$OUT/bench.jsonl" || { status=1; tail -5 "$OUT/mira-$name-$prec-$bt.err"; }
         done
         if [ "$WGPU" = 1 ]; then
-            "$BIN/mira" bench --model "$dir" --input "$WORK/texts.jsonl" --device wgpu --max-tokens 512 \
+            $T "$BIN/mira" bench --model "$dir" --input "$WORK/texts.jsonl" --device wgpu --max-tokens 512 \
                 --repeat 3 --json 2>"$OUT/mira-$name-wgpu.err" \
                 | sed "s/^{/{\"case\":\"$name\",\"engine\":\"mira wgpu (Vulkan)\",/" \
                 | tee -a "$OUT/bench.jsonl" || { status=1; tail -5 "$OUT/mira-$name-wgpu.err"; }
         fi
         # Small batches: one 128-token document per batch, op by op, then as CUDA graphs.
         for graphs in 0 128; do
-            "$BIN/mira" bench --model "$dir" --device cuda --max-tokens 512 --length 128 --docs 2000 \
+            $T "$BIN/mira" bench --model "$dir" --device cuda --max-tokens 512 --length 128 --docs 2000 \
                 --batch-tokens 128 --cuda-graphs "$graphs" --repeat 3 --json 2>"$OUT/mira-$name-graphs$graphs.err" \
                 | sed "s/^{/{\"case\":\"$name, 1 doc of 128 tokens per batch\",\"engine\":\"mira cuda f16, graphs up to $graphs tokens\",/" \
                 | tee -a "$OUT/bench.jsonl" || { status=1; tail -5 "$OUT/mira-$name-graphs$graphs.err"; }
         done
         for attn in eager sdpa; do
-            python3 benches/gpu/hf_bench.py run "$dir" "$WORK/texts.jsonl" --attn "$attn" --batch "${HF_BATCH:-128}" \
+            $T python3 benches/gpu/hf_bench.py run "$dir" "$WORK/texts.jsonl" --attn "$attn" --batch "${HF_BATCH:-128}" \
                 2>"$OUT/hf-$name-$attn.err" \
                 | sed "s/^{/{\"case\":\"$name\",/" | tee -a "$OUT/bench.jsonl" \
                 || { status=1; tail -5 "$OUT/hf-$name-$attn.err"; }
