@@ -308,10 +308,11 @@ impl<D: KernelDevice> KernelBackend<D> {
     }
 
     /// The attention kernel for head size `d`: tensor cores where attention_tc.cu has one
-    /// (bf16/f16 storage), unless scalar attention was asked for.
+    /// (bf16/f16 storage, sm_80 and newer), unless scalar attention was asked for.
     pub(super) fn attention_entry(&self, d: usize) -> Result<(Entry, u32)> {
         let tc = self.storage() != Storage::F32
             && ATTENTION_TC_HEAD_DIMS.contains(&d)
+            && self.dev().tensor_core_attention()
             && !self.shared.scalar_attention.load(Ordering::Relaxed);
         if tc {
             Ok((Entry::AttentionTc(d), TC_THREADS))

@@ -33,6 +33,12 @@ impl DeviceInfo {
     }
 }
 
+/// Whether attention_tc.cu runs on this compute capability (`mma.sync.m16n8k16` with bf16/f16
+/// operands and `cp.async` need sm_80); older devices use attention.cu.
+pub fn has_tensor_core_attention(capability: (i32, i32)) -> bool {
+    capability.0 >= 8
+}
+
 /// Why a device of this compute capability cannot run mira's kernels, if it cannot.
 /// The kernels use warp shuffles with masks and `cvt` to/from f16 (sm_70 and newer).
 pub fn unusable_reason(capability: (i32, i32)) -> Option<String> {
@@ -148,6 +154,14 @@ mod tests {
         assert_eq!(arch_name((8, 6)), "sm_86");
         assert_eq!(arch_name((12, 0)), "sm_120");
         assert!(std::ptr::eq(arch_name((9, 0)), arch_name((9, 0))));
+    }
+
+    #[test]
+    fn tensor_core_attention_starts_at_sm80() {
+        assert!(!has_tensor_core_attention((7, 0)));
+        assert!(!has_tensor_core_attention((7, 5)));
+        assert!(has_tensor_core_attention((8, 0)));
+        assert!(has_tensor_core_attention((9, 0)));
     }
 
     #[test]

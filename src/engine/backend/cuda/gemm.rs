@@ -9,8 +9,11 @@
 //! cuBLASLt's GELU epilogue is the tanh form: it serves `gelu_new`-style checkpoints; exact erf
 //! GELU, SiLU and tanh run in our `bias_act` kernel after the GEMM (`Epilogue::leftover`).
 //!
-//! Descriptors, layouts and the heuristic's algorithm are cached per (m, n, k, epilogue): a
-//! forward pass of a given batch shape queries the heuristic once.
+//! Descriptors and layouts are cached per (m, n, k, epilogue). The algorithm is chosen once per
+//! (n, k, epilogue): the heuristic's best without split-K for a batch of `REFERENCE_TOKENS`
+//! tokens, then used for every m it supports, so each output is summed in the same order
+//! whatever the batch around its document (batched = single, exactly; letting the heuristic pick
+//! per m gave differences of ~1e-6 in f32 on an H200, where m selects another kernel).
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -81,6 +84,11 @@ pub fn column_major_problem(m: usize, n: usize, k: usize) -> (u64, u64, u64, i64
     (n as u64, m as u64, k as u64, k as i64, k as i64, n as i64)
 }
 
+/// The batch size (tokens, GEMM rows) whose algorithm every batch of the same (n, k, epilogue)
+/// uses where it can: a typical throughput batch, so large batches get the kernel the heuristic
+/// would give them.
+const REFERENCE_TOKENS: usize = 16384;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct PlanKey {
     m: usize,
@@ -126,6 +134,9 @@ pub struct Gemm {
     workspace: CudaSlice<u8>,
     data_type: sys::cudaDataType,
     plans: Mutex<HashMap<PlanKey, Plan>>,
+    /// The algorithm per (n, k, epilogue), from the heuristic at m = REFERENCE_TOKENS (None:
+    /// it offered none without split-K).
+    algorithms: Mutex<HashMap<(usize, usize, Epilogue), Option<sys::cublasLtMatmulAlgo_t>>>,
 }
 
 // SAFETY: the handle and plan descriptors are only used under the `plans` mutex or by the
@@ -166,10 +177,76 @@ impl Gemm {
             workspace,
             data_type,
             plans: Mutex::new(HashMap::new()),
+            algorithms: Mutex::new(HashMap::new()),
         })
     }
 
     fn plan(&self, key: PlanKey) -> Result<Plan> {
+        let mut plan = self.describe(key)?;
+        plan.algo = self.algorithm(key, &plan)?;
+        Ok(plan)
+    }
+
+    /// The shared algorithm of `key`'s (n, k, epilogue) where it supports `key.m` (see the
+    /// module doc); otherwise the heuristic's choice for this shape, first without split-K (its
+    /// partial sums change the order with the shape), then any.
+    fn algorithm(&self, key: PlanKey, plan: &Plan) -> Result<sys::cublasLtMatmulAlgo_t> {
+        let shared = {
+            let mut algorithms = self.algorithms.lock().unwrap();
+            match algorithms.get(&(key.n, key.k, key.epilogue)) {
+                Some(a) => *a,
+                None => {
+                    let reference = self.describe(PlanKey {
+                        m: REFERENCE_TOKENS,
+                        ..key
+                    })?;
+                    let a = self.heuristic(&reference, true).ok().map(|r| r.algo);
+                    algorithms.insert((key.n, key.k, key.epilogue), a);
+                    a
+                }
+            }
+        };
+        if let Some(algo) = shared.filter(|a| self.supports(plan, a)) {
+            return Ok(algo);
+        }
+        self.heuristic(plan, true)
+            .or_else(|_| self.heuristic(plan, false))
+            .map(|r| r.algo)
+            .map_err(|e| {
+                anyhow!(
+                    "cuBLASLt has no algorithm for [{}, {}] x [{}, {}]ᵀ with {:?}: {e:?}",
+                    key.m,
+                    key.k,
+                    key.n,
+                    key.k,
+                    key.epilogue
+                )
+            })
+    }
+
+    /// Whether `algo` runs `plan`'s problem within our workspace.
+    fn supports(&self, plan: &Plan, algo: &sys::cublasLtMatmulAlgo_t) -> bool {
+        // SAFETY: plain old data, filled by the check.
+        let mut checked: sys::cublasLtMatmulHeuristicResult_t = unsafe { mem::zeroed() };
+        // SAFETY: the handle and the plan's descriptors are live; `checked` is writable.
+        let status = unsafe {
+            sys::cublasLtMatmulAlgoCheck(
+                self.handle,
+                plan.desc,
+                plan.a,
+                plan.b,
+                plan.c,
+                plan.c,
+                algo,
+                &mut checked,
+            )
+        };
+        status == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
+            && checked.workspaceSize <= self.workspace.len()
+    }
+
+    /// The descriptors and layouts of `key`'s problem (the algorithm still to choose).
+    fn describe(&self, key: PlanKey) -> Result<Plan> {
         let (mm, nn, kk, lda, ldb, ldc) = column_major_problem(key.m, key.n, key.k);
         let dt = self.data_type;
         // The plan owns each handle as soon as it exists, so an error below frees them all.
@@ -178,7 +255,7 @@ impl Gemm {
             a: std::ptr::null_mut(),
             b: std::ptr::null_mut(),
             c: std::ptr::null_mut(),
-            // SAFETY: plain old data, overwritten by the heuristic's choice below.
+            // SAFETY: plain old data, overwritten by the chosen algorithm in `plan`.
             algo: unsafe { mem::zeroed() },
         };
         plan.desc = result::create_matmul_desc(
@@ -221,24 +298,6 @@ impl Gemm {
         plan.a = layout(kk, mm, lda)?;
         plan.b = layout(kk, nn, ldb)?;
         plan.c = layout(mm, nn, ldc)?;
-        // First without split-K: its partial sums change the summation order with the shape, so
-        // a document's values would depend on the batch around it. Should the heuristic offer
-        // nothing then, any algorithm.
-        let chosen = self
-            .heuristic(&plan, true)
-            .or_else(|_| self.heuristic(&plan, false));
-        plan.algo = chosen
-            .map_err(|e| {
-                anyhow!(
-                    "cuBLASLt has no algorithm for [{}, {}] x [{}, {}]ᵀ with {:?}: {e:?}",
-                    key.m,
-                    key.k,
-                    key.n,
-                    key.k,
-                    key.epilogue
-                )
-            })?
-            .algo;
         Ok(plan)
     }
 

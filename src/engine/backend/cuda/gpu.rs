@@ -60,9 +60,13 @@ impl Drop for SlotLease {
 struct Kernels(HashMap<Entry, CudaFunction>);
 
 impl Kernels {
-    fn load(ctx: &Arc<CudaContext>, storage: Storage, arch: &'static str) -> Result<Kernels> {
+    fn load(ctx: &Arc<CudaContext>, storage: Storage, capability: (i32, i32)) -> Result<Kernels> {
+        let arch = device::arch_name(capability);
         let mut functions = HashMap::new();
         for file in KernelFile::ALL {
+            if file == KernelFile::AttentionTc && !device::has_tensor_core_attention(capability) {
+                continue; // (its PTX would not load before sm_80)
+            }
             let ptx = super::kernels::cached_ptx(file, storage, arch)?;
             let module = ctx
                 .load_module(cudarc::nvrtc::Ptx::from_src(ptx.as_str()))
@@ -187,8 +191,7 @@ impl KernelBackend<Gpu> {
         let stream = ctx.new_stream().map_err(driver("stream creation"))?;
         let copy = ctx.new_stream().map_err(driver("stream creation"))?;
         let capture = ctx.new_stream().map_err(driver("stream creation"))?;
-        let arch = device::arch_name(info.capability);
-        let k = Kernels::load(&ctx, storage, arch)?;
+        let k = Kernels::load(&ctx, storage, info.capability)?;
         let gemm = Gemm::new(&stream, storage, info.capability.0 >= 9)?;
         Ok(KernelBackend::on(Gpu {
             inner: Arc::new(Inner {
@@ -362,6 +365,10 @@ impl KernelDevice for Gpu {
 
     fn multiprocessors(&self) -> u32 {
         self.inner.info.multiprocessors.max(1) as u32
+    }
+
+    fn tensor_core_attention(&self) -> bool {
+        device::has_tensor_core_attention(self.inner.info.capability)
     }
 
     fn alloc(&self, bytes: usize, _what: &str) -> Result<(CudaSlice<u8>, u64)> {

@@ -25,6 +25,11 @@ pub trait KernelDevice: Send + Sync + 'static {
     fn storage(&self) -> Storage;
     /// Streaming multiprocessors (sizes grid-stride launches).
     fn multiprocessors(&self) -> u32;
+    /// Whether attention_tc.cu's kernels are loaded (they need sm_80: `mma.sync.m16n8k16`,
+    /// `cp.async`); without them attention runs attention.cu.
+    fn tensor_core_attention(&self) -> bool {
+        true
+    }
     /// `bytes` uninitialised bytes (`what` names them in errors).
     fn alloc(&self, bytes: usize, what: &str) -> Result<(Self::Mem, u64)>;
     /// Set `bytes` bytes at `ptr` to `byte`, in order with the ops.
