@@ -14,6 +14,26 @@ extern "C" __global__ void bias_act(T* x, const T* bias, int rows, int n, int ac
     const size_t step = (size_t)gridDim.x * blockDim.x;
     const size_t chunks = total / VEC;
     vec16* xv = reinterpret_cast<vec16*>(x);
+    if (n % VEC == 0 && total % VEC == 0 && chunks <= 0xffffffffu &&
+        (bias == nullptr || (size_t)bias % 16 == 0)) {
+        // Whole rows of vectors: the bias as vectors too, one 32-bit remainder per 16 bytes (the
+        // general loop below spends more on indexing than on the arithmetic).
+        const u32 per_row = (u32)(n / VEC);
+        const vec16* bv = reinterpret_cast<const vec16*>(bias);
+        for (size_t ch = first; ch < chunks; ch += step) {
+            vec16 a = xv[ch];
+            if (bv) {
+                const vec16 b = bv[(u32)ch % per_row];
+                #pragma unroll
+                for (int i = 0; i < VEC; ++i) st(a.v, i, activate(ld(a.v, i) + ld(b.v, i), act));
+            } else {
+                #pragma unroll
+                for (int i = 0; i < VEC; ++i) st(a.v, i, activate(ld(a.v, i), act));
+            }
+            xv[ch] = a;
+        }
+        return;
+    }
     for (size_t ch = first; ch < chunks; ch += step) {
         vec16 a = xv[ch];
         size_t c = (ch * VEC) % n;

@@ -1,12 +1,15 @@
 // Varlen attention on tensor cores (FlashAttention-2 style) for bf16/f16 storage; f32 storage and
 // head sizes that are not multiples of 16 use attention.cu. Same contract as attention.cu: the
 // host lists query blocks of up to 64 tokens that never cross a sequence; blockIdx.y is the head;
-// half_window < 0 means global attention.
+// half_window < 0 means global attention. Needs sm_80 (mma.sync m16n8k16, cp.async) and a
+// 16-byte aligned qkv (the host checks).
 //
 // A block is 4 warps; warp w owns queries q0 + 16w .. q0 + 16w + 15. Its Q (16 × D) stays in
 // registers as mma A-fragments. Keys and values stream through shared memory 64 at a time, both
-// row-major (one row per key, 32-bit stores), rows padded by 16 bytes so fragment reads are
-// bank-conflict free. Per tile: S = Q·Kᵀ with mma.sync m16n8k16 (f32 accumulate; a K row holds a
+// row-major (one row per key), rows padded by 16 bytes so fragment reads are bank-conflict free,
+// copied by cp.async 16 bytes per instruction; up to D = 80 two stages deep (the next tile's copy
+// is in flight while this one is multiplied: two stages of D = 96 would pass 48 KiB of static
+// shared memory). Tiles wholly inside the sequence and the window skip the masking. Per tile: S = Q·Kᵀ with mma.sync m16n8k16 (f32 accumulate; a K row holds a
 // B-fragment's pair), mask (sequence end, sliding window), online softmax in base 2 on the
 // accumulator fragments (row max/sum across the 4 threads of a quad), then P is re-packed from
 // accumulator layout into A-fragments in registers (no shared round trip) and O += P·V with mma
@@ -44,6 +47,22 @@ __device__ __forceinline__ void ldsm_x4_trans(u32 (&r)[4], const T* row) {
 }
 #endif
 
+#if !defined(MIRA_EMU)
+// 16 bytes global -> shared without passing through registers; zeros when !valid (src-size 0).
+__device__ __forceinline__ void cp_async16(T* dst, const T* src, bool valid) {
+    u32 addr;
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(addr) : "l"(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(addr), "l"(src),
+                 "r"(valid ? 16 : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+#endif
+
 // Two floats as a pair of storage values (first in the low half).
 __device__ __forceinline__ u32 pack2(float lo, float hi) {
     return (u32)from_f32(lo) | ((u32)from_f32(hi) << 16);
@@ -58,8 +77,10 @@ __device__ __forceinline__ void attention_tc_impl(const T* qkv, const uint2* blo
                                                   const u32* cu_seqlens, T* out, int hidden,
                                                   int n_blocks, int half_window, float scale) {
     constexpr int KP = D + 8;  // K and V tile row pitch (storage values; rows 16-byte aligned)
-    __shared__ __align__(16) T k_s[TC_BK * KP];
-    __shared__ __align__(16) T v_s[TC_BK * KP];
+    constexpr int STAGES = D <= 80 ? 2 : 1;
+    constexpr int CHUNKS = D / 8;  // 16-byte pieces of a row
+    __shared__ __align__(16) T k_s[STAGES][TC_BK * KP];
+    __shared__ __align__(16) T v_s[STAGES][TC_BK * KP];
     const int blk = blockIdx.x;
     if (blk >= n_blocks) return;
     const int head = blockIdx.y;
@@ -93,21 +114,45 @@ __device__ __forceinline__ void attention_tc_impl(const T* qkv, const uint2* blo
     float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.0f, l1 = 0.0f;
     const float scale2 = scale * 1.4426950408889634f;  // softmax in base 2
 
-    for (u32 t0 = k_lo; t0 < k_hi; t0 += TC_BK) {
-        // K and V rows as they are; keys past the range are zeros.
-        for (int e = threadIdx.x; e < TC_BK * (D / 2); e += TC_THREADS) {
-            const int j = e / (D / 2), d = 2 * (e % (D / 2));
+    // Copy the K and V rows of keys t0 .. t0 + 63 into stage st as one cp.async group; keys past
+    // the range are zeros.
+    auto load_tile = [&](int st, u32 t0) {
+        // (Unrolled only where a tile's copy overlaps the multiplications: at D = 96 the unrolled
+        // address arithmetic spills on sm_80.)
+        #pragma unroll(STAGES == 2 ? TC_BK * CHUNKS / TC_THREADS : 1)
+        for (int i = 0; i < TC_BK * CHUNKS / TC_THREADS; ++i) {  // D / 16 pieces per thread
+            const int e = threadIdx.x + i * TC_THREADS;
+            const int j = e / CHUNKS, d = (e % CHUNKS) * 8;
             const u32 key = t0 + j;
-            u32 kv = 0u, vv = 0u;
-            if (key < k_hi) {
-                const size_t base = key * stride + hidden + head * D + d;
-                kv = ld2(qkv, base);
-                vv = ld2(qkv, base + hidden);
-            }
-            *reinterpret_cast<u32*>(&k_s[j * KP + d]) = kv;
-            *reinterpret_cast<u32*>(&v_s[j * KP + d]) = vv;
+            const bool valid = key < k_hi;
+            const size_t base = (size_t)(valid ? key : k_lo) * stride + hidden + head * D + d;
+            cp_async16(&k_s[st][j * KP + d], qkv + base, valid);
+            cp_async16(&v_s[st][j * KP + d], qkv + base + hidden, valid);
+        }
+        cp_async_commit();
+    };
+    int st = 0;
+    if (STAGES == 2 && k_lo < k_hi) load_tile(0, k_lo);
+    const u32 warp_q0 = q0 + warp * 16;
+    for (u32 t0 = k_lo; t0 < k_hi; t0 += TC_BK) {
+        if (STAGES == 1) {
+            load_tile(0, t0);
+            cp_async_wait<0>();
+        } else if (t0 + TC_BK < k_hi) {
+            load_tile(st ^ 1, t0 + TC_BK);  // in flight while this tile is multiplied
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
         }
         __syncthreads();
+        const T* k_t = k_s[st];
+        const T* v_t = v_s[st];
+        // Every (row, key) of this warp's 16 rows and the tile's 64 keys visible? Then no mask.
+        bool masked = t0 + TC_BK > k_hi;
+        if (half_window >= 0) {
+            const int a = (int)(warp_q0 + 15) - (int)t0, b = (int)(t0 + TC_BK - 1) - (int)warp_q0;
+            masked = masked || abs(a) > half_window || abs(b) > half_window;
+        }
         if (warp_live) {
             float s[TC_BK / 8][4];
             #pragma unroll
@@ -115,7 +160,7 @@ __device__ __forceinline__ void attention_tc_impl(const T* qkv, const uint2* blo
                 s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
                 #pragma unroll
                 for (int kt = 0; kt < D / 16; ++kt) {
-                    const T* kr = &k_s[(nt * 8 + g) * KP + kt * 16 + 2 * t];
+                    const T* kr = &k_t[(nt * 8 + g) * KP + kt * 16 + 2 * t];
                     mma16816(s[nt], qf[kt], *reinterpret_cast<const u32*>(kr),
                              *reinterpret_cast<const u32*>(kr + 8));
                 }
@@ -126,12 +171,15 @@ __device__ __forceinline__ void attention_tc_impl(const T* qkv, const uint2* blo
             for (int nt = 0; nt < TC_BK / 8; ++nt) {
                 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
-                    const u32 key = t0 + nt * 8 + 2 * t + (i & 1);
-                    const u32 row = i < 2 ? row0 : row1;
-                    bool visible = key < k_hi;
-                    if (half_window >= 0) {
-                        const u32 dist = row > key ? row - key : key - row;
-                        visible = visible && dist <= (u32)half_window;
+                    bool visible = true;
+                    if (masked) {
+                        const u32 key = t0 + nt * 8 + 2 * t + (i & 1);
+                        const u32 row = i < 2 ? row0 : row1;
+                        visible = key < k_hi;
+                        if (half_window >= 0) {
+                            const u32 dist = row > key ? row - key : key - row;
+                            visible = visible && dist <= (u32)half_window;
+                        }
                     }
                     s[nt][i] = visible ? s[nt][i] * scale2 : NEG_INF;
                 }
@@ -178,7 +226,7 @@ __device__ __forceinline__ void attention_tc_impl(const T* qkv, const uint2* blo
                 // Lane l addresses row l%8 of tile l/8: keys kt·16 + 8·((l/8)%2) + l%8, dimensions
                 // from 8·(l/16) on; tiles 0, 1 are b0, b1 of one 8-wide dimension block, tiles
                 // 2, 3 of the next.
-                const T* vrow = &v_s[(kt * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * KP +
+                const T* vrow = &v_t[(kt * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * KP +
                                      (lane >> 4) * 8];
                 #pragma unroll
                 for (int nt = 0; nt < D / 8; nt += 2) {
@@ -189,7 +237,8 @@ __device__ __forceinline__ void attention_tc_impl(const T* qkv, const uint2* blo
                 }
             }
         }
-        __syncthreads();
+        __syncthreads();  // everyone is done with stage st before a copy overwrites it
+        if (STAGES == 2) st ^= 1;
     }
     if (!warp_live) return;
     #pragma unroll

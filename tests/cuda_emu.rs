@@ -193,6 +193,23 @@ extern "C" __global__ void ldsm_tile(const T* src, u32* out) {
     for (int i = 0; i < 4; ++i) out[lane * 4 + i] = r[i];
 }
 
+// cp.async lands when a wait retires its group: before, shared memory holds what it held (1.0);
+// wait_group 1 retires all but the newest group; an invalid copy writes zeros. One thread.
+extern "C" __global__ void cp_async_groups(const T* src, T* out) {
+    __shared__ __align__(16) T buf[24];
+    for (int e = 0; e < 24; ++e) buf[e] = from_f32(1.0f);
+    cp_async16(&buf[0], src, true);
+    cp_async_commit();
+    cp_async16(&buf[8], src + 8, true);
+    cp_async16(&buf[16], src + 16, false);
+    cp_async_commit();
+    for (int e = 0; e < 24; ++e) out[e] = buf[e];
+    cp_async_wait<1>();
+    for (int e = 0; e < 24; ++e) out[24 + e] = buf[e];
+    cp_async_wait<0>();
+    for (int e = 0; e < 24; ++e) out[48 + e] = buf[e];
+}
+
 extern "C" __global__ void sync_in_divergent_code(float* x) {
     if (threadIdx.x < 16) __syncthreads();
     else x[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.0f, 1);
@@ -220,6 +237,7 @@ fn self_test_device() -> Option<emu::EmuDevice> {
         "reverse_and_warp_sums",
         "mma_tile",
         "ldsm_tile",
+        "cp_async_groups",
         "sync_in_divergent_code",
         "shuffle_after_a_lane_exited",
         "write_one_past",
@@ -333,6 +351,46 @@ fn emulator_ldmatrix_trans_transposes_each_tile() {
             assert_eq!(got, want, "lane {lane} tile {tile}");
         }
     }
+}
+
+/// cp.async writes shared memory only when a wait retires its group (so a kernel that reads a
+/// tile before waiting gets wrong numbers here, as it may on a GPU), oldest group first, and an
+/// invalid copy fills zeros.
+#[test]
+fn emulator_cp_async_lands_at_the_wait() {
+    let Some(dev) = self_test_device() else {
+        return;
+    };
+    let src: Vec<u16> = (0u16..24).map(|v| v * 3 + 1).collect();
+    let bytes: Vec<u8> = src.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let (_sm, sp) = dev.upload(&bytes, "source").unwrap();
+    let (_om, op) = dev.upload(&[0u8; 144], "snapshots").unwrap();
+    // SAFETY: src holds 24 16-bit values, out 72.
+    unsafe {
+        dev.run(
+            "cp_async_groups",
+            (1, 1, 1),
+            1,
+            &[Arg::Ptr(sp), Arg::Ptr(op)],
+        )
+    }
+    .unwrap();
+    // SAFETY: out holds 144 bytes.
+    let out: Vec<u16> = unsafe { dev.download(op, 144) }
+        .unwrap()
+        .chunks(2)
+        .map(|b| u16::from_le_bytes([b[0], b[1]]))
+        .collect();
+    let one = 0x3f80; // bf16 1.0
+    assert_eq!(&out[..24], &[one; 24], "nothing lands before a wait");
+    assert_eq!(
+        &out[24..32],
+        &src[..8],
+        "wait_group 1 retires the older group"
+    );
+    assert_eq!(&out[32..48], &[one; 16], "and leaves the newer in flight");
+    assert_eq!(&out[48..64], &src[..16]);
+    assert_eq!(&out[64..72], &[0; 8], "an invalid copy writes zeros");
 }
 
 /// What would hang or corrupt memory on a GPU fails the launch with a reason.

@@ -160,6 +160,13 @@ inline void prepare(Context& c, char* stack, size_t size, void (*entry)()) {
 }
 #endif
 
+// One 16-byte cp.async: the destination is written only when a cp.async.wait_group retires its
+// group, so a kernel that reads shared memory before waiting reads what was there before.
+struct AsyncCopy {
+    void* dst;
+    unsigned char bytes[16];
+};
+
 struct Fiber {
     Context ctx;
     char* stack = nullptr;  // STACK bytes above a PROT_NONE guard page
@@ -167,6 +174,8 @@ struct Fiber {
     bool done = false;
     int wait = 0;  // 0 running, 1 at the block barrier, 2 at the warp barrier
     unsigned long gen = 0;
+    std::vector<AsyncCopy> open;                  // issued since the last commit_group
+    std::vector<std::vector<AsyncCopy>> groups;  // committed, oldest first, not yet waited for
 };
 
 struct Block {
@@ -383,6 +392,8 @@ inline std::string run(void (*thunk)(void**), void** args, const unsigned grid[3
                     Fiber& f = b.fibers[t];
                     f.tid = t;
                     f.done = false;
+                    f.open.clear();
+                    f.groups.clear();
                     f.wait = 0;
                     ++b.warp_live[t / 32];
                     ++b.warp_size[t / 32];
@@ -511,6 +522,38 @@ inline void ldsm_x4_trans(unsigned int (&r)[4], const unsigned short* row) {
                ((unsigned int)row_of(8 * i + r0 + 1)[col] << 16);
 }
 #endif
+
+// cp.async.cg.shared.global [dst], [src], 16, valid ? 16 : 0 (zero fill when not valid). The
+// source is read when issued (kernels never write what they copy asynchronously), the
+// destination written when a wait retires the group.
+template <class V>
+inline void cp_async16(V* dst, const V* src, bool valid) {
+    if ((uintptr_t)dst % 16 != 0 || (valid && (uintptr_t)src % 16 != 0))
+        emu::fail("cp.async of 16 bytes with an address that is not 16-byte aligned");
+    emu::AsyncCopy c;
+    c.dst = dst;
+    if (valid)
+        memcpy(c.bytes, src, 16);
+    else
+        memset(c.bytes, 0, 16);
+    emu::me().open.push_back(c);
+}
+
+inline void cp_async_commit() {
+    emu::Fiber& f = emu::me();
+    f.groups.push_back(std::move(f.open));
+    f.open.clear();
+}
+
+// cp.async.wait_group N: all but the N most recently committed groups are complete.
+template <int N>
+inline void cp_async_wait() {
+    emu::Fiber& f = emu::me();
+    while (f.groups.size() > (size_t)N) {
+        for (const emu::AsyncCopy& c : f.groups.front()) memcpy(c.dst, c.bytes, 16);
+        f.groups.erase(f.groups.begin());
+    }
+}
 
 #define MIRA_EMU_ENTRY(name) \
     static const bool mira_emu_entry_##name = emu::add(#name, [](void** a) { emu::call(name, a); });

@@ -294,6 +294,10 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
             "attention: a sliding window must be at least 1 token"
         );
         let (entry, threads) = self.attention_entry(d)?;
+        ensure!(
+            qkv.ptr.is_multiple_of(16),
+            "attention: the qkv tensor is not 16-byte aligned (the kernels copy 16 bytes at a time)"
+        );
         let out = self.output(qkv.rows, h, "attention output")?;
         if batch.n_blocks == 0 {
             return Ok(out);
