@@ -233,7 +233,7 @@ impl Scorer {
                 ..Packer::default()
             }),
             precision,
-            cuda_graph_tokens: 0,
+            cuda_graph_tokens: mira::scorer::DEFAULT_CUDA_GRAPH_TOKENS,
             base_model,
         };
         let scorer = py
