@@ -14,13 +14,13 @@ use crate::text::TextEncoder;
 
 mod pooled;
 
-/// Options for [`Scorer::load_with`].
 /// On CUDA, batches of at most this many tokens run as CUDA graphs unless told otherwise
 /// (`--cuda-graphs`): on an H200, one 128-token document per batch ran 1.2x (BERT-base) to 2.3x
 /// (MiniLM) faster replayed from a graph than launched op by op (BENCHMARKS.md), and batches of
 /// more tokens than this are not held up by launches.
 pub const DEFAULT_CUDA_GRAPH_TOKENS: usize = 512;
 
+/// Options for [`Scorer::load_with`].
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
     /// Truncation limit in tokens, special tokens included. Default: `sentence_bert_config.json`

@@ -193,21 +193,22 @@ extern "C" __global__ void ldsm_tile(const T* src, u32* out) {
     for (int i = 0; i < 4; ++i) out[lane * 4 + i] = r[i];
 }
 
-// cp.async lands when a wait retires its group: before, shared memory holds what it held (1.0);
-// wait_group 1 retires all but the newest group; an invalid copy writes zeros. One thread.
+// cp.async lands when a wait retires its group: before, its destination holds poison (NaN bytes);
+// wait_group 1 retires all but the newest group; an invalid copy writes zeros. One thread; the
+// last 8 values are never a destination and keep 1.0.
 extern "C" __global__ void cp_async_groups(const T* src, T* out) {
-    __shared__ __align__(16) T buf[24];
-    for (int e = 0; e < 24; ++e) buf[e] = from_f32(1.0f);
+    __shared__ __align__(16) T buf[32];
+    for (int e = 0; e < 32; ++e) buf[e] = from_f32(1.0f);
     cp_async16(&buf[0], src, true);
     cp_async_commit();
     cp_async16(&buf[8], src + 8, true);
     cp_async16(&buf[16], src + 16, false);
     cp_async_commit();
-    for (int e = 0; e < 24; ++e) out[e] = buf[e];
+    for (int e = 0; e < 32; ++e) out[e] = buf[e];
     cp_async_wait<1>();
-    for (int e = 0; e < 24; ++e) out[24 + e] = buf[e];
+    for (int e = 0; e < 32; ++e) out[32 + e] = buf[e];
     cp_async_wait<0>();
-    for (int e = 0; e < 24; ++e) out[48 + e] = buf[e];
+    for (int e = 0; e < 32; ++e) out[64 + e] = buf[e];
 }
 
 extern "C" __global__ void sync_in_divergent_code(float* x) {
@@ -353,9 +354,9 @@ fn emulator_ldmatrix_trans_transposes_each_tile() {
     }
 }
 
-/// cp.async writes shared memory only when a wait retires its group (so a kernel that reads a
-/// tile before waiting gets wrong numbers here, as it may on a GPU), oldest group first, and an
-/// invalid copy fills zeros.
+/// cp.async's destination is poison from the issue until a wait retires its group (so a kernel
+/// that reads a tile before waiting, or copies over a tile another warp still reads, gets wrong
+/// numbers here, as it may on a GPU), groups retire oldest first, and an invalid copy fills zeros.
 #[test]
 fn emulator_cp_async_lands_at_the_wait() {
     let Some(dev) = self_test_device() else {
@@ -364,8 +365,8 @@ fn emulator_cp_async_lands_at_the_wait() {
     let src: Vec<u16> = (0u16..24).map(|v| v * 3 + 1).collect();
     let bytes: Vec<u8> = src.iter().flat_map(|v| v.to_le_bytes()).collect();
     let (_sm, sp) = dev.upload(&bytes, "source").unwrap();
-    let (_om, op) = dev.upload(&[0u8; 144], "snapshots").unwrap();
-    // SAFETY: src holds 24 16-bit values, out 72.
+    let (_om, op) = dev.upload(&[0u8; 192], "snapshots").unwrap();
+    // SAFETY: src holds 24 16-bit values, out 96.
     unsafe {
         dev.run(
             "cp_async_groups",
@@ -375,22 +376,28 @@ fn emulator_cp_async_lands_at_the_wait() {
         )
     }
     .unwrap();
-    // SAFETY: out holds 144 bytes.
-    let out: Vec<u16> = unsafe { dev.download(op, 144) }
+    // SAFETY: out holds 192 bytes.
+    let out: Vec<u16> = unsafe { dev.download(op, 192) }
         .unwrap()
         .chunks(2)
         .map(|b| u16::from_le_bytes([b[0], b[1]]))
         .collect();
-    let one = 0x3f80; // bf16 1.0
-    assert_eq!(&out[..24], &[one; 24], "nothing lands before a wait");
+    let (one, poison) = (0x3f80, 0xffff); // bf16 1.0, NaN bytes
+    assert_eq!(&out[..24], &[poison; 24], "nothing lands before a wait");
+    assert_eq!(&out[24..32], &[one; 8], "what no copy targets is untouched");
     assert_eq!(
-        &out[24..32],
+        &out[32..40],
         &src[..8],
         "wait_group 1 retires the older group"
     );
-    assert_eq!(&out[32..48], &[one; 16], "and leaves the newer in flight");
-    assert_eq!(&out[48..64], &src[..16]);
-    assert_eq!(&out[64..72], &[0; 8], "an invalid copy writes zeros");
+    assert_eq!(
+        &out[40..56],
+        &[poison; 16],
+        "and leaves the newer in flight"
+    );
+    assert_eq!(&out[64..80], &src[..16]);
+    assert_eq!(&out[80..88], &[0; 8], "an invalid copy writes zeros");
+    assert_eq!(&out[88..96], &[one; 8]);
 }
 
 /// What would hang or corrupt memory on a GPU fails the launch with a reason.

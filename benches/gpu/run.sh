@@ -27,7 +27,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 BUNDLE="${1:-.gpu}"
 BIN="$BUNDLE/bin"
 OUT="${OUT:-/tmp/mira-gpu}"
-T="timeout -k 5 ${STEP_S:-150}"  # no single check or benchmark may hang the whole (metered) call
+# No single check or benchmark may hang the whole (metered) call. --foreground keeps the command in
+# this script's process group, so a limit on the whole script (session.sh) stops it too.
+T="timeout --foreground -k 5 ${STEP_S:-150}"
 DOCS="${DOCS:-20000}"
 WORK="$(mktemp -d)"
 mkdir -p "$OUT"
@@ -67,7 +69,8 @@ fi
 echo "# $(date -u +%Y-%m-%dT%H:%MZ) $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader)"
 echo "# LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 "$BIN/mira" devices 2>&1 | grep -v XDG_RUNTIME
-if [ "$WGPU" = 1 ] && ! "$BIN/mira" devices 2>/dev/null | grep -q '^wgpu:'; then
+devices=$("$BIN/mira" devices 2>/dev/null)
+if [ "$WGPU" = 1 ] && ! grep -q '^wgpu:' <<<"$devices"; then
     # No adapter: say why (the Vulkan loader's own account, the driver manifests, what the
     # driver library cannot find), then skip the wgpu benchmark.
     echo "# wgpu sees no adapter; VK_DRIVER_FILES=${VK_DRIVER_FILES:-}"

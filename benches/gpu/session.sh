@@ -23,11 +23,15 @@ if [ -f .gpu/pack.tar.xz ] && [ ! -x .gpu/bin/mira ]; then  # the bundle, packed
     python3 -c 'import tarfile; tarfile.open(".gpu/pack.tar.xz").extractall(".gpu")'
 fi
 BIN=.gpu/bin
-save() { tar -czf "$OUT/logs.tgz.part" -C "$LOGS" . 2>/dev/null && mv "$OUT/logs.tgz.part" "$OUT/logs.tgz"; }
+save() {  # each writer its own temporary name; the rename is atomic
+    local part="$OUT/.logs.$BASHPID.part"
+    tar -czf "$part" -C "$LOGS" . 2>/dev/null && mv "$part" "$OUT/logs.tgz"
+}
 # Also every 15 s, so a call killed in the middle of a step still returns that step's logs.
-(while sleep 15; do save; done) &
+(while sleep 15; do save; done) >/dev/null 2>&1 &
 SAVER=$!
-trap 'kill $SAVER 2>/dev/null' EXIT
+stop_saver() { kill "$SAVER" 2>/dev/null; wait "$SAVER" 2>/dev/null; }
+trap stop_saver EXIT
 step() {  # step NAME LIMIT_S COMMAND...: run, log, record exit status and seconds
     local name=$1 limit=$2 s rc
     shift 2
@@ -56,7 +60,7 @@ cp "$LOGS/run/bench.jsonl" "$OUT/bench.jsonl" 2>/dev/null
 
 # 3. ModernBERT-base shape (22 layers, GeGLU, local attention 128 with a global layer every third)
 MB=/tmp/modernbert-base
-step modernbert-make 120 python3 scripts/make_modernbert_base.py "$MB" --threads 16
+[ -n "${MODERNBERT-512 8192}" ] && step modernbert-make 120 python3 scripts/make_modernbert_base.py "$MB" --threads 16
 for len in ${MODERNBERT-512 8192}; do
     bt=65536 docs=$((2560000 / len))
     step "modernbert-$len" 150 bash -o pipefail -c "'$BIN/mira' bench --model '$MB' --device cuda --max-tokens $len --length $len \
@@ -129,5 +133,6 @@ for k in summary["kernels"]:
     print(f"| {k['kernel']} | {k['launches']} | {100 * k['share']:.1f}% | {k['sm_pct']} | {k['mem_pct']} | {k['tensor_pct']} |")
 PY
 grep '^|' "$LOGS/bench.log" 2>/dev/null | tee -a "$OUT/summary.md"  # run.sh's table, with the ratios
+stop_saver
 save
 tail -40 "$LOGS/run/"*.log 2>/dev/null | grep -E "panicked|FAILED|error" | head -20

@@ -524,11 +524,13 @@ inline void ldsm_x4_trans(unsigned int (&r)[4], const unsigned short* row) {
 #endif
 
 // cp.async.cg.shared.global [dst], [src], 16, valid ? 16 : 0 (zero fill when not valid). The
-// source is read when issued (kernels never write what they copy asynchronously), the
-// destination written when a wait retires the group.
+// source is read when issued (kernels never write what they copy asynchronously). The PTX ISA
+// leaves the destination undefined until a wait retires the group: here it holds NaN bytes from
+// the issue on and the data from the wait on, so both a read before the wait and a copy issued
+// over a tile another warp is still reading (a missing barrier) give wrong numbers.
 template <class V>
 inline void cp_async16(V* dst, const V* src, bool valid) {
-    if ((uintptr_t)dst % 16 != 0 || (valid && (uintptr_t)src % 16 != 0))
+    if ((uintptr_t)dst % 16 != 0 || (uintptr_t)src % 16 != 0)
         emu::fail("cp.async of 16 bytes with an address that is not 16-byte aligned");
     emu::AsyncCopy c;
     c.dst = dst;
@@ -536,6 +538,7 @@ inline void cp_async16(V* dst, const V* src, bool valid) {
         memcpy(c.bytes, src, 16);
     else
         memset(c.bytes, 0, 16);
+    memset(dst, 0xff, 16);
     emu::me().open.push_back(c);
 }
 
