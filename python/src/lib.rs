@@ -197,7 +197,7 @@ impl Scorer {
 #[pymethods]
 impl Scorer {
     #[new]
-    #[pyo3(signature = (model_dir, device="auto", precision="auto", max_tokens=None, batch_tokens=None, threads=None, base_model=None))]
+    #[pyo3(signature = (model_dir, device="auto", precision="auto", max_tokens=None, batch_tokens=None, threads=None, base_model=None, cuda_graphs=None))]
     #[allow(clippy::too_many_arguments)] // the Python keyword arguments, one each
     fn new(
         py: Python<'_>,
@@ -208,6 +208,7 @@ impl Scorer {
         batch_tokens: Option<usize>,
         threads: Option<usize>,
         base_model: Option<PathBuf>,
+        cuda_graphs: Option<usize>,
     ) -> PyResult<Scorer> {
         if !model_dir.is_dir() {
             return Err(PyFileNotFoundError::new_err(format!(
@@ -233,7 +234,7 @@ impl Scorer {
                 ..Packer::default()
             }),
             precision,
-            cuda_graph_tokens: mira::scorer::DEFAULT_CUDA_GRAPH_TOKENS,
+            cuda_graph_tokens: cuda_graphs.unwrap_or(mira::scorer::DEFAULT_CUDA_GRAPH_TOKENS),
             base_model,
         };
         let scorer = py

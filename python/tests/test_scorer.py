@@ -102,6 +102,15 @@ def test_bad_arguments_are_value_errors():
         mira.Scorer(str(STUDENT), threads=0)
 
 
+def test_cuda_graphs_is_accepted_and_changes_nothing_on_cpu():
+    texts = ["a fine document", "another one, a little longer than the first"]
+    default = mira.Scorer(str(STUDENT), device="cpu", threads=1).score(texts)
+    off = mira.Scorer(str(STUDENT), device="cpu", threads=1, cuda_graphs=0).score(texts)
+    np.testing.assert_array_equal(default, off)
+    with pytest.raises(OverflowError):
+        mira.Scorer(str(STUDENT), device="cpu", cuda_graphs=-1)
+
+
 def test_an_embedding_model_cannot_score():
     embedder = mira.Scorer(str(MINILM), device="cpu", threads=1)
     assert embedder.labels == []
