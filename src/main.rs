@@ -79,9 +79,9 @@ struct ModelArgs {
     precision: Precision,
     /// CUDA only: run batches of at most this many tokens as CUDA graphs once their shape
     /// (tokens, documents) repeats, one launch instead of ~10 per layer, for latency-bound small
-    /// batches; 0 turns graphs off [default: 512]
-    #[arg(long, value_name = "TOKENS")]
-    cuda_graphs: Option<usize>,
+    /// batches; 0 turns graphs off
+    #[arg(long, default_value_t = mira::scorer::DEFAULT_CUDA_GRAPH_TOKENS, value_name = "TOKENS")]
+    cuda_graphs: usize,
     /// Worker threads for the CPU backend and tokenization [default: all cores]
     #[arg(long)]
     threads: Option<usize>,
@@ -241,16 +241,16 @@ fn load_at(args: &ModelArgs, precision: Precision) -> Result<Scorer> {
             max_tokens: args.max_tokens,
             packer,
             precision,
-            cuda_graph_tokens: args
-                .cuda_graphs
-                .unwrap_or(mira::scorer::DEFAULT_CUDA_GRAPH_TOKENS),
+            cuda_graph_tokens: args.cuda_graphs,
             base_model: args.base_model.clone(),
         },
     )?;
     if let Some(note) = scorer.device_note() {
         eprintln!("{note}");
     }
-    if args.cuda_graphs.is_some_and(|n| n > 0) && !scorer.device_name().starts_with("cuda:") {
+    // (Only for a value other than the default, which every run has.)
+    let asked = args.cuda_graphs > 0 && args.cuda_graphs != mira::scorer::DEFAULT_CUDA_GRAPH_TOKENS;
+    if asked && !scorer.device_name().starts_with("cuda:") {
         eprintln!(
             "note: --cuda-graphs applies to CUDA only; it has no effect on {}",
             scorer.device_name()

@@ -18,7 +18,8 @@
 #           with .gl/libvulkan1*.deb carried too, mira's wgpu backend is benchmarked as well
 #   env     DOCS (default 20000) texts to benchmark; HF_BATCH (default 128) transformers' batch;
 #           OUT (where results go, default /tmp/mira-gpu);
-#           SKIP_CHECKS=1 or SKIP_BENCH=1 to run one half; STEP_S (default 150) limits each
+#           SKIP_CHECKS=1 or SKIP_BENCH=1 to run one half; KEEP_WORK=DIR keeps the models and
+#           texts made for the benchmark there (default: a temporary folder, removed); STEP_S (default 150) limits each
 #           check or benchmark command (timeout), so one hang cannot use up the whole call
 # Needs python3 with torch + transformers and the CUDA 13 libraries cuBLASLt and NVRTC (found in
 # the Python environment's nvidia wheels or /usr/local/cuda).
@@ -31,7 +32,8 @@ OUT="${OUT:-/tmp/mira-gpu}"
 # this script's process group, so a limit on the whole script (session.sh) stops it too.
 T="timeout --foreground -k 5 ${STEP_S:-150}"
 DOCS="${DOCS:-20000}"
-WORK="$(mktemp -d)"
+WORK="${KEEP_WORK:-$(mktemp -d)}"
+mkdir -p "$WORK"
 mkdir -p "$OUT"
 status=0
 
@@ -170,5 +172,5 @@ for case in dict.fromkeys(r["case"] for r in rows):
               f"{ratio(base['eager'])} | {ratio(base['sdpa'])} |")
 PY
 fi
-rm -rf "$WORK"
+[ -n "${KEEP_WORK:-}" ] || rm -rf "$WORK"
 exit $status

@@ -55,7 +55,8 @@ cat "$LOGS/machine.txt"
 
 # 1. correctness, then 2. the benchmark tables (run.sh's own halves, so each has its own limit)
 step checks 330 env OUT="$LOGS/run" SKIP_BENCH=1 benches/gpu/run.sh
-step bench 330 env OUT="$LOGS/run" SKIP_CHECKS=1 benches/gpu/run.sh
+WORK=/tmp/mira-gpu-work  # run.sh's models and texts, kept for the profile below
+step bench 330 env OUT="$LOGS/run" SKIP_CHECKS=1 KEEP_WORK="$WORK" benches/gpu/run.sh
 cp "$LOGS/run/bench.jsonl" "$OUT/bench.jsonl" 2>/dev/null
 
 # 3. ModernBERT-base shape (22 layers, GeGLU, local attention 128 with a global layer every third)
@@ -71,8 +72,8 @@ done
 # 4. where BERT-base time goes: every kernel of a few 64K-token batches under Nsight Compute
 PROFILE="${PROFILE:---launch-count 600}"
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-BB=/tmp/bert-base-profile
-python3 benches/gpu/hf_bench.py make-model "$BB" >/dev/null 2>&1
+BB="$WORK/bert-base"  # made by run.sh's benchmark; made here only if that step did not get to it
+[ -f "$BB/config.json" ] || python3 benches/gpu/hf_bench.py make-model "$BB" >/dev/null 2>&1
 if [ -n "$NCU" ] && [ -d "$BB" ] && [ "$PROFILE" != off ]; then
     # shellcheck disable=SC2086
     step ncu 150 "$NCU" --clock-control none --csv --page raw $PROFILE \
