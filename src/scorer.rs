@@ -105,6 +105,26 @@ pub struct Scorer {
     device_note: Option<String>,
 }
 
+/// That documents of `max_tokens` tokens fit the model's positions and, on a GPU, the most one
+/// buffer binds (a batch is split to fit; one document cannot be).
+fn check_token_limit(dir: &Path, engines: &[Box<dyn Encoder>], max_tokens: usize) -> Result<()> {
+    let max_pos = engines[0].max_positions();
+    if max_tokens > max_pos {
+        bail!("max_tokens {max_tokens} exceeds the model's max_position_embeddings {max_pos}");
+    }
+    for e in engines {
+        if let Some(limit) = e.max_batch_tokens().filter(|&l| max_tokens > l) {
+            bail!(
+                "{}: one document of {max_tokens} tokens needs more memory in one buffer than \
+                 {} binds (at most {limit} tokens); lower --max-tokens",
+                dir.display(),
+                e.device_name()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// A lenient call's result, or an error naming its first failed document.
 fn strict<T>((value, failures): (T, Vec<DocFailure>)) -> Result<T> {
     match failures.into_iter().next() {
@@ -209,14 +229,11 @@ impl Scorer {
     ) -> Result<Scorer> {
         let (dir, cfg, sentence) = (&ckpt.dir, &ckpt.config, ckpt.sentence.clone());
         let encoder = &engines[0];
-        let max_pos = encoder.max_positions();
         let max_tokens = opts
             .max_tokens
             .or(sentence.max_seq_length)
-            .unwrap_or(max_pos);
-        if max_tokens > max_pos {
-            bail!("max_tokens {max_tokens} exceeds the model's max_position_embeddings {max_pos}");
-        }
+            .unwrap_or(encoder.max_positions());
+        check_token_limit(dir, &engines, max_tokens)?;
         let text = TextEncoder::from_file(&ckpt.tokenizer(), max_tokens)?;
         let dense_head = dense_is_head(dir, cfg, &sentence, encoder.as_ref())?;
         let head = match (encoder.num_outputs(), &sentence.dense) {
@@ -224,17 +241,8 @@ impl Scorer {
             (0, _) => None,
             (n, _) => Some(head_info(dir, cfg, n)?),
         };
-        // A GPU binds at most so many bytes at once: batches are split to fit, and one
-        // document (which cannot be split) must fit alone.
+        // A GPU binds at most so many bytes at once: batches are split to fit.
         if let Some(limit) = engines.iter().filter_map(|e| e.max_batch_tokens()).min() {
-            if max_tokens > limit {
-                bail!(
-                    "{}: one document of {max_tokens} tokens needs more memory in one buffer than \
-                     {} binds (at most {limit} tokens); lower --max-tokens",
-                    dir.display(),
-                    encoder.device_name()
-                );
-            }
             packer.max_batch_tokens = packer.max_batch_tokens.min(limit);
         }
         Ok(Scorer {
@@ -287,6 +295,30 @@ impl Scorer {
 
     pub fn max_tokens(&self) -> usize {
         self.text.max_tokens()
+    }
+
+    /// The model's own limit on a document's tokens (`max_position_embeddings`).
+    pub fn max_positions(&self) -> usize {
+        self.encoder().max_positions()
+    }
+
+    /// [`tokenize`](Self::tokenize) truncating at `max_tokens` instead of the scorer's own limit
+    /// (checked against the model and the device as a load would).
+    pub fn tokenize_at<S: AsRef<str> + Sync>(
+        &self,
+        texts: &[S],
+        max_tokens: usize,
+    ) -> Result<Vec<Vec<u32>>> {
+        use rayon::prelude::*;
+        if max_tokens == self.max_tokens() {
+            return self.tokenize(texts);
+        }
+        check_token_limit(&self.dir, &self.engines, max_tokens)?;
+        let text = self.text.with_max_tokens(max_tokens)?;
+        texts
+            .par_iter()
+            .map(|t| self.checked_ids(text.encode(t.as_ref())?))
+            .collect()
     }
 
     /// Output names of the classification head (`None` for an embedding model).

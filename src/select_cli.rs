@@ -339,6 +339,11 @@ pub struct DistillArgs {
     /// student with a Dense head)
     #[arg(long, default_value = "auto")]
     feature: FeatureChoice,
+    /// Tokens of a document each student reads, special tokens included: its head is fitted at
+    /// this truncation and its folder says so [default: the encoder's max_position_embeddings,
+    /// which transformers' pipeline and AutoTokenizer defaults also reach]
+    #[arg(long)]
+    max_tokens: Option<usize>,
 }
 
 pub fn distill_cmd(a: DistillArgs) -> Result<()> {
@@ -346,6 +351,7 @@ pub fn distill_cmd(a: DistillArgs) -> Result<()> {
     let rows = label::read_labels(&a.labels)?;
     let opts = DistillOptions {
         feature: a.feature,
+        max_tokens: a.max_tokens,
         ..DistillOptions::default()
     };
     let v = distill::distill(&scorer, &rows, &a.output_dir, &opts)?;

@@ -117,6 +117,8 @@ fn random_head_student(out: &std::path::Path) {
         spearman: vec![None; labels.len()],
         feature: mira::select::features::Feature::Pooler,
         candidates: Vec::new(),
+        // The encoder's own limit (256): the figures below were measured at it.
+        max_tokens: None,
     };
     mira::select::distill::write_student(&encoder, out, "random", &labels, &w, &b, &info).unwrap();
 }

@@ -170,7 +170,7 @@ fn group_distill_mask_and_select() {
     let info = &v.students[code_group];
     assert_eq!(info.anchors, vec!["length", "has_def", "noise"]);
     let sp = |a: &str| info.spearman[info.anchors.iter().position(|x| x == a).unwrap()];
-    // A learnable anchor is learnt; the noise is not. (`length` is not asserted: past 256
+    // A learnable anchor is learnt; the noise is not. (`length` is not asserted: past 512
     // tokens the encoder never sees how long a document is.)
     assert!(sp("has_def").unwrap() > 0.6, "{info:?}");
     assert!(
@@ -205,12 +205,13 @@ fn group_distill_mask_and_select() {
     let (w, b) = (f32s("classifier.weight"), f32s("classifier.bias"));
     assert!(st.names().contains(&"bert.pooler.dense.weight"));
     let student = Scorer::load(&sdir, Device::Cpu).unwrap();
-    // Its three statements of the input length agree with the length mira scores at (the
-    // encoder's MiniLM files say 128, 512 and 256).
+    // Its three statements of the input length agree with the length mira scores at: by
+    // default the encoder's max_position_embeddings, where transformers' defaults also stop
+    // (the encoder's MiniLM files say 128, 512 and 256).
     let json = |name: &str| -> Value {
         serde_json::from_str(&std::fs::read_to_string(sdir.join(name)).unwrap()).unwrap()
     };
-    let n = fx.encoder.max_tokens();
+    let n = fx.encoder.max_positions();
     assert_eq!(student.max_tokens(), n);
     assert_eq!(json("tokenizer.json")["truncation"]["max_length"], n);
     assert!(json("tokenizer.json")["padding"].is_null());
@@ -225,7 +226,7 @@ fn group_distill_mask_and_select() {
     let got = student.score(&texts).unwrap();
     let feats = fx
         .encoder
-        .features_ids(&fx.encoder.tokenize(&texts).unwrap())
+        .features_ids(&fx.encoder.tokenize_at(&texts, n).unwrap())
         .unwrap();
     let h = feats.dim;
     let mut worst = 0f64;

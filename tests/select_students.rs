@@ -45,13 +45,13 @@ fn records() -> Vec<Value> {
     out
 }
 
-/// Feature `kind` of each text, in f64: the encoder's `[CLS | mean]` rows, the pooler applied
-/// here in f64 from its tensors.
+/// Feature `kind` of each text, in f64: the encoder's `[CLS | mean]` rows at the length students
+/// read by default (the encoder's `max_position_embeddings`), the pooler applied here in f64
+/// from its tensors.
 fn features(encoder: &Scorer, texts: &[&str], kind: Feature, pooler: &Pooler) -> Vec<Vec<f64>> {
     let h = encoder.hidden_size();
-    let (rows, failures) = encoder
-        .cls_and_mean_ids_lenient(&encoder.tokenize(texts).unwrap())
-        .unwrap();
+    let ids = encoder.tokenize_at(texts, encoder.max_positions()).unwrap();
+    let (rows, failures) = encoder.cls_and_mean_ids_lenient(&ids).unwrap();
     assert!(failures.is_empty());
     rows.values
         .chunks_exact(2 * h)
@@ -133,6 +133,24 @@ fn labels(encoder: &Scorer, rows: &[Value]) -> Vec<LabelRow> {
 fn pooler_of(encoder: &Scorer) -> Pooler {
     let w = mira::model::weights::Weights::open(encoder.model_dir()).unwrap();
     Pooler::read(&w, encoder.hidden_size()).unwrap().unwrap()
+}
+
+/// The student in `dir` says `n` tokens in all three of its files, and mira loads it at `n`.
+fn assert_max_tokens(dir: &Path, n: usize) {
+    assert_eq!(
+        json_file(&dir.join("tokenizer.json"))["truncation"]["max_length"],
+        n
+    );
+    assert_eq!(
+        json_file(&dir.join("tokenizer_config.json"))["model_max_length"],
+        n
+    );
+    assert_eq!(
+        json_file(&dir.join("sentence_bert_config.json"))["max_seq_length"],
+        n
+    );
+    assert_eq!(json_file(&dir.join("mira_student.json"))["max_tokens"], n);
+    assert_eq!(Scorer::load(dir, Device::Cpu).unwrap().max_tokens(), n);
 }
 
 fn json_file(path: &Path) -> Value {
@@ -326,14 +344,20 @@ fn a_fixed_feature_is_used_for_every_group_and_a_rewrite_leaves_no_stale_head() 
     let labels = labels(&encoder, &records());
     let opts = DistillOptions {
         feature: FeatureChoice::Fixed(Feature::Cls),
+        max_tokens: Some(128),
         ..Default::default()
     };
     let v = distill::distill(&encoder, &labels, tmp.path(), &opts).unwrap();
     for info in v.students.values() {
         assert_eq!(info.feature, Feature::Cls);
         assert_eq!(info.candidates.len(), 1);
+        assert_eq!(info.max_tokens, Some(128));
     }
     let dir = tmp.path().join("gmean");
+    // A length asked for is the one every file of the student states, and mira reads.
+    assert_max_tokens(&dir, 128);
+    let report = std::fs::read_to_string(tmp.path().join("validation.md")).unwrap();
+    assert!(report.contains("of the first 128 tokens"), "{report}");
     let texts = [
         "a short text",
         "another one, a little longer than the first",
@@ -366,6 +390,10 @@ fn a_fixed_feature_is_used_for_every_group_and_a_rewrite_leaves_no_stale_head() 
     for name in ["modules.json", "1_Pooling", "2_Dense"] {
         assert!(!dir.join(name).exists(), "{name} left behind");
     }
+    // By default a student reads as far as the encoder's positions reach (512 for MiniLM,
+    // whose own sentence-transformers limit is 256), as transformers' defaults do.
+    assert_max_tokens(&dir, encoder.max_positions());
+    assert_eq!(encoder.max_positions(), 512);
     let groups = Groups::from_sources(
         GROUPS
             .iter()

@@ -90,3 +90,45 @@ def test_student_loads_in_its_library_with_mira_scores(feature, records, tmp_pat
     # f32 on both sides, different kernels and batch shapes: measured ~4e-7.
     print(f"{feature}: {len(texts)} texts, max abs difference {worst:.2e}")
     assert worst < 1e-4, f"{feature}: max abs difference {worst}"
+
+
+def test_student_scores_as_transformers_defaults_do(records, tmp_path):
+    """transformers' pipeline and AutoTokenizer, called with their defaults (no truncation),
+    score a pooler student as mira does for every document they can score (up to the
+    encoder's 512 positions, longer ones among them than MiniLM's own 256-token limit); past 512
+    tokens transformers fails by itself rather than giving another score."""
+    rows = write_labels(records, tmp_path / "labels.jsonl")
+    students = tmp_path / "students"
+    subprocess.run(
+        [str(mira_bin()), "distill", "--encoder", str(MINILM), "--device", "cpu",
+         "--labels", str(tmp_path / "labels.jsonl"), "--output-dir", str(students),
+         "--feature", "pooler"],
+        check=True, capture_output=True,
+    )
+    student = students / "g"
+    tok = transformers.AutoTokenizer.from_pretrained(student)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(
+        student, torch_dtype=torch.float32).eval()
+    lengths = [len(tok(r["text"])["input_ids"]) for r in rows]
+    fits = [r for r, n in zip(rows, lengths) if n <= 512]
+    assert any(256 < n <= 512 for n in lengths), "no document between 256 and 512 tokens"
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": r["id"], "text": r["text"]}) + "\n" for r in fits))
+    mira = cli_rows("score", student, corpus, tmp_path)
+    labels = ["length", "has_def"]
+    want = np.array([[m["scores"][l] for l in labels] for m in mira], dtype=np.float64)
+    pipe = transformers.pipeline("text-classification", model=model, tokenizer=tok,
+                                 function_to_apply="none", top_k=None, device="cpu")
+    by_pipeline = np.array([[{d["label"]: d["score"] for d in out}[l] for l in labels]
+                            for out in pipe([r["text"] for r in fits], batch_size=1)])
+    with torch.no_grad():
+        by_tokenizer = np.array([model(**tok(r["text"], return_tensors="pt")).logits[0].tolist()
+                                 for r in fits])
+    for name, got in (("pipeline", by_pipeline), ("AutoTokenizer", by_tokenizer)):
+        worst = np.abs(got - want).max()
+        print(f"{name} defaults: {len(fits)} texts, max abs difference {worst:.2e}")
+        assert worst < 1e-4, f"{name} defaults: max abs difference {worst}"
+    longer = [r for r, n in zip(rows, lengths) if n > 512]
+    if longer:
+        with pytest.raises(Exception), torch.no_grad():
+            model(**tok(longer[0]["text"], return_tensors="pt"))

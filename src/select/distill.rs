@@ -33,6 +33,12 @@ pub struct DistillOptions {
     pub lambdas: Vec<f64>,
     /// What the heads read: chosen per group by validation, or one feature for all.
     pub feature: FeatureChoice,
+    /// Tokens a student reads of a document, special tokens included: its head is fitted on
+    /// features at this truncation and its folder says so. Default (`None`): the encoder's
+    /// `max_position_embeddings`, the limit transformers' `pipeline` and `AutoTokenizer` reach
+    /// by default, so a student scores there as in mira (a shorter limit is faster, but those
+    /// defaults then read further into a document than the head was fitted on).
+    pub max_tokens: Option<usize>,
 }
 
 impl Default for DistillOptions {
@@ -43,6 +49,7 @@ impl Default for DistillOptions {
                 .map(|i| 10f64.powf(-3.0 + 0.5 * i as f64))
                 .collect(),
             feature: FeatureChoice::Auto,
+            max_tokens: None,
         }
     }
 }
@@ -85,6 +92,10 @@ pub struct StudentInfo {
     /// Every candidate feature's validation figures, the chosen one among them.
     #[serde(default)]
     pub candidates: Vec<Candidate>,
+    /// Tokens of a document the student reads (fitted and scored at this truncation; absent in
+    /// students distilled before it was recorded).
+    #[serde(default)]
+    pub max_tokens: Option<usize>,
 }
 
 fn pooler() -> Feature {
@@ -122,6 +133,7 @@ pub fn distill(
         students: BTreeMap::new(),
         cells: Vec::new(),
     };
+    let max_tokens = opts.max_tokens.unwrap_or(encoder.max_positions());
     std::fs::create_dir_all(out)?;
     let pooler = Pooler::read(&Weights::open(encoder.model_dir())?, encoder.hidden_size())?;
     for (group, rows) in by_group {
@@ -138,9 +150,14 @@ pub fn distill(
                 .collect()
         };
         let (yt, yv) = (targets(&train), targets(&val));
-        let (fit, candidates) =
-            fit_group(encoder, (&train, &val), (&yt, &yv), pooler.as_ref(), opts)
-                .with_context(|| format!("group {group}"))?;
+        let (fit, candidates) = fit_group(
+            encoder,
+            (&train, &val),
+            (&yt, &yv),
+            pooler.as_ref(),
+            (max_tokens, opts),
+        )
+        .with_context(|| format!("group {group}"))?;
         let Fit {
             feature,
             w,
@@ -162,6 +179,7 @@ pub fn distill(
             spearman,
             feature,
             candidates,
+            max_tokens: Some(max_tokens),
         };
         validation.cells.extend(validation_cells(
             group,
@@ -193,12 +211,12 @@ fn fit_group(
     (train, val): (&[&LabelRow], &[&LabelRow]),
     (yt, yv): (&[f64], &[f64]),
     pooler: Option<&Pooler>,
-    opts: &DistillOptions,
+    (max_tokens, opts): (usize, &DistillOptions),
 ) -> Result<(Fit, Vec<Candidate>)> {
     let dim = encoder.hidden_size();
     let a = yt.len() / train.len();
-    let rows_t = cls_and_mean(encoder, train).context("encoder features")?;
-    let rows_v = cls_and_mean(encoder, val)?;
+    let rows_t = cls_and_mean(encoder, train, max_tokens).context("encoder features")?;
+    let rows_v = cls_and_mean(encoder, val, max_tokens)?;
     let mut fits = Vec::new();
     for feature in opts.feature.candidates() {
         if feature == Feature::Pooler && pooler.is_none() {
@@ -265,10 +283,10 @@ impl Fit {
 }
 
 /// The encoder's `[CLS | mean]` rows of the rows' texts (`[rows, 2 · hidden]`): one forward
-/// pass that serves every candidate feature.
-fn cls_and_mean(encoder: &Scorer, rows: &[&LabelRow]) -> Result<Vec<f32>> {
+/// pass that serves every candidate feature, truncated at `max_tokens`.
+fn cls_and_mean(encoder: &Scorer, rows: &[&LabelRow], max_tokens: usize) -> Result<Vec<f32>> {
     let texts: Vec<&str> = rows.iter().map(|r| r.text.as_deref().unwrap()).collect();
-    let ids = encoder.tokenize(&texts)?;
+    let ids = encoder.tokenize_at(&texts, max_tokens)?;
     let (e, failures) = encoder.cls_and_mean_ids_lenient(&ids)?;
     if let Some(f) = failures.first() {
         bail!("label row of {}: {}", rows[f.doc].id, f.message);
@@ -448,12 +466,14 @@ pub fn report(v: &Validation) -> String {
         let _ = writeln!(
             s,
             "## Group {g}\n\n{} train / {} validation rows ({} skipped). Head reads the {} \
-             (`{}`).\n",
+             (`{}`){}.\n",
             info.n_train,
             info.n_validation,
             info.skipped,
             info.feature.describe(),
-            info.feature
+            info.feature,
+            info.max_tokens
+                .map_or(String::new(), |n| format!(" of the first {n} tokens"))
         );
         if !info.candidates.is_empty() {
             let _ = writeln!(

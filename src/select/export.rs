@@ -78,7 +78,7 @@ pub fn write_student(
         serde_json::to_string_pretty(&cfg)?.as_bytes(),
     )?;
     copy_tokenizer(src, dir)?;
-    agree_on_max_tokens(dir, encoder.max_tokens())?;
+    agree_on_max_tokens(dir, info.max_tokens.unwrap_or(encoder.max_tokens()))?;
     let card = json!({
         "mira_student": 1,
         "group": group,
@@ -89,6 +89,7 @@ pub fn write_student(
         "lambda": info.lambda,
         "n_train": info.n_train,
         "n_validation": info.n_validation,
+        "max_tokens": info.max_tokens,
     });
     crate::corpus::write_atomic(
         &dir.join("mira_student.json"),

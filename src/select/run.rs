@@ -413,14 +413,16 @@ impl<'a> Ctx<'a> {
         let labels_path = self.work.join("labels.jsonl");
         let students = self.work.join("students");
         let validation_path = students.join("validation.json");
+        let opts = self.cfg.distill_options()?;
+        let max_tokens = opts.max_tokens.unwrap_or(self.encoder.max_positions());
         let fp_distill = fingerprint(&[
             &"distill",
             &fp_label,
             &contents(&[&labels_path]),
             &self.cfg.encoder,
             &format!("feature {}", self.cfg.distill.feature),
+            &format!("max_tokens {max_tokens}"),
         ]);
-        let opts = self.cfg.distill_options()?;
         self.steps
             .run("distill", &fp_distill, &[&validation_path], || {
                 let rows = label::read_labels(&labels_path)?;

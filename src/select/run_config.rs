@@ -148,11 +148,15 @@ pub struct DistillSection {
     /// What the students' heads read: `auto` (chosen per group by validation), `pooler`, `cls`
     /// or `mean`.
     pub feature: String,
+    /// Tokens of a document each student reads (default: the encoder's
+    /// `max_position_embeddings`, as transformers' defaults read it).
+    pub max_tokens: Option<usize>,
 }
 impl Default for DistillSection {
     fn default() -> Self {
         DistillSection {
             feature: "auto".into(),
+            max_tokens: None,
         }
     }
 }
@@ -293,6 +297,11 @@ impl RunConfig {
                 .feature
                 .parse()
                 .map_err(|e| anyhow!("[distill] feature: {e}"))?,
+            max_tokens: self
+                .distill
+                .max_tokens
+                .map(|n| crate::checked::count("[distill] max_tokens", n, 3, 1 << 20))
+                .transpose()?,
             ..Default::default()
         })
     }

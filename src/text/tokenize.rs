@@ -10,7 +10,7 @@
 
 use std::path::Path;
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
 /// Bytes of text kept per token of budget before encoding (generous: English averages ~4).
@@ -33,32 +33,18 @@ impl TextEncoder {
         let bytes = crate::checked::read_small_file(path, crate::checked::MAX_METADATA_BYTES)?;
         let mut tok = Tokenizer::from_bytes(&bytes)
             .map_err(|e| anyhow!("cannot load tokenizer {}: {e}", path.display()))?;
-        let specials = tok.get_post_processor().map_or(0, |p| {
-            use tokenizers::PostProcessor;
-            p.added_tokens(false)
-        });
-        if max_tokens <= specials {
-            bail!(
-                "max_tokens {max_tokens} leaves no room for text after {specials} special tokens"
-            );
-        }
         tok.with_padding(None);
         let mut counter = tok.clone();
         counter
             .with_truncation(None)
             .map_err(|e| anyhow!("cannot unset truncation on {}: {e}", path.display()))?;
-        tok.with_truncation(Some(TruncationParams {
-            max_length: max_tokens,
-            strategy: TruncationStrategy::LongestFirst,
-            stride: 0,
-            direction: TruncationDirection::Right,
-        }))
-        .map_err(|e| anyhow!("cannot set truncation on {}: {e}", path.display()))?;
-        Ok(TextEncoder {
-            tok,
-            counter,
-            max_tokens,
-        })
+        truncating(tok, counter, max_tokens)
+            .with_context(|| format!("tokenizer {}", path.display()))
+    }
+
+    /// The same tokenizer truncating to `max_tokens` instead.
+    pub fn with_max_tokens(&self, max_tokens: usize) -> Result<TextEncoder> {
+        truncating(self.tok.clone(), self.counter.clone(), max_tokens)
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -167,6 +153,30 @@ impl TextEncoder {
             .encode_fast(text, true)
             .map_err(|e| anyhow!("tokenization failed: {e}"))
     }
+}
+
+/// `tok` truncating to `max_tokens` (special tokens included), with `counter`, the same
+/// tokenizer without truncation.
+fn truncating(mut tok: Tokenizer, counter: Tokenizer, max_tokens: usize) -> Result<TextEncoder> {
+    let specials = tok.get_post_processor().map_or(0, |p| {
+        use tokenizers::PostProcessor;
+        p.added_tokens(false)
+    });
+    if max_tokens <= specials {
+        bail!("max_tokens {max_tokens} leaves no room for text after {specials} special tokens");
+    }
+    tok.with_truncation(Some(TruncationParams {
+        max_length: max_tokens,
+        strategy: TruncationStrategy::LongestFirst,
+        stride: 0,
+        direction: TruncationDirection::Right,
+    }))
+    .map_err(|e| anyhow!("cannot set truncation: {e}"))?;
+    Ok(TextEncoder {
+        tok,
+        counter,
+        max_tokens,
+    })
 }
 
 /// The largest character boundary `<= limit`.
