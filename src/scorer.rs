@@ -13,6 +13,7 @@ use crate::model::{self, Encoder};
 use crate::text::TextEncoder;
 
 mod pooled;
+mod tokens;
 
 /// On CUDA, batches of at most this many tokens run as CUDA graphs unless told otherwise
 /// (`--cuda-graphs`): on an H200, one 128-token document per batch ran 1.2x (BERT-base) to 2.3x
@@ -103,26 +104,6 @@ pub struct Scorer {
     dense_head: bool,
     packer: Packer,
     device_note: Option<String>,
-}
-
-/// That documents of `max_tokens` tokens fit the model's positions and, on a GPU, the most one
-/// buffer binds (a batch is split to fit; one document cannot be).
-fn check_token_limit(dir: &Path, engines: &[Box<dyn Encoder>], max_tokens: usize) -> Result<()> {
-    let max_pos = engines[0].max_positions();
-    if max_tokens > max_pos {
-        bail!("max_tokens {max_tokens} exceeds the model's max_position_embeddings {max_pos}");
-    }
-    for e in engines {
-        if let Some(limit) = e.max_batch_tokens().filter(|&l| max_tokens > l) {
-            bail!(
-                "{}: one document of {max_tokens} tokens needs more memory in one buffer than \
-                 {} binds (at most {limit} tokens); lower --max-tokens",
-                dir.display(),
-                e.device_name()
-            );
-        }
-    }
-    Ok(())
 }
 
 /// A lenient call's result, or an error naming its first failed document.
@@ -233,7 +214,7 @@ impl Scorer {
             .max_tokens
             .or(sentence.max_seq_length)
             .unwrap_or(encoder.max_positions());
-        check_token_limit(dir, &engines, max_tokens)?;
+        tokens::check_token_limit(dir, &engines, max_tokens)?;
         let text = TextEncoder::from_file(&ckpt.tokenizer(), max_tokens)?;
         let dense_head = dense_is_head(dir, cfg, &sentence, encoder.as_ref())?;
         let head = match (encoder.num_outputs(), &sentence.dense) {
@@ -293,34 +274,6 @@ impl Scorer {
         self.device_note.as_deref()
     }
 
-    pub fn max_tokens(&self) -> usize {
-        self.text.max_tokens()
-    }
-
-    /// The model's own limit on a document's tokens (`max_position_embeddings`).
-    pub fn max_positions(&self) -> usize {
-        self.encoder().max_positions()
-    }
-
-    /// [`tokenize`](Self::tokenize) truncating at `max_tokens` instead of the scorer's own limit
-    /// (checked against the model and the device as a load would).
-    pub fn tokenize_at<S: AsRef<str> + Sync>(
-        &self,
-        texts: &[S],
-        max_tokens: usize,
-    ) -> Result<Vec<Vec<u32>>> {
-        use rayon::prelude::*;
-        if max_tokens == self.max_tokens() {
-            return self.tokenize(texts);
-        }
-        check_token_limit(&self.dir, &self.engines, max_tokens)?;
-        let text = self.text.with_max_tokens(max_tokens)?;
-        texts
-            .par_iter()
-            .map(|t| self.checked_ids(text.encode(t.as_ref())?))
-            .collect()
-    }
-
     /// Output names of the classification head (`None` for an embedding model).
     pub fn head(&self) -> Option<&HeadInfo> {
         self.head.as_ref()
@@ -346,46 +299,6 @@ impl Scorer {
 
     pub fn packer(&self) -> Packer {
         self.packer
-    }
-
-    /// Token ids of each text (truncated, special tokens included), tokenized in parallel.
-    /// Fails on the first text the model cannot take (see [`tokenize_one`](Self::tokenize_one)).
-    pub fn tokenize<S: AsRef<str> + Sync>(&self, texts: &[S]) -> Result<Vec<Vec<u32>>> {
-        use rayon::prelude::*;
-        texts
-            .par_iter()
-            .map(|t| self.tokenize_one(t.as_ref()))
-            .collect()
-    }
-
-    /// Token ids of one text, checked against the model: at least one token, every id inside the
-    /// model's vocabulary (a tokenizer with added tokens the checkpoint was not resized for fails
-    /// here, per record, rather than the whole batch).
-    pub fn tokenize_one(&self, text: &str) -> Result<Vec<u32>> {
-        self.checked_ids(self.text.encode(text)?)
-    }
-
-    fn checked_ids(&self, ids: Vec<u32>) -> Result<Vec<u32>> {
-        if ids.is_empty() {
-            bail!("the text has no tokens (the tokenizer adds no special tokens)");
-        }
-        let vocab = self.encoder().vocab_size();
-        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
-            bail!("token id {bad} is outside the model's vocabulary of {vocab} (tokenizer and checkpoint disagree)");
-        }
-        Ok(ids)
-    }
-
-    /// [`tokenize_one`](Self::tokenize_one)'s ids and the whole text's token count
-    /// ([`count_tokens`](Self::count_tokens)) from one tokenizer pass where the text allows.
-    pub fn tokenize_counting(&self, text: &str) -> Result<(Vec<u32>, usize)> {
-        let (ids, count) = self.text.encode_counting(text)?;
-        Ok((self.checked_ids(ids)?, count))
-    }
-
-    /// Size of the tokenizer's vocabulary.
-    pub fn vocab_size(&self) -> usize {
-        self.text.vocab_size()
     }
 
     /// Scores of each text: raw outputs for regression heads, softmax probabilities for

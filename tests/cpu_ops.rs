@@ -5,7 +5,7 @@
 mod op_table;
 
 use mira::engine::backend::cpu::{int8, CpuBackend};
-use mira::engine::backend::{Backend, EmbeddingTables};
+use mira::engine::backend::{Backend, EmbeddingTables, Ntk, Rotary};
 use mira::engine::{Activation, Batch, Pooling, Precision};
 
 struct Rng(u64);
@@ -592,8 +592,35 @@ fn add_norm_and_layernorm_match_reference() {
 fn rope_rotates_q_and_k_at_sequence_positions() {
     let be = CpuBackend::default();
     let mut rng = Rng(5);
-    for (heads, d, theta) in [(2, 8, 10_000.0f64), (3, 16, 160_000.0), (1, 64, 10_000.0)] {
+    // theta, then NTK scaling as GTE's published code has it: (factor, mixed_b).
+    let cases = [
+        (2, 8, 10_000.0f64, None),
+        (3, 16, 160_000.0, None),
+        (1, 64, 10_000.0, None),
+        (2, 64, 500_000.0, Some((2.0f64, None))),
+        (1, 32, 10_000.0, Some((4.0, Some(0.75f64)))),
+    ];
+    for (heads, d, theta, ntk) in cases {
         let h = heads * d;
+        // Float64 frequencies from the published formulas (NTKScalingRotaryEmbedding).
+        let freq = |i: usize| -> f64 {
+            let e = (2 * i) as f64 / d as f64;
+            match ntk {
+                None => theta.powf(-e),
+                Some((f, None)) => (theta * f).powf(-e) / f.powf(2.0 / d as f64),
+                Some((f, Some(b))) => {
+                    let a = f.ln() / ((d / 2) as f64).powf(b);
+                    theta.powf(-e) / (a * ((i + 1) as f64).powf(b)).exp()
+                }
+            }
+        };
+        let rotary = Rotary {
+            theta: theta as f32,
+            ntk: ntk.map(|(factor, mixed_b)| Ntk {
+                factor: factor as f32,
+                mixed_b: mixed_b.map(|b| b as f32),
+            }),
+        };
         let lens = [1, 7, 300];
         let b = batch(&lens);
         let dev = be.upload_batch(&b, 7, 512).unwrap();
@@ -604,7 +631,7 @@ fn rope_rotates_q_and_k_at_sequence_positions() {
                 be.weight(qkv.clone(), total, 3 * h).unwrap(),
                 &dev,
                 heads,
-                theta as f32,
+                rotary,
             )
             .unwrap();
         let mut want: Vec<f64> = qkv.iter().map(|v| *v as f64).collect();
@@ -612,7 +639,7 @@ fn rope_rotates_q_and_k_at_sequence_positions() {
             for blk in 0..2 * heads {
                 let base = t * 3 * h + blk * d;
                 for i in 0..d / 2 {
-                    let angle = p as f64 * theta.powf(-((2 * i) as f64) / d as f64);
+                    let angle = p as f64 * freq(i);
                     let (x1, x2) = (qkv[base + i] as f64, qkv[base + i + d / 2] as f64);
                     want[base + i] = x1 * angle.cos() - x2 * angle.sin();
                     want[base + i + d / 2] = x2 * angle.cos() + x1 * angle.sin();
@@ -624,7 +651,7 @@ fn rope_rotates_q_and_k_at_sequence_positions() {
             out.data(),
             &want,
             1e-4,
-            &format!("rope heads={heads} d={d}"),
+            &format!("rope heads={heads} d={d} ntk={ntk:?}"),
         );
     }
 }

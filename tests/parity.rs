@@ -1,5 +1,6 @@
 //! Parity with independent references: Hugging Face transformers / sentence-transformers run in
-//! float64 by tests/fixtures/make_goldens.py and make_roberta.py. Tolerances from DESIGN.md §3 (f32 CPU vs f64).
+//! float64 by tests/fixtures/make_goldens.py and make_roberta.py, and float64 numpy references
+//! where no transformers class exists (GTE: make_gte.py). Tolerances from DESIGN.md §3 (f32 CPU vs f64).
 
 mod common;
 
@@ -45,6 +46,17 @@ fn xlm_roberta_classifier_with_unigram_tokenizer_matches_transformers() {
 #[test]
 fn roberta_model_with_byte_level_bpe_f16_matches_transformers() {
     check_embed(&fixture_model("roberta-base-f16"), "roberta-base-f16");
+}
+
+#[test]
+fn gte_classifier_with_ntk_rotary_matches_the_float64_reference() {
+    // tests/fixtures/make_gte.py: numpy float64 from the published GTE modeling code.
+    check_score("gte-cls-ntk");
+}
+
+#[test]
+fn gte_f16_model_with_mixed_ntk_matches_the_float64_reference() {
+    check_embed(&fixture_model("gte-base-mixed"), "gte-base-mixed");
 }
 
 #[test]

@@ -6,57 +6,21 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+pub(crate) use super::sizes::EncoderSizes;
+
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
 use crate::checked;
 use crate::engine::Activation;
 
-const SUPPORTED_TYPES: &str = "bert, roberta, xlm-roberta, deberta-v2, modernbert";
-
-/// The sizes every encoder has, as `config.json` gives them.
-pub(crate) struct EncoderSizes {
-    pub vocab: usize,
-    pub hidden: usize,
-    pub intermediate: usize,
-    pub layers: usize,
-    pub heads: usize,
-    pub positions: usize,
-}
-
-impl EncoderSizes {
-    /// Checked before anything is allocated: each size (and each of the architecture's `extra`
-    /// ones) at least 1 and below a bound far above any real encoder, so a damaged config is an
-    /// error naming the field, never an allocation of exabytes or an index into an empty table;
-    /// and the width splits evenly into the heads.
-    pub(crate) fn check(&self, extra: &[(&str, usize, usize)]) -> Result<()> {
-        let common = [
-            ("vocab_size", self.vocab, MAX_VOCAB),
-            ("hidden_size", self.hidden, MAX_HIDDEN),
-            ("intermediate_size", self.intermediate, MAX_INTERMEDIATE),
-            ("num_hidden_layers", self.layers, MAX_LAYERS),
-            ("num_attention_heads", self.heads, MAX_HIDDEN),
-            ("max_position_embeddings", self.positions, MAX_POSITIONS),
-        ];
-        for &(name, value, max) in common.iter().chain(extra) {
-            checked::count(name, value, 1, max)?;
-        }
-        if !self.hidden.is_multiple_of(self.heads) {
-            bail!(
-                "hidden_size {} is not divisible by num_attention_heads {}",
-                self.hidden,
-                self.heads
-            );
-        }
-        Ok(())
-    }
-}
+const SUPPORTED_TYPES: &str = "bert, roberta, xlm-roberta, deberta-v2, modernbert, new (GTE)";
 
 /// Bounds of [`EncoderSizes::check`]: vocabulary, width, FFN width, layers, positions, token types.
-const MAX_VOCAB: usize = 1 << 24;
+pub(crate) const MAX_VOCAB: usize = 1 << 24;
 pub(crate) const MAX_HIDDEN: usize = 1 << 16;
-const MAX_INTERMEDIATE: usize = 1 << 18;
-const MAX_LAYERS: usize = 1 << 10;
+pub(crate) const MAX_INTERMEDIATE: usize = 1 << 18;
+pub(crate) const MAX_LAYERS: usize = 1 << 10;
 pub(crate) const MAX_POSITIONS: usize = 1 << 20;
 pub(crate) const MAX_TYPE_VOCAB: usize = 1 << 16;
 const MAX_LABELS: usize = 1 << 16;
@@ -402,6 +366,7 @@ pub enum Arch {
     Bert(BertConfig),
     Deberta(super::deberta::DebertaConfig),
     ModernBert(ModernBertConfig),
+    Gte(super::gte::GteConfig),
 }
 
 impl ModelConfig {
@@ -423,6 +388,7 @@ impl ModelConfig {
             "bert" | "roberta" | "xlm-roberta" => Arch::Bert(BertConfig::from_value(value, &model_type)?),
             "modernbert" => Arch::ModernBert(ModernBertConfig::from_value(value)?),
             "deberta-v2" => Arch::Deberta(super::deberta::DebertaConfig::from_value(value)?),
+            "new" => Arch::Gte(super::gte::GteConfig::from_value(value)?),
             "deberta" => bail!(
                 "DeBERTa v1 (model_type 'deberta', architecture '{}') is not supported; supported model types: {SUPPORTED_TYPES}",
                 if architecture.is_empty() { "?" } else { &architecture }
@@ -446,6 +412,7 @@ impl ModelConfig {
             ],
             Arch::ModernBert(_) => &["ModernBertModel", "ModernBertForSequenceClassification"],
             Arch::Deberta(_) => &["DebertaV2Model", "DebertaV2ForSequenceClassification"],
+            Arch::Gte(_) => &["NewModel", "NewForSequenceClassification"],
         };
         if !architecture.is_empty() && !supported.contains(&architecture.as_str()) {
             bail!(
@@ -563,7 +530,7 @@ mod tests {
     fn modernbert(extra: &str) -> Result<ModernBertConfig> {
         match ModelConfig::from_json(&format!("{{{MB_BASE}{extra}}}"))?.arch {
             Arch::ModernBert(c) => Ok(c),
-            Arch::Bert(_) | Arch::Deberta(_) => unreachable!(),
+            _ => unreachable!(),
         }
     }
 

@@ -4,7 +4,9 @@ pub mod bert;
 pub mod checkpoint;
 pub mod config;
 pub mod deberta;
+pub mod gte;
 pub mod modernbert;
+mod sizes;
 pub mod st;
 pub mod weights;
 
@@ -15,7 +17,7 @@ use crate::engine::{Batch, GraphStats, OnBackend, Pooling};
 use config::{Arch, HeadLayout, ModelConfig};
 use weights::Weights;
 
-/// A loaded encoder on some device: the dyn-safe face of `Bert<B>` (BERT, RoBERTa, XLM-R) / `ModernBert<B>` for every
+/// A loaded encoder on some device: the dyn-safe face of `Bert<B>` (BERT, RoBERTa, XLM-R) / `ModernBert<B>` / `Gte<B>` for every
 /// backend `B`.
 pub trait Encoder: Send + Sync {
     fn device_name(&self) -> String;
@@ -123,10 +125,10 @@ pub fn load_encoder_on<B: Backend>(
         | "DebertaV2ForSequenceClassification"
         | "RobertaForSequenceClassification"
         | "XLMRobertaForSequenceClassification"
-        | "ModernBertForSequenceClassification" => true,
-        "BertModel" | "DebertaV2Model" | "RobertaModel" | "XLMRobertaModel" | "ModernBertModel" => {
-            false
-        }
+        | "ModernBertForSequenceClassification"
+        | "NewForSequenceClassification" => true,
+        "BertModel" | "DebertaV2Model" | "RobertaModel" | "XLMRobertaModel" | "ModernBertModel"
+        | "NewModel" => false,
         "PyTorchModelHubMixin" => true,
         _ => {
             weights.contains("classifier.weight") || weights.contains("classifier.out_proj.weight")
@@ -143,5 +145,9 @@ pub fn load_encoder_on<B: Backend>(
         Arch::ModernBert(c) => Box::new(modernbert::ModernBert::load(
             backend, c, weights, with_head,
         )?),
+        Arch::Gte(_) if cfg.head == HeadLayout::MixinFc => {
+            bail!("a PyTorchModelHubMixin classifier on a GTE base model is not supported")
+        }
+        Arch::Gte(c) => Box::new(gte::Gte::load(backend, c, weights, with_head)?),
     })
 }

@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 
 use super::weights::Weights;
 use super::Loader;
-use crate::engine::backend::EmbeddingTables;
+use crate::engine::backend::{EmbeddingTables, Rotary};
 use crate::engine::{Activation, Backend, Batch, Pooling};
 use crate::model::config::ModernBertConfig;
 
@@ -179,7 +179,7 @@ impl<B: Backend> ModernBert<B> {
             } else {
                 (self.cfg.local_rope_theta, Some(self.cfg.local_attention))
             };
-            let qkv = be.rope(qkv, batch, heads, theta as f32)?;
+            let qkv = be.rope(qkv, batch, heads, Rotary::plain(theta as f32))?;
             let ctx = be.attention(&qkv, batch, heads, window)?; // [T, H]
             let attn = be.linear(&ctx, &layer.wo, layer.wo_b.as_ref(), Activation::None)?;
             let mlp_in = be.add_norm(

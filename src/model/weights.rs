@@ -122,8 +122,9 @@ impl Weights {
             );
         }
         // Task models nest the encoder under `bert.` (BERT), `roberta.` (RoBERTa, XLM-R),
-        // `deberta.` (DeBERTa) or `model.` (ModernBERT, and mixin classifiers' backbones).
-        let prefix = ["bert.", "roberta.", "deberta.", "model."]
+        // `deberta.` (DeBERTa), `new.` (GTE) or `model.` (ModernBERT, and mixin classifiers'
+        // backbones).
+        let prefix = ["bert.", "roberta.", "deberta.", "new.", "model."]
             .into_iter()
             .find(|p| {
                 index
@@ -139,7 +140,8 @@ impl Weights {
         })
     }
 
-    /// The encoder prefix detected in tensor names (`""`, `"bert."`, `"roberta."`, `"deberta."` or `"model."`).
+    /// The encoder prefix detected in tensor names (`""`, `"bert."`, `"roberta."`, `"deberta."`,
+    /// `"new."` or `"model."`).
     pub fn prefix(&self) -> &str {
         &self.prefix
     }

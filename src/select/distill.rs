@@ -118,6 +118,7 @@ pub fn student_dir(students: &Path, group: &str) -> std::path::PathBuf {
 
 /// Fit a student per group from `rows` and write `<out>/<group>/` plus `<out>/validation.json`
 /// and `validation.md`.
+// Long: each group in turn is split, fitted, summarised and written; the steps share its rows.
 pub fn distill(
     encoder: &Scorer,
     rows: &[LabelRow],

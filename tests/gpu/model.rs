@@ -321,6 +321,18 @@ macro_rules! model_tests {
 
         #[test]
         $(#[$attr])*
+        fn gte_ntk_classifier_matches_cpu() {
+            $check(&common::fixture_model("gte-cls-ntk"), "gte-cls-ntk");
+        }
+
+        #[test]
+        $(#[$attr])*
+        fn gte_f16_mixed_ntk_encoder_matches_cpu() {
+            $check(&common::fixture_model("gte-base-mixed"), "gte-base-mixed");
+        }
+
+        #[test]
+        $(#[$attr])*
         fn nemo_style_mixin_classifier_matches_cpu() {
             $check(&common::fixture_model("nemo-mixin-roberta"), "nemo-mixin-roberta");
         }

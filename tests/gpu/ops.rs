@@ -4,7 +4,7 @@
 
 use super::{assert_matches, Prec, Rng};
 use mira::engine::backend::cpu::CpuBackend;
-use mira::engine::backend::{Backend, EmbeddingTables};
+use mira::engine::backend::{Backend, EmbeddingTables, Ntk, Rotary};
 use mira::engine::{Activation, Batch, Pooling};
 
 const ACTS: [Activation; 6] = Activation::ALL;
@@ -273,7 +273,16 @@ pub fn varlen_attention_global_and_windowed_at_several_head_sizes<B: Backend>(gp
 
 pub fn rope_at_sequence_positions<B: Backend>(gpu: &B, prec: Prec) {
     let mut rng = Rng(0x40be);
-    for &(heads, d, theta) in &[(2usize, 16usize, 10_000f32), (3, 64, 160_000.0)] {
+    let ntk = Some(Ntk {
+        factor: 2.0,
+        mixed_b: None,
+    });
+    for &(heads, d, theta, ntk) in &[
+        (2usize, 16usize, 10_000f32, None),
+        (3, 64, 160_000.0, None),
+        (2, 32, 500_000.0, ntk),
+    ] {
+        let rotary = Rotary { theta, ntk };
         let h = heads * d;
         let b = batch(&[5, 300, 1, 77], 50);
         let t = b.ids.len();
@@ -284,17 +293,17 @@ pub fn rope_at_sequence_positions<B: Backend>(gpu: &B, prec: Prec) {
                 qc,
                 &CpuBackend::default().upload_batch(&b, 50, 512).unwrap(),
                 heads,
-                theta,
+                rotary,
             )
             .unwrap();
         let got = gpu
-            .rope(qg, &gpu.upload_batch(&b, 50, 512).unwrap(), heads, theta)
+            .rope(qg, &gpu.upload_batch(&b, 50, 512).unwrap(), heads, rotary)
             .unwrap();
         assert_matches(
             &gpu.download(&got).unwrap(),
             want.data(),
             prec,
-            &format!("rope heads={heads} d={d} theta={theta}"),
+            &format!("rope heads={heads} d={d} theta={theta} ntk={ntk:?}"),
         );
     }
 }

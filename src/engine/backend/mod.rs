@@ -173,15 +173,79 @@ pub fn query_blocks(cu_seqlens: &[u32], block: usize) -> Vec<u32> {
     blocks
 }
 
+/// A rotary embedding's frequencies: `theta^(-2i/d)` for `i < d/2`, optionally NTK-scaled.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rotary {
+    pub theta: f32,
+    pub ntk: Option<Ntk>,
+}
+
+/// [`Rotary::key`]: theta, NTK factor and `mixed_b` as bits.
+pub type RotaryKey = (u32, u32, u32);
+
+/// NTK-aware scaling of rotary frequencies (GTE's `rope_scaling: {type: ntk}`,
+/// <https://kexue.fm/archives/9706>): fixed (`mixed_b` absent) or mixed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Ntk {
+    pub factor: f32,
+    pub mixed_b: Option<f32>,
+}
+
+impl Rotary {
+    pub fn plain(theta: f32) -> Rotary {
+        Rotary { theta, ntk: None }
+    }
+
+    /// What tells two tables apart (bit patterns, so it can key a map).
+    pub fn key(&self) -> RotaryKey {
+        let ntk = self.ntk.map_or((0, 0), |n| {
+            (n.factor.to_bits(), n.mixed_b.map_or(u32::MAX, f32::to_bits))
+        });
+        (self.theta.to_bits(), ntk.0, ntk.1)
+    }
+
+    /// The `half` frequencies, in f32 as the reference implementations compute them. With NTK
+    /// scaling (a factor above 1, as GTE's published code, which applies it whenever its cache
+    /// covers more than `max_position_embeddings`, i.e. always):
+    /// fixed: `(theta·factor)^(-2i/d) / factor^(2/d)`; mixed:
+    /// `theta^(-2i/d) / exp(a·(i+1)^b)` with `a = ln(factor) / (d/2)^b`.
+    pub fn inv_freq(&self, half: usize) -> Vec<f32> {
+        let d = 2 * half;
+        let ntk = self.ntk.filter(|n| n.factor > 1.0);
+        let base = match ntk {
+            Some(Ntk {
+                factor,
+                mixed_b: None,
+            }) => self.theta * factor,
+            _ => self.theta,
+        };
+        let plain = (0..half).map(move |i| 1.0 / base.powf((2 * i) as f32 / d as f32));
+        match ntk {
+            None => plain.collect(),
+            Some(Ntk {
+                factor,
+                mixed_b: None,
+            }) => plain.map(|f| f / factor.powf(2.0 / d as f32)).collect(),
+            Some(Ntk {
+                factor,
+                mixed_b: Some(b),
+            }) => {
+                let a = factor.ln() / (half as f32).powf(b);
+                plain
+                    .enumerate()
+                    .map(|(i, f)| f / (a * ((i + 1) as f32).powf(b)).exp())
+                    .collect()
+            }
+        }
+    }
+}
+
 /// The rotary table every backend uses: `(cos, sin)` of position `p` and frequency `i` at
 /// `[p · half + i]`, for positions `0..positions`. Frequencies and angles in f32 exactly as
 /// transformers computes them (its rotary embedding runs in float32 even for a float64 model),
 /// cos/sin then taken in f64; so long positions do not depend on a GPU's `sin`.
-pub fn rotary_table(theta: f32, half: usize, positions: usize) -> Vec<[f32; 2]> {
-    let d = 2 * half;
-    let inv_freq: Vec<f32> = (0..half)
-        .map(|i| 1.0 / theta.powf((2 * i) as f32 / d as f32))
-        .collect();
+pub fn rotary_table(rotary: Rotary, half: usize, positions: usize) -> Vec<[f32; 2]> {
+    let inv_freq = rotary.inv_freq(half);
     let mut table = Vec::with_capacity(positions * half);
     for p in 0..positions {
         for f in &inv_freq {
@@ -270,13 +334,13 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Rotary position embedding on the Q and K blocks of `qkv` (`[T, 3H]`), in place, at each
     /// token's position within its sequence: the rotate-half convention of Hugging Face
-    /// (`x·cos + rotate_half(x)·sin`, frequencies `theta^(-2i/d)` for `i < d/2`).
+    /// (`x·cos + rotate_half(x)·sin`, frequencies [`Rotary::inv_freq`]).
     fn rope(
         &self,
         qkv: Self::Tensor,
         batch: &Self::Batch,
         heads: usize,
-        theta: f32,
+        rotary: Rotary,
     ) -> Result<Self::Tensor>;
 
     /// Gated linear unit: `x` is `[T, 2I]` (input half, then gate half); out `[T, I]` =

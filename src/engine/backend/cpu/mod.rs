@@ -409,7 +409,7 @@ impl Backend for CpuBackend {
         mut qkv: CpuTensor,
         batch: &CpuBatch,
         heads: usize,
-        theta: f32,
+        rotary: super::Rotary,
     ) -> Result<CpuTensor> {
         let (h, d) = super::qkv_shape("rope", qkv.rows, qkv.cols, batch.ids.len(), heads)?;
         ensure!(d.is_multiple_of(2), "rope: head size {d} must be even");
@@ -420,7 +420,7 @@ impl Backend for CpuBackend {
             .copied()
             .max()
             .map_or(0, |p| p as usize + 1);
-        let table = super::rotary_table(theta, half, max_pos);
+        let table = super::rotary_table(rotary, half, max_pos);
         let cos: Vec<f32> = table.iter().map(|cs| cs[0]).collect();
         let sin: Vec<f32> = table.iter().map(|cs| cs[1]).collect();
         let cols = qkv.cols;

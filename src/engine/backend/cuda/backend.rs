@@ -24,7 +24,7 @@ use crate::engine::Activation;
 
 /// cos/sin tables per (theta bits, head size / 2): the memory, its address and the positions it
 /// covers.
-type RopeTables<M> = HashMap<(u32, usize), (Arc<M>, u64, usize)>;
+type RopeTables<M> = HashMap<(super::super::RotaryKey, usize), (Arc<M>, u64, usize)>;
 pub(super) struct Shared<D: KernelDevice> {
     pub(super) rope_tables: Mutex<RopeTables<D::Mem>>,
     pub(super) poison: AtomicBool,
@@ -203,11 +203,11 @@ impl<D: KernelDevice> KernelBackend<D> {
 
     pub(super) fn rope_table(
         &self,
-        theta: f32,
+        rotary: super::super::Rotary,
         half: usize,
         positions: usize,
     ) -> Result<(Arc<D::Mem>, u64)> {
-        let key = (theta.to_bits(), half);
+        let key = (rotary.key(), half);
         let mut tables = self.shared.rope_tables.lock().unwrap();
         if let Some((mem, ptr, covered)) = tables.get(&key) {
             if *covered >= positions {
@@ -216,7 +216,7 @@ impl<D: KernelDevice> KernelBackend<D> {
         }
         // Grown to a power of two so a longer batch rarely rebuilds it.
         let covered = positions.next_power_of_two();
-        let table: Vec<u8> = super::super::rotary_table(theta, half, covered)
+        let table: Vec<u8> = super::super::rotary_table(rotary, half, covered)
             .into_iter()
             .flatten()
             .flat_map(f32::to_le_bytes)

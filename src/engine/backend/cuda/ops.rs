@@ -224,7 +224,7 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
         qkv: Tensor<D>,
         batch: &DevBatch<D::BatchMem>,
         heads: usize,
-        theta: f32,
+        rotary: super::super::Rotary,
     ) -> Result<Tensor<D>> {
         let (h, d) = super::super::qkv_shape("rope", qkv.rows, qkv.cols, batch.n_tokens, heads)?;
         ensure!(d.is_multiple_of(2), "rope: head size {d} must be even");
@@ -233,7 +233,7 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
         }
         let half = d / 2;
         // The table covers every position of the batch; it lives in the rope tables.
-        let (table, table_ptr) = self.rope_table(theta, half, batch.max_position)?;
+        let (table, table_ptr) = self.rope_table(rotary, half, batch.max_position)?;
         // A graph recorded now reads this table for as long as it lives.
         self.with_recording(|r| r.keep.push(table));
         let launch = Launch {

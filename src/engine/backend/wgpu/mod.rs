@@ -78,7 +78,7 @@ pub struct WgpuBatch {
 pub struct WgpuBackend {
     ctx: Arc<Context>,
     /// cos/sin tables per (theta, head size / 2): the buffer and the positions it covers.
-    rope_tables: Arc<Mutex<HashMap<(u32, usize), RopeTable>>>,
+    rope_tables: Arc<Mutex<HashMap<(super::RotaryKey, usize), RopeTable>>>,
 }
 
 type RopeTable = (Arc<wgpu::Buffer>, usize);
@@ -148,8 +148,13 @@ impl WgpuBackend {
         })
     }
 
-    fn rope_table(&self, theta: f32, half: usize, positions: usize) -> Result<Arc<wgpu::Buffer>> {
-        let key = (theta.to_bits(), half);
+    fn rope_table(
+        &self,
+        rotary: super::Rotary,
+        half: usize,
+        positions: usize,
+    ) -> Result<Arc<wgpu::Buffer>> {
+        let key = (rotary.key(), half);
         let mut tables = self.rope_tables.lock().unwrap();
         if let Some((buf, covered)) = tables.get(&key) {
             if *covered >= positions {
@@ -158,7 +163,7 @@ impl WgpuBackend {
         }
         // Grown to a power of two so a longer batch rarely rebuilds it.
         let covered = positions.next_power_of_two();
-        let table: Vec<u8> = super::rotary_table(theta, half, covered)
+        let table: Vec<u8> = super::rotary_table(rotary, half, covered)
             .iter()
             .flat_map(|cs| cs.iter().flat_map(|v| v.to_le_bytes()))
             .collect();
@@ -398,7 +403,7 @@ impl Backend for WgpuBackend {
         qkv: WgpuTensor,
         batch: &WgpuBatch,
         heads: usize,
-        theta: f32,
+        rotary: super::Rotary,
     ) -> Result<WgpuTensor> {
         let (h, d) = super::qkv_shape("rope", qkv.rows, qkv.cols, batch.n_tokens, heads)?;
         ensure!(d.is_multiple_of(2), "rope: head size {d} must be even");
@@ -406,7 +411,7 @@ impl Backend for WgpuBackend {
             return Ok(qkv);
         }
         let half = d / 2;
-        let table = self.rope_table(theta, half, batch.max_position)?;
+        let table = self.rope_table(rotary, half, batch.max_position)?;
         let p = params(&[qkv.rows as u32, h as u32, half as u32]);
         let pairs = u32_of(qkv.rows * h, "rotary pairs")?;
         let (gx, gy) = self.ctx.grid(pairs.div_ceil(256));
