@@ -316,7 +316,11 @@ fn discover_label_distill_select_with_a_real_teacher() {
     };
     for step in ["discover", "label"] {
         let t = &steps(step)["summary"]["teacher"];
-        assert_eq!(t["http_requests"], 0, "{step} paid again: {t} ({log})");
+        // Only a reply the checks reject is asked again (it was never cached as an answer).
+        assert!(
+            t["http_requests"].as_u64().unwrap() <= t["rejected_replies"].as_u64().unwrap_or(0),
+            "{step} paid again: {t} ({log})"
+        );
         assert!(t["cache_hits"].as_u64().unwrap() > 0);
     }
     assert_eq!(
