@@ -8,13 +8,50 @@
 // max, running sum and output accumulator in registers (the query in shared memory past D = 96)
 // and folds in one key at a time (online softmax). A sliding window (|i - j| <= window/2) narrows the key range to what the block's
 // queries can see, so local layers cost O(window) per token. Specialised per head size D.
+//
+// `attention_rel_d{D}` is DeBERTa's disentangled attention over the same loop: each score also
+// gets `q_i·pos_key[r]` (content-to-position) and `k_j·pos_query[r]` (position-to-content),
+// `r = rel_index[i - j + rel_center]` (the host's table of relative rows per distance, so no
+// logarithm is taken here and every bucket is the CPU's). The tables are `[2·span, H]`, shared by
+// the heads; each term costs D more FMAs per score, read from global memory (the few rows a block
+// needs stay in cache). The tensor-core kernel has no such variant: DeBERTa runs this one.
 
 #define BQ 64
 
+// DeBERTa's relative terms: the tables, the index per distance and which terms are on.
+struct RelTerms {
+    const T* pos_key;    // [2·span, H] (content-to-position), read when terms & 1
+    const T* pos_query;  // [2·span, H] (position-to-content), read when terms & 2
+    const u32* index;    // [2·center + 1]: the table row of distance i - j at i - j + center
+    u32 center;
+    int terms;
+};
+
+// The relative terms of query row `qi` (its pre-scaled query `q`) and key row `key` (its key `k`
+// in shared memory), for head `head`.
 template <int D>
+__device__ __forceinline__ float rel_score(const RelTerms& rel, const float* q, const float* k,
+                                           u32 qi, u32 key, int head, int hidden, float scale) {
+    const size_t base = (size_t)rel.index[qi + rel.center - key] * hidden + head * D;
+    float s = 0.0f;
+    if (rel.terms & 1) {
+        #pragma unroll
+        for (int d = 0; d < D; ++d) s = fmaf(q[d], ld(rel.pos_key, base + d), s);
+    }
+    if (rel.terms & 2) {
+        float t = 0.0f;
+        #pragma unroll
+        for (int d = 0; d < D; ++d) t = fmaf(k[d], ld(rel.pos_query, base + d), t);
+        s = fmaf(t, scale, s);
+    }
+    return s;
+}
+
+template <int D, bool REL>
 __device__ __forceinline__ void attention_impl(const T* qkv, const uint2* blocks,
                                                const u32* cu_seqlens, T* out, int hidden,
-                                               int n_blocks, int half_window, float scale) {
+                                               int n_blocks, int half_window, float scale,
+                                               const RelTerms& rel) {
     constexpr int BK = (1920 / D) < 64 ? (1920 / D) : 64;  // K + V tiles within 15 KiB
     // Up to D = 96 a thread keeps its query and its output accumulator in registers; beyond,
     // both would not fit the 255 registers a thread has, so the query moves to shared memory
@@ -76,6 +113,9 @@ __device__ __forceinline__ void attention_impl(const T* qkv, const uint2* blocks
                 float score = 0.0f;
                 #pragma unroll
                 for (int d = 0; d < D; ++d) score = fmaf(q_row[d], k_tile[j * D + d], score);
+                if constexpr (REL) {
+                    score += rel_score<D>(rel, q_row, k_tile + j * D, qi, key, head, hidden, scale);
+                }
                 if (score > m) {
                     const float correction = __expf(m - score);
                     l *= correction;
@@ -103,7 +143,16 @@ __device__ __forceinline__ void attention_impl(const T* qkv, const uint2* blocks
     extern "C" __global__ void __launch_bounds__(BQ) attention_d##D(                             \
         const T* qkv, const uint2* blocks, const u32* cu_seqlens, T* out, int hidden,            \
         int n_blocks, int half_window, float scale) {                                            \
-        attention_impl<D>(qkv, blocks, cu_seqlens, out, hidden, n_blocks, half_window, scale);   \
+        attention_impl<D, false>(qkv, blocks, cu_seqlens, out, hidden, n_blocks, half_window,    \
+                                 scale, RelTerms{});                                             \
+    }                                                                                            \
+    extern "C" __global__ void __launch_bounds__(BQ) attention_rel_d##D(                         \
+        const T* qkv, const uint2* blocks, const u32* cu_seqlens, T* out, int hidden,            \
+        int n_blocks, float scale, const T* pos_key, const T* pos_query, const u32* rel_index,   \
+        int rel_center, int rel_terms) {                                                         \
+        attention_impl<D, true>(qkv, blocks, cu_seqlens, out, hidden, n_blocks, -1, scale,       \
+                                RelTerms{pos_key, pos_query, rel_index, (u32)rel_center,         \
+                                         rel_terms});                                            \
     }
 ATTENTION_FOR(8)
 ATTENTION_FOR(16)

@@ -6,7 +6,9 @@
 // time; each invocation keeps its query, running max, running sum and output accumulator in
 // registers and rescales once per tile (online softmax). No padding is computed: key tiles stop
 // at the sequence's end, and a sliding window (|i - j| <= window/2) also narrows the key range
-// to what the block's queries can see. HEAD_DIM and BK are constants the host prepends.
+// to what the block's queries can see. HEAD_DIM and BK are constants the host prepends, with
+// `rel_score`: zero for plain attention, DeBERTa's relative-position terms from attention_rel.wgsl
+// for disentangled attention (the same loop serves both).
 
 struct Params {
     hidden: u32,       // H
@@ -14,9 +16,9 @@ struct Params {
     half_window: u32,  // window / 2, when has_window
     has_window: u32,
     scale: f32,
+    rel_center: u32,   // disentangled: rel_index[i - j + rel_center] is the relative row
+    rel_terms: u32,    // disentangled: 1 content-to-position, 2 position-to-content
     _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
 }
 
 @group(0) @binding(0) var<storage, read> qkv: array<T>;            // [T, 3H]: Q | K | V
@@ -98,6 +100,7 @@ fn main(inv: Invocation) {
                     for (var d = 0u; d < HEAD_DIM; d = d + 1u) {
                         score = fma(q[d], k_tile[j * HEAD_DIM + d], score);
                     }
+                    score = score + rel_score(&q, qi, key, j, head);
                     tile_max = max(tile_max, score);
                 }
                 s[j] = score;

@@ -1,6 +1,7 @@
 //! Whole models on the wgpu backend against the CPU backend: all-MiniLM-L6-v2 (real weights) and
-//! the random-weight BERT and ModernBERT checkpoints of tests/fixtures (heads, biases, bf16/f16
-//! files, sliding windows, RoPE, GeGLU). Embeddings: cosine ≥ 0.9999 with f32 storage, ≥ 0.999
+//! the random-weight checkpoints of tests/fixtures (BERT, ModernBERT, (XLM-)RoBERTa, GTE, DeBERTa
+//! and NeMo Curator's format: heads, biases, bf16/f16 files, sliding windows, RoPE, GeGLU,
+//! disentangled attention). Embeddings: cosine ≥ 0.9999 with f32 storage, ≥ 0.999
 //! with f16; head outputs within 0.1% (f32) or 1% (f16) of the CPU outputs' range; a batch
 //! gives each document exactly what it gets alone. Also: one submission per forward pass, and a
 //! repeated batch allocates no buffer and builds no bind group.
@@ -103,22 +104,4 @@ fn one_submit_per_forward_and_reused_buffers() {
     let batch2 = Batch::from_sequences(seqs2.iter().enumerate().map(|(d, s)| (d, &s[..])));
     let _ = model.pooled(&batch2, mira::Pooling::Mean).unwrap();
     assert_eq!(be.counters().buffers_created, fourth.buffers_created);
-}
-
-/// DeBERTa's disentangled attention is CPU-only so far: loading one on wgpu is refused at load,
-/// naming the device and the way out.
-#[test]
-fn deberta_on_wgpu_is_refused_at_load() {
-    if !have_adapter() {
-        return;
-    }
-    let dir = common::fixture_model("deberta-v3-cls");
-    let err = match mira::Scorer::load(&dir, Device::Wgpu(None)) {
-        Ok(_) => panic!("DeBERTa loaded on wgpu: add it to model_tests! instead"),
-        Err(e) => format!("{e:#}"),
-    };
-    assert!(
-        err.contains("CPU backend only") && err.contains("wgpu") && err.contains("--device cpu"),
-        "{err}"
-    );
 }

@@ -1,6 +1,7 @@
 //! Every `.wgsl` file in shaders/ parses and validates with naga (the front end wgpu uses), as
-//! f32 and as f16 storage, for every head size the attention shader is built for; and each
-//! shader's workgroup memory fits the WebGPU default limit of 16 KiB. Needs no adapter.
+//! f32 and as f16 storage, for every head size the attention shaders (plain and disentangled) are
+//! built for; and each shader's workgroup memory fits the WebGPU default limit of 16 KiB. Needs
+//! no adapter.
 
 use mira::engine::backend::wgpu::shaders::{key_tile, source, Op, COMMON, MAX_HEAD_DIM};
 
@@ -38,10 +39,12 @@ fn every_shader_file_is_an_op_and_validates() {
     files.sort();
     let mut ops: Vec<String> = Op::ALL
         .iter()
-        .map(|o| format!("{}.wgsl", o.name()))
+        .flat_map(|o| std::iter::once(o.file_name()).chain(o.part().map(|(name, _)| name)))
+        .map(String::from)
         .collect();
     ops.push("common.wgsl".into());
     ops.sort();
+    ops.dedup();
     assert_eq!(
         files, ops,
         "every file in shaders/ is an op the backend builds"
@@ -52,15 +55,18 @@ fn every_shader_file_is_an_op_and_validates() {
         if file == "common.wgsl" {
             assert_eq!(text, COMMON);
         } else {
-            let op = Op::ALL
+            let embedded = Op::ALL
                 .iter()
-                .find(|o| format!("{}.wgsl", o.name()) == *file)
+                .find_map(|o| match o.part() {
+                    Some((name, part)) if name == file => Some(part),
+                    _ => (o.file_name() == file).then(|| o.file()),
+                })
                 .unwrap();
-            assert_eq!(text, op.file(), "{file}");
+            assert_eq!(text, embedded, "{file}");
         }
     }
     for op in Op::ALL {
-        let variants: Vec<u32> = if op == Op::Attention {
+        let variants: Vec<u32> = if matches!(op, Op::Attention | Op::AttentionDisentangled) {
             vec![8, 16, 32, 64, 96, 128, MAX_HEAD_DIM]
         } else {
             vec![0]

@@ -255,12 +255,6 @@ impl<B: Backend> Deberta<B> {
         with_head: bool,
         layout: HeadLayout,
     ) -> Result<Deberta<B>> {
-        if !be.has_disentangled_attention() {
-            bail!(
-                "DeBERTa's disentangled attention runs on the CPU backend only so far, not on {} (use --device cpu)",
-                be.name()
-            );
-        }
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         let p = weights.prefix().to_string();
         let ld = Loader {

@@ -333,6 +333,27 @@ macro_rules! model_tests {
 
         #[test]
         $(#[$attr])*
+        fn deberta_v3_log_bucketed_classifier_matches_cpu() {
+            $check(&common::fixture_model("deberta-v3-cls"), "deberta-v3-cls");
+        }
+
+        #[test]
+        $(#[$attr])*
+        fn deberta_v2_bf16_encoder_matches_cpu() {
+            $check(
+                &common::fixture_model("deberta-v2-base-bf16"),
+                "deberta-v2-base-bf16",
+            );
+        }
+
+        #[test]
+        $(#[$attr])*
+        fn nemo_style_mixin_on_deberta_matches_cpu() {
+            $check(&common::fixture_model("nemo-mixin-deberta"), "nemo-mixin-deberta");
+        }
+
+        #[test]
+        $(#[$attr])*
         fn nemo_style_mixin_classifier_matches_cpu() {
             $check(&common::fixture_model("nemo-mixin-roberta"), "nemo-mixin-roberta");
         }

@@ -4,7 +4,7 @@
 
 use super::{assert_matches, Prec, Rng};
 use mira::engine::backend::cpu::CpuBackend;
-use mira::engine::backend::{Backend, EmbeddingTables, Ntk, Rotary};
+use mira::engine::backend::{Backend, EmbeddingTables, Ntk, RelativeKey, Rotary};
 use mira::engine::{Activation, Batch, Pooling};
 
 const ACTS: [Activation; 6] = Activation::ALL;
@@ -204,35 +204,88 @@ pub fn residual_layernorms_in_every_mode<B: Backend>(gpu: &B, prec: Prec) {
     }
 }
 
-/// DeBERTa's disentangled attention is CPU-only so far: a GPU backend must refuse it with an
-/// error that names the backend and says where it runs (replace this check by a comparison with
-/// the CPU when a backend implements it).
-pub fn disentangled_attention_is_refused_until_implemented<B: Backend>(gpu: &B, _prec: Prec) {
-    let (heads, d, span) = (2usize, 8usize, 4usize);
-    let h = heads * d;
-    let b = batch(&[5, 3], 50);
-    let t = b.ids.len();
-    let mut rng = Rng(0xdeb);
-    let qkv = gpu.weight(rng.vec(t * 3 * h, 1.0), t, 3 * h).unwrap();
-    let table = gpu.weight(rng.vec(2 * span * h, 1.0), 2 * span, h).unwrap();
-    let bg = gpu.upload_batch(&b, 50, 512).unwrap();
-    let rel = mira::engine::backend::Disentangled {
-        pos_key: Some(&table),
-        pos_query: Some(&table),
+/// DeBERTa's disentangled attention against the CPU's: log-bucketed (v3-like), plain clamped
+/// and v3-base's relative ranges; each term alone and both; head sizes of the CUDA kernels and
+/// an odd one; ragged batches around the 64-query block, a lone token, and a 600-token sequence
+/// whose distances pass v3-base's bucket range (512) and the table's last row. A later batch with
+/// longer sequences than the first grows the backend's cached index table.
+/// DeBERTa's terms with the content-to-position and position-to-content tables switched on or
+/// off, scaled by one plus the terms on, as a config's `pos_att_type` would.
+fn relative_terms<'a, T>(
+    pos_key: &'a T,
+    pos_query: &'a T,
+    (c2p, p2c): (bool, bool),
+    (span, buckets, max_relative): (usize, usize, usize),
+) -> mira::engine::backend::Disentangled<'a, T> {
+    mira::engine::backend::Disentangled {
+        pos_key: c2p.then_some(pos_key),
+        pos_query: p2c.then_some(pos_query),
         span,
+        buckets,
+        max_relative,
+        scale_factor: 1 + c2p as usize + p2c as usize,
+    }
+}
+
+pub fn disentangled_attention_at_every_term_and_range<B: Backend>(gpu: &B, prec: Prec) {
+    let mut rng = Rng(0xdeb);
+    let cpu = CpuBackend::default();
+    // (span, buckets, max_relative), (heads, d), sequence lengths.
+    let cases: [(RelativeKey, (usize, usize), &[usize]); 6] = [
+        ((8, 8, 32), (3, 8), &[5, 63, 64]),
+        ((8, 8, 32), (2, 64), &[65, 1, 130]),
+        ((16, 0, 16), (1, 80), &[1, 40]),
+        ((16, 0, 16), (2, 32), &[65, 1, 130]),
+        ((256, 256, 512), (2, 16), &[5, 63, 64]),
+        ((256, 256, 512), (1, 16), &[600, 7]),
+    ];
+    for ((span, buckets, max_relative), (heads, d), lens) in cases {
+        let h = heads * d;
+        let b = batch(lens, 50);
+        let t = b.ids.len();
+        let (qc, qg) = pair(gpu, &rng.vec(t * 3 * h, 1.0), t, 3 * h);
+        let (kc, kg) = pair(gpu, &rng.vec(2 * span * h, 1.0), 2 * span, h);
+        let (pc, pg) = pair(gpu, &rng.vec(2 * span * h, 1.0), 2 * span, h);
+        let bc = cpu.upload_batch(&b, 50, 1024).unwrap();
+        let bg = gpu.upload_batch(&b, 50, 1024).unwrap();
+        let rel = (span, buckets, max_relative);
+        for (c2p, p2c) in [(true, true), (true, false), (false, true)] {
+            let want = cpu
+                .attention_disentangled(&qc, &bc, heads, &relative_terms(&kc, &pc, (c2p, p2c), rel))
+                .unwrap();
+            let got = gpu
+                .attention_disentangled(&qg, &bg, heads, &relative_terms(&kg, &pg, (c2p, p2c), rel))
+                .unwrap();
+            assert_matches(
+                &gpu.download(&got).unwrap(),
+                want.data(),
+                prec,
+                &format!(
+                    "disentangled heads={heads} d={d} lens={lens:?} rel=({span}, {buckets}, \
+                     {max_relative}) c2p={c2p} p2c={p2c}"
+                ),
+            );
+        }
+    }
+    // A table of the wrong shape is an error naming it, as on the CPU.
+    let b = batch(&[4], 50);
+    let bg = gpu.upload_batch(&b, 50, 512).unwrap();
+    let qkv = gpu.weight(rng.vec(4 * 48, 1.0), 4, 48).unwrap();
+    let bad = gpu.weight(rng.vec(3 * 16, 1.0), 3, 16).unwrap();
+    let rel = mira::engine::backend::Disentangled {
+        pos_key: Some(&bad),
+        pos_query: None,
+        span: 4,
         buckets: 0,
-        max_relative: span,
-        scale_factor: 3,
+        max_relative: 4,
+        scale_factor: 2,
     };
-    let err = match gpu.attention_disentangled(&qkv, &bg, heads, &rel) {
-        Ok(_) => panic!(
-            "{} computes disentangled attention: compare it with the CPU here",
-            gpu.name()
-        ),
+    let err = match gpu.attention_disentangled(&qkv, &bg, 2, &rel) {
+        Ok(_) => panic!("a [3, 16] pos_key for span 4 was accepted"),
         Err(e) => format!("{e:#}"),
     };
     assert!(
-        err.contains("not implemented on this backend yet") && err.contains("--device cpu"),
+        err.contains("pos_key is [3, 16], expected [8, 16]"),
         "{err}"
     );
 }

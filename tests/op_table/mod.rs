@@ -48,10 +48,9 @@ macro_rules! every_op {
             [varlen_attention_global_and_windowed_at_several_head_sizes],
             [varlen_attention_with_and_without_windows]
         );
-        // Not yet on the GPU backends: their check is that they refuse it clearly.
         $case!(
             disentangled_attention,
-            [disentangled_attention_is_refused_until_implemented],
+            [disentangled_attention_at_every_term_and_range],
             [disentangled_attention_matches_reference]
         );
         $case!(

@@ -78,6 +78,58 @@ pub fn relative_index(
     (bucket + span as i64).clamp(0, 2 * span as i64 - 1) as usize
 }
 
+/// What a [`relative_index_table`] depends on: (span, buckets, max_relative).
+pub type RelativeKey = (usize, usize, usize);
+
+impl<T> Disentangled<'_, T> {
+    /// The key under which a backend caches [`relative_index_table`]s for these terms.
+    pub fn index_key(&self) -> RelativeKey {
+        (self.span, self.buckets, self.max_relative)
+    }
+}
+
+/// [`relative_index`] for every distance between two tokens of a sequence of up to `len`
+/// tokens, at `i - j + len - 1` (`2·len - 1` entries): the GPU backends upload it once per
+/// (terms, length) so their kernels look rows up instead of taking logarithms, which could round
+/// a bucket differently from the CPU.
+pub fn relative_index_table(
+    len: usize,
+    span: usize,
+    buckets: usize,
+    max_relative: usize,
+) -> Vec<u32> {
+    (0..(2 * len).saturating_sub(1))
+        .map(|k| relative_index(k, len - 1, span, buckets, max_relative) as u32)
+        .collect()
+}
+
+/// Shape checks shared by every backend's `attention_disentangled`: the relative tables are
+/// `[2·span, H]`. Returns `(H, head size)`.
+pub fn disentangled_shape<T>(
+    qkv: (usize, usize),
+    tokens: usize,
+    heads: usize,
+    rel: &Disentangled<'_, T>,
+    shape: impl Fn(&T) -> (usize, usize),
+) -> Result<(usize, usize)> {
+    let (h, d) = qkv_shape("attention_disentangled", qkv.0, qkv.1, tokens, heads)?;
+    anyhow::ensure!(
+        rel.span > 0,
+        "attention_disentangled: span must be at least 1"
+    );
+    for (name, t) in [("pos_key", rel.pos_key), ("pos_query", rel.pos_query)] {
+        if let Some(t) = t {
+            let (rows, cols) = shape(t);
+            anyhow::ensure!(
+                (rows, cols) == (2 * rel.span, h),
+                "attention_disentangled: {name} is [{rows}, {cols}], expected [{}, {h}]",
+                2 * rel.span
+            );
+        }
+    }
+    Ok((h, d))
+}
+
 /// Shape checks shared by every backend's `linear`: x `[m, k]`, w `[n, k]`, bias of `n` values.
 /// Returns `(m, k, n)`.
 pub fn linear_shape(
@@ -362,25 +414,14 @@ pub trait Backend: Send + Sync + 'static {
     /// DeBERTa's disentangled attention: [`Backend::attention`] (global) with each score
     /// `q_i·k_j` joined by `q_i·pos_key[r]` (content-to-position) and `k_j·pos_query[r]`
     /// (position-to-content), `r = relative_index(i, j, ..)`, all divided by
-    /// `sqrt(d · rel.scale_factor)`. Out: `[T, H]`. Backends without it say so.
+    /// `sqrt(d · rel.scale_factor)`. Out: `[T, H]`.
     fn attention_disentangled(
         &self,
         qkv: &Self::Tensor,
         batch: &Self::Batch,
         heads: usize,
         rel: &Disentangled<'_, Self::Tensor>,
-    ) -> Result<Self::Tensor> {
-        let _ = (qkv, batch, heads, rel);
-        anyhow::bail!(
-            "{}: DeBERTa's disentangled attention is not implemented on this backend yet (it runs on the CPU backend: --device cpu)",
-            self.name()
-        )
-    }
-
-    /// Whether [`Backend::attention_disentangled`] is implemented here (models check at load).
-    fn has_disentangled_attention(&self) -> bool {
-        false
-    }
+    ) -> Result<Self::Tensor>;
 
     /// One vector per sequence: `[T, H]` -> `[n_seqs, H]`.
     fn pool(&self, x: &Self::Tensor, batch: &Self::Batch, mode: Pooling) -> Result<Self::Tensor>;

@@ -470,10 +470,6 @@ impl Backend for CpuBackend {
         attention_op(qkv, batch, heads, window, None)
     }
 
-    fn has_disentangled_attention(&self) -> bool {
-        true
-    }
-
     fn attention_disentangled(
         &self,
         qkv: &CpuTensor,
@@ -481,22 +477,9 @@ impl Backend for CpuBackend {
         heads: usize,
         rel: &super::Disentangled<'_, CpuTensor>,
     ) -> Result<CpuTensor> {
-        let (h, _) = super::qkv_shape("attention", qkv.rows, qkv.cols, batch.ids.len(), heads)?;
-        ensure!(
-            rel.span > 0,
-            "attention_disentangled: span must be at least 1"
-        );
-        for (name, t) in [("pos_key", rel.pos_key), ("pos_query", rel.pos_query)] {
-            if let Some(t) = t {
-                ensure!(
-                    (t.rows, t.cols) == (2 * rel.span, h),
-                    "attention_disentangled: {name} is [{}, {}], expected [{}, {h}]",
-                    t.rows,
-                    t.cols,
-                    2 * rel.span
-                );
-            }
-        }
+        super::disentangled_shape((qkv.rows, qkv.cols), batch.ids.len(), heads, rel, |t| {
+            (t.rows, t.cols)
+        })?;
         attention_op(qkv, batch, heads, None, Some(rel))
     }
 

@@ -25,8 +25,12 @@ use crate::engine::Activation;
 /// cos/sin tables per (theta bits, head size / 2): the memory, its address and the positions it
 /// covers.
 type RopeTables<M> = HashMap<(super::super::RotaryKey, usize), (Arc<M>, u64, usize)>;
+/// DeBERTa's relative index tables per (span, buckets, max_relative): the memory, its address
+/// and the sequence length it covers.
+type RelativeTables<M> = HashMap<super::super::RelativeKey, (Arc<M>, u64, usize)>;
 pub(super) struct Shared<D: KernelDevice> {
     pub(super) rope_tables: Mutex<RopeTables<D::Mem>>,
+    pub(super) relative_tables: Mutex<RelativeTables<D::Mem>>,
     pub(super) poison: AtomicBool,
     pub(super) scalar_attention: AtomicBool,
     /// Batches of at most this many tokens run as CUDA graphs (0: never).
@@ -74,6 +78,7 @@ impl<D: KernelDevice> KernelBackend<D> {
         KernelBackend {
             shared: Arc::new(Shared {
                 rope_tables: Mutex::default(),
+                relative_tables: Mutex::default(),
                 poison: AtomicBool::new(false),
                 scalar_attention: AtomicBool::new(scalar),
                 graph_tokens: AtomicUsize::new(0),
@@ -225,6 +230,32 @@ impl<D: KernelDevice> KernelBackend<D> {
         let mem = Arc::new(mem);
         tables.insert(key, (mem.clone(), ptr, covered));
         Ok((mem, ptr))
+    }
+
+    /// `relative_index_table` for (span, buckets, max_relative) covering sequences of `len`
+    /// tokens (grown to a power of two): the memory, its address and the length it covers.
+    pub(super) fn relative_table(
+        &self,
+        key: super::super::RelativeKey,
+        len: usize,
+    ) -> Result<(Arc<D::Mem>, u64, usize)> {
+        let mut tables = self.shared.relative_tables.lock().unwrap();
+        if let Some((mem, ptr, covered)) = tables.get(&key) {
+            if *covered >= len {
+                return Ok((mem.clone(), *ptr, *covered));
+            }
+        }
+        let covered = len.max(1).next_power_of_two();
+        let (span, buckets, max_relative) = key;
+        let table: Vec<u8> =
+            super::super::relative_index_table(covered, span, buckets, max_relative)
+                .into_iter()
+                .flat_map(u32::to_le_bytes)
+                .collect();
+        let (mem, ptr) = self.dev().upload(&table, "relative index table")?;
+        let mem = Arc::new(mem);
+        tables.insert(key, (mem.clone(), ptr, covered));
+        Ok((mem, ptr, covered))
     }
 
     /// layernorm.cu's `layernorm` in `mode` (0 post-norm in place, 1 pre-norm step, 2 plain).

@@ -102,7 +102,10 @@ fn file_entries(file: KernelFile, storage: Storage) -> Vec<Entry> {
         KernelFile::Activation => vec![Entry::BiasAct, Entry::Geglu],
         KernelFile::Rope => vec![Entry::Rope],
         KernelFile::Pool => vec![Entry::Pool],
-        KernelFile::Attention => ATTENTION_HEAD_DIMS.map(Entry::Attention).to_vec(),
+        KernelFile::Attention => ATTENTION_HEAD_DIMS
+            .iter()
+            .flat_map(|&d| [Entry::Attention(d), Entry::AttentionRel(d)])
+            .collect(),
         KernelFile::AttentionTc if storage == Storage::F32 => Vec::new(),
         KernelFile::AttentionTc => ATTENTION_TC_HEAD_DIMS.map(Entry::AttentionTc).to_vec(),
     }

@@ -94,7 +94,7 @@ pub const COMMON: &str = include_str!("../../../../kernels/common.cuh");
 /// Head sizes `attention_tc.cu` has entry points for (`attention_tc_d{D}`, bf16/f16 storage).
 pub const ATTENTION_TC_HEAD_DIMS: [usize; 6] = [16, 32, 64, 80, 96, 128];
 
-/// Head sizes `attention.cu` has entry points for (`attention_d{D}`).
+/// Head sizes `attention.cu` has entry points for (`attention_d{D}`, `attention_rel_d{D}`).
 pub const ATTENTION_HEAD_DIMS: [usize; 7] = [8, 16, 32, 64, 80, 96, 128];
 
 impl KernelFile {
@@ -141,7 +141,7 @@ impl KernelFile {
             KernelFile::Activation => vec!["bias_act".into(), "geglu".into()],
             KernelFile::Attention => ATTENTION_HEAD_DIMS
                 .iter()
-                .map(|d| format!("attention_d{d}"))
+                .flat_map(|d| [format!("attention_d{d}"), format!("attention_rel_d{d}")])
                 .collect(),
             KernelFile::AttentionTc if storage == Storage::F32 => Vec::new(),
             KernelFile::AttentionTc => ATTENTION_TC_HEAD_DIMS

@@ -36,6 +36,8 @@ pub enum Entry {
     Attention(usize),
     /// attention_tc.cu for a head size (bf16/f16 storage).
     AttentionTc(usize),
+    /// attention.cu's disentangled attention (DeBERTa) for a head size.
+    AttentionRel(usize),
 }
 
 impl Entry {
@@ -48,7 +50,7 @@ impl Entry {
             Entry::BiasAct | Entry::Geglu => KernelFile::Activation,
             Entry::Rope => KernelFile::Rope,
             Entry::Pool => KernelFile::Pool,
-            Entry::Attention(_) => KernelFile::Attention,
+            Entry::Attention(_) | Entry::AttentionRel(_) => KernelFile::Attention,
             Entry::AttentionTc(_) => KernelFile::AttentionTc,
         }
     }
@@ -66,6 +68,7 @@ impl Entry {
             Entry::Pool => "pool".into(),
             Entry::Attention(d) => format!("attention_d{d}"),
             Entry::AttentionTc(d) => format!("attention_tc_d{d}"),
+            Entry::AttentionRel(d) => format!("attention_rel_d{d}"),
         }
     }
 }
@@ -153,6 +156,7 @@ mod tests {
             Entry::Pool,
         ];
         entries.extend(ATTENTION_HEAD_DIMS.map(Entry::Attention));
+        entries.extend(ATTENTION_HEAD_DIMS.map(Entry::AttentionRel));
         entries.extend(ATTENTION_TC_HEAD_DIMS.map(Entry::AttentionTc));
         for e in entries {
             assert!(

@@ -10,8 +10,10 @@ use super::backend::{int, KernelBackend, Tensor};
 use super::gemm::Epilogue;
 use super::graph::GraphStats;
 use super::kernel_device::{DevBatch, DevTensor, Held, KernelDevice};
+use super::kernels::ATTENTION_HEAD_DIMS;
 use super::launch::{
-    attention_blocks, stride_grid, Arg, Entry, Launch, MAX_ROW, ROW_THREADS, STRIDE_THREADS,
+    attention_blocks, stride_grid, Arg, Entry, Launch, MAX_ROW, QUERY_BLOCK, ROW_THREADS,
+    STRIDE_THREADS,
 };
 use crate::engine::backend::{Backend, EmbeddingTables};
 use crate::engine::{Activation, Batch, Pooling};
@@ -323,6 +325,57 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
         };
         // (blocks lie within their sequences, which lie within qkv's rows.)
         self.launch(launch, "attention")?;
+        Ok(out)
+    }
+
+    fn attention_disentangled(
+        &self,
+        qkv: &Tensor<D>,
+        batch: &DevBatch<D::BatchMem>,
+        heads: usize,
+        rel: &super::super::Disentangled<'_, Tensor<D>>,
+    ) -> Result<Tensor<D>> {
+        let (h, d) = super::super::disentangled_shape(
+            (qkv.rows, qkv.cols),
+            batch.n_tokens,
+            heads,
+            rel,
+            |t| (t.rows, t.cols),
+        )?;
+        ensure!(
+            ATTENTION_HEAD_DIMS.contains(&d),
+            "attention_disentangled: head size {d} has no CUDA kernel (supported: {ATTENTION_HEAD_DIMS:?})"
+        );
+        let out = self.output(qkv.rows, h, "attention output")?;
+        if batch.n_blocks == 0 {
+            return Ok(out);
+        }
+        let (table, index_ptr, covered) =
+            self.relative_table(rel.index_key(), batch.max_position)?;
+        // A graph recorded now reads this table for as long as it lives.
+        self.with_recording(|r| r.keep.push(table));
+        let terms = rel.pos_key.is_some() as i32 | (rel.pos_query.is_some() as i32) << 1;
+        let launch = Launch {
+            entry: Entry::AttentionRel(d),
+            grid: (batch.n_blocks as u32, heads as u32, 1),
+            block: QUERY_BLOCK as u32,
+            args: vec![
+                Arg::Ptr(qkv.ptr),
+                Arg::Ptr(batch.blocks),
+                Arg::Ptr(batch.cu_seqlens),
+                Arg::Ptr(out.ptr),
+                Arg::I32(int(h, "hidden")?),
+                Arg::I32(int(batch.n_blocks, "attention blocks")?),
+                Arg::F32(1.0 / ((d * rel.scale_factor.max(1)) as f32).sqrt()),
+                // An absent table is never read (its bit of `terms` is clear).
+                Arg::Ptr(rel.pos_key.map_or(0, |t| t.ptr)),
+                Arg::Ptr(rel.pos_query.map_or(0, |t| t.ptr)),
+                Arg::Ptr(index_ptr),
+                Arg::I32(int(covered - 1, "relative index table")?),
+                Arg::I32(terms),
+            ],
+        };
+        self.launch(launch, "attention_disentangled")?;
         Ok(out)
     }
 

@@ -6,6 +6,7 @@
 //! into one command encoder and submitted when the result is downloaded (`context.rs`).
 
 mod adapter;
+mod attention;
 mod context;
 pub mod shaders;
 
@@ -16,6 +17,7 @@ use anyhow::{ensure, Result};
 
 pub use crate::engine::Precision;
 pub use adapter::{adapters, describe, unusable_reason};
+use attention::RelativeTerms;
 pub use context::Counters;
 use context::{Context, Pool};
 use shaders::Op;
@@ -78,10 +80,14 @@ pub struct WgpuBatch {
 pub struct WgpuBackend {
     ctx: Arc<Context>,
     /// cos/sin tables per (theta, head size / 2): the buffer and the positions it covers.
-    rope_tables: Arc<Mutex<HashMap<(super::RotaryKey, usize), RopeTable>>>,
+    rope_tables: Arc<Mutex<HashMap<(super::RotaryKey, usize), HostTable>>>,
+    /// DeBERTa's relative index tables per (span, buckets, max_relative): the buffer and the
+    /// sequence length it covers.
+    relative_tables: Arc<Mutex<HashMap<super::RelativeKey, HostTable>>>,
 }
 
-type RopeTable = (Arc<wgpu::Buffer>, usize);
+/// A table computed on the host, on the device, and the sequence length it covers.
+type HostTable = (Arc<wgpu::Buffer>, usize);
 
 /// A LayerNorm's parameters.
 struct Norm<'a> {
@@ -106,6 +112,7 @@ impl WgpuBackend {
         Ok(WgpuBackend {
             ctx: Arc::new(Context::new(ordinal, precision)?),
             rope_tables: Arc::default(),
+            relative_tables: Arc::default(),
         })
     }
 
@@ -451,36 +458,33 @@ impl Backend for WgpuBackend {
             window != Some(0),
             "attention: a sliding window must be at least 1 token"
         );
-        ensure!(
-            d as u32 <= shaders::MAX_HEAD_DIM,
-            "attention: head size {d} exceeds the shader's {}",
-            shaders::MAX_HEAD_DIM
-        );
-        let out = self.output(qkv.rows, h, "attention output")?;
-        if batch.n_blocks == 0 {
-            return Ok(out);
-        }
-        let p = params(&[
-            h as u32,
-            batch.n_blocks as u32,
-            window.map_or(0, |w| (w / 2) as u32),
-            window.is_some() as u32,
-            (1.0 / (d as f32).sqrt()).to_bits(),
-        ]);
-        let (gx, gy) = self.ctx.grid(batch.n_blocks as u32);
-        self.ctx.dispatch(
-            Op::Attention,
-            d as u32,
-            &[
-                qkv.buf(),
-                batch.blocks.buf(),
-                batch.cu_seqlens.buf(),
-                out.buf(),
-            ],
-            &p,
-            (gx, gy, u32_of(heads, "heads")?),
-        )?;
-        Ok(out)
+        let scale = 1.0 / (d as f32).sqrt();
+        self.attention_op(qkv, batch, (heads, h, d), window, scale, None)
+    }
+
+    fn attention_disentangled(
+        &self,
+        qkv: &WgpuTensor,
+        batch: &WgpuBatch,
+        heads: usize,
+        rel: &super::Disentangled<'_, WgpuTensor>,
+    ) -> Result<WgpuTensor> {
+        let (h, d) =
+            super::disentangled_shape((qkv.rows, qkv.cols), batch.n_tokens, heads, rel, |t| {
+                (t.rows, t.cols)
+            })?;
+        let (index, covered) = self.relative_index_table(rel, batch.max_position)?;
+        // An absent table is never read (its bit is clear): any bound buffer stands in.
+        let terms = rel.pos_key.is_some() as u32 | (rel.pos_query.is_some() as u32) << 1;
+        let relative = RelativeTerms {
+            pos_key: rel.pos_key.map_or(qkv.buf(), WgpuTensor::buf),
+            pos_query: rel.pos_query.map_or(qkv.buf(), WgpuTensor::buf),
+            index: &index,
+            center: u32_of(covered.saturating_sub(1), "relative index table")?,
+            terms,
+        };
+        let scale = 1.0 / ((d * rel.scale_factor.max(1)) as f32).sqrt();
+        self.attention_op(qkv, batch, (heads, h, d), None, scale, Some(relative))
     }
 
     fn pool(&self, x: &WgpuTensor, batch: &WgpuBatch, mode: Pooling) -> Result<WgpuTensor> {

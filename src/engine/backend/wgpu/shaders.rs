@@ -1,6 +1,6 @@
 //! The WGSL sources in `shaders/`, embedded at build time, and how a pipeline's source is put
 //! together: a type header (f32 or f16 storage), `common.wgsl`, the op's file, and for attention
-//! the head size and key-tile constants.
+//! the head size and key-tile constants and the relative terms (none, or attention_rel.wgsl's).
 
 /// One compute shader per engine op.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -9,6 +9,8 @@ pub enum Op {
     Embed,
     LayerNorm,
     Attention,
+    /// DeBERTa's: attention.wgsl with attention_rel.wgsl's relative-position terms.
+    AttentionDisentangled,
     Rope,
     Geglu,
     Pool,
@@ -17,11 +19,12 @@ pub enum Op {
 pub const COMMON: &str = include_str!("../../../../shaders/common.wgsl");
 
 impl Op {
-    pub const ALL: [Op; 7] = [
+    pub const ALL: [Op; 8] = [
         Op::Matmul,
         Op::Embed,
         Op::LayerNorm,
         Op::Attention,
+        Op::AttentionDisentangled,
         Op::Rope,
         Op::Geglu,
         Op::Pool,
@@ -33,10 +36,33 @@ impl Op {
             Op::Embed => "embed",
             Op::LayerNorm => "layernorm",
             Op::Attention => "attention",
+            Op::AttentionDisentangled => "attention_disentangled",
             Op::Rope => "rope",
             Op::Geglu => "geglu",
             Op::Pool => "pool",
         }
+    }
+
+    /// The name of the op's own file in shaders/.
+    pub fn file_name(self) -> &'static str {
+        match self {
+            Op::Matmul => "matmul.wgsl",
+            Op::Embed => "embed.wgsl",
+            Op::LayerNorm => "layernorm.wgsl",
+            Op::Attention | Op::AttentionDisentangled => "attention.wgsl",
+            Op::Rope => "rope.wgsl",
+            Op::Geglu => "geglu.wgsl",
+            Op::Pool => "pool.wgsl",
+        }
+    }
+
+    /// A second file the op's source appends (name and text): the disentangled attention's
+    /// relative terms.
+    pub fn part(self) -> Option<(&'static str, &'static str)> {
+        (self == Op::AttentionDisentangled).then_some((
+            "attention_rel.wgsl",
+            include_str!("../../../../shaders/attention_rel.wgsl"),
+        ))
     }
 
     /// The op's own WGSL file.
@@ -45,7 +71,9 @@ impl Op {
             Op::Matmul => include_str!("../../../../shaders/matmul.wgsl"),
             Op::Embed => include_str!("../../../../shaders/embed.wgsl"),
             Op::LayerNorm => include_str!("../../../../shaders/layernorm.wgsl"),
-            Op::Attention => include_str!("../../../../shaders/attention.wgsl"),
+            Op::Attention | Op::AttentionDisentangled => {
+                include_str!("../../../../shaders/attention.wgsl")
+            }
             Op::Rope => include_str!("../../../../shaders/rope.wgsl"),
             Op::Geglu => include_str!("../../../../shaders/geglu.wgsl"),
             Op::Pool => include_str!("../../../../shaders/pool.wgsl"),
@@ -59,6 +87,7 @@ impl Op {
             Op::Embed => &[false, false, false, false, false, false, false, true],
             Op::LayerNorm => &[true, false, false, false, true],
             Op::Attention => &[false, false, false, true],
+            Op::AttentionDisentangled => &[false, false, false, true, false, false, false],
             Op::Rope => &[true, false, false],
             Op::Geglu => &[false, true],
             Op::Pool => &[false, false, true],
@@ -75,6 +104,9 @@ pub fn key_tile(head_dim: u32) -> u32 {
 /// The largest head size the attention shader is built for.
 pub const MAX_HEAD_DIM: u32 = 256;
 
+/// Plain attention's relative term: none.
+const NO_REL: &str = "fn rel_score(q: ptr<function, array<f32, HEAD_DIM>>, qi: u32, key: u32, j: u32, head: u32) -> f32 {\n    return 0.0;\n}\n";
+
 /// The full source of `op`'s pipeline. `variant` is the head size for attention (ignored
 /// otherwise).
 pub fn source(op: Op, f16: bool, variant: u32) -> String {
@@ -84,11 +116,17 @@ pub fn source(op: Op, f16: bool, variant: u32) -> String {
     } else {
         s.push_str("alias T = f32;\n");
     }
-    if op == Op::Attention {
-        s.push_str(&format!(
+    match op {
+        Op::Attention | Op::AttentionDisentangled => s.push_str(&format!(
             "const HEAD_DIM: u32 = {variant}u;\nconst BK: u32 = {}u;\n",
             key_tile(variant)
-        ));
+        )),
+        _ => {}
+    }
+    match op.part() {
+        Some((_, part)) => s.push_str(part),
+        None if op == Op::Attention => s.push_str(NO_REL),
+        None => {}
     }
     s.push_str(COMMON);
     s.push_str(op.file());
