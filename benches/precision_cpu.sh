@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # CPU precisions side by side in one run, on the same texts and the same thread count:
-#   mira bench   the engine alone at f32, bf16 (emulated: weights rounded, f32 arithmetic) and int8
+#   mira bench   the engine alone at f32, bf16 (vdpbf16ps where the CPU has AVX512_BF16, else
+#                emulated: weights rounded, f32 arithmetic) and int8
 #   mira embed   the whole job (read JSONL, tokenize, forward, write JSONL) at the same precisions
 #   sentence-transformers fp32, ONNX Runtime fp32 and ONNX Runtime int8 (quantize_dynamic, QInt8
 #   weights) from benches/reference/bench_torch.py, tokenization and pooling inside their timing

@@ -218,8 +218,8 @@ fn devices_and_unavailable_backends() {
 }
 
 /// `mira bench --precision int8 --against f32`: both throughputs and the fidelity report; exit
-/// status 1 with the missed threshold when the guard fails; asking bf16 of the CPU is said to be
-/// emulated, and int8 of a GPU backend is refused.
+/// status 1 with the missed threshold when the guard fails; asking bf16 of the CPU says whether it
+/// runs bf16 products or is emulated, and int8 of a GPU backend is refused.
 #[test]
 fn bench_against_reports_fidelity_and_fails_a_missed_guard() {
     let model = fixture_model("bert-cls-regression");
@@ -287,14 +287,16 @@ fn bench_against_reports_fidelity_and_fails_a_missed_guard() {
         "{err}"
     );
     assert!(String::from_utf8_lossy(&o.stdout).contains("guard      FAILED"));
-    // bf16 on the CPU is emulated, and says so.
+    // bf16 on the CPU says what it runs: bf16 products where the CPU has AVX512_BF16, else
+    // emulated.
     let o = run(&["--precision", "bf16"]);
     assert!(o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        err.contains("precision bf16 on the cpu is emulated"),
-        "{err}"
-    );
+    let want = match mira::engine::backend::cpu::bf16::Kernel::vector() {
+        Some(_) => "precision bf16 on the cpu: encoder linear layers use bf16 weights",
+        None => "precision bf16 on the cpu is emulated",
+    };
+    assert!(err.contains(want), "{err}");
     // Guard thresholds without --against are a usage error, not ignored.
     assert!(!run(&["--min-cosine", "0.5"]).status.success());
 }

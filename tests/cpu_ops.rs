@@ -4,7 +4,7 @@
 
 mod op_table;
 
-use mira::engine::backend::cpu::{int8, CpuBackend};
+use mira::engine::backend::cpu::{bf16, int8, CpuBackend};
 use mira::engine::backend::{Backend, EmbeddingTables, Ntk, Rotary};
 use mira::engine::{Activation, Batch, Pooling, Precision};
 
@@ -206,6 +206,85 @@ fn int8_kernels_agree_bit_for_bit() {
             );
         }
     }
+}
+
+/// The CPU's bf16 GEMM, every kernel this CPU runs (the scalar one everywhere), against float64
+/// on the bf16-rounded operands, within the f32 summation bound `(k + 2)·2^-24·Σ|x·w|`; and the
+/// backend's bf16 linear layer (bias included) the same way (bf16 products where the CPU has a
+/// bf16 kernel, else f32 on bf16-rounded weights, emulated as `precision.rs` says; the test's
+/// input and bias are made with `weight`, which rounds them to bf16 either way).
+fn bf16_linear_matches_reference() {
+    let round = |v: f32| bf16::to_f32(bf16::to_bf16(v)) as f64;
+    let mut rng = Rng(0xbf16);
+    let be = CpuBackend::new(Precision::Bf16);
+    for (m, k, n) in [
+        (1, 1, 1),
+        (5, 2, 15),
+        (7, 33, 65),
+        (130, 97, 31),
+        (13, 1537, 70),
+        (3, 384, 1153),
+    ] {
+        let x = rng.vec(m * k, 2.0);
+        let w = rng.vec(n * k, 1.0 / (k as f64).sqrt());
+        let b = rng.vec(n, 0.5);
+        let (packed, _) = bf16::PackedWeight::pack(&w, n, k);
+        let rows = bf16::Bf16Rows::round(&x, m, k);
+        let out = be
+            .linear(
+                &be.weight(x.clone(), m, k).unwrap(),
+                &be.linear_weight(w.clone(), n, k).unwrap(),
+                Some(&be.weight(b.clone(), 1, n).unwrap()),
+                Activation::None,
+            )
+            .unwrap();
+        let bound = |abs: f64| (k + 2) as f64 * 2f64.powi(-24) * abs + 1e-30;
+        for kernel in bf16::Kernel::available() {
+            let mut got = vec![f32::NAN; m * n];
+            bf16::gemm_with(&rows, &packed, &mut got, kernel);
+            for i in 0..m {
+                for j in 0..n {
+                    let (mut exact, mut abs) = (0f64, 0f64);
+                    for p in 0..k {
+                        let v = round(x[i * k + p]) * round(w[j * k + p]);
+                        exact += v;
+                        abs += v.abs();
+                    }
+                    let g = got[i * n + j] as f64;
+                    assert!(
+                        (g - exact).abs() <= bound(abs),
+                        "bf16 {} {m}x{k}x{n} [{i},{j}]: got {g}, want {exact} (bound {})",
+                        kernel.name(),
+                        bound(abs)
+                    );
+                    // The backend's layer.
+                    let (mut exact, mut abs) = (round(b[j]), round(b[j]).abs());
+                    for p in 0..k {
+                        let v = round(x[i * k + p]) * round(w[j * k + p]);
+                        exact += v;
+                        abs += v.abs();
+                    }
+                    let g = out.data()[i * n + j] as f64;
+                    assert!(
+                        (g - exact).abs() <= bound(abs) + 2f64.powi(-24) * abs,
+                        "bf16 linear {m}x{k}x{n} [{i},{j}]: got {g}, want {exact}"
+                    );
+                }
+            }
+        }
+    }
+    // Rounding to bf16 is to nearest, ties to even, and keeps infinities and NaN.
+    for (v, want) in [
+        (1.0f32, 0x3F80u16),
+        (1.0 + 2f32.powi(-8), 0x3F80),
+        (1.0 + 3.0 * 2f32.powi(-8), 0x3F82),
+        (-2.5, 0xC020),
+        (f32::INFINITY, 0x7F80),
+        (f32::MAX, 0x7F80),
+    ] {
+        assert_eq!(bf16::to_bf16(v), want, "{v}");
+    }
+    assert!(bf16::to_f32(bf16::to_bf16(f32::NAN)).is_nan());
 }
 
 fn add_layernorm_matches_reference() {

@@ -1,4 +1,5 @@
-//! The CPU's reduced precisions (`--precision int8`, and bf16 emulated) against f32 on whole
+//! The CPU's reduced precisions (`--precision int8`, and bf16: vdpbf16ps where the CPU has
+//! AVX512_BF16, else emulated) against f32 on whole
 //! models, by the fidelity guard (`mira::fidelity`): all-MiniLM-L6-v2 embeddings on the sample
 //! corpus plus long, multilingual and code text; a real encoder with a random-weight regression
 //! head (a student as `mira distill` writes one); a 50% token-budget selection. The thresholds are

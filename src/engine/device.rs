@@ -131,12 +131,14 @@ pub fn list_devices() -> Vec<(String, String)> {
     vec![(
         "cpu".into(),
         format!(
-            "available: {} threads, {} (cpu features: {}; int8 kernel: {}; bf16 and f16: \
+            "available: {} threads, {} (cpu features: {}; int8 kernel: {}; bf16: {}; f16: \
              emulated)",
             rayon::current_num_threads(),
             backend::cpu::simd_level(),
             backend::cpu::cpu_features(),
-            backend::cpu::int8::Kernel::best().name()
+            backend::cpu::int8::Kernel::best().name(),
+            backend::cpu::bf16::Kernel::vector()
+                .map_or("emulated", backend::cpu::bf16::Kernel::name)
         ),
     )]
     .into_iter()

@@ -18,13 +18,15 @@ macro_rules! every_op {
             [linear_every_activation_and_awkward_shape],
             [linear_with_bias_and_every_activation]
         );
-        // int8 is the CPU's: a GPU backend stores a linear layer's weight as any other weight.
+        // int8 and bf16 GEMMs are the CPU's: a GPU backend stores a linear layer's weight as any
+        // other weight.
         $case!(
-            int8_linear,
+            packed_linear,
             [linear_weights_are_plain_weights],
             [
                 int8_linear_matches_reference,
-                int8_kernels_agree_bit_for_bit
+                int8_kernels_agree_bit_for_bit,
+                bf16_linear_matches_reference
             ]
         );
         $case!(

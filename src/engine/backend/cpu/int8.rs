@@ -14,6 +14,11 @@
 //! The arithmetic is integer and exact, so every kernel variant gives bit-identical results: the
 //! scalar kernel (any CPU) is the reference the vector kernels are tested against, and a CPU
 //! without a variant still runs the same numbers. Variants:
+//! - `avx512_vnni`: `vpdpwssd` on 512-bit registers multiplies 32 i16 pairs and adds both products
+//!   of each pair into its i32 lane in one instruction (32 MACs, twice a 512-bit f32 FMA's 16);
+//!   one register holds a whole k-pair of a panel, and the reduction runs as two interleaved
+//!   chains (even and odd k-pairs) so twelve accumulators hide the instruction's latency;
+//! - `avx_vnni`: the same instruction on 256-bit registers (Alder Lake and later, Zen 5);
 //! - `avx2`: `vpmaddwd` multiplies 16 i16 pairs and adds each pair into an i32 lane (16 MACs per
 //!   instruction, twice an f32 FMA's 8), then `vpaddd` accumulates;
 //! - `scalar`: plain loops over the same packed layout (aarch64, x86-64 without AVX2).
@@ -31,12 +36,7 @@
 
 use rayon::prelude::*;
 
-/// Output channels per packed panel (two 8-lane i32 accumulators).
-pub const NR: usize = 16;
-/// Rows per micro-kernel tile.
-const MR: usize = 6;
-/// Rows per rayon task: a multiple of `MR` whose i16 activations (`MC·K·2` bytes) fit in L2.
-const MC: usize = 8 * MR;
+use super::panels::{self, padded_k, MR, NR};
 /// Largest quantized weight magnitude (symmetric int8).
 const W_MAX: f32 = 127.0;
 /// The widest reduction a layer may have: activations keep at least 8 bits (`act_max ≥ 127`).
@@ -58,11 +58,6 @@ pub struct PackedWeight {
     scale: Vec<f32>,
 }
 
-/// K rounded up to a whole number of pairs.
-fn padded_k(k: usize) -> usize {
-    k.next_multiple_of(2)
-}
-
 /// Round to the nearest integer, ties to even, in a way every CPU computes identically.
 #[inline(always)]
 fn round(x: f32) -> f32 {
@@ -75,23 +70,23 @@ impl PackedWeight {
     pub fn quantize(w: &[f32], n: usize, k: usize) -> (PackedWeight, Vec<f32>) {
         assert_eq!(w.len(), n * k, "weight data does not match its shape");
         assert!(k <= MAX_K, "int8 reduction of {k} exceeds {MAX_K}");
-        let kp = padded_k(k);
-        let panels = n.div_ceil(NR);
-        let mut packed = vec![0i16; panels * kp * NR];
-        let mut scale = vec![0f32; n];
-        let mut dequant = vec![0f32; n * k];
-        for j in 0..n {
-            let row = &w[j * k..(j + 1) * k];
-            let max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let s = if max > 0.0 { max / W_MAX } else { 1.0 };
-            scale[j] = s;
-            let (panel, c) = (j / NR, j % NR);
-            for (p, &v) in row.iter().enumerate() {
-                let q = round(v / s).clamp(-W_MAX, W_MAX);
-                packed[panel * kp * NR + (p / 2) * 2 * NR + c * 2 + p % 2] = q as i16;
-                dequant[j * k + p] = q * s;
-            }
-        }
+        let scale: Vec<f32> = (0..n)
+            .map(|j| {
+                let max = w[j * k..(j + 1) * k]
+                    .iter()
+                    .fold(0f32, |m, v| m.max(v.abs()));
+                if max > 0.0 {
+                    max / W_MAX
+                } else {
+                    1.0
+                }
+            })
+            .collect();
+        let quant = |j: usize, v: f32| round(v / scale[j]).clamp(-W_MAX, W_MAX);
+        let packed = panels::pack(w, n, k, |j, v| quant(j, v) as i16);
+        let dequant = (0..n * k)
+            .map(|i| quant(i / k, w[i]) * scale[i / k])
+            .collect();
         (
             PackedWeight {
                 n,
@@ -187,24 +182,36 @@ pub enum Kernel {
     Scalar,
     #[cfg(target_arch = "x86_64")]
     Avx2,
+    #[cfg(target_arch = "x86_64")]
+    AvxVnni,
+    #[cfg(target_arch = "x86_64")]
+    Avx512Vnni,
 }
 
 impl Kernel {
     /// The fastest kernel this CPU runs.
     pub fn best() -> Kernel {
-        #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2") {
-            return Kernel::Avx2;
-        }
-        Kernel::Scalar
+        *Kernel::available()
+            .last()
+            .expect("the scalar kernel runs anywhere")
     }
 
-    /// Every kernel this CPU runs (tests compare them).
+    /// Every kernel this CPU runs, slowest first (tests compare them).
     pub fn available() -> Vec<Kernel> {
         let mut all = vec![Kernel::Scalar];
         #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2") {
-            all.push(Kernel::Avx2);
+        {
+            if std::is_x86_feature_detected!("avx2") {
+                all.push(Kernel::Avx2);
+            }
+            if std::is_x86_feature_detected!("avxvnni") {
+                all.push(Kernel::AvxVnni);
+            }
+            if std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512vnni")
+            {
+                all.push(Kernel::Avx512Vnni);
+            }
         }
         all
     }
@@ -215,43 +222,27 @@ impl Kernel {
             Kernel::Scalar => "scalar i32",
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => "avx2 vpmaddwd",
+            #[cfg(target_arch = "x86_64")]
+            Kernel::AvxVnni => "avx_vnni vpdpwssd",
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni => "avx512_vnni vpdpwssd",
         }
     }
 }
 
 /// [`gemm`] with a chosen kernel (tests run each one).
 pub fn gemm_with(x: &QuantRows, w: &PackedWeight, out: &mut [f32], kernel: Kernel) {
-    let (m, n) = (x.m, w.n);
     assert_eq!(x.kp, padded_k(w.k), "activation and weight widths differ");
-    assert_eq!(out.len(), m * n, "output does not match [{m}, {n}]");
-    if m == 0 || n == 0 {
-        return;
-    }
-    let kp = x.kp;
-    out.par_chunks_mut(MC * n)
-        .enumerate()
-        .for_each(|(block, out)| {
-            let row0 = block * MC;
-            let rows = out.len() / n;
-            let mut tile = [[0i32; NR]; MR];
-            for panel in 0..n.div_ceil(NR) {
-                let b = &w.packed[panel * kp * NR..(panel + 1) * kp * NR];
-                let cols = NR.min(n - panel * NR);
-                let ws = &w.scale[panel * NR..panel * NR + cols];
-                for r0 in (0..rows).step_by(MR) {
-                    let mr = MR.min(rows - r0);
-                    let a = &x.q[(row0 + r0) * kp..(row0 + r0 + mr) * kp];
-                    micro_kernel(kernel, a, kp, b, mr, &mut tile);
-                    for (r, acc) in tile[..mr].iter().enumerate() {
-                        let t = x.scale[row0 + r0 + r];
-                        let o = &mut out[(r0 + r) * n + panel * NR..][..cols];
-                        for ((o, &acc), &s) in o.iter_mut().zip(acc).zip(ws) {
-                            *o = acc as f32 * (t * s);
-                        }
-                    }
-                }
-            }
-        });
+    let store = |row: usize, col: usize, acc: &[i32; NR], out: &mut [f32]| {
+        let t = x.scale[row];
+        for ((o, &acc), &s) in out.iter_mut().zip(acc).zip(&w.scale[col..]) {
+            *o = acc as f32 * (t * s);
+        }
+    };
+    let tile = |a: &[i16], b: &[i16], mr: usize, tile: &mut [[i32; NR]; MR]| {
+        micro_kernel(kernel, a, x.kp, b, mr, tile)
+    };
+    panels::gemm(x.m, w.n, x.kp, &x.q, &w.packed, out, tile, store);
 }
 
 /// Fill `tile[..mr]` with the i32 dot products of `mr` activation rows (`a`, stride `kp`) with the
@@ -265,21 +256,30 @@ fn micro_kernel(
     tile: &mut [[i32; NR]; MR],
 ) {
     debug_assert!(a.len() >= mr * kp && b.len() == kp * NR && mr <= MR);
+    /// One tile-height dispatch of a `kernel::<R>` family.
+    macro_rules! by_rows {
+        ($($kernel:ident)::+) => {
+            match mr {
+                6 => $($kernel)::+::<6>(a, kp, b, tile),
+                5 => $($kernel)::+::<5>(a, kp, b, tile),
+                4 => $($kernel)::+::<4>(a, kp, b, tile),
+                3 => $($kernel)::+::<3>(a, kp, b, tile),
+                2 => $($kernel)::+::<2>(a, kp, b, tile),
+                _ => $($kernel)::+::<1>(a, kp, b, tile),
+            }
+        };
+    }
     match kernel {
         Kernel::Scalar => scalar_kernel(a, kp, b, mr, tile),
+        // SAFETY (each vector kernel): a kernel is only chosen when the CPU has its features
+        // (`best`, `available`), and the slices hold `mr` rows of `kp` and a whole panel, as
+        // checked above.
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Kernel::Avx2` is only chosen when the CPU has AVX2 (`best`, `available`), and
-        // the slices hold `mr` rows of `kp` and a whole panel, as checked above.
-        Kernel::Avx2 => unsafe {
-            match mr {
-                6 => avx2::kernel::<6>(a, kp, b, tile),
-                5 => avx2::kernel::<5>(a, kp, b, tile),
-                4 => avx2::kernel::<4>(a, kp, b, tile),
-                3 => avx2::kernel::<3>(a, kp, b, tile),
-                2 => avx2::kernel::<2>(a, kp, b, tile),
-                _ => avx2::kernel::<1>(a, kp, b, tile),
-            }
-        },
+        Kernel::Avx2 => unsafe { by_rows!(avx2::kernel) },
+        #[cfg(target_arch = "x86_64")]
+        Kernel::AvxVnni => unsafe { by_rows!(avx_vnni::kernel) },
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx512Vnni => unsafe { by_rows!(avx512_vnni::kernel) },
     }
 }
 
@@ -336,6 +336,100 @@ mod avx2 {
                 _mm256_storeu_si256(out.as_mut_ptr() as *mut __m256i, acc[0]);
                 _mm256_storeu_si256(out.as_mut_ptr().add(8) as *mut __m256i, acc[1]);
             }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx_vnni {
+    use super::{MR, NR};
+    use std::arch::x86_64::*;
+
+    /// [`super::avx2::kernel`] with each `vpmaddwd` + `vpaddd` fused into one `vpdpwssd`.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-VNNI; `a` must hold `R` rows of `kp` values and `b` `kp·16`.
+    #[target_feature(enable = "avx2,avxvnni")]
+    pub unsafe fn kernel<const R: usize>(
+        a: &[i16],
+        kp: usize,
+        b: &[i16],
+        tile: &mut [[i32; NR]; MR],
+    ) {
+        debug_assert!(a.len() >= R * kp && b.len() >= kp * NR);
+        let mut acc = [[_mm256_setzero_si256(); 2]; R];
+        let (a, b) = (a.as_ptr(), b.as_ptr());
+        for t in 0..kp / 2 {
+            // SAFETY: t < kp/2, so the panel reads end at kp·16 and the row reads at row·kp + kp.
+            unsafe {
+                let b0 = _mm256_loadu_si256(b.add(t * 2 * NR) as *const __m256i);
+                let b1 = _mm256_loadu_si256(b.add(t * 2 * NR + NR) as *const __m256i);
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let pair = (a.add(r * kp + 2 * t) as *const i32).read_unaligned();
+                    let av = _mm256_set1_epi32(pair);
+                    acc[0] = _mm256_dpwssd_avx_epi32(acc[0], av, b0);
+                    acc[1] = _mm256_dpwssd_avx_epi32(acc[1], av, b1);
+                }
+            }
+        }
+        for (out, acc) in tile.iter_mut().zip(&acc) {
+            // SAFETY: each tile row holds 16 i32, the two stores write 8 each.
+            unsafe {
+                _mm256_storeu_si256(out.as_mut_ptr() as *mut __m256i, acc[0]);
+                _mm256_storeu_si256(out.as_mut_ptr().add(8) as *mut __m256i, acc[1]);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512_vnni {
+    use super::{MR, NR};
+    use std::arch::x86_64::*;
+
+    /// The `R`×16 tile with 512-bit `vpdpwssd`: a k-pair of the panel is one register; even and
+    /// odd k-pairs accumulate separately (two chains per row, summed at the end: integer sums
+    /// are exact in any order, and every partial sum is bounded like the whole).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F and AVX512-VNNI; `a` must hold `R` rows of `kp` values and `b`
+    /// `kp·16`.
+    #[target_feature(enable = "avx512f,avx512vnni")]
+    pub unsafe fn kernel<const R: usize>(
+        a: &[i16],
+        kp: usize,
+        b: &[i16],
+        tile: &mut [[i32; NR]; MR],
+    ) {
+        debug_assert!(a.len() >= R * kp && b.len() >= kp * NR);
+        let mut even = [_mm512_setzero_si512(); R];
+        let mut odd = [_mm512_setzero_si512(); R];
+        let (a, b) = (a.as_ptr(), b.as_ptr());
+        let pairs = kp / 2;
+        // SAFETY (every read below): t < kp/2, so the panel reads end at kp·16 and the row reads
+        // at row·kp + kp.
+        let pair = |r: usize, t: usize| unsafe {
+            _mm512_set1_epi32((a.add(r * kp + 2 * t) as *const i32).read_unaligned())
+        };
+        let panel = |t: usize| unsafe { _mm512_loadu_si512(b.add(t * 2 * NR) as *const _) };
+        let mut t = 0;
+        while t + 1 < pairs {
+            let (b0, b1) = (panel(t), panel(t + 1));
+            for (r, (e, o)) in even.iter_mut().zip(&mut odd).enumerate() {
+                *e = _mm512_dpwssd_epi32(*e, pair(r, t), b0);
+                *o = _mm512_dpwssd_epi32(*o, pair(r, t + 1), b1);
+            }
+            t += 2;
+        }
+        if t < pairs {
+            let b0 = panel(t);
+            for (r, e) in even.iter_mut().enumerate() {
+                *e = _mm512_dpwssd_epi32(*e, pair(r, t), b0);
+            }
+        }
+        for ((out, e), o) in tile.iter_mut().zip(&even).zip(&odd) {
+            // SAFETY: each tile row holds 16 i32, one 512-bit store.
+            unsafe { _mm512_storeu_si512(out.as_mut_ptr() as *mut _, _mm512_add_epi32(*e, *o)) };
         }
     }
 }

@@ -1,13 +1,16 @@
 //! The CPU backend: the readable reference, and fast enough to be useful.
 //!
 //! f32 arithmetic, except the linear layers under `--precision int8` (`int8.rs`: integer GEMM
-//! with exact i32 sums). f32 GEMMs go through the `gemm` crate (packed, runtime-dispatched
+//! with exact i32 sums) and `--precision bf16` where the CPU has AVX512_BF16 (`bf16.rs`); both
+//! run the packed-panel loop nest of `panels.rs`. f32 GEMMs go through the `gemm` crate (packed, runtime-dispatched
 //! AVX2/AVX-512/NEON micro-kernels, rayon-parallel); bias and activation run as one vectorised pass over the output; attention runs one task per (sequence, head) over the ragged batch, with
 //! a register-tiled kernel (`attention.rs`). Element-wise math is in `math.rs`.
 
 mod attention;
+pub mod bf16;
 pub mod int8;
 pub mod math;
+mod panels;
 mod precision;
 
 pub use precision::{cpu_features, CpuPrecision};
@@ -29,9 +32,16 @@ pub struct CpuTensor {
     data: Vec<f32>,
     rows: usize,
     cols: usize,
-    /// For a linear layer's weight under `--precision int8`: the same values (`data` holds them
-    /// dequantized) packed for the integer GEMM.
-    int8: Option<Arc<int8::PackedWeight>>,
+    /// For a linear layer's weight under `--precision int8` or `bf16` (with a bf16 kernel): the
+    /// same values (`data` holds them dequantized or rounded) packed for that GEMM.
+    packed: Option<Arc<PackedLinear>>,
+}
+
+/// A linear layer's weight packed for a GEMM other than f32's.
+#[derive(Debug, PartialEq)]
+enum PackedLinear {
+    Int8(int8::PackedWeight),
+    Bf16(bf16::PackedWeight),
 }
 
 impl CpuTensor {
@@ -45,7 +55,7 @@ impl CpuTensor {
             data,
             rows,
             cols,
-            int8: None,
+            packed: None,
         }
     }
 
@@ -171,6 +181,9 @@ impl Backend for CpuBackend {
     fn name(&self) -> String {
         let precision = match self.precision {
             CpuPrecision::F32 => String::new(),
+            CpuPrecision::Bf16 if bf16::Kernel::vector().is_some() => {
+                format!(", bf16 {}", bf16::Kernel::best().name())
+            }
             CpuPrecision::Bf16 => ", bf16 weights emulated".into(),
             CpuPrecision::F16 => ", f16 weights emulated".into(),
             CpuPrecision::Int8 => format!(", int8 {}", int8::Kernel::best().name()),
@@ -201,7 +214,8 @@ impl Backend for CpuBackend {
     }
 
     fn linear_weight(&self, data: Vec<f32>, rows: usize, cols: usize) -> Result<CpuTensor> {
-        if self.precision != CpuPrecision::Int8 {
+        let bf16 = self.precision == CpuPrecision::Bf16 && bf16::Kernel::vector().is_some();
+        if self.precision != CpuPrecision::Int8 && !bf16 {
             return self.weight(data, rows, cols);
         }
         ensure!(
@@ -209,6 +223,12 @@ impl Backend for CpuBackend {
             "weight has {} values, expected {rows}x{cols}",
             data.len()
         );
+        if bf16 {
+            let (packed, rounded) = bf16::PackedWeight::pack(&data, rows, cols);
+            let mut t = CpuTensor::new(rounded, rows, cols);
+            t.packed = Some(Arc::new(PackedLinear::Bf16(packed)));
+            return Ok(t);
+        }
         ensure!(
             cols <= int8::MAX_K,
             "an int8 linear layer sums at most {} products per output, this one {cols}",
@@ -216,7 +236,7 @@ impl Backend for CpuBackend {
         );
         let (packed, dequant) = int8::PackedWeight::quantize(&data, rows, cols);
         let mut t = CpuTensor::new(dequant, rows, cols);
-        t.int8 = Some(Arc::new(packed));
+        t.packed = Some(Arc::new(PackedLinear::Int8(packed)));
         Ok(t)
     }
 
@@ -267,16 +287,22 @@ impl Backend for CpuBackend {
     ) -> Result<CpuTensor> {
         let (m, k, n) =
             super::linear_shape((x.rows, x.cols), (w.rows, w.cols), b.map(|b| b.data.len()))?;
-        if let Some(packed) = &w.int8 {
-            let xq = int8::QuantRows::quantize(&x.data, m, k);
+        if let Some(packed) = &w.packed {
             let mut out = uninit(m * n);
             {
-                // SAFETY: MaybeUninit<f32> and f32 have the same layout; `int8::gemm` writes every
+                // SAFETY: MaybeUninit<f32> and f32 have the same layout; both GEMMs write every
                 // element of the [m, n] output (each row block walks every panel's columns).
                 let out_f32 = unsafe {
                     std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut f32, out.len())
                 };
-                int8::gemm(&xq, packed, out_f32);
+                match &**packed {
+                    PackedLinear::Int8(w) => {
+                        int8::gemm(&int8::QuantRows::quantize(&x.data, m, k), w, out_f32)
+                    }
+                    PackedLinear::Bf16(w) => {
+                        bf16::gemm(&bf16::Bf16Rows::round(&x.data, m, k), w, out_f32)
+                    }
+                }
             }
             // SAFETY: written above.
             let out = unsafe { assume_init(out) };

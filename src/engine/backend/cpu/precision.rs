@@ -1,8 +1,9 @@
-//! What `--precision` means on the CPU backend: f32, bf16 and f16 emulated (weights rounded at
-//! load, f32 arithmetic), or int8 linear layers (`int8.rs`); the notes that say so; and the CPU
-//! features `mira devices` lists.
+//! What `--precision` means on the CPU backend: f32; bf16 linear layers (`bf16.rs`) where the
+//! CPU has AVX512_BF16, else bf16 emulated like f16 (weights rounded at load, f32 arithmetic);
+//! int8 linear layers (`int8.rs`); the notes that say so; and the CPU features `mira devices`
+//! lists.
 
-use super::{int8, CpuBackend};
+use super::{bf16, int8, CpuBackend};
 use crate::engine::Precision;
 
 /// What `--precision` means on the CPU.
@@ -11,8 +12,8 @@ pub enum CpuPrecision {
     /// f32 weights and arithmetic (`auto` and `f32`).
     #[default]
     F32,
-    /// Weights rounded to bf16 at load, f32 arithmetic: bf16's numbers at f32's speed (no bf16
-    /// dot-product kernel yet, see `precision_note`).
+    /// Linear layers in bf16 products with f32 sums where the CPU has AVX512_BF16 (`bf16.rs`);
+    /// elsewhere weights rounded to bf16 at load and f32 arithmetic (see `precision_note`).
     Bf16,
     /// Weights rounded to f16 at load, f32 arithmetic, likewise.
     F16,
@@ -38,6 +39,12 @@ impl CpuBackend {
     pub fn precision_note(precision: Precision) -> Option<String> {
         match CpuBackend::new(precision).precision {
             CpuPrecision::F32 => None,
+            CpuPrecision::Bf16 if bf16::Kernel::vector().is_some() => Some(format!(
+                "precision bf16 on the cpu: encoder linear layers use bf16 weights and \
+                 activations with f32 sums, kernel {}; everything else is f32; check the fidelity \
+                 on your data with `mira bench --precision bf16 --against f32`",
+                bf16::Kernel::best().name()
+            )),
             CpuPrecision::Bf16 | CpuPrecision::F16 => Some(format!(
                 "precision {precision} on the cpu is emulated: weights are rounded to {precision} \
                  at load and the arithmetic is f32, so results are {precision}'s at f32's speed \
