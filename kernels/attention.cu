@@ -35,12 +35,12 @@ __device__ __forceinline__ float rel_score(const RelTerms& rel, const float* q, 
     const size_t base = (size_t)rel.index[qi + rel.center - key] * hidden + head * D;
     float s = 0.0f;
     if (rel.terms & 1) {
-        #pragma unroll
+        #pragma unroll 8
         for (int d = 0; d < D; ++d) s = fmaf(q[d], ld(rel.pos_key, base + d), s);
     }
     if (rel.terms & 2) {
         float t = 0.0f;
-        #pragma unroll
+        #pragma unroll 8
         for (int d = 0; d < D; ++d) t = fmaf(k[d], ld(rel.pos_query, base + d), t);
         s = fmaf(t, scale, s);
     }
@@ -55,8 +55,10 @@ __device__ __forceinline__ void attention_impl(const T* qkv, const uint2* blocks
     constexpr int BK = (1920 / D) < 64 ? (1920 / D) : 64;  // K + V tiles within 15 KiB
     // Up to D = 96 a thread keeps its query and its output accumulator in registers; beyond,
     // both would not fit the 255 registers a thread has, so the query moves to shared memory
-    // (rows padded by one float: no bank conflicts when each thread reads its own row).
-    constexpr bool Q_SHARED = D > 96;
+    // (rows padded by one float: no bank conflicts when each thread reads its own row). The
+    // relative terms need registers of their own: there the query moves past D = 64 (ptxas
+    // reported spills at D = 80 and 96 otherwise).
+    constexpr bool Q_SHARED = D > (REL ? 64 : 96);
     constexpr int QS = Q_SHARED ? BQ * (D + 1) : 1;
     __shared__ float k_tile[BK * D];
     __shared__ float v_tile[BK * D];

@@ -132,8 +132,11 @@ fn ptx_assembles_to_machine_code_without_spills() {
                         let n: usize = n.parse().expect("ptxas spill count");
                         // Known: the plain kernel at D = 128 keeps a 128-float accumulator per
                         // thread and spills ~128 bytes (it serves f32 storage only; bf16/f16 use
-                        // attention_tc_d128, which must not spill).
-                        let known = entry == "attention_d128" && n <= 256;
+                        // attention_tc_d128, which must not spill); its DeBERTa variant spills
+                        // ~160 (DeBERTa-v3's heads are 64 wide: xsmall to large).
+                        let known =
+                            matches!(entry.as_str(), "attention_d128" | "attention_rel_d128")
+                                && n <= 256;
                         if n > 0 && !known {
                             spills.push(format!("{arch} {storage:?} {entry}: {}", line.trim()));
                         }
