@@ -41,8 +41,9 @@ impl CpuBackend {
             CpuPrecision::F32 => None,
             CpuPrecision::Bf16 if bf16::Kernel::vector().is_some() => Some(format!(
                 "precision bf16 on the cpu: encoder linear layers use bf16 weights and \
-                 activations with f32 sums, kernel {}; everything else is f32; check the fidelity \
-                 on your data with `mira bench --precision bf16 --against f32`",
+                 activations with f32 sums, kernel {}; everything else is f32; some CPUs run \
+                 bf16 dot products slower than f32 ones, so check the speed and the fidelity on \
+                 your data with `mira bench --precision bf16 --against f32`",
                 bf16::Kernel::best().name()
             )),
             CpuPrecision::Bf16 | CpuPrecision::F16 => Some(format!(
