@@ -27,6 +27,25 @@ struct RelTerms {
     int terms;
 };
 
+// The largest head size whose query the relative kernel keeps in registers (past it, shared
+// memory: the relative terms need registers of their own).
+#define REL_Q_IN_REGISTERS 64
+
+// v · table[base .. base + D] in f32. Fully unrolled while the query may be a register array
+// (a loop index into it would move it to local memory); partly past that, to bound registers.
+template <int D>
+__device__ __forceinline__ float rel_dot(const float* v, const T* table, size_t base) {
+    float s = 0.0f;
+    if constexpr (D <= REL_Q_IN_REGISTERS) {
+        #pragma unroll
+        for (int d = 0; d < D; ++d) s = fmaf(v[d], ld(table, base + d), s);
+    } else {
+        #pragma unroll 8
+        for (int d = 0; d < D; ++d) s = fmaf(v[d], ld(table, base + d), s);
+    }
+    return s;
+}
+
 // The relative terms of query row `qi` (its pre-scaled query `q`) and key row `key` (its key `k`
 // in shared memory), for head `head`.
 template <int D>
@@ -34,16 +53,8 @@ __device__ __forceinline__ float rel_score(const RelTerms& rel, const float* q, 
                                            u32 qi, u32 key, int head, int hidden, float scale) {
     const size_t base = (size_t)rel.index[qi + rel.center - key] * hidden + head * D;
     float s = 0.0f;
-    if (rel.terms & 1) {
-        #pragma unroll 8
-        for (int d = 0; d < D; ++d) s = fmaf(q[d], ld(rel.pos_key, base + d), s);
-    }
-    if (rel.terms & 2) {
-        float t = 0.0f;
-        #pragma unroll 8
-        for (int d = 0; d < D; ++d) t = fmaf(k[d], ld(rel.pos_query, base + d), t);
-        s = fmaf(t, scale, s);
-    }
+    if (rel.terms & 1) s = rel_dot<D>(q, rel.pos_key, base);
+    if (rel.terms & 2) s = fmaf(rel_dot<D>(k, rel.pos_query, base), scale, s);
     return s;
 }
 
@@ -58,7 +69,7 @@ __device__ __forceinline__ void attention_impl(const T* qkv, const uint2* blocks
     // (rows padded by one float: no bank conflicts when each thread reads its own row). The
     // relative terms need registers of their own: there the query moves past D = 64 (ptxas
     // reported spills at D = 80 and 96 otherwise).
-    constexpr bool Q_SHARED = D > (REL ? 64 : 96);
+    constexpr bool Q_SHARED = D > (REL ? REL_Q_IN_REGISTERS : 96);
     constexpr int QS = Q_SHARED ? BQ * (D + 1) : 1;
     __shared__ float k_tile[BK * D];
     __shared__ float v_tile[BK * D];

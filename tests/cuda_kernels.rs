@@ -125,6 +125,19 @@ fn ptx_assembles_to_machine_code_without_spills() {
                     if line.contains("Used") && line.contains("registers") {
                         eprintln!("{arch} {storage:?} {entry}: {}", line.trim());
                     }
+                    // A stack frame without spills is an array the compiler moved to local
+                    // memory (e.g. a register array indexed by a loop it did not unroll).
+                    if let Some(n) = line
+                        .split_once(" bytes stack frame")
+                        .map(|(before, _)| before.rsplit(' ').next().unwrap_or(""))
+                    {
+                        let n: usize = n.parse().expect("ptxas stack frame size");
+                        let known =
+                            matches!(entry.as_str(), "attention_d128" | "attention_rel_d128");
+                        if n > 0 && !known {
+                            spills.push(format!("{arch} {storage:?} {entry}: {}", line.trim()));
+                        }
+                    }
                     if let Some(n) = line
                         .split_once(" bytes spill stores")
                         .map(|(before, _)| before.rsplit(' ').next().unwrap_or(""))

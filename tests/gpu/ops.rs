@@ -204,11 +204,6 @@ pub fn residual_layernorms_in_every_mode<B: Backend>(gpu: &B, prec: Prec) {
     }
 }
 
-/// DeBERTa's disentangled attention against the CPU's: log-bucketed (v3-like), plain clamped
-/// and v3-base's relative ranges; each term alone and both; head sizes of the CUDA kernels and
-/// an odd one; ragged batches around the 64-query block, a lone token, and a 600-token sequence
-/// whose distances pass v3-base's bucket range (512) and the table's last row. A later batch with
-/// longer sequences than the first grows the backend's cached index table.
 /// DeBERTa's terms with the content-to-position and position-to-content tables switched on or
 /// off, scaled by one plus the terms on, as a config's `pos_att_type` would.
 fn relative_terms<'a, T>(
@@ -227,6 +222,11 @@ fn relative_terms<'a, T>(
     }
 }
 
+/// DeBERTa's disentangled attention against the CPU's: log-bucketed (v3-like), plain clamped
+/// and v3-base's relative ranges; each term alone and both; head sizes 8-80; ragged batches
+/// around the 64-query block, a lone token, and a 600-token sequence whose distances pass
+/// v3-base's bucket range (512) and the table's last row. A later batch with longer sequences
+/// than the first grows the backend's cached index table.
 pub fn disentangled_attention_at_every_term_and_range<B: Backend>(gpu: &B, prec: Prec) {
     let mut rng = Rng(0xdeb);
     let cpu = CpuBackend::default();

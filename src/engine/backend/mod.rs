@@ -323,7 +323,7 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Upload the weight of an encoder layer's linear map (`[out, in]`, only ever passed as `w`
     /// to [`Backend::linear`]): a backend may store it in a form only `linear` reads, as the CPU's
-    /// int8 path does. Heads and embedding tables go through [`Backend::weight`].
+    /// int8 and bf16 paths do. Heads and embedding tables go through [`Backend::weight`].
     fn linear_weight(&self, data: Vec<f32>, rows: usize, cols: usize) -> Result<Self::Tensor> {
         self.weight(data, rows, cols)
     }

@@ -9,11 +9,13 @@
 //!
 //! The arithmetic, per output lane and k-pair `t` (Intel's definition of `vdpbf16ps`: inputs and
 //! outputs with subnormals flushed to zero, round to nearest even): `acc += a(2t+1)·b(2t+1)`, then
-//! `acc += a(2t)·b(2t)`, each a rounded f32 add of an exact product. The kernel keeps even and odd
-//! k-pairs in two chains (to hide the instruction's latency) and adds them at the end; the scalar
-//! kernel does exactly this one product at a time. It is the reference the vector kernel is tested
-//! against, and what a CPU without AVX512_BF16 would compute (such a CPU keeps bf16 emulated: the
-//! f32 GEMM on bf16-rounded weights, see `precision.rs`).
+//! `acc += a(2t)·b(2t)`, each a rounded f32 add of the product. The product of two bf16 values is
+//! exact in f32 unless it leaves f32's normal range, so the scalar kernel, which multiplies and
+//! then adds, computes the same sums except for such products (which Intel's fused definition
+//! flushes or keeps differently). The kernel keeps even and odd k-pairs in two chains (to hide the
+//! instruction's latency) and adds them at the end, as the scalar kernel does. Both are tested
+//! against float64 within the f32 summation bound (tests/cpu_ops.rs); a CPU without AVX512_BF16
+//! keeps bf16 emulated instead (the f32 GEMM on bf16-rounded weights, see `precision.rs`).
 
 use rayon::prelude::*;
 
@@ -122,6 +124,12 @@ pub fn gemm(x: &Bf16Rows, w: &PackedWeight, out: &mut [f32]) {
 /// [`gemm`] with a chosen kernel (tests run each one).
 pub fn gemm_with(x: &Bf16Rows, w: &PackedWeight, out: &mut [f32], kernel: Kernel) {
     assert_eq!(x.kp, padded_k(w.k), "activation and weight widths differ");
+    // The vector kernel is `unsafe` on a CPU without AVX512_BF16: a caller's choice is checked.
+    assert!(
+        Kernel::available().contains(&kernel),
+        "bf16 kernel {} does not run on this CPU",
+        kernel.name()
+    );
     let kp = x.kp;
     let tile = |a: &[u16], b: &[u16], mr: usize, tile: &mut [[f32; NR]; MR]| match kernel {
         Kernel::Scalar => scalar_kernel(a, kp, b, mr, tile),

@@ -204,7 +204,7 @@ impl Kernel {
             if std::is_x86_feature_detected!("avx2") {
                 all.push(Kernel::Avx2);
             }
-            if std::is_x86_feature_detected!("avxvnni") {
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("avxvnni") {
                 all.push(Kernel::AvxVnni);
             }
             if std::is_x86_feature_detected!("avx512f")
@@ -233,6 +233,13 @@ impl Kernel {
 /// [`gemm`] with a chosen kernel (tests run each one).
 pub fn gemm_with(x: &QuantRows, w: &PackedWeight, out: &mut [f32], kernel: Kernel) {
     assert_eq!(x.kp, padded_k(w.k), "activation and weight widths differ");
+    // The vector kernels are `unsafe` on a CPU without their features: a caller's choice is
+    // checked once per GEMM.
+    assert!(
+        Kernel::available().contains(&kernel),
+        "int8 kernel {} does not run on this CPU",
+        kernel.name()
+    );
     let store = |row: usize, col: usize, acc: &[i32; NR], out: &mut [f32]| {
         let t = x.scale[row];
         for ((o, &acc), &s) in out.iter_mut().zip(acc).zip(&w.scale[col..]) {

@@ -41,7 +41,8 @@ impl CpuBackend {
             CpuPrecision::F32 => None,
             CpuPrecision::Bf16 if bf16::Kernel::vector().is_some() => Some(format!(
                 "precision bf16 on the cpu: encoder linear layers use bf16 weights and \
-                 activations with f32 sums, kernel {}; everything else is f32; some CPUs run \
+                 activations with f32 sums, kernel {}; everything else computes in f32 (on \
+                 weights rounded to bf16); some CPUs run \
                  bf16 dot products slower than f32 ones, so check the speed and the fidelity on \
                  your data with `mira bench --precision bf16 --against f32`",
                 bf16::Kernel::best().name()

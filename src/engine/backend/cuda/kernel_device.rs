@@ -133,4 +133,6 @@ pub struct DevBatch<B> {
     pub(super) n_seqs: usize,
     pub(super) n_blocks: usize,
     pub(super) max_position: usize,
+    /// The longest sequence (what DeBERTa's relative index table must cover).
+    pub(super) max_len: usize,
 }

@@ -82,6 +82,12 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
             n_seqs: cu.len().saturating_sub(1),
             n_blocks: blocks.len() / 2,
             max_position: batch.positions.iter().max().map_or(0, |&p| p as usize + 1),
+            max_len: batch
+                .cu_seqlens
+                .windows(2)
+                .map(|w| (w[1] - w[0]) as usize)
+                .max()
+                .unwrap_or(0),
         })
     }
 
@@ -350,8 +356,7 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
         if batch.n_blocks == 0 {
             return Ok(out);
         }
-        let (table, index_ptr, covered) =
-            self.relative_table(rel.index_key(), batch.max_position)?;
+        let (table, index_ptr, covered) = self.relative_table(rel.index_key(), batch.max_len)?;
         // A graph recorded now reads this table for as long as it lives.
         self.with_recording(|r| r.keep.push(table));
         let terms = rel.pos_key.is_some() as i32 | (rel.pos_query.is_some() as i32) << 1;

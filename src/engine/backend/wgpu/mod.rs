@@ -73,6 +73,8 @@ pub struct WgpuBatch {
     n_seqs: usize,
     n_blocks: usize,
     max_position: usize,
+    /// The longest sequence (what DeBERTa's relative index table must cover).
+    max_len: usize,
 }
 
 /// The wgpu backend on one adapter. Clones share the device, pipelines and pools.
@@ -284,6 +286,12 @@ impl Backend for WgpuBackend {
             n_seqs: cu.len().saturating_sub(1),
             n_blocks: blocks.len() / 2,
             max_position: batch.positions.iter().max().map_or(0, |&p| p as usize + 1),
+            max_len: batch
+                .cu_seqlens
+                .windows(2)
+                .map(|w| (w[1] - w[0]) as usize)
+                .max()
+                .unwrap_or(0),
         })
     }
 
@@ -473,7 +481,7 @@ impl Backend for WgpuBackend {
             super::disentangled_shape((qkv.rows, qkv.cols), batch.n_tokens, heads, rel, |t| {
                 (t.rows, t.cols)
             })?;
-        let (index, covered) = self.relative_index_table(rel, batch.max_position)?;
+        let (index, covered) = self.relative_index_table(rel, batch.max_len)?;
         // An absent table is never read (its bit is clear): any bound buffer stands in.
         let terms = rel.pos_key.is_some() as u32 | (rel.pos_query.is_some() as u32) << 1;
         let relative = RelativeTerms {

@@ -12,7 +12,7 @@
 //!
 //! A shape is what the host-side code of a forward pass decides from a batch: the caller's
 //! `kind` (which model and which output), token, sequence and attention-block counts, and the
-//! rotary table's extent. Graphs are built on the second sighting of a shape (a shape seen once
+//! extents of the rotary and relative index tables. Graphs are built on the second sighting of a shape (a shape seen once
 //! costs nothing), at most [`PER_SHAPE`] per shape (one per worker thread), at most
 //! [`MAX_GRAPHS`] holding at most [`MAX_BYTES`] of activations in all (least recently used
 //! shapes go first).
@@ -138,6 +138,9 @@ pub struct Shape {
     pub blocks: usize,
     /// Positions the rotary table must cover, rounded up to a power of two as the table is.
     pub positions: usize,
+    /// The longest sequence, rounded up to a power of two as DeBERTa's relative index table is
+    /// (its extent is a kernel argument).
+    pub longest: usize,
     /// Test switches that change which ops run.
     pub poison: bool,
     pub scalar_attention: bool,
@@ -315,6 +318,7 @@ mod tests {
             seqs: 1,
             blocks: 1,
             positions: 16,
+            longest: 16,
             poison: false,
             scalar_attention: false,
         }

@@ -105,6 +105,7 @@ impl<D: KernelDevice> KernelBackend<D> {
             n_seqs: b.n_seqs,
             n_blocks: b.n_blocks,
             max_position: b.max_position,
+            max_len: b.max_len,
         };
         let arena = Arena::new();
         let id = std::thread::current().id();
@@ -185,6 +186,7 @@ impl<D: KernelDevice> KernelBackend<D> {
             seqs: b.n_seqs,
             blocks: b.n_blocks,
             positions: b.max_position.next_power_of_two(),
+            longest: b.max_len.next_power_of_two(),
             poison: self.shared.poison.load(Ordering::Relaxed),
             scalar_attention: self.shared.scalar_attention.load(Ordering::Relaxed),
         };
