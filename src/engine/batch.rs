@@ -71,6 +71,16 @@ impl Batch {
         Ok(())
     }
 
+    /// The longest sequence, from `cu_seqlens` (what the kernels index by; `max_seqlen` is the
+    /// builder's record of it, which a hand-made batch may not keep).
+    pub fn longest_sequence(&self) -> usize {
+        self.cu_seqlens
+            .windows(2)
+            .map(|w| w[1].saturating_sub(w[0]) as usize)
+            .max()
+            .unwrap_or(0)
+    }
+
     pub fn n_seqs(&self) -> usize {
         self.docs.len()
     }

@@ -86,6 +86,12 @@ impl<T> Disentangled<'_, T> {
     pub fn index_key(&self) -> RelativeKey {
         (self.span, self.buckets, self.max_relative)
     }
+
+    /// The terms the GPU kernels add, as their bit mask: 1 content-to-position, 2
+    /// position-to-content.
+    pub fn terms_mask(&self) -> u32 {
+        self.pos_key.is_some() as u32 | (self.pos_query.is_some() as u32) << 1
+    }
 }
 
 /// [`relative_index`] for every distance between two tokens of a sequence of up to `len`

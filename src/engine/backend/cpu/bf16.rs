@@ -136,16 +136,7 @@ pub fn gemm_with(x: &Bf16Rows, w: &PackedWeight, out: &mut [f32], kernel: Kernel
         // SAFETY: `Avx512Bf16` is only chosen when the CPU has it (`vector`, `available`), and
         // `panels::gemm` hands over `mr` rows of `kp` and a whole panel.
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx512Bf16 => unsafe {
-            match mr {
-                6 => avx512::kernel::<6>(a, kp, b, tile),
-                5 => avx512::kernel::<5>(a, kp, b, tile),
-                4 => avx512::kernel::<4>(a, kp, b, tile),
-                3 => avx512::kernel::<3>(a, kp, b, tile),
-                2 => avx512::kernel::<2>(a, kp, b, tile),
-                _ => avx512::kernel::<1>(a, kp, b, tile),
-            }
-        },
+        Kernel::Avx512Bf16 => unsafe { panels::by_rows!(mr, avx512::kernel(a, kp, b, tile)) },
     };
     let store = |_: usize, _: usize, acc: &[f32; NR], out: &mut [f32]| {
         out.copy_from_slice(&acc[..out.len()]);
@@ -207,7 +198,6 @@ mod avx512 {
         let mut even = [_mm512_setzero_ps(); R];
         let mut odd = [_mm512_setzero_ps(); R];
         let (a, b) = (a.as_ptr(), b.as_ptr());
-        let pairs = kp / 2;
         // SAFETY (every read below): t < kp/2, so the panel reads end at kp·16 and the row reads
         // at row·kp + kp. The bf16 vectors are the same 512 bits reinterpreted.
         let pair = |r: usize, t: usize| unsafe {
@@ -218,21 +208,9 @@ mod avx512 {
             let v = _mm512_loadu_si512(b.add(t * 2 * NR) as *const _);
             std::mem::transmute::<__m512i, __m512bh>(v)
         };
-        let mut t = 0;
-        while t + 1 < pairs {
-            let (b0, b1) = (panel(t), panel(t + 1));
-            for (r, (e, o)) in even.iter_mut().zip(&mut odd).enumerate() {
-                *e = _mm512_dpbf16_ps(*e, pair(r, t), b0);
-                *o = _mm512_dpbf16_ps(*o, pair(r, t + 1), b1);
-            }
-            t += 2;
-        }
-        if t < pairs {
-            let b0 = panel(t);
-            for (r, e) in even.iter_mut().enumerate() {
-                *e = _mm512_dpbf16_ps(*e, pair(r, t), b0);
-            }
-        }
+        super::panels::two_chains(kp / 2, &mut even, &mut odd, panel, |acc, r, t, b| {
+            _mm512_dpbf16_ps(acc, pair(r, t), b)
+        });
         for ((out, e), o) in tile.iter_mut().zip(&even).zip(&odd) {
             // SAFETY: each tile row holds 16 f32, one 512-bit store.
             unsafe { _mm512_storeu_ps(out.as_mut_ptr(), _mm512_add_ps(*e, *o)) };

@@ -263,30 +263,17 @@ fn micro_kernel(
     tile: &mut [[i32; NR]; MR],
 ) {
     debug_assert!(a.len() >= mr * kp && b.len() == kp * NR && mr <= MR);
-    /// One tile-height dispatch of a `kernel::<R>` family.
-    macro_rules! by_rows {
-        ($($kernel:ident)::+) => {
-            match mr {
-                6 => $($kernel)::+::<6>(a, kp, b, tile),
-                5 => $($kernel)::+::<5>(a, kp, b, tile),
-                4 => $($kernel)::+::<4>(a, kp, b, tile),
-                3 => $($kernel)::+::<3>(a, kp, b, tile),
-                2 => $($kernel)::+::<2>(a, kp, b, tile),
-                _ => $($kernel)::+::<1>(a, kp, b, tile),
-            }
-        };
-    }
     match kernel {
         Kernel::Scalar => scalar_kernel(a, kp, b, mr, tile),
         // SAFETY (each vector kernel): a kernel is only chosen when the CPU has its features
         // (`best`, `available`), and the slices hold `mr` rows of `kp` and a whole panel, as
         // checked above.
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx2 => unsafe { by_rows!(avx2::kernel) },
+        Kernel::Avx2 => unsafe { panels::by_rows!(mr, avx2::kernel(a, kp, b, tile)) },
         #[cfg(target_arch = "x86_64")]
-        Kernel::AvxVnni => unsafe { by_rows!(avx_vnni::kernel) },
+        Kernel::AvxVnni => unsafe { panels::by_rows!(mr, avx_vnni::kernel(a, kp, b, tile)) },
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx512Vnni => unsafe { by_rows!(avx512_vnni::kernel) },
+        Kernel::Avx512Vnni => unsafe { panels::by_rows!(mr, avx512_vnni::kernel(a, kp, b, tile)) },
     }
 }
 
@@ -304,90 +291,66 @@ fn scalar_kernel(a: &[i16], kp: usize, b: &[i16], mr: usize, tile: &mut [[i32; N
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use super::{MR, NR};
-    use std::arch::x86_64::*;
+/// A 256-bit micro-kernel module `$module` with `kernel::<R>`: the `R`×16 tile over the whole
+/// reduction, per k-pair two panel loads, `R` broadcasts of the row's pair, and `$mac(acc, av, b)`
+/// into each of the row's two accumulators.
+macro_rules! ymm_kernel {
+    ($module:ident, $features:literal, $what:literal, |$acc:ident, $av:ident, $b:ident| $mac:expr) => {
+        #[cfg(target_arch = "x86_64")]
+        mod $module {
+            use super::{MR, NR};
+            use std::arch::x86_64::*;
 
-    /// The `R`×16 tile over the whole reduction: per k-pair, two panel loads, `R` broadcasts of the
-    /// row's pair, `2R` `vpmaddwd` + `vpaddd`.
-    ///
-    /// # Safety
-    /// The CPU must have AVX2; `a` must hold `R` rows of `kp` values and `b` `kp·16`.
-    #[target_feature(enable = "avx2")]
-    pub unsafe fn kernel<const R: usize>(
-        a: &[i16],
-        kp: usize,
-        b: &[i16],
-        tile: &mut [[i32; NR]; MR],
-    ) {
-        debug_assert!(a.len() >= R * kp && b.len() >= kp * NR);
-        let mut acc = [[_mm256_setzero_si256(); 2]; R];
-        let (a, b) = (a.as_ptr(), b.as_ptr());
-        for t in 0..kp / 2 {
-            // SAFETY: t < kp/2, so the panel reads end at kp·16 and the row reads at row·kp + kp.
-            unsafe {
-                let b0 = _mm256_loadu_si256(b.add(t * 2 * NR) as *const __m256i);
-                let b1 = _mm256_loadu_si256(b.add(t * 2 * NR + NR) as *const __m256i);
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let pair = (a.add(r * kp + 2 * t) as *const i32).read_unaligned();
-                    let av = _mm256_set1_epi32(pair);
-                    acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(av, b0));
-                    acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(av, b1));
+            #[doc = concat!("The `R`×16 tile: ", $what, ".")]
+            ///
+            /// # Safety
+            #[doc = concat!("The CPU must have ", $features, "; `a` must hold `R` rows of `kp` values and `b` `kp·16`.")]
+            #[target_feature(enable = $features)]
+            pub unsafe fn kernel<const R: usize>(
+                a: &[i16],
+                kp: usize,
+                b: &[i16],
+                tile: &mut [[i32; NR]; MR],
+            ) {
+                debug_assert!(a.len() >= R * kp && b.len() >= kp * NR);
+                let mut acc = [[_mm256_setzero_si256(); 2]; R];
+                let (a, b) = (a.as_ptr(), b.as_ptr());
+                let mac = |$acc: __m256i, $av: __m256i, $b: __m256i| $mac;
+                for t in 0..kp / 2 {
+                    // SAFETY: t < kp/2, so the panel reads end at kp·16 and the row reads at
+                    // row·kp + kp.
+                    unsafe {
+                        let b0 = _mm256_loadu_si256(b.add(t * 2 * NR) as *const __m256i);
+                        let b1 = _mm256_loadu_si256(b.add(t * 2 * NR + NR) as *const __m256i);
+                        for (r, acc) in acc.iter_mut().enumerate() {
+                            let pair = (a.add(r * kp + 2 * t) as *const i32).read_unaligned();
+                            let av = _mm256_set1_epi32(pair);
+                            acc[0] = mac(acc[0], av, b0);
+                            acc[1] = mac(acc[1], av, b1);
+                        }
+                    }
+                }
+                for (out, acc) in tile.iter_mut().zip(&acc) {
+                    // SAFETY: each tile row holds 16 i32, the two stores write 8 each.
+                    unsafe {
+                        _mm256_storeu_si256(out.as_mut_ptr() as *mut __m256i, acc[0]);
+                        _mm256_storeu_si256(out.as_mut_ptr().add(8) as *mut __m256i, acc[1]);
+                    }
                 }
             }
         }
-        for (out, acc) in tile.iter_mut().zip(&acc) {
-            // SAFETY: each tile row holds 16 i32, the two stores write 8 each.
-            unsafe {
-                _mm256_storeu_si256(out.as_mut_ptr() as *mut __m256i, acc[0]);
-                _mm256_storeu_si256(out.as_mut_ptr().add(8) as *mut __m256i, acc[1]);
-            }
-        }
-    }
+    };
 }
 
-#[cfg(target_arch = "x86_64")]
-mod avx_vnni {
-    use super::{MR, NR};
-    use std::arch::x86_64::*;
-
-    /// [`super::avx2::kernel`] with each `vpmaddwd` + `vpaddd` fused into one `vpdpwssd`.
-    ///
-    /// # Safety
-    /// The CPU must have AVX-VNNI; `a` must hold `R` rows of `kp` values and `b` `kp·16`.
-    #[target_feature(enable = "avx2,avxvnni")]
-    pub unsafe fn kernel<const R: usize>(
-        a: &[i16],
-        kp: usize,
-        b: &[i16],
-        tile: &mut [[i32; NR]; MR],
-    ) {
-        debug_assert!(a.len() >= R * kp && b.len() >= kp * NR);
-        let mut acc = [[_mm256_setzero_si256(); 2]; R];
-        let (a, b) = (a.as_ptr(), b.as_ptr());
-        for t in 0..kp / 2 {
-            // SAFETY: t < kp/2, so the panel reads end at kp·16 and the row reads at row·kp + kp.
-            unsafe {
-                let b0 = _mm256_loadu_si256(b.add(t * 2 * NR) as *const __m256i);
-                let b1 = _mm256_loadu_si256(b.add(t * 2 * NR + NR) as *const __m256i);
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let pair = (a.add(r * kp + 2 * t) as *const i32).read_unaligned();
-                    let av = _mm256_set1_epi32(pair);
-                    acc[0] = _mm256_dpwssd_avx_epi32(acc[0], av, b0);
-                    acc[1] = _mm256_dpwssd_avx_epi32(acc[1], av, b1);
-                }
-            }
-        }
-        for (out, acc) in tile.iter_mut().zip(&acc) {
-            // SAFETY: each tile row holds 16 i32, the two stores write 8 each.
-            unsafe {
-                _mm256_storeu_si256(out.as_mut_ptr() as *mut __m256i, acc[0]);
-                _mm256_storeu_si256(out.as_mut_ptr().add(8) as *mut __m256i, acc[1]);
-            }
-        }
-    }
-}
+ymm_kernel!(avx2, "avx2", "`vpmaddwd` then `vpaddd`", |acc, av, b| {
+    _mm256_add_epi32(acc, _mm256_madd_epi16(av, b))
+});
+ymm_kernel!(
+    avx_vnni,
+    "avx2,avxvnni",
+    "one `vpdpwssd` (AVX-VNNI)",
+    |acc, av, b| { _mm256_dpwssd_avx_epi32(acc, av, b) }
+);
 
 #[cfg(target_arch = "x86_64")]
 mod avx512_vnni {
@@ -412,28 +375,15 @@ mod avx512_vnni {
         let mut even = [_mm512_setzero_si512(); R];
         let mut odd = [_mm512_setzero_si512(); R];
         let (a, b) = (a.as_ptr(), b.as_ptr());
-        let pairs = kp / 2;
         // SAFETY (every read below): t < kp/2, so the panel reads end at kp·16 and the row reads
         // at row·kp + kp.
         let pair = |r: usize, t: usize| unsafe {
             _mm512_set1_epi32((a.add(r * kp + 2 * t) as *const i32).read_unaligned())
         };
         let panel = |t: usize| unsafe { _mm512_loadu_si512(b.add(t * 2 * NR) as *const _) };
-        let mut t = 0;
-        while t + 1 < pairs {
-            let (b0, b1) = (panel(t), panel(t + 1));
-            for (r, (e, o)) in even.iter_mut().zip(&mut odd).enumerate() {
-                *e = _mm512_dpwssd_epi32(*e, pair(r, t), b0);
-                *o = _mm512_dpwssd_epi32(*o, pair(r, t + 1), b1);
-            }
-            t += 2;
-        }
-        if t < pairs {
-            let b0 = panel(t);
-            for (r, e) in even.iter_mut().enumerate() {
-                *e = _mm512_dpwssd_epi32(*e, pair(r, t), b0);
-            }
-        }
+        super::panels::two_chains(kp / 2, &mut even, &mut odd, panel, |acc, r, t, b| {
+            _mm512_dpwssd_epi32(acc, pair(r, t), b)
+        });
         for ((out, e), o) in tile.iter_mut().zip(&even).zip(&odd) {
             // SAFETY: each tile row holds 16 i32, one 512-bit store.
             unsafe { _mm512_storeu_si512(out.as_mut_ptr() as *mut _, _mm512_add_epi32(*e, *o)) };

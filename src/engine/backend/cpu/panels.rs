@@ -14,6 +14,22 @@ pub const MR: usize = 6;
 /// Rows per rayon task: a multiple of `MR` whose activations stay in L2.
 const MC: usize = 8 * MR;
 
+/// `path::<R>(args)` for a tile of `rows` (1..=MR) rows: the micro-kernels take the tile height
+/// as a const generic, so each height is its own unrolled function.
+macro_rules! by_rows {
+    ($rows:expr, $($kernel:ident)::+ ($($arg:expr),*)) => {
+        match $rows {
+            6 => $($kernel)::+::<6>($($arg),*),
+            5 => $($kernel)::+::<5>($($arg),*),
+            4 => $($kernel)::+::<4>($($arg),*),
+            3 => $($kernel)::+::<3>($($arg),*),
+            2 => $($kernel)::+::<2>($($arg),*),
+            _ => $($kernel)::+::<1>($($arg),*),
+        }
+    };
+}
+pub(crate) use by_rows;
+
 /// K rounded up to a whole number of pairs.
 pub fn padded_k(k: usize) -> usize {
     k.next_multiple_of(2)
@@ -35,6 +51,36 @@ pub fn pack<E: Copy + Default>(
         }
     }
     packed
+}
+
+/// The reduction of the 512-bit micro-kernels (`int8.rs`, `bf16.rs`), where one register holds a
+/// whole k-pair of a panel: k-pairs `0..pairs` go alternately to the `even` and `odd` chains of
+/// each of the `R` rows (two independent accumulators per row hide the dot-product
+/// instruction's latency), `mac(acc, row, t, panel(t))` adding k-pair `t` of a row. Inlined into
+/// each kernel, whose closures carry its target features.
+#[inline(always)]
+pub fn two_chains<V: Copy, B: Copy, const R: usize>(
+    pairs: usize,
+    even: &mut [V; R],
+    odd: &mut [V; R],
+    panel: impl Fn(usize) -> B,
+    mac: impl Fn(V, usize, usize, B) -> V,
+) {
+    let mut t = 0;
+    while t + 1 < pairs {
+        let (b0, b1) = (panel(t), panel(t + 1));
+        for (r, (e, o)) in even.iter_mut().zip(odd.iter_mut()).enumerate() {
+            *e = mac(*e, r, t, b0);
+            *o = mac(*o, r, t + 1, b1);
+        }
+        t += 2;
+    }
+    if t < pairs {
+        let b0 = panel(t);
+        for (r, e) in even.iter_mut().enumerate() {
+            *e = mac(*e, r, t, b0);
+        }
+    }
 }
 
 /// `out` (`[m, n]`) from activations `a` (`[m, kp]`) and a packed weight of `n` channels:

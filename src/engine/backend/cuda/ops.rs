@@ -82,12 +82,7 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
             n_seqs: cu.len().saturating_sub(1),
             n_blocks: blocks.len() / 2,
             max_position: batch.positions.iter().max().map_or(0, |&p| p as usize + 1),
-            max_len: batch
-                .cu_seqlens
-                .windows(2)
-                .map(|w| (w[1] - w[0]) as usize)
-                .max()
-                .unwrap_or(0),
+            max_len: batch.longest_sequence(),
         })
     }
 
@@ -318,16 +313,11 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
             entry,
             grid: (batch.n_blocks as u32, heads as u32, 1),
             block: threads,
-            args: vec![
-                Arg::Ptr(qkv.ptr),
-                Arg::Ptr(batch.blocks),
-                Arg::Ptr(batch.cu_seqlens),
-                Arg::Ptr(out.ptr),
-                Arg::I32(int(h, "hidden")?),
-                Arg::I32(int(batch.n_blocks, "attention blocks")?),
-                Arg::I32(half_window),
-                Arg::F32(1.0 / (d as f32).sqrt()),
-            ],
+            args: [
+                attention_args(qkv, batch, &out, h)?,
+                vec![Arg::I32(half_window), Arg::F32(1.0 / (d as f32).sqrt())],
+            ]
+            .concat(),
         };
         // (blocks lie within their sequences, which lie within qkv's rows.)
         self.launch(launch, "attention")?;
@@ -359,26 +349,23 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
         let (table, index_ptr, covered) = self.relative_table(rel.index_key(), batch.max_len)?;
         // A graph recorded now reads this table for as long as it lives.
         self.with_recording(|r| r.keep.push(table));
-        let terms = rel.pos_key.is_some() as i32 | (rel.pos_query.is_some() as i32) << 1;
         let launch = Launch {
             entry: Entry::AttentionRel(d),
             grid: (batch.n_blocks as u32, heads as u32, 1),
             block: QUERY_BLOCK as u32,
-            args: vec![
-                Arg::Ptr(qkv.ptr),
-                Arg::Ptr(batch.blocks),
-                Arg::Ptr(batch.cu_seqlens),
-                Arg::Ptr(out.ptr),
-                Arg::I32(int(h, "hidden")?),
-                Arg::I32(int(batch.n_blocks, "attention blocks")?),
-                Arg::F32(1.0 / ((d * rel.scale_factor.max(1)) as f32).sqrt()),
-                // An absent table is never read (its bit of `terms` is clear).
-                Arg::Ptr(rel.pos_key.map_or(0, |t| t.ptr)),
-                Arg::Ptr(rel.pos_query.map_or(0, |t| t.ptr)),
-                Arg::Ptr(index_ptr),
-                Arg::I32(int(covered - 1, "relative index table")?),
-                Arg::I32(terms),
-            ],
+            args: [
+                attention_args(qkv, batch, &out, h)?,
+                vec![
+                    Arg::F32(1.0 / ((d * rel.scale_factor.max(1)) as f32).sqrt()),
+                    // An absent table is never read (its bit of `terms` is clear).
+                    Arg::Ptr(rel.pos_key.map_or(0, |t| t.ptr)),
+                    Arg::Ptr(rel.pos_query.map_or(0, |t| t.ptr)),
+                    Arg::Ptr(index_ptr),
+                    Arg::I32(int(covered - 1, "relative index table")?),
+                    Arg::I32(rel.terms_mask() as i32),
+                ],
+            ]
+            .concat(),
         };
         self.launch(launch, "attention_disentangled")?;
         Ok(out)
@@ -457,4 +444,22 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
     fn sync(&self) -> Result<()> {
         self.dev().sync()
     }
+}
+
+/// The arguments every attention.cu kernel starts with: qkv, the query blocks, `cu_seqlens`, the
+/// output, the hidden size and the block count.
+fn attention_args<M: Send + Sync, B>(
+    qkv: &DevTensor<M>,
+    batch: &DevBatch<B>,
+    out: &DevTensor<M>,
+    hidden: usize,
+) -> Result<Vec<Arg>> {
+    Ok(vec![
+        Arg::Ptr(qkv.ptr),
+        Arg::Ptr(batch.blocks),
+        Arg::Ptr(batch.cu_seqlens),
+        Arg::Ptr(out.ptr),
+        Arg::I32(int(hidden, "hidden")?),
+        Arg::I32(int(batch.n_blocks, "attention blocks")?),
+    ])
 }

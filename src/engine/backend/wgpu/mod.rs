@@ -286,12 +286,7 @@ impl Backend for WgpuBackend {
             n_seqs: cu.len().saturating_sub(1),
             n_blocks: blocks.len() / 2,
             max_position: batch.positions.iter().max().map_or(0, |&p| p as usize + 1),
-            max_len: batch
-                .cu_seqlens
-                .windows(2)
-                .map(|w| (w[1] - w[0]) as usize)
-                .max()
-                .unwrap_or(0),
+            max_len: batch.longest_sequence(),
         })
     }
 
@@ -483,13 +478,12 @@ impl Backend for WgpuBackend {
             })?;
         let (index, covered) = self.relative_index_table(rel, batch.max_len)?;
         // An absent table is never read (its bit is clear): any bound buffer stands in.
-        let terms = rel.pos_key.is_some() as u32 | (rel.pos_query.is_some() as u32) << 1;
         let relative = RelativeTerms {
             pos_key: rel.pos_key.map_or(qkv.buf(), WgpuTensor::buf),
             pos_query: rel.pos_query.map_or(qkv.buf(), WgpuTensor::buf),
             index: &index,
             center: u32_of(covered.saturating_sub(1), "relative index table")?,
-            terms,
+            terms: rel.terms_mask(),
         };
         let scale = 1.0 / ((d * rel.scale_factor.max(1)) as f32).sqrt();
         self.attention_op(qkv, batch, (heads, h, d), None, scale, Some(relative))
