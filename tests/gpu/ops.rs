@@ -267,6 +267,37 @@ pub fn disentangled_attention_at_every_term_and_range<B: Backend>(gpu: &B, prec:
             );
         }
     }
+    // The relative table covers the longest sequence, not the largest position id: a batch
+    // whose positions all read 0 (which nothing forbids) attends as the CPU does.
+    let mut b = batch(&[130, 3], 50);
+    b.positions.iter_mut().for_each(|p| *p = 0);
+    let (h, t) = (16, b.ids.len());
+    let (qc, qg) = pair(gpu, &rng.vec(t * 3 * h, 1.0), t, 3 * h);
+    // (Terms no earlier case used, so no cached table hides a short one.)
+    let (kc, kg) = pair(gpu, &rng.vec(2 * 4 * h, 1.0), 2 * 4, h);
+    let rel = (4, 4, 16);
+    let want = cpu
+        .attention_disentangled(
+            &qc,
+            &cpu.upload_batch(&b, 50, 512).unwrap(),
+            1,
+            &relative_terms(&kc, &kc, (true, true), rel),
+        )
+        .unwrap();
+    let got = gpu
+        .attention_disentangled(
+            &qg,
+            &gpu.upload_batch(&b, 50, 512).unwrap(),
+            1,
+            &relative_terms(&kg, &kg, (true, true), rel),
+        )
+        .unwrap();
+    assert_matches(
+        &gpu.download(&got).unwrap(),
+        want.data(),
+        prec,
+        "disentangled with every position 0",
+    );
     // A table of the wrong shape is an error naming it, as on the CPU.
     let b = batch(&[4], 50);
     let bg = gpu.upload_batch(&b, 50, 512).unwrap();
