@@ -246,6 +246,11 @@ pub struct LabelArgs {
     /// Share of records in the validation split
     #[arg(long, default_value_t = 0.2)]
     validation_fraction: f64,
+    /// How the teacher's replies become scores: `reply` (one request per record, a rationale and
+    /// a 0-10 score per anchor) or `probabilities` (one request per anchor, the expected 1-5
+    /// digit under the teacher's top_logprobs, mapped to 0-10)
+    #[arg(long, default_value = "reply")]
+    scoring: String,
     /// --ingest format: auto, datatrove or score-columns
     #[arg(long, default_value = "auto")]
     label_format: String,
@@ -311,6 +316,7 @@ pub fn label_cmd(a: LabelArgs) -> Result<()> {
         records_per_group: a.records_per_group,
         validation_fraction: a.validation_fraction,
         fields: a.fields.names(),
+        scoring: a.scoring.parse()?,
         ..Default::default()
     };
     let files = corpus::expand_inputs(&a.input)?;

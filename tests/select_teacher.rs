@@ -234,6 +234,28 @@ fn discover_label_distill_select_with_a_real_teacher() {
             .all(|v| (0.0..=10.0).contains(&v.as_f64().unwrap())));
     }
 
+    // The same rubrics scored by the teacher's probabilities (llama-server's top_logprobs).
+    let lp = p("labels-probabilities.jsonl");
+    let mut args = vec!["label", "--input", &corpus, "--groups", &g, "--rubrics", &r];
+    args.extend(["--output", &lp, "--records-per-group", "3"]);
+    args.extend(["--scoring", "probabilities"]);
+    args.extend(teacher_args);
+    let (summary, _) = mira(&args);
+    let rows = mira::select::label::read_labels(&d.join("labels-probabilities.jsonl")).unwrap();
+    assert!(!rows.is_empty());
+    let mut distinct = std::collections::BTreeSet::new();
+    for row in &rows {
+        assert!(row.error.is_none(), "{row:?}: {summary}");
+        for (anchor, v) in &row.scores {
+            let v = v.as_f64().unwrap();
+            assert!((0.0..=10.0).contains(&v), "{anchor}: {v}");
+            distinct.insert(v.to_bits());
+            let why = row.rationales[anchor].as_str().unwrap();
+            assert!(why.starts_with("p(1..5) = "), "{why}");
+        }
+    }
+    assert!(distinct.len() > 1, "expected scores vary: {rows:?}");
+
     let s = p("students");
     mira(&[
         "distill",

@@ -279,3 +279,124 @@ fn a_killed_label_run_resumes_asking_only_what_is_missing() {
         .iter()
         .all(|r| r.error.is_none() && r.scores.len() == 2));
 }
+
+/// The record number and criterion a `scoring = "probabilities"` request asks about.
+fn rated(req: &Value) -> (u64, String) {
+    let user = last_user(req);
+    let n = user
+        .split("record ")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|t| t.parse().ok())
+        .unwrap();
+    let criterion = user
+        .split("Criterion: ")
+        .nth(1)
+        .and_then(|t| t.split(':').next())
+        .unwrap()
+        .to_string();
+    (n, criterion)
+}
+
+/// The two digits a record's distribution favours on an anchor (0.6 and 0.2; 0.2 on a word).
+fn favoured(n: u64, criterion: &str) -> (u64, u64) {
+    let shift = if criterion == "depth" { 2 } else { 0 };
+    (1 + (n + shift) % 5, 1 + (n + shift + 1) % 5)
+}
+
+/// A reply with logprobs: the sampled token is the favoured digit.
+fn rate_reply(req: &Value) -> (String, Value) {
+    assert_eq!(req["logprobs"], true);
+    assert_eq!(req["top_logprobs"], 20);
+    let schema = &req["response_format"]["json_schema"]["schema"];
+    assert_eq!(schema["type"], "integer");
+    assert_eq!(
+        (schema["minimum"].as_u64(), schema["maximum"].as_u64()),
+        (Some(1), Some(5))
+    );
+    let (n, criterion) = rated(req);
+    let (a, b) = favoured(n, &criterion);
+    let top = json!([
+        {"token": a.to_string(), "logprob": 0.6f64.ln()},
+        {"token": "The", "logprob": 0.2f64.ln()},
+        {"token": format!(" {b}"), "logprob": 0.2f64.ln()},
+    ]);
+    let tokens = json!([{"token": a.to_string(), "logprob": 0.6f64.ln(), "top_logprobs": top}]);
+    (a.to_string(), json!({"content": tokens}))
+}
+
+#[test]
+fn probability_labels_are_the_expected_digit_one_request_per_anchor() {
+    let server = MockTeacher::start_with_logprobs(rate_reply);
+    let run = LabelRun::new(200);
+    let estimate = run.estimate(&server.url); // reply scoring: one request per record
+    assert_eq!(estimate["requests"], 200);
+    let probabilities = ["--scoring", "probabilities"];
+    let out = run
+        .command(&server.url, &[&probabilities[..], &["--estimate"]].concat())
+        .output()
+        .unwrap();
+    let estimate: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        estimate["requests"], 400,
+        "one request per (record, anchor)"
+    );
+    assert_eq!(server.answered(), 0);
+
+    let out = run.command(&server.url, &probabilities).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(server.answered(), 400, "the estimate's requests, no more");
+    let labels = mira::select::label::read_labels(&run.dir.path().join("labels.jsonl")).unwrap();
+    assert_eq!(labels.len(), 200);
+    for row in &labels {
+        let n: u64 = row.id[1..].parse().unwrap();
+        for anchor in ["clarity", "depth"] {
+            let (a, b) = favoured(n, anchor);
+            // Renormalised over the digits: (0.6 a + 0.2 b) / 0.8 on 1-5, then 0-10.
+            let mean = (0.6 * a as f64 + 0.2 * b as f64) / 0.8;
+            let want = (mean - 1.0) * 2.5;
+            let got = row.score(anchor).unwrap();
+            assert!(
+                (got - want).abs() < 1e-4,
+                "{} {anchor}: {got} vs {want}",
+                row.id
+            );
+            let why = row.rationales[anchor].as_str().unwrap();
+            assert!(
+                why.starts_with("p(1..5) = ") && why.ends_with("digit mass 0.800"),
+                "{why}"
+            );
+        }
+    }
+
+    // A rerun is answered from the cache.
+    let out = run.command(&server.url, &probabilities).output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(server.answered(), 400);
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["teacher"]["cache_hits"], 400);
+}
+
+#[test]
+fn probability_labels_need_a_server_that_returns_logprobs() {
+    let server = MockTeacher::start(|_| "3".to_string());
+    let run = LabelRun::new(3);
+    let out = run
+        .command(&server.url, &["--scoring", "probabilities"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("returned no logprobs") && err.contains("scoring = \"reply\""),
+        "{err}"
+    );
+    let labels = mira::select::label::read_labels(&run.dir.path().join("labels.jsonl")).unwrap();
+    assert!(labels
+        .iter()
+        .all(|r| r.error.is_some() && r.scores.is_empty()));
+}

@@ -129,6 +129,7 @@ pub fn judge_request(source: &str, text: &str, max_chars: usize) -> ChatRequest 
         user: judge_user(source, text, max_chars),
         schema: Some(judge_schema()),
         max_tokens: 700,
+        top_logprobs: None,
     }
 }
 

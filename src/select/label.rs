@@ -1,7 +1,9 @@
 //! Step 3, `mira label`: teacher scores on every anchor, or labels produced elsewhere.
 //!
 //! The teacher scores a sample per group on each anchor of the group's rubric (0-10 with a short
-//! rationale). Ingestion reads datatrove inference output (`metadata.rollout_results`) and
+//! rationale, all anchors in one reply; or, with `scoring = "probabilities"`, one request per
+//! anchor and the expected score under the teacher's probabilities: `expected_scores.rs`).
+//! Ingestion reads datatrove inference output (`metadata.rollout_results`) and
 //! score-column files in the FineWeb-Edu / cosmopedia style (`score`, `int_score`, `label`),
 //! JSONL or Parquet. Either way the result is `labels.jsonl`: one row per record with id,
 //! source, group, `split` (train / validation, by a hash of the id), text and per-anchor
@@ -17,6 +19,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use super::discover::{anchor_id, number};
+pub use super::expected_scores::Scoring;
+use super::expected_scores::{rate_requests, score_records};
 use super::teacher::{extract_json, ChatRequest, Teacher};
 use super::{clip, read_rubric, rubric_path, source_of, stats, Anchor, Groups};
 use crate::corpus::{FieldNames, InputFile};
@@ -116,6 +120,8 @@ pub struct LabelOptions {
     pub max_chars: usize,
     pub seed: u64,
     pub fields: FieldNames,
+    /// One JSON reply per record, or expected scores from the teacher's probabilities.
+    pub scoring: Scoring,
 }
 
 impl Default for LabelOptions {
@@ -126,6 +132,7 @@ impl Default for LabelOptions {
             max_chars: 3000,
             seed: 3,
             fields: FieldNames::default(),
+            scoring: Scoring::Reply,
         }
     }
 }
@@ -308,11 +315,15 @@ fn plan(files: &[InputFile], groups: &Groups, rubrics: &Path, opts: &LabelOption
     Ok((rubric, samples))
 }
 
+/// Every request for a group's records, in the order `label` sends them.
 fn score_requests(
     anchors: &[Anchor],
     recs: &[crate::corpus::Record],
     opts: &LabelOptions,
 ) -> Vec<ChatRequest> {
+    if opts.scoring == Scoring::Probabilities {
+        return rate_requests(anchors, recs, opts.max_chars);
+    }
     recs.iter()
         .map(|r| {
             score_request(
@@ -354,10 +365,14 @@ pub fn label(
     let mut per_group = BTreeMap::new();
     for (group, recs) in &samples {
         let anchors = &rubric[group];
-        let reqs = score_requests(anchors, recs, opts);
-        let replies = teacher.ask_all(&reqs, &format!("label {group}"), |reply| {
-            parse_scores(reply, anchors)
-        });
+        let what = format!("label {group}");
+        let replies = match opts.scoring {
+            Scoring::Reply => {
+                let reqs = score_requests(anchors, recs, opts);
+                teacher.ask_all(&reqs, &what, |reply| parse_scores(reply, anchors))
+            }
+            Scoring::Probabilities => score_records(teacher, anchors, recs, opts.max_chars, &what),
+        };
         per_group.insert(group.clone(), recs.len());
         for (r, reply) in recs.iter().zip(replies) {
             let mut row = LabelRow {

@@ -17,6 +17,7 @@ pub mod cutoff;
 pub mod discover;
 pub mod distill;
 pub mod estimate;
+pub mod expected_scores;
 pub mod export;
 pub mod features;
 pub mod group;

@@ -382,6 +382,7 @@ impl<'a> Ctx<'a> {
                     records_per_group: self.cfg.label.records_per_group,
                     validation_fraction: self.cfg.label.validation_fraction,
                     fields: self.fields.clone(),
+                    scoring: self.cfg.label.scoring.parse()?,
                     ..Default::default()
                 };
                 let s = label::label(

@@ -127,6 +127,10 @@ pub struct LabelSection {
     pub ingest: Vec<PathBuf>,
     pub ingest_format: String,
     pub label_range: [f64; 2],
+    /// `reply` (one JSON reply per record with a 0-10 score per anchor) or `probabilities`
+    /// (one request per anchor; the expected 1-5 digit under the teacher's probabilities,
+    /// mapped to 0-10; needs a server that returns `top_logprobs`).
+    pub scoring: String,
 }
 impl Default for LabelSection {
     fn default() -> Self {
@@ -138,6 +142,7 @@ impl Default for LabelSection {
             ingest: Vec::new(),
             ingest_format: "auto".into(),
             label_range: [0.0, 10.0],
+            scoring: d.scoring.to_string(),
         }
     }
 }
@@ -267,6 +272,9 @@ impl RunConfig {
             true,
         )?;
         l.ingest_format.parse::<IngestFormat>()?;
+        l.scoring
+            .parse::<crate::select::label::Scoring>()
+            .map_err(|e| anyhow!("[label] {e}"))?;
         let [lo, hi] = l.label_range;
         finite("[label] label_range's low end", lo)?;
         finite("[label] label_range's high end", hi)?;

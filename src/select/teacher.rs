@@ -7,6 +7,9 @@
 //! - Structured output: requests carry a JSON schema (`response_format: json_schema`); a server
 //!   that rejects it is asked again with `json_object`, then with no `response_format`, and the
 //!   client remembers the level that worked. Replies are parsed tolerantly ([`extract_json`]).
+//! - Logprobs: a request with `top_logprobs` asks for them (`logprobs: true`), and its caller
+//!   parses the reply text together with each reply token's most likely alternatives
+//!   ([`with_logprobs`]); `mira label --scoring probabilities` scores from them.
 //! - A reply the caller cannot use (malformed or truncated JSON) is asked for again, as a new
 //!   *attempt*, up to `max_attempts` per request.
 //! - An on-disk cache keyed by the request (model, messages, sampling parameters, attempt), so a
@@ -100,6 +103,9 @@ pub struct ChatRequest {
     pub user: String,
     pub schema: Option<Value>,
     pub max_tokens: u32,
+    /// Ask for the `n` most likely tokens at each reply position (`logprobs`, `top_logprobs`);
+    /// the text handed to the caller's parser is then [`with_logprobs`]'s JSON.
+    pub top_logprobs: Option<u8>,
 }
 
 impl ChatRequest {
@@ -113,6 +119,29 @@ impl ChatRequest {
         m.push(json!({"role": "user", "content": self.user}));
         Value::Array(m)
     }
+}
+
+/// The text a caller parses when its request asked for logprobs: `{"content": <reply text>,
+/// "tokens": [{"token", "logprob", "top": [{"token", "logprob"}, …]}, …]}`, one entry per
+/// reply token, in order, from the OpenAI-style `choices[0].logprobs` (`tokens` is empty when
+/// the server sent none, and the parser says so).
+pub fn with_logprobs(content: &str, logprobs: &Value) -> String {
+    let pair = |t: &Value| json!({"token": t["token"], "logprob": t["logprob"]});
+    let tokens: Vec<Value> = logprobs["content"]
+        .as_array()
+        .map(|c| {
+            c.iter()
+                .map(|t| {
+                    let top: Vec<Value> = t["top_logprobs"]
+                        .as_array()
+                        .map(|a| a.iter().map(pair).collect())
+                        .unwrap_or_default();
+                    json!({"token": t["token"], "logprob": t["logprob"], "top": top})
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    json!({"content": content, "tokens": tokens}).to_string()
 }
 
 /// The longest pause between two tries of a request, whatever the server asks for.
@@ -361,7 +390,7 @@ impl Teacher {
 
     /// The cache key: everything that decides the answer, not where the server lives.
     fn cache_key(&self, req: &ChatRequest, attempt: u32) -> Key {
-        let key = json!({
+        let mut key = json!({
             "model": self.cfg.model,
             "messages": req.messages(),
             "schema": req.schema,
@@ -369,6 +398,10 @@ impl Teacher {
             "temperature": self.cfg.temperature,
             "attempt": attempt,
         });
+        // Requests without logprobs keep the keys they always had.
+        if let Some(n) = req.top_logprobs {
+            key["top_logprobs"] = json!(n);
+        }
         Sha256::digest(key.to_string().as_bytes()).into()
     }
 
@@ -396,6 +429,10 @@ impl Teacher {
                 )
             })?
             .to_string();
+        let content = match req.top_logprobs {
+            Some(_) => with_logprobs(&content, &reply["choices"][0]["logprobs"]),
+            None => content,
+        };
         {
             let mut st = self.stats.lock().unwrap();
             let pt = reply["usage"]["prompt_tokens"].as_u64().unwrap_or(0);
@@ -429,6 +466,10 @@ impl Teacher {
             "max_tokens": req.max_tokens,
             "seed": attempt,
         });
+        if let Some(n) = req.top_logprobs {
+            body["logprobs"] = json!(true);
+            body["top_logprobs"] = json!(n);
+        }
         match (level, &req.schema) {
             (FORMAT_SCHEMA, Some(schema)) => {
                 body["response_format"] = json!({

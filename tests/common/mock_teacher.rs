@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-/// The reply content for a request (the request's JSON body).
-pub type Reply = dyn Fn(&Value) -> String + Send + Sync;
+/// The reply content for a request (the request's JSON body), and the reply's OpenAI-style
+/// `logprobs` object (`Value::Null` for none).
+pub type Reply = dyn Fn(&Value) -> (String, Value) + Send + Sync;
 
 pub struct MockTeacher {
     pub url: String,
@@ -37,6 +38,13 @@ pub fn last_user(req: &Value) -> &str {
 
 impl MockTeacher {
     pub fn start(reply: impl Fn(&Value) -> String + Send + Sync + 'static) -> MockTeacher {
+        MockTeacher::start_with_logprobs(move |req| (reply(req), Value::Null))
+    }
+
+    /// A server whose replies also carry `choices[0].logprobs`.
+    pub fn start_with_logprobs(
+        reply: impl Fn(&Value) -> (String, Value) + Send + Sync + 'static,
+    ) -> MockTeacher {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let url = format!("http://{}/v1", listener.local_addr().unwrap());
@@ -100,11 +108,12 @@ fn serve_connection(stream: TcpStream, answered: &AtomicU64, reply: &Reply, stop
             return;
         };
         let req: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-        let content = reply(&req);
+        let (content, logprobs) = reply(&req);
         let completion_tokens = content.len() as u64 / 4 + 1;
         let prompt_tokens = body.len() as u64 / 4 + 1;
         let text = json!({
-            "choices": [{"message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+            "choices": [{"message": {"role": "assistant", "content": content}, "finish_reason": "stop",
+                         "logprobs": logprobs}],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens}
         })
