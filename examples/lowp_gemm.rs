@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use mira::engine::backend::cpu::{int8, CpuBackend};
 use mira::engine::backend::Backend;
-use mira::engine::{Activation, Precision};
+use mira::engine::{Activation, LinearKind, Precision};
 
 /// The best of five timings of `f`, as GMAC/s for an `m·k·n` product.
 fn gmacs(m: usize, k: usize, n: usize, mut f: impl FnMut()) -> f64 {
@@ -46,7 +46,7 @@ fn main() -> anyhow::Result<()> {
         for p in [Precision::F32, Precision::Bf16] {
             let be = CpuBackend::new(p);
             let xt = be.weight(x.clone(), m, k)?;
-            let wt = be.linear_weight(w.clone(), n, k)?;
+            let wt = be.linear_weight(w.clone(), n, k, LinearKind::FeedForwardUp)?;
             let rate = gmacs(m, k, n, || {
                 std::hint::black_box(be.linear(&xt, &wt, None, Activation::None).unwrap());
             });

@@ -6,7 +6,7 @@ mod op_table;
 
 use mira::engine::backend::cpu::{bf16, int8, CpuBackend};
 use mira::engine::backend::{Backend, EmbeddingTables, Ntk, Rotary};
-use mira::engine::{Activation, Batch, Pooling, Precision};
+use mira::engine::{Activation, Batch, LinearKind, Pooling, Precision};
 
 struct Rng(u64);
 impl Rng {
@@ -110,7 +110,9 @@ fn int8_linear_matches_reference() {
         let w = rng.vec(n * k, 1.0 / (k as f64).sqrt());
         let b = rng.vec(n, 0.5);
         let xt = be.weight(x.clone(), m, k).unwrap();
-        let wt = be.linear_weight(w.clone(), n, k).unwrap();
+        let wt = be
+            .linear_weight(w.clone(), n, k, LinearKind::FeedForwardUp)
+            .unwrap();
         let bt = be.weight(b.clone(), 1, n).unwrap();
         let out = be.linear(&xt, &wt, Some(&bt), Activation::None).unwrap();
         // The widest activation the exact i32 sum allows, as the module documents it.
@@ -165,13 +167,33 @@ fn int8_linear_matches_reference() {
     let (m, k, n) = (3, 40, 20);
     let mut x = rng.vec(m * k, 1.0);
     x[k + 5] = f32::NAN;
-    let w = be.linear_weight(rng.vec(n * k, 0.2), n, k).unwrap();
+    let w = be
+        .linear_weight(rng.vec(n * k, 0.2), n, k, LinearKind::FeedForwardUp)
+        .unwrap();
     let out = be
         .linear(&be.weight(x, m, k).unwrap(), &w, None, Activation::None)
         .unwrap();
     let rows: Vec<&[f32]> = out.data().chunks_exact(n).collect();
     assert!(rows[0].iter().chain(rows[2]).all(|v| v.is_finite()));
     assert!(rows[1].iter().all(|v| v.is_nan()), "{:?}", rows[1]);
+    // The feed-forward output projection stays f32 (int8.rs says why): the f32 backend's
+    // result bit for bit, while the same weight as another kind is quantized.
+    let f32_be = CpuBackend::new(Precision::F32);
+    let (m, k, n) = (9, 96, 40);
+    let (x, w) = (rng.vec(m * k, 1.0), rng.vec(n * k, 0.2));
+    let run = |be: &CpuBackend, kind| {
+        let wt = be.linear_weight(w.clone(), n, k, kind).unwrap();
+        let xt = be.weight(x.clone(), m, k).unwrap();
+        be.linear(&xt, &wt, None, Activation::None)
+            .unwrap()
+            .data()
+            .to_vec()
+    };
+    let exact = run(&f32_be, LinearKind::FeedForwardDown);
+    assert_eq!(run(&be, LinearKind::FeedForwardDown), exact);
+    for kind in [LinearKind::AttentionInput, LinearKind::FeedForwardUp] {
+        assert_ne!(run(&be, kind), exact, "{kind:?} is quantized");
+    }
 }
 
 /// Every int8 micro-kernel this CPU runs gives the scalar kernel's i32 sums bit for bit (the
@@ -233,7 +255,8 @@ fn bf16_linear_matches_reference() {
         let out = be
             .linear(
                 &be.weight(x.clone(), m, k).unwrap(),
-                &be.linear_weight(w.clone(), n, k).unwrap(),
+                &be.linear_weight(w.clone(), n, k, LinearKind::FeedForwardUp)
+                    .unwrap(),
                 Some(&be.weight(b.clone(), 1, n).unwrap()),
                 Activation::None,
             )

@@ -77,10 +77,9 @@ fn compare(dir: &std::path::Path, precision: Precision, ids: &[Vec<u32>]) -> Fid
 fn minilm_embeddings_at_int8_and_bf16_stay_close_to_f32() {
     let dir = minilm_dir();
     let ids = load(&dir, Precision::F32).tokenize(&texts()).unwrap();
-    // bf16: issue #19's floor. int8: the issue asks 0.999, which int8 weights do not reach on
-    // these texts (measured min 0.9985; 0.9992 over the whole sample corpus): this looser floor
-    // catches a broken int8 path, not a met target.
-    for (precision, floor) in [(Precision::Int8, 0.998), (Precision::Bf16, 0.9995)] {
+    // Issue #19's floors. int8 measured min 0.99934 on these texts (0.99959 over the whole
+    // sample corpus) since the feed-forward output projection stays f32; 0.9985 before.
+    for (precision, floor) in [(Precision::Int8, 0.999), (Precision::Bf16, 0.9995)] {
         let r = compare(&dir, precision, &ids);
         assert!(
             r.embedding.cosine_min >= floor,
@@ -130,12 +129,12 @@ fn random_head_scores_and_half_budget_selection_at_int8_and_bf16() {
     let dir = tmp.path().join("student");
     random_head_student(&dir);
     let ids = load(&dir, Precision::F32).tokenize(&texts()).unwrap();
-    // bf16: issue #19's floors. int8 meets none of them here: the head's labels are off by
-    // 1.5-3.3% of their range (the issue asks 1%) and a 50% selection keeps 97.6% of f32's tokens
-    // on these documents (98.8% on twice as many; the issue asks 98%). Its bounds (5%, 95%) catch
-    // a broken int8 path, not a met target.
+    // bf16: issue #19's floors. int8 meets the selection floor (a 50% selection keeps 100% of
+    // f32's tokens here) but not the label one: labels are off by 0.94-2.08% of their range
+    // (the issue asks 1%; 1.5-3.3% before the feed-forward output projection stayed f32). Its
+    // label bound (3%) catches a broken int8 path, not a met target.
     for (precision, label_limit, min_overlap) in
-        [(Precision::Int8, 0.05, 0.95), (Precision::Bf16, 0.01, 0.98)]
+        [(Precision::Int8, 0.03, 0.98), (Precision::Bf16, 0.01, 0.98)]
     {
         let r = compare(&dir, precision, &ids);
         assert_eq!(r.labels.len(), 8);

@@ -9,7 +9,7 @@ pub mod pool;
 
 use anyhow::{bail, Result};
 
-pub use backend::{Backend, GraphStats};
+pub use backend::{Backend, GraphStats, LinearKind};
 pub use batch::{Batch, Packer};
 pub use device::{default_packer, list_devices, resolve, BackendOptions, Device, OnBackend};
 

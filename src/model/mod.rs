@@ -74,9 +74,15 @@ impl<B: crate::engine::Backend> Loader<'_, B> {
     }
 
     /// The `[out, in]` weight of an encoder layer's linear map (see `Backend::linear_weight`).
-    pub fn linear(&self, name: &str, rows: usize, cols: usize) -> Result<B::Tensor> {
+    pub fn linear(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        kind: crate::engine::LinearKind,
+    ) -> Result<B::Tensor> {
         self.be
-            .linear_weight(self.w.f32(name, &[rows, cols])?, rows, cols)
+            .linear_weight(self.w.f32(name, &[rows, cols])?, rows, cols, kind)
             .with_context(|| format!("cannot place tensor {name} on {}", self.be.name()))
     }
 

@@ -5,7 +5,7 @@
 use super::{assert_matches, Prec, Rng};
 use mira::engine::backend::cpu::CpuBackend;
 use mira::engine::backend::{Backend, EmbeddingTables, Ntk, RelativeKey, Rotary};
-use mira::engine::{Activation, Batch, Pooling};
+use mira::engine::{Activation, Batch, LinearKind, Pooling};
 
 const ACTS: [Activation; 6] = Activation::ALL;
 
@@ -78,7 +78,9 @@ pub fn linear_weights_are_plain_weights<B: Backend>(gpu: &B, prec: Prec) {
     let w = rng.vec(n * k, 1.0 / (k as f64).sqrt());
     let (xc, xg) = pair(gpu, &x, m, k);
     let wc = CpuBackend::default().weight(w.clone(), n, k).unwrap();
-    let wg = gpu.linear_weight(w, n, k).unwrap();
+    let wg = gpu
+        .linear_weight(w, n, k, LinearKind::FeedForwardDown)
+        .unwrap();
     let want = CpuBackend::default()
         .linear(&xc, &wc, None, Activation::Gelu)
         .unwrap();

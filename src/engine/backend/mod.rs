@@ -13,6 +13,19 @@ use anyhow::Result;
 
 use super::{Activation, Batch, Pooling};
 
+/// Which linear map of an encoder layer a weight belongs to ([`Backend::linear_weight`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinearKind {
+    /// Attention's query/key/value projections.
+    AttentionInput,
+    /// Attention's output projection, back to the hidden size.
+    AttentionOutput,
+    /// The feed-forward block's input projection (with its gate, where the model has one).
+    FeedForwardUp,
+    /// The feed-forward block's output projection, back to the hidden size.
+    FeedForwardDown,
+}
+
 /// The embedding tables of an encoder, as device tensors.
 pub struct EmbeddingTables<T> {
     /// `[vocab, H]`
@@ -329,8 +342,16 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Upload the weight of an encoder layer's linear map (`[out, in]`, only ever passed as `w`
     /// to [`Backend::linear`]): a backend may store it in a form only `linear` reads, as the CPU's
-    /// int8 and bf16 paths do. Heads and embedding tables go through [`Backend::weight`].
-    fn linear_weight(&self, data: Vec<f32>, rows: usize, cols: usize) -> Result<Self::Tensor> {
+    /// int8 and bf16 paths do, and may choose that form by the layer's `kind`. Heads and
+    /// embedding tables go through [`Backend::weight`].
+    fn linear_weight(
+        &self,
+        data: Vec<f32>,
+        rows: usize,
+        cols: usize,
+        kind: LinearKind,
+    ) -> Result<Self::Tensor> {
+        let _ = kind;
         self.weight(data, rows, cols)
     }
 

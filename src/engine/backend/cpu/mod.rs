@@ -23,7 +23,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::{Backend, EmbeddingTables};
-use crate::engine::{Activation, Batch, Pooling};
+use crate::engine::{Activation, Batch, LinearKind, Pooling};
 
 /// A row-major f32 matrix in host memory. Fields are private so that `data.len() == rows * cols`
 /// always holds: the unsafe GEMM calls rely on it.
@@ -213,9 +213,15 @@ impl Backend for CpuBackend {
         Ok(CpuTensor::new(data, rows, cols))
     }
 
-    fn linear_weight(&self, data: Vec<f32>, rows: usize, cols: usize) -> Result<CpuTensor> {
+    fn linear_weight(
+        &self,
+        data: Vec<f32>,
+        rows: usize,
+        cols: usize,
+        kind: LinearKind,
+    ) -> Result<CpuTensor> {
         let bf16 = self.precision == CpuPrecision::Bf16 && bf16::Kernel::vector().is_some();
-        if self.precision != CpuPrecision::Int8 && !bf16 {
+        if (self.precision != CpuPrecision::Int8 || !int8::quantizes(kind)) && !bf16 {
             return self.weight(data, rows, cols);
         }
         ensure!(

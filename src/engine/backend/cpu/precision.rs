@@ -54,8 +54,9 @@ impl CpuBackend {
                 cpu_features()
             )),
             CpuPrecision::Int8 => Some(format!(
-                "precision int8 on the cpu: encoder linear layers use int8 weights (per channel) \
-                 and 16-bit integer activations (per token) with exact i32 sums, kernel {}; \
+                "precision int8 on the cpu: encoder linear layers (but the feed-forward output \
+                 projection, which stays f32) use int8 weights (per channel) and 16-bit integer \
+                 activations (per token) with exact i32 sums, kernel {}; \
                  check the fidelity on your data with `mira bench --precision int8 --against f32`",
                 int8::Kernel::best().name()
             )),
