@@ -308,6 +308,22 @@ fn bf16_linear_matches_reference() {
         assert_eq!(bf16::to_bf16(v), want, "{v}");
     }
     assert!(bf16::to_f32(bf16::to_bf16(f32::NAN)).is_nan());
+    // bf16 packs every kind of linear map, the feed-forward output projection too (int8 keeps
+    // that one f32): the same weight gives the same result whatever its kind.
+    let (m, k, n) = (5, 64, 24);
+    let (x, w) = (rng.vec(m * k, 1.0), rng.vec(n * k, 0.2));
+    let run = |kind| {
+        let wt = be.linear_weight(w.clone(), n, k, kind).unwrap();
+        let xt = be.weight(x.clone(), m, k).unwrap();
+        be.linear(&xt, &wt, None, Activation::None)
+            .unwrap()
+            .data()
+            .to_vec()
+    };
+    assert_eq!(
+        run(LinearKind::FeedForwardDown),
+        run(LinearKind::FeedForwardUp)
+    );
 }
 
 fn add_layernorm_matches_reference() {

@@ -415,7 +415,7 @@ fn labelling_fails_loudly_when_the_teacher_answers_nothing() {
     )
     .unwrap_err();
     assert!(
-        e.to_string().contains("answered none of 2 requests") && e.to_string().contains("HTTP 500"),
+        e.to_string().contains("labelled none of 2 records") && e.to_string().contains("HTTP 500"),
         "{e}"
     );
     // Nothing lost: both records are in the file, each with its error.
@@ -424,4 +424,33 @@ fn labelling_fails_loudly_when_the_teacher_answers_nothing() {
     assert!(rows
         .iter()
         .all(|r| r.error.is_some() && r.scores.is_empty()));
+}
+
+#[test]
+fn a_reply_that_is_not_an_object_steps_down_to_no_format() {
+    // The server takes json_object but not json_schema; a request whose schema is a bare integer
+    // must then go without a format (json_object would force a reply starting with `{`).
+    let formats = Arc::new(Mutex::new(Vec::new()));
+    let seen = formats.clone();
+    let server = serve(move |req, _| {
+        let format = req["response_format"]["type"].clone();
+        seen.lock().unwrap().push(format.clone());
+        if format == "json_schema" {
+            Act::Status(400, "{\"error\": \"json_schema is not supported\"}".into())
+        } else {
+            Act::Reply("4".into())
+        }
+    });
+    let t = Teacher::new(config(&server.url)).unwrap();
+    let digit = ChatRequest {
+        schema: Some(json!({"type": "integer", "minimum": 1, "maximum": 5})),
+        ..req("a")
+    };
+    let out = t.ask_all(&[digit], "test", |r| Ok(r.trim().parse::<u8>()?));
+    assert_eq!(out[0].as_ref().unwrap(), &4);
+    assert_eq!(
+        *formats.lock().unwrap(),
+        vec![json!("json_schema"), Value::Null],
+        "json_schema, then no response_format"
+    );
 }

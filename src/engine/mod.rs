@@ -26,7 +26,8 @@ pub enum Precision {
     F16,
     /// bfloat16 (CUDA; emulated on the CPU): f32's range with 8 significant bits.
     Bf16,
-    /// CPU only: linear layers with int8 weights and activations and exact i32 sums.
+    /// CPU only: encoder linear layers (but the feed-forward output projection) with int8
+    /// weights, 16-bit activations and exact i32 sums.
     Int8,
 }
 

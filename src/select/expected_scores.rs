@@ -10,8 +10,11 @@
 //! renormalised. The document comes before the criterion in the prompt, so a server with prompt
 //! caching (llama-server, vLLM, SGLang) reuses the document's prefix across a record's anchors.
 //!
-//! Needs a server that returns `top_logprobs` (vLLM, SGLang, llama-server, OpenAI); a reply
-//! without them is an error that says so.
+//! Needs a server that returns `top_logprobs` in OpenAI's chat format
+//! (`choices[0].logprobs.content[].top_logprobs`: vLLM, SGLang, llama-server, OpenAI); a reply
+//! without them is an error that says so, and is not asked again. A reply asked again because no
+//! digit had probability is sampled at temperature 0.7, like every retry; servers that report
+//! probabilities after temperature then score it from a flatter distribution.
 
 use std::fmt;
 use std::str::FromStr;
@@ -19,7 +22,7 @@ use std::str::FromStr;
 use anyhow::{anyhow, bail, Result};
 use serde_json::{json, Map, Value};
 
-use super::teacher::{ChatRequest, Teacher};
+use super::teacher::{ChatRequest, Teacher, NO_LOGPROBS};
 use super::{clip, source_of, Anchor};
 
 /// How `mira label` turns a teacher's replies into scores.
@@ -85,6 +88,21 @@ pub fn rate_request(anchor: &Anchor, source: &str, text: &str, max_chars: usize)
     }
 }
 
+/// What decides a `probabilities` request apart from the record and anchor (the `mira run`
+/// label step's fingerprint includes it, so a changed prompt labels again).
+pub fn request_fingerprint() -> Value {
+    let anchor = Anchor {
+        name: String::new(),
+        definition: String::new(),
+        exemplars: Vec::new(),
+        cluster_size: 0,
+        teacher_name: String::new(),
+    };
+    let r = rate_request(&anchor, "", "", 0);
+    json!({"messages": r.messages(), "schema": r.schema, "max_tokens": r.max_tokens,
+           "top_logprobs": r.top_logprobs, "scale": [SCALE.start(), SCALE.end()]})
+}
+
 /// The scale digit a token stands for, ignoring surrounding whitespace and quotes.
 fn digit(token: &str) -> Option<u8> {
     let t = token.trim().trim_matches(['"', '\'']);
@@ -99,10 +117,7 @@ pub fn expected_score(reply: &str) -> Result<(f64, String)> {
     let v: Value = serde_json::from_str(reply).map_err(|e| anyhow!("not a logprobs reply: {e}"))?;
     let tokens = v["tokens"].as_array().map(Vec::as_slice).unwrap_or(&[]);
     if tokens.is_empty() {
-        bail!(
-            "the teacher returned no logprobs; scoring = \"probabilities\" needs a server that \
-             returns top_logprobs (vLLM, SGLang, llama-server, OpenAI), else use scoring = \"reply\""
-        );
+        bail!("{NO_LOGPROBS}");
     }
     let at = tokens
         .iter()

@@ -400,7 +400,7 @@ pub fn label(
     let failed = rows.iter().filter(|r| r.error.is_some()).count();
     if failed == rows.len() && !rows.is_empty() {
         bail!(
-            "the teacher answered none of {} requests (rows with errors written to {}); first error: {}",
+            "the teacher labelled none of {} records (rows with errors written to {}); first error: {}",
             rows.len(),
             out.display(),
             rows[0].error.as_deref().unwrap_or("")

@@ -344,6 +344,8 @@ impl<'a> Ctx<'a> {
             // The request itself: a changed prompt labels again; so does a new reply check.
             &super::label::score_request(&[], "", "", 0).messages(),
             &super::label::POSITION_ECHO,
+            &(self.cfg.label.scoring == "probabilities")
+                .then(super::expected_scores::request_fingerprint),
         ]);
         self.steps.run("label", &fp_label, &[&labels_path], || {
             let summary = if !self.cfg.label.ingest.is_empty() {

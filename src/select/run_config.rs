@@ -129,8 +129,13 @@ pub struct LabelSection {
     pub label_range: [f64; 2],
     /// `reply` (one JSON reply per record with a 0-10 score per anchor) or `probabilities`
     /// (one request per anchor; the expected 1-5 digit under the teacher's probabilities,
-    /// mapped to 0-10; needs a server that returns `top_logprobs`).
+    /// mapped to 0-10; needs a server that returns `top_logprobs`). Not written when `reply`, so
+    /// work dirs fingerprinted before the setting existed stay up to date.
+    #[serde(skip_serializing_if = "is_reply")]
     pub scoring: String,
+}
+fn is_reply(scoring: &str) -> bool {
+    scoring == "reply"
 }
 impl Default for LabelSection {
     fn default() -> Self {

@@ -121,6 +121,12 @@ impl ChatRequest {
     }
 }
 
+/// The error of a request that asked for `top_logprobs` and got a reply without them.
+pub const NO_LOGPROBS: &str = "the teacher returned no logprobs (choices[0].logprobs.content) for \
+a request that asked for top_logprobs; scoring = \"probabilities\" (--scoring probabilities) needs \
+a server that returns them (vLLM, SGLang, llama-server, OpenAI), else use scoring = \"reply\" \
+(--scoring reply)";
+
 /// The text a caller parses when its request asked for logprobs: `{"content": <reply text>,
 /// "tokens": [{"token", "logprob", "top": [{"token", "logprob"}, …]}, …]}`, one entry per
 /// reply token, in order, from the OpenAI-style `choices[0].logprobs` (`tokens` is empty when
@@ -442,6 +448,11 @@ impl Teacher {
             st.cost += pt as f64 * self.cfg.price_prompt_per_mtok / 1e6
                 + ct as f64 * self.cfg.price_completion_per_mtok / 1e6;
         }
+        let lp = &reply["choices"][0]["logprobs"]["content"];
+        if req.top_logprobs.is_some() && lp.as_array().is_none_or(Vec::is_empty) {
+            // What the server can do, not what it sampled: asking again cannot help.
+            bail!("{NO_LOGPROBS}");
+        }
         let entry = json!({
             "model": self.cfg.model,
             "attempt": attempt,
@@ -470,6 +481,9 @@ impl Teacher {
             body["logprobs"] = json!(true);
             body["top_logprobs"] = json!(n);
         }
+        // `json_object` would force a reply that is not an object (a bare digit) to start with
+        // `{`: such requests step down from their schema to no format at all.
+        let object_reply = req.schema.as_ref().is_none_or(|s| s["type"] == "object");
         match (level, &req.schema) {
             (FORMAT_SCHEMA, Some(schema)) => {
                 body["response_format"] = json!({
@@ -477,7 +491,7 @@ impl Teacher {
                     "json_schema": {"name": "reply", "schema": schema},
                 })
             }
-            (FORMAT_SCHEMA, None) | (FORMAT_OBJECT, _) => {
+            (FORMAT_SCHEMA, None) | (FORMAT_OBJECT, _) if object_reply => {
                 body["response_format"] = json!({"type": "json_object"})
             }
             _ => {}

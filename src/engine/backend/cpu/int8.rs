@@ -3,7 +3,7 @@
 //! A weight `[N, K]` is quantized once, at load, symmetric per output channel: `w ≈ q·s_j` with
 //! `|q| ≤ 127`. Each activation row (token) is quantized at run time the same way with its own
 //! scale, `x ≈ p·t_i`, `|p| ≤ act_max(K)`: as wide as the exact i32 sum of K products allows, up to
-//! 16 bits (32767 for K ≤ 516, 11010 at K = 1536). The products `Σ_k p·q` are summed exactly in
+//! 16 bits (32767 for K ≤ 516, 22017 at K = 768, 16512 at K = 1024). The products `Σ_k p·q` are summed exactly in
 //! i32, and the store multiplies by `t_i·s_j` (the bias and activation then run in the f32
 //! epilogue as for f32).
 //!
@@ -17,7 +17,8 @@
 //! int8 everywhere gave embedding cosine min 0.99917; keeping that one projection f32 gave
 //! 0.99965, as much as 64-wide weight groups everywhere (0.99966), while keeping any other kind
 //! f32 gave at most 0.99935. At MiniLM's size it is also the layer int8 speeds up least
-//! (1.04x at K = 1536, N = 384 on an AVX-512 VNNI Xeon).
+//! (1.04x at K = 1536, N = 384 on an AVX-512 VNNI Xeon, `examples/lowp_gemm`), and leaving it
+//! f32 changed whole-model speed by less than the machine's noise (BENCHMARKS.md).
 //!
 //! The arithmetic is integer and exact, so every kernel variant gives bit-identical results: the
 //! scalar kernel (any CPU) is the reference the vector kernels are tested against, and a CPU

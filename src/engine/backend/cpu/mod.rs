@@ -1,7 +1,7 @@
 //! The CPU backend: the readable reference, and fast enough to be useful.
 //!
 //! f32 arithmetic, except the linear layers under `--precision int8` (`int8.rs`: integer GEMM
-//! with exact i32 sums) and `--precision bf16` where the CPU has AVX512_BF16 (`bf16.rs`); both
+//! with exact i32 sums, every encoder linear map but the feed-forward output projection) and `--precision bf16` where the CPU has AVX512_BF16 (`bf16.rs`); both
 //! run the packed-panel loop nest of `panels.rs`. f32 GEMMs go through the `gemm` crate (packed, runtime-dispatched
 //! AVX2/AVX-512/NEON micro-kernels, rayon-parallel); bias and activation run as one vectorised pass over the output; attention runs one task per (sequence, head) over the ragged batch, with
 //! a register-tiled kernel (`attention.rs`). Element-wise math is in `math.rs`.

@@ -17,8 +17,8 @@ pub enum CpuPrecision {
     Bf16,
     /// Weights rounded to f16 at load, f32 arithmetic, likewise.
     F16,
-    /// Encoder linear layers in integer arithmetic (`int8.rs`: int8 weights, 16-bit activations);
-    /// everything else f32.
+    /// Encoder linear layers but the feed-forward output projection in integer arithmetic
+    /// (`int8.rs`: int8 weights, 16-bit activations); everything else f32.
     Int8,
 }
 
