@@ -13,7 +13,8 @@ use anyhow::{Context, Result};
 use super::weights::Weights;
 use super::Loader;
 use crate::engine::backend::EmbeddingTables;
-use crate::engine::{Activation, Backend, Batch, LinearKind, Pooling};
+use crate::engine::LinearKind::{AttentionInput, AttentionOutput, FeedForwardDown, FeedForwardUp};
+use crate::engine::{Activation, Backend, Batch, Pooling};
 use crate::model::config::{BertConfig, BertFamily, HeadLayout};
 
 struct Layer<B: Backend> {
@@ -126,13 +127,13 @@ impl<B: Backend> Bert<B> {
                 qkv_b.extend(weights.f32(&format!("{n}.attention.self.{part}.bias"), &[h])?);
             }
             layers.push(Layer {
-                qkv_w: be.linear_weight(qkv_w, 3 * h, h, LinearKind::AttentionInput)?,
+                qkv_w: be.linear_weight(qkv_w, 3 * h, h, AttentionInput)?,
                 qkv_b: be.weight(qkv_b, 1, 3 * h)?,
                 attn_out_w: ld.linear(
                     &format!("{n}.attention.output.dense.weight"),
                     h,
                     h,
-                    LinearKind::AttentionOutput,
+                    AttentionOutput,
                 )?,
                 attn_out_b: ld.vector(&format!("{n}.attention.output.dense.bias"), h)?,
                 attn_norm_w: ld.vector(&format!("{n}.attention.output.LayerNorm.weight"), h)?,
@@ -141,15 +142,10 @@ impl<B: Backend> Bert<B> {
                     &format!("{n}.intermediate.dense.weight"),
                     i,
                     h,
-                    LinearKind::FeedForwardUp,
+                    FeedForwardUp,
                 )?,
                 up_b: ld.vector(&format!("{n}.intermediate.dense.bias"), i)?,
-                down_w: ld.linear(
-                    &format!("{n}.output.dense.weight"),
-                    h,
-                    i,
-                    LinearKind::FeedForwardDown,
-                )?,
+                down_w: ld.linear(&format!("{n}.output.dense.weight"), h, i, FeedForwardDown)?,
                 down_b: ld.vector(&format!("{n}.output.dense.bias"), h)?,
                 out_norm_w: ld.vector(&format!("{n}.output.LayerNorm.weight"), h)?,
                 out_norm_b: ld.vector(&format!("{n}.output.LayerNorm.bias"), h)?,

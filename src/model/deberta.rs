@@ -17,7 +17,8 @@ use super::config::HeadLayout;
 use super::weights::Weights;
 use super::Loader;
 use crate::engine::backend::{Disentangled, EmbeddingTables};
-use crate::engine::{Activation, Backend, Batch, LinearKind, Pooling};
+use crate::engine::LinearKind::{AttentionInput, AttentionOutput, FeedForwardDown, FeedForwardUp};
+use crate::engine::{Activation, Backend, Batch, Pooling};
 
 /// Hyper-parameters of DeBERTa-v2/v3, as `config.json` gives them.
 #[derive(Debug, Clone, Deserialize)]
@@ -342,7 +343,7 @@ impl<B: Backend> Deberta<B> {
             let qkv_w: Vec<f32> = [&q.0, &k.0, &v.0].into_iter().flatten().copied().collect();
             let qkv_b: Vec<f32> = [&q.1, &k.1, &v.1].into_iter().flatten().copied().collect();
             layers.push(Layer {
-                qkv_w: be.linear_weight(qkv_w, 3 * h, h, LinearKind::AttentionInput)?,
+                qkv_w: be.linear_weight(qkv_w, 3 * h, h, AttentionInput)?,
                 qkv_b: be.weight(qkv_b, 1, 3 * h)?,
                 pos_key,
                 pos_query,
@@ -350,7 +351,7 @@ impl<B: Backend> Deberta<B> {
                     &format!("{n}.attention.output.dense.weight"),
                     h,
                     h,
-                    LinearKind::AttentionOutput,
+                    AttentionOutput,
                 )?,
                 attn_out_b: ld.vector(&format!("{n}.attention.output.dense.bias"), h)?,
                 attn_norm_w: ld.vector(&format!("{n}.attention.output.LayerNorm.weight"), h)?,
@@ -359,15 +360,10 @@ impl<B: Backend> Deberta<B> {
                     &format!("{n}.intermediate.dense.weight"),
                     i,
                     h,
-                    LinearKind::FeedForwardUp,
+                    FeedForwardUp,
                 )?,
                 up_b: ld.vector(&format!("{n}.intermediate.dense.bias"), i)?,
-                down_w: ld.linear(
-                    &format!("{n}.output.dense.weight"),
-                    h,
-                    i,
-                    LinearKind::FeedForwardDown,
-                )?,
+                down_w: ld.linear(&format!("{n}.output.dense.weight"), h, i, FeedForwardDown)?,
                 down_b: ld.vector(&format!("{n}.output.dense.bias"), h)?,
                 out_norm_w: ld.vector(&format!("{n}.output.LayerNorm.weight"), h)?,
                 out_norm_b: ld.vector(&format!("{n}.output.LayerNorm.bias"), h)?,

@@ -16,7 +16,8 @@ use serde::Deserialize;
 use super::weights::Weights;
 use super::Loader;
 use crate::engine::backend::{EmbeddingTables, Ntk, Rotary};
-use crate::engine::{Activation, Backend, Batch, LinearKind, Pooling};
+use crate::engine::LinearKind::{AttentionInput, AttentionOutput, FeedForwardDown, FeedForwardUp};
+use crate::engine::{Activation, Backend, Batch, Pooling};
 
 /// `config.json` of a GTE checkpoint (defaults as in the published `NewConfig`).
 #[derive(Debug, Clone, Deserialize)]
@@ -219,35 +220,21 @@ impl<B: Backend> Gte<B> {
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let n = format!("{p}encoder.layer.{l}");
+            let a = format!("{n}.attention");
             let up_gate_name = format!("{n}.mlp.up_gate_proj.weight");
             let up_gate = weights.f32(&up_gate_name, &[2 * i, h])?;
             let gate_up: Vec<f32> = [&up_gate[i * h..], &up_gate[..i * h]].concat();
             layers.push(Layer {
-                qkv_w: ld.linear(
-                    &format!("{n}.attention.qkv_proj.weight"),
-                    3 * h,
-                    h,
-                    LinearKind::AttentionInput,
-                )?,
-                qkv_b: ld.vector(&format!("{n}.attention.qkv_proj.bias"), 3 * h)?,
-                o_w: ld.linear(
-                    &format!("{n}.attention.o_proj.weight"),
-                    h,
-                    h,
-                    LinearKind::AttentionOutput,
-                )?,
-                o_b: ld.vector(&format!("{n}.attention.o_proj.bias"), h)?,
+                qkv_w: ld.linear(&format!("{a}.qkv_proj.weight"), 3 * h, h, AttentionInput)?,
+                qkv_b: ld.vector(&format!("{a}.qkv_proj.bias"), 3 * h)?,
+                o_w: ld.linear(&format!("{a}.o_proj.weight"), h, h, AttentionOutput)?,
+                o_b: ld.vector(&format!("{a}.o_proj.bias"), h)?,
                 attn_ln_w: ld.vector(&format!("{n}.attn_ln.weight"), h)?,
                 attn_ln_b: ld.vector(&format!("{n}.attn_ln.bias"), h)?,
                 gate_up_w: be
-                    .linear_weight(gate_up, 2 * i, h, LinearKind::FeedForwardUp)
+                    .linear_weight(gate_up, 2 * i, h, FeedForwardUp)
                     .with_context(|| format!("cannot place tensor {up_gate_name}"))?,
-                down_w: ld.linear(
-                    &format!("{n}.mlp.down_proj.weight"),
-                    h,
-                    i,
-                    LinearKind::FeedForwardDown,
-                )?,
+                down_w: ld.linear(&format!("{n}.mlp.down_proj.weight"), h, i, FeedForwardDown)?,
                 down_b: ld.vector(&format!("{n}.mlp.down_proj.bias"), h)?,
                 mlp_ln_w: ld.vector(&format!("{n}.mlp_ln.weight"), h)?,
                 mlp_ln_b: ld.vector(&format!("{n}.mlp_ln.bias"), h)?,

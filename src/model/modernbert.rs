@@ -12,7 +12,8 @@ use anyhow::{Context, Result};
 use super::weights::Weights;
 use super::Loader;
 use crate::engine::backend::{EmbeddingTables, Rotary};
-use crate::engine::{Activation, Backend, Batch, LinearKind, Pooling};
+use crate::engine::LinearKind::{AttentionInput, AttentionOutput, FeedForwardDown, FeedForwardUp};
+use crate::engine::{Activation, Backend, Batch, Pooling};
 use crate::model::config::ModernBertConfig;
 
 /// A LayerNorm's weight and optional bias, `[1, H]` each.
@@ -110,34 +111,14 @@ impl<B: Backend> ModernBert<B> {
                 } else {
                     Some(load_norm(&ld, &format!("{n}.attn_norm"), h, cfg.norm_bias)?)
                 },
-                wqkv: ld.linear(
-                    &format!("{n}.attn.Wqkv.weight"),
-                    3 * h,
-                    h,
-                    LinearKind::AttentionInput,
-                )?,
+                wqkv: ld.linear(&format!("{n}.attn.Wqkv.weight"), 3 * h, h, AttentionInput)?,
                 wqkv_b: ld.bias(cfg.attention_bias, &format!("{n}.attn.Wqkv.bias"), 3 * h)?,
-                wo: ld.linear(
-                    &format!("{n}.attn.Wo.weight"),
-                    h,
-                    h,
-                    LinearKind::AttentionOutput,
-                )?,
+                wo: ld.linear(&format!("{n}.attn.Wo.weight"), h, h, AttentionOutput)?,
                 wo_b: ld.bias(cfg.attention_bias, &format!("{n}.attn.Wo.bias"), h)?,
                 mlp_norm: load_norm(&ld, &format!("{n}.mlp_norm"), h, cfg.norm_bias)?,
-                wi: ld.linear(
-                    &format!("{n}.mlp.Wi.weight"),
-                    2 * i,
-                    h,
-                    LinearKind::FeedForwardUp,
-                )?,
+                wi: ld.linear(&format!("{n}.mlp.Wi.weight"), 2 * i, h, FeedForwardUp)?,
                 wi_b: ld.bias(cfg.mlp_bias, &format!("{n}.mlp.Wi.bias"), 2 * i)?,
-                wo_mlp: ld.linear(
-                    &format!("{n}.mlp.Wo.weight"),
-                    h,
-                    i,
-                    LinearKind::FeedForwardDown,
-                )?,
+                wo_mlp: ld.linear(&format!("{n}.mlp.Wo.weight"), h, i, FeedForwardDown)?,
                 wo_mlp_b: ld.bias(cfg.mlp_bias, &format!("{n}.mlp.Wo.bias"), h)?,
                 global: cfg.global_layers[l],
             });

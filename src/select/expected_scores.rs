@@ -22,7 +22,7 @@ use std::str::FromStr;
 use anyhow::{anyhow, bail, Result};
 use serde_json::{json, Map, Value};
 
-use super::teacher::{ChatRequest, Teacher, NO_LOGPROBS};
+use super::teacher::{ChatRequest, Teacher};
 use super::{clip, source_of, Anchor};
 
 /// How `mira label` turns a teacher's replies into scores.
@@ -55,6 +55,12 @@ impl fmt::Display for Scoring {
         })
     }
 }
+
+/// The error of a request that asked for `top_logprobs` and got a reply without them.
+pub const NO_LOGPROBS: &str = "the teacher returned no logprobs (choices[0].logprobs.content) for \
+a request that asked for top_logprobs; scoring = \"probabilities\" (--scoring probabilities) needs \
+a server that returns them (vLLM, SGLang, llama-server, OpenAI), else use scoring = \"reply\" \
+(--scoring reply)";
 
 /// The scale the teacher answers on: single digits in every tokenizer.
 pub const SCALE: std::ops::RangeInclusive<u8> = 1..=5;

@@ -121,12 +121,6 @@ impl ChatRequest {
     }
 }
 
-/// The error of a request that asked for `top_logprobs` and got a reply without them.
-pub const NO_LOGPROBS: &str = "the teacher returned no logprobs (choices[0].logprobs.content) for \
-a request that asked for top_logprobs; scoring = \"probabilities\" (--scoring probabilities) needs \
-a server that returns them (vLLM, SGLang, llama-server, OpenAI), else use scoring = \"reply\" \
-(--scoring reply)";
-
 /// The text a caller parses when its request asked for logprobs: `{"content": <reply text>,
 /// "tokens": [{"token", "logprob", "top": [{"token", "logprob"}, …]}, …]}`, one entry per
 /// reply token, in order, from the OpenAI-style `choices[0].logprobs` (`tokens` is empty when
@@ -451,7 +445,7 @@ impl Teacher {
         let lp = &reply["choices"][0]["logprobs"]["content"];
         if req.top_logprobs.is_some() && lp.as_array().is_none_or(Vec::is_empty) {
             // What the server can do, not what it sampled: asking again cannot help.
-            bail!("{NO_LOGPROBS}");
+            bail!("{}", super::expected_scores::NO_LOGPROBS);
         }
         let entry = json!({
             "model": self.cfg.model,
