@@ -93,6 +93,20 @@ fn linear_with_bias_and_every_activation() {
     }
 }
 
+/// `x·wᵀ` through `linear_weight` as a layer of `kind` (`x` is `[m, k]`, `w` is `[n, k]`).
+fn linear_of_kind(
+    be: &CpuBackend,
+    x: &[f32],
+    w: &[f32],
+    (m, k, n): (usize, usize, usize),
+    kind: LinearKind,
+) -> Vec<f32> {
+    let wt = be.linear_weight(w.to_vec(), n, k, kind).unwrap();
+    let xt = be.weight(x.to_vec(), m, k).unwrap();
+    let out = be.linear(&xt, &wt, None, Activation::None).unwrap();
+    out.data().to_vec()
+}
+
 /// The int8 linear layer (`--precision int8`) against float64 on the unquantized operands: each
 /// output within the rigorous bound of its rounding (`Σ|x|·s_w/2 + Σ|ŵ|·s_x/2`, scales from this
 /// test's own float64 quantizer), and on average well inside it; a row holding a NaN gives NaNs.
@@ -181,14 +195,7 @@ fn int8_linear_matches_reference() {
     let f32_be = CpuBackend::new(Precision::F32);
     let (m, k, n) = (9, 96, 40);
     let (x, w) = (rng.vec(m * k, 1.0), rng.vec(n * k, 0.2));
-    let run = |be: &CpuBackend, kind| {
-        let wt = be.linear_weight(w.clone(), n, k, kind).unwrap();
-        let xt = be.weight(x.clone(), m, k).unwrap();
-        be.linear(&xt, &wt, None, Activation::None)
-            .unwrap()
-            .data()
-            .to_vec()
-    };
+    let run = |be: &CpuBackend, kind| linear_of_kind(be, &x, &w, (m, k, n), kind);
     let exact = run(&f32_be, LinearKind::FeedForwardDown);
     assert_eq!(run(&be, LinearKind::FeedForwardDown), exact);
     for kind in [LinearKind::AttentionInput, LinearKind::FeedForwardUp] {
@@ -312,14 +319,7 @@ fn bf16_linear_matches_reference() {
     // that one f32): the same weight gives the same result whatever its kind.
     let (m, k, n) = (5, 64, 24);
     let (x, w) = (rng.vec(m * k, 1.0), rng.vec(n * k, 0.2));
-    let run = |kind| {
-        let wt = be.linear_weight(w.clone(), n, k, kind).unwrap();
-        let xt = be.weight(x.clone(), m, k).unwrap();
-        be.linear(&xt, &wt, None, Activation::None)
-            .unwrap()
-            .data()
-            .to_vec()
-    };
+    let run = |kind| linear_of_kind(&be, &x, &w, (m, k, n), kind);
     assert_eq!(
         run(LinearKind::FeedForwardDown),
         run(LinearKind::FeedForwardUp)
