@@ -129,9 +129,9 @@ fn int8_linear_matches_reference() {
             .unwrap();
         let bt = be.weight(b.clone(), 1, n).unwrap();
         let out = be.linear(&xt, &wt, Some(&bt), Activation::None).unwrap();
-        // The widest activation the exact i32 sum allows, as the module documents it.
-        let kp = k.next_multiple_of(2);
-        let act_max = ((i32::MAX as usize / (127 * kp)).min(32767)) as f64;
+        // 16-bit activations per row; weights per channel and group of 64 inputs, as the
+        // module documents them.
+        let act_max = 32767.0;
         let max_abs = |v: &[f32]| v.iter().fold(0f64, |a, &b| a.max((b as f64).abs()));
         let (mut err_sum, mut bound_sum) = (0f64, 0f64);
         for i in 0..m {
@@ -139,16 +139,19 @@ fn int8_linear_matches_reference() {
             let sx = max_abs(xr) / act_max;
             for j in 0..n {
                 let wr = &w[j * k..(j + 1) * k];
-                let sw = max_abs(wr) / 127.0;
                 let (mut exact, mut bound) = (b[j] as f64, 0f64);
-                for p in 0..k {
-                    exact += xr[p] as f64 * wr[p] as f64;
-                    bound +=
-                        (xr[p] as f64).abs() * sw / 2.0 + ((wr[p] as f64).abs() + sw) * sx / 2.0;
+                for (xg, wg) in xr.chunks(64).zip(wr.chunks(64)) {
+                    let sw = max_abs(wg) / 127.0;
+                    for (&xv, &wv) in xg.iter().zip(wg) {
+                        let (xv, wv) = (xv as f64, wv as f64);
+                        exact += xv * wv;
+                        bound += xv.abs() * sw / 2.0 + (wv.abs() + sw) * sx / 2.0;
+                    }
                 }
                 let got = out.data()[i * n + j] as f64;
                 let err = (got - exact).abs();
-                // f32 rounding of the scales and the store on top of the quantization bound.
+                // f32 rounding of the scales, the group sums and the store on top of the
+                // quantization bound.
                 assert!(
                     err <= bound * 1.001 + 1e-5 * (1.0 + exact.abs()),
                     "int8 linear {m}x{k}x{n} [{i},{j}]: got {got}, want {exact} (bound {bound})"
@@ -166,10 +169,10 @@ fn int8_linear_matches_reference() {
                 bound_sum / (m * n) as f64
             );
         }
-        // The weight's values are what the layer computes with: each within half a step.
+        // The weight's values are what the layer computes with: each within half its group's step.
         for (j, wr) in w.chunks_exact(k).enumerate() {
-            let step = max_abs(wr) / 127.0;
             for (p, (&orig, &q)) in wr.iter().zip(&wt.data()[j * k..(j + 1) * k]).enumerate() {
+                let step = max_abs(&wr[p / 64 * 64..((p / 64 + 1) * 64).min(k)]) / 127.0;
                 assert!(
                     (orig as f64 - q as f64).abs() <= step / 2.0 * 1.0001,
                     "int8 weight [{j},{p}]: {orig} stored as {q} (step {step})"
@@ -190,21 +193,31 @@ fn int8_linear_matches_reference() {
     let rows: Vec<&[f32]> = out.data().chunks_exact(n).collect();
     assert!(rows[0].iter().chain(rows[2]).all(|v| v.is_finite()));
     assert!(rows[1].iter().all(|v| v.is_nan()), "{:?}", rows[1]);
-    // The feed-forward output projection stays f32 (int8.rs says why): the f32 backend's
-    // result bit for bit, while the same weight as another kind is quantized.
+    // Every kind of encoder linear map is quantized the same way (the feed-forward output
+    // projection too, since weights have a scale per 64 inputs; int8.rs says why).
     let f32_be = CpuBackend::new(Precision::F32);
     let (m, k, n) = (9, 96, 40);
     let (x, w) = (rng.vec(m * k, 1.0), rng.vec(n * k, 0.2));
     let run = |be: &CpuBackend, kind| linear_of_kind(be, &x, &w, (m, k, n), kind);
     let exact = run(&f32_be, LinearKind::FeedForwardDown);
-    assert_eq!(run(&be, LinearKind::FeedForwardDown), exact);
-    for kind in [LinearKind::AttentionInput, LinearKind::FeedForwardUp] {
-        assert_ne!(run(&be, kind), exact, "{kind:?} is quantized");
+    let quantized = run(&be, LinearKind::FeedForwardUp);
+    assert_ne!(quantized, exact, "int8 quantizes");
+    for kind in [
+        LinearKind::AttentionInput,
+        LinearKind::AttentionOutput,
+        LinearKind::FeedForwardDown,
+    ] {
+        assert_eq!(
+            run(&be, kind),
+            quantized,
+            "{kind:?} is quantized like the others"
+        );
     }
 }
 
-/// Every int8 micro-kernel this CPU runs gives the scalar kernel's i32 sums bit for bit (the
-/// arithmetic is exact), at sizes that leave partial tiles and panels.
+/// Every int8 micro-kernel this CPU runs gives the scalar kernel's results bit for bit (exact
+/// i32 sums per group, then the same conversions and fused multiply-adds), at sizes that leave
+/// partial tiles, panel groups and scale groups.
 fn int8_kernels_agree_bit_for_bit() {
     let mut rng = Rng(0xb17);
     for (m, k, n) in [
@@ -213,6 +226,7 @@ fn int8_kernels_agree_bit_for_bit() {
         (6, 3, 16),
         (7, 33, 17),
         (49, 384, 70),
+        (9, 130, 49),
         (97, 1537, 33),
     ] {
         let x = rng.vec(m * k, 3.0);
@@ -315,8 +329,8 @@ fn bf16_linear_matches_reference() {
         assert_eq!(bf16::to_bf16(v), want, "{v}");
     }
     assert!(bf16::to_f32(bf16::to_bf16(f32::NAN)).is_nan());
-    // bf16 packs every kind of linear map, the feed-forward output projection too (int8 keeps
-    // that one f32): the same weight gives the same result whatever its kind.
+    // bf16 packs every kind of linear map: the same weight gives the same result whatever its
+    // kind.
     let (m, k, n) = (5, 64, 24);
     let (x, w) = (rng.vec(m * k, 1.0), rng.vec(n * k, 0.2));
     let run = |kind| linear_of_kind(&be, &x, &w, (m, k, n), kind);

@@ -26,8 +26,8 @@ pub enum Precision {
     F16,
     /// bfloat16 (CUDA; emulated on the CPU): f32's range with 8 significant bits.
     Bf16,
-    /// CPU only: encoder linear layers (but the feed-forward output projection) with int8
-    /// weights, 16-bit activations and exact i32 sums.
+    /// CPU only: encoder linear layers with int8 weights (a scale per channel and 64 inputs),
+    /// 16-bit activations and exact i32 sums per group.
     Int8,
 }
 

@@ -342,8 +342,11 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Upload the weight of an encoder layer's linear map (`[out, in]`, only ever passed as `w`
     /// to [`Backend::linear`]): a backend may store it in a form only `linear` reads, as the CPU's
-    /// int8 and bf16 paths do, and may choose that form by the layer's `kind`. Heads and
-    /// embedding tables go through [`Backend::weight`].
+    /// int8 and bf16 paths do, and may choose that form by the layer's `kind` (no backend does
+    /// today: the CPU's int8 kept the feed-forward output projection f32 until its weights got
+    /// 64-wide scale groups; an 8-bit activation path would treat that projection's
+    /// non-negative GELU inputs differently). Heads and embedding tables go through
+    /// [`Backend::weight`].
     fn linear_weight(
         &self,
         data: Vec<f32>,

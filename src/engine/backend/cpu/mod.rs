@@ -1,7 +1,8 @@
 //! The CPU backend: the readable reference, and fast enough to be useful.
 //!
-//! f32 arithmetic, except the linear layers under `--precision int8` (`int8.rs`: integer GEMM
-//! with exact i32 sums, every encoder linear map but the feed-forward output projection) and `--precision bf16` where the CPU has AVX512_BF16 (`bf16.rs`); both
+//! f32 arithmetic, except the encoder's linear layers under `--precision int8` (`int8.rs`:
+//! integer GEMM, exact i32 sums per group of 64 inputs) and `--precision bf16` where the CPU has
+//! AVX512_BF16 (`bf16.rs`); both
 //! run the packed-panel loop nest of `panels.rs`. f32 GEMMs go through the `gemm` crate (packed, runtime-dispatched
 //! AVX2/AVX-512/NEON micro-kernels, rayon-parallel); bias and activation run as one vectorised pass over the output; attention runs one task per (sequence, head) over the ragged batch, with
 //! a register-tiled kernel (`attention.rs`). Element-wise math is in `math.rs`.
@@ -218,10 +219,10 @@ impl Backend for CpuBackend {
         data: Vec<f32>,
         rows: usize,
         cols: usize,
-        kind: LinearKind,
+        _kind: LinearKind,
     ) -> Result<CpuTensor> {
         let bf16 = self.precision == CpuPrecision::Bf16 && bf16::Kernel::vector().is_some();
-        if (self.precision != CpuPrecision::Int8 || !int8::quantizes(kind)) && !bf16 {
+        if self.precision != CpuPrecision::Int8 && !bf16 {
             return self.weight(data, rows, cols);
         }
         ensure!(
@@ -235,11 +236,6 @@ impl Backend for CpuBackend {
             t.packed = Some(Arc::new(PackedLinear::Bf16(packed)));
             return Ok(t);
         }
-        ensure!(
-            cols <= int8::MAX_K,
-            "an int8 linear layer sums at most {} products per output, this one {cols}",
-            int8::MAX_K
-        );
         let (packed, dequant) = int8::PackedWeight::quantize(&data, rows, cols);
         let mut t = CpuTensor::new(dequant, rows, cols);
         t.packed = Some(Arc::new(PackedLinear::Int8(packed)));

@@ -12,7 +12,7 @@ pub const NR: usize = 16;
 /// Rows per micro-kernel tile.
 pub const MR: usize = 6;
 /// Rows per rayon task: a multiple of `MR` whose activations stay in L2.
-const MC: usize = 8 * MR;
+pub const MC: usize = 8 * MR;
 
 /// `path::<R>(args)` for a tile of `rows` (1..=MR) rows: the micro-kernels take the tile height
 /// as a const generic, so each height is its own unrolled function.
@@ -27,6 +27,17 @@ macro_rules! by_rows {
             _ => $($kernel)::+::<1>($($arg),*),
         }
     };
+    // `path[P](args)`: the same with a second const generic after the height.
+    ($rows:expr, $($kernel:ident)::+ [$extra:expr] ($($arg:expr),*)) => {
+        match $rows {
+            6 => $($kernel)::+::<6, $extra>($($arg),*),
+            5 => $($kernel)::+::<5, $extra>($($arg),*),
+            4 => $($kernel)::+::<4, $extra>($($arg),*),
+            3 => $($kernel)::+::<3, $extra>($($arg),*),
+            2 => $($kernel)::+::<2, $extra>($($arg),*),
+            _ => $($kernel)::+::<1, $extra>($($arg),*),
+        }
+    };
 }
 pub(crate) use by_rows;
 
@@ -35,19 +46,19 @@ pub fn padded_k(k: usize) -> usize {
     k.next_multiple_of(2)
 }
 
-/// Pack `w` (`[n, k]`, row-major) into panels, each value through `f`.
+/// Pack `w` (`[n, k]`, row-major) into panels, each value through `f(channel, k, value)`.
 pub fn pack<E: Copy + Default>(
     w: &[f32],
     n: usize,
     k: usize,
-    f: impl Fn(usize, f32) -> E,
+    f: impl Fn(usize, usize, f32) -> E,
 ) -> Vec<E> {
     let kp = padded_k(k);
     let mut packed = vec![E::default(); n.div_ceil(NR) * kp * NR];
     for j in 0..n {
         let (panel, c) = (j / NR, j % NR);
         for (p, &v) in w[j * k..(j + 1) * k].iter().enumerate() {
-            packed[panel * kp * NR + (p / 2) * 2 * NR + c * 2 + p % 2] = f(j, v);
+            packed[panel * kp * NR + (p / 2) * 2 * NR + c * 2 + p % 2] = f(j, p, v);
         }
     }
     packed

@@ -17,8 +17,8 @@ pub enum CpuPrecision {
     Bf16,
     /// Weights rounded to f16 at load, f32 arithmetic, likewise.
     F16,
-    /// Encoder linear layers but the feed-forward output projection in integer arithmetic
-    /// (`int8.rs`: int8 weights, 16-bit activations); everything else f32.
+    /// Encoder linear layers in integer arithmetic (`int8.rs`: int8 weights with a scale per
+    /// channel and 64 inputs, 16-bit activations); everything else f32.
     Int8,
 }
 
@@ -54,8 +54,8 @@ impl CpuBackend {
                 cpu_features()
             )),
             CpuPrecision::Int8 => Some(format!(
-                "precision int8 on the cpu: encoder linear layers (but the feed-forward output \
-                 projection, which stays f32) use int8 weights (per channel) and 16-bit integer \
+                "precision int8 on the cpu: encoder linear layers use int8 weights (a scale per \
+                 channel and 64 inputs) and 16-bit integer \
                  activations (per token) with exact i32 sums, kernel {}; \
                  check the fidelity on your data with `mira bench --precision int8 --against f32`",
                 int8::Kernel::best().name()
