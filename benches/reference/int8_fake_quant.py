@@ -1,0 +1,126 @@
+"""Fake-quantization probe for the CPU's int8 path: how far each quantization scheme moves
+all-MiniLM-L6-v2's mean-pooled embeddings from f32, before writing a kernel for it.
+
+Every encoder linear map's weight is rounded as the scheme says (int8, per output channel or per
+group of G consecutive inputs) and its input is rounded per token (16-bit symmetric as mira's int8
+path does, 8-bit symmetric, or 8-bit asymmetric with a zero point), optionally after a
+SmoothQuant-style per-input-channel migration calibrated on documents disjoint from the ones
+measured. The arithmetic itself stays float (PyTorch), so this measures rounding only.
+
+usage: python benches/reference/int8_fake_quant.py [MODEL] [CORPUS]
+  (defaults .data/models/all-MiniLM-L6-v2, .data/sample/corpus.jsonl; needs torch and
+  transformers: /root/venv-ref/bin/python)
+Prints one line per scheme: embedding cosine to f32, min / p1 / mean over 100 documents.
+"""
+
+import json
+import sys
+
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+MODEL = sys.argv[1] if len(sys.argv) > 1 else ".data/models/all-MiniLM-L6-v2"
+CORPUS = sys.argv[2] if len(sys.argv) > 2 else ".data/sample/corpus.jsonl"
+torch.set_num_threads(2)
+tok = AutoTokenizer.from_pretrained(MODEL)
+model = AutoModel.from_pretrained(MODEL).eval()
+texts = [json.loads(line)["text"] for line in open(CORPUS)]
+measured = [tok(t, truncation=True, max_length=256, return_tensors="pt") for t in texts[:200:2]]
+calibration = [tok(t, truncation=True, max_length=256, return_tensors="pt") for t in texts[1:60:2]]
+linears = {
+    name: m
+    for name, m in model.named_modules()
+    if isinstance(m, torch.nn.Linear) and "encoder" in name
+}
+original = {name: m.weight.detach().clone() for name, m in linears.items()}
+
+
+def kind(name):
+    if "attention.self" in name:
+        return "qkv"
+    if "attention.output" in name:
+        return "attn_out"
+    if "intermediate" in name:
+        return "ffn_up"
+    return "ffn_down"
+
+
+def embed(inputs):
+    with torch.no_grad():
+        return torch.stack([model(**e).last_hidden_state[0].mean(0) for e in inputs])
+
+
+reference = embed(measured)
+# Per-input-channel largest magnitude of each linear map's input, on the calibration documents.
+input_max = {}
+hooks = []
+for name, m in linears.items():
+    def record(_m, inputs, _out, name=name):
+        a = inputs[0].reshape(-1, inputs[0].shape[-1]).abs().amax(0)
+        input_max[name] = a if name not in input_max else torch.maximum(input_max[name], a)
+    hooks.append(m.register_forward_hook(record))
+embed(calibration)
+for h in hooks:
+    h.remove()
+
+
+def round_weight(w, group):
+    rows, cols = w.shape
+    g = cols if group == 0 else group
+    pad = (-cols) % g
+    wg = torch.nn.functional.pad(w, (0, pad)).reshape(rows, -1, g)
+    s = wg.abs().amax(2, keepdim=True).clamp_min(1e-12) / 127
+    return ((wg / s).round().clamp(-127, 127) * s).reshape(rows, -1)[:, :cols]
+
+
+def round_input(x, mode):
+    if mode == "f32":
+        return x
+    if mode in ("i16", "s8"):
+        top = 32767 if mode == "i16" else 127
+        s = x.abs().amax(-1, keepdim=True).clamp_min(1e-12) / top
+        return (x / s).round().clamp(-top, top) * s
+    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)  # "u8": asymmetric
+    s = (hi - lo).clamp_min(1e-12) / 255
+    z = (-lo / s).round()
+    return ((x / s).round() + z).clamp(0, 255).sub(z) * s
+
+
+def scheme(label, inputs, group=0, keep_f32=(), smooth=None):
+    """inputs: per-token rounding of every input; group: weight group (0 = per channel);
+    keep_f32: kinds left unquantized; smooth: SmoothQuant alpha, or None."""
+    for name, m in linears.items():
+        w = original[name]
+        if kind(name) in keep_f32:
+            m.weight.data.copy_(w)
+            m.forward = torch.nn.Linear.forward.__get__(m)
+            continue
+        factor = None
+        if smooth is not None:
+            factor = input_max[name].clamp_min(1e-5) ** smooth / w.abs().amax(0).clamp_min(
+                1e-5
+            ) ** (1 - smooth)
+        wq = round_weight(w * factor if factor is not None else w, group)
+
+        def forward(x, m=m, wq=wq, factor=factor):
+            x = x / factor if factor is not None else x
+            return torch.nn.functional.linear(round_input(x, inputs), wq, m.bias)
+
+        m.forward = forward
+    cos = torch.nn.functional.cosine_similarity(embed(measured), reference)
+    print(
+        f"{label:58s} min {float(cos.min()):.6f}  p1 {float(cos.quantile(0.01)):.6f}"
+        f"  mean {float(cos.mean()):.6f}",
+        flush=True,
+    )
+
+
+scheme("weights per channel, 16-bit inputs", "i16")
+scheme("weights per channel, 16-bit inputs, ffn_down f32", "i16", keep_f32=("ffn_down",))
+for g in (128, 64, 32):
+    scheme(f"weights per {g} inputs, 16-bit inputs (mira's int8: 64)", "i16", group=g)
+scheme("weights per channel, 8-bit symmetric inputs", "s8")
+scheme("weights per channel, 8-bit asymmetric inputs", "u8")
+for alpha in (0.4, 0.5, 0.6):
+    scheme(f"8-bit asymmetric inputs, SmoothQuant alpha {alpha}", "u8", smooth=alpha)
+scheme("8-bit asymmetric inputs, SmoothQuant 0.5, weights per 64", "u8", group=64, smooth=0.5)
