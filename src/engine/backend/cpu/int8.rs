@@ -43,7 +43,7 @@
 //! broadcasts. The 256-bit and scalar kernels take tiles of 6 rows by one panel (12 i32
 //! accumulators, 2 weight registers, 1 broadcast: 15 of 16 ymm). Rayon tasks take blocks of 48
 //! rows, keep their f32 sums in a buffer of their own, and walk the reduction in blocks of 256
-//! inputs ([`BLOCK_PAIRS`]), in each every panel group and row tile: a block of panels stays in
+//! inputs (`BLOCK_PAIRS`), in each every panel group and row tile: a block of panels stays in
 //! L1 while the task's rows pass over it.
 
 use std::ops::Range;

@@ -3,7 +3,7 @@
 //! f32 arithmetic, except the encoder's linear layers under `--precision int8` (`int8.rs`:
 //! integer GEMM, exact i32 sums per group of 64 inputs) and `--precision bf16` where the CPU has
 //! AVX512_BF16 (`bf16.rs`); both
-//! run the packed-panel loop nest of `panels.rs`. f32 GEMMs go through the `gemm` crate (packed, runtime-dispatched
+//! pack weights in the panels of `panels.rs`. f32 GEMMs go through the `gemm` crate (packed, runtime-dispatched
 //! AVX2/AVX-512/NEON micro-kernels, rayon-parallel); bias and activation run as one vectorised pass over the output; attention runs one task per (sequence, head) over the ragged batch, with
 //! a register-tiled kernel (`attention.rs`). Element-wise math is in `math.rs`.
 

@@ -1,9 +1,11 @@
-//! The loop nest shared by the CPU's packed-weight GEMMs (`int8.rs`, `bf16.rs`): a weight packed
-//! in panels of [`NR`] output channels with k-pairs interleaved (k-pair `t` of a panel holds
-//! `[w(c, 2t), w(c, 2t+1)]` for c = 0..16), activations row-major with an even stride `kp`. Rayon
-//! tasks take blocks of [`MC`] rows and walk every panel, so a task's activation rows stay in L2
-//! while the panels stream through; a micro-kernel fills an [`MR`]×16 tile of sums, and the
-//! caller's `store` turns a tile row into outputs.
+//! What the CPU's packed-weight GEMMs (`int8.rs`, `bf16.rs`) share: a weight packed in panels of
+//! [`NR`] output channels with k-pairs interleaved (k-pair `t` of a panel holds
+//! `[w(c, 2t), w(c, 2t+1)]` for c = 0..16), activations row-major with an even stride `kp`, rayon
+//! tasks of [`MC`] rows, and the tile-height dispatch of their micro-kernels. [`gemm`] is bf16's
+//! loop nest: each task walks every panel, so its activation rows stay in L2 while the panels
+//! stream through; a micro-kernel fills an [`MR`]×16 tile of sums, and the caller's `store` turns
+//! a tile row into outputs. int8 has its own nest (`int8.rs`), blocked over K, since its f32
+//! sums carry from one scale group to the next.
 
 use rayon::prelude::*;
 
@@ -64,7 +66,7 @@ pub fn pack<E: Copy + Default>(
     packed
 }
 
-/// The reduction of the 512-bit micro-kernels (`int8.rs`, `bf16.rs`), where one register holds a
+/// The reduction of the 512-bit bf16 micro-kernel (`bf16.rs`), where one register holds a
 /// whole k-pair of a panel: k-pairs `0..pairs` go alternately to the `even` and `odd` chains of
 /// each of the `R` rows (two independent accumulators per row hide the dot-product
 /// instruction's latency), `mac(acc, row, t, panel(t))` adding k-pair `t` of a row. Inlined into
