@@ -73,7 +73,8 @@ struct ModelArgs {
     /// Precision: auto (GPUs: f16 where the device has it, as every CUDA device does, else f32;
     /// CPU: f32), f32, f16, bf16 (CUDA sm_80+, for models whose activations overflow f16) or int8
     /// (CPU only: encoder linear layers with int8 weights, a scale per channel and 64 inputs,
-    /// 16-bit activations per token, exact i32 sums per group). GPU
+    /// 8-bit activations with a scale and zero per token and 64 inputs, exact i32 sums per
+    /// group). GPU
     /// arithmetic is f32; on the CPU bf16 and f16 are emulated (weights rounded, f32 arithmetic).
     /// Check a precision on your data with `mira bench --precision P --against f32`
     #[arg(long, default_value = "auto")]

@@ -12,6 +12,7 @@ use crate::model::st::SentenceConfig;
 use crate::model::{self, Encoder};
 use crate::text::TextEncoder;
 
+mod calibration;
 mod pooled;
 mod tokens;
 
@@ -226,7 +227,7 @@ impl Scorer {
         if let Some(limit) = engines.iter().filter_map(|e| e.max_batch_tokens()).min() {
             packer.max_batch_tokens = packer.max_batch_tokens.min(limit);
         }
-        Ok(Scorer {
+        let scorer = Scorer {
             dir: dir.to_path_buf(),
             engines,
             text,
@@ -235,7 +236,9 @@ impl Scorer {
             dense_head,
             packer,
             device_note,
-        })
+        };
+        scorer.calibrate()?;
+        Ok(scorer)
     }
 
     pub fn model_dir(&self) -> &Path {

@@ -129,18 +129,23 @@ fn int8_linear_matches_reference() {
             .unwrap();
         let bt = be.weight(b.clone(), 1, n).unwrap();
         let out = be.linear(&xt, &wt, Some(&bt), Activation::None).unwrap();
-        // 16-bit activations per row; weights per channel and group of 64 inputs, as the
-        // module documents them.
-        let act_max = 32767.0;
+        // Activations per row and group of 64 inputs, 8-bit asymmetric over the group's range
+        // widened to hold 0 (each value within half a step); weights per channel and group.
         let max_abs = |v: &[f32]| v.iter().fold(0f64, |a, &b| a.max((b as f64).abs()));
+        let step = |v: &[f32]| {
+            let (lo, hi) = v.iter().fold((0f64, 0f64), |(lo, hi), &b| {
+                (lo.min(b as f64), hi.max(b as f64))
+            });
+            (hi - lo) / 255.0
+        };
         let (mut err_sum, mut bound_sum) = (0f64, 0f64);
         for i in 0..m {
             let xr = &x[i * k..(i + 1) * k];
-            let sx = max_abs(xr) / act_max;
             for j in 0..n {
                 let wr = &w[j * k..(j + 1) * k];
                 let (mut exact, mut bound) = (b[j] as f64, 0f64);
                 for (xg, wg) in xr.chunks(64).zip(wr.chunks(64)) {
+                    let sx = step(xg);
                     let sw = max_abs(wg) / 127.0;
                     for (&xv, &wv) in xg.iter().zip(wg) {
                         let (xv, wv) = (xv as f64, wv as f64);
@@ -169,9 +174,10 @@ fn int8_linear_matches_reference() {
                 bound_sum / (m * n) as f64
             );
         }
-        // The weight's values are what the layer computes with: each within half its group's step.
+        // The quantizer's dequantized weight: each value within half its group's step.
+        let (_, dequant) = int8::PackedWeight::quantize(&w, n, k);
         for (j, wr) in w.chunks_exact(k).enumerate() {
-            for (p, (&orig, &q)) in wr.iter().zip(&wt.data()[j * k..(j + 1) * k]).enumerate() {
+            for (p, (&orig, &q)) in wr.iter().zip(&dequant[j * k..(j + 1) * k]).enumerate() {
                 let step = max_abs(&wr[p / 64 * 64..((p / 64 + 1) * 64).min(k)]) / 127.0;
                 assert!(
                     (orig as f64 - q as f64).abs() <= step / 2.0 * 1.0001,
@@ -249,6 +255,69 @@ fn int8_kernels_agree_bit_for_bit() {
             );
         }
     }
+}
+
+/// int8 after calibration (`Backend::set_calibrating`): while calibrating, the layer computes
+/// f32's values bit for bit; afterwards it quantizes with per-channel smoothing, which on inputs
+/// with a few channels far larger than the rest (as BERT hidden states have) lands much closer to
+/// float64 than the same layer never calibrated. f32 does not calibrate.
+fn int8_smoothing_after_calibration() {
+    let mut rng = Rng(0x5a7);
+    let (m, k, n) = (64, 200, 48);
+    // Channels 3, 70 and 150 (one in each of the first three 64-input groups) 30x the rest.
+    let inputs = |rng: &mut Rng| {
+        let mut x = rng.vec(m * k, 1.0);
+        for row in x.chunks_exact_mut(k) {
+            for c in [3, 70, 150] {
+                row[c] *= 30.0;
+            }
+        }
+        x
+    };
+    let (calibration, x, w) = (inputs(&mut rng), inputs(&mut rng), rng.vec(n * k, 0.1));
+    let exact: Vec<f64> = (0..m * n)
+        .map(|i| {
+            let (r, j) = (i / n, i % n);
+            (0..k)
+                .map(|p| x[r * k + p] as f64 * w[j * k + p] as f64)
+                .sum()
+        })
+        .collect();
+    let mean_err = |got: &[f32]| {
+        let sum: f64 = got
+            .iter()
+            .zip(&exact)
+            .map(|(g, e)| (*g as f64 - e).abs())
+            .sum();
+        sum / (m * n) as f64
+    };
+    let shape = (m, k, n);
+    let kind = LinearKind::FeedForwardUp;
+    let plain = linear_of_kind(&CpuBackend::new(Precision::Int8), &x, &w, shape, kind);
+    let be = CpuBackend::new(Precision::Int8);
+    let wt = be.linear_weight(w.clone(), n, k, kind).unwrap();
+    let run = |x: &[f32]| {
+        let xt = be.weight(x.to_vec(), m, k).unwrap();
+        be.linear(&xt, &wt, None, Activation::None).unwrap()
+    };
+    assert!(be.set_calibrating(true), "the CPU's int8 calibrates");
+    let f32_be = CpuBackend::new(Precision::F32);
+    let f32_out = linear_of_kind(&f32_be, &calibration, &w, shape, kind);
+    assert_eq!(
+        run(&calibration).data(),
+        &f32_out[..],
+        "calibration runs in f32"
+    );
+    be.set_calibrating(false);
+    let (smoothed, plain) = (mean_err(run(&x).data()), mean_err(&plain));
+    assert!(
+        smoothed < 0.5 * plain,
+        "mean error {smoothed} after calibration, {plain} without"
+    );
+    assert!(
+        !f32_be.set_calibrating(true),
+        "f32 has nothing to calibrate"
+    );
 }
 
 /// The CPU's bf16 GEMM, every kernel this CPU runs (the scalar one everywhere), against float64

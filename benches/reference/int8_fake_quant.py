@@ -2,8 +2,9 @@
 all-MiniLM-L6-v2's mean-pooled embeddings from f32, before writing a kernel for it.
 
 Every encoder linear map's weight is rounded as the scheme says (int8, per output channel or per
-group of G consecutive inputs) and its input is rounded per token (16-bit symmetric as mira's int8
-path does, 8-bit symmetric, or 8-bit asymmetric with a zero point), optionally after a
+group of G consecutive inputs) and its input is rounded per token, or per token and group of A
+inputs (16-bit symmetric, 8-bit symmetric, or 8-bit asymmetric with a zero point: mira's int8
+path rounds 8-bit asymmetric per token and 64 inputs, weights per 64 inputs), optionally after a
 SmoothQuant-style per-input-channel migration calibrated on documents disjoint from the ones
 measured. The arithmetic itself stays float (PyTorch), so this measures rounding only.
 
@@ -80,15 +81,27 @@ def round_input(x, mode):
         top = 32767 if mode == "i16" else 127
         s = x.abs().amax(-1, keepdim=True).clamp_min(1e-12) / top
         return (x / s).round().clamp(-top, top) * s
-    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)  # "u8": asymmetric
+    # "u8": asymmetric over the range widened to hold 0 (as mira's), with an integer zero point.
+    lo, hi = x.amin(-1, keepdim=True).clamp_max(0), x.amax(-1, keepdim=True).clamp_min(0)
     s = (hi - lo).clamp_min(1e-12) / 255
     z = (-lo / s).round()
     return ((x / s).round() + z).clamp(0, 255).sub(z) * s
 
 
-def scheme(label, inputs, group=0, keep_f32=(), smooth=None):
+def round_input_grouped(x, mode, act_group):
+    """round_input over each group of `act_group` inputs of a token (0: the whole token)."""
+    cols = x.shape[-1]
+    if act_group == 0 or act_group >= cols:
+        return round_input(x, mode)
+    pad = (-cols) % act_group
+    xg = torch.nn.functional.pad(x, (0, pad)).reshape(*x.shape[:-1], -1, act_group)
+    return round_input(xg, mode).reshape(*x.shape[:-1], -1)[..., :cols]
+
+
+def scheme(label, inputs, group=0, keep_f32=(), smooth=None, act_group=0):
     """inputs: per-token rounding of every input; group: weight group (0 = per channel);
-    keep_f32: kinds left unquantized; smooth: SmoothQuant alpha, or None."""
+    keep_f32: kinds left unquantized; smooth: SmoothQuant alpha, or None; act_group: inputs
+    per activation scale (0 = one per token)."""
     for name, m in linears.items():
         w = original[name]
         if kind(name) in keep_f32:
@@ -104,7 +117,8 @@ def scheme(label, inputs, group=0, keep_f32=(), smooth=None):
 
         def forward(x, m=m, wq=wq, factor=factor):
             x = x / factor if factor is not None else x
-            return torch.nn.functional.linear(round_input(x, inputs), wq, m.bias)
+            x = round_input_grouped(x, inputs, act_group)
+            return torch.nn.functional.linear(x, wq, m.bias)
 
         m.forward = forward
     cos = torch.nn.functional.cosine_similarity(embed(measured), reference)
@@ -124,3 +138,14 @@ scheme("weights per channel, 8-bit asymmetric inputs", "u8")
 for alpha in (0.4, 0.5, 0.6):
     scheme(f"8-bit asymmetric inputs, SmoothQuant alpha {alpha}", "u8", smooth=alpha)
 scheme("8-bit asymmetric inputs, SmoothQuant 0.5, weights per 64", "u8", group=64, smooth=0.5)
+scheme("weights per 64, 8-bit symmetric inputs", "s8", group=64)
+scheme("weights per 64, 8-bit asymmetric inputs", "u8", group=64)
+for a in (128, 64, 32):
+    scheme(f"weights per 64, 8-bit symmetric inputs per {a}", "s8", group=64, act_group=a)
+    scheme(
+        f"weights per 64, 8-bit asymmetric inputs per {a} (mira's int8: 64)",
+        "u8",
+        group=64,
+        act_group=a,
+    )
+scheme("weights and 8-bit asymmetric inputs per 64, SmoothQuant 0.5", "u8", 64, smooth=0.5, act_group=64)

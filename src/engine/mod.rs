@@ -27,7 +27,7 @@ pub enum Precision {
     /// bfloat16 (CUDA; emulated on the CPU): f32's range with 8 significant bits.
     Bf16,
     /// CPU only: encoder linear layers with int8 weights (a scale per channel and 64 inputs),
-    /// 16-bit activations and exact i32 sums per group.
+    /// 8-bit activations (a scale and zero per token and 64 inputs), exact i32 sums per group.
     Int8,
 }
 

@@ -471,6 +471,10 @@ impl<B: Backend> super::Encoder for Deberta<B> {
         self.be.graph_stats()
     }
 
+    fn set_calibrating(&self, on: bool) -> bool {
+        self.be.set_calibrating(on)
+    }
+
     fn flops(&self, n: usize) -> f64 {
         let c = &self.cfg;
         let (n, h, i) = (n as f64, c.hidden_size as f64, c.intermediate_size as f64);

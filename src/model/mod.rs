@@ -49,6 +49,11 @@ pub trait Encoder: Send + Sync {
     fn graph_stats(&self) -> Option<GraphStats> {
         None
     }
+    /// Start or end the backend's calibration; whether it calibrates (`Backend::set_calibrating`).
+    fn set_calibrating(&self, on: bool) -> bool {
+        let _ = on;
+        false
+    }
 }
 
 /// A process-unique name for a loaded model, so the forward passes of two models on one backend

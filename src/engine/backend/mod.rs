@@ -492,6 +492,15 @@ pub trait Backend: Send + Sync + 'static {
         None
     }
 
+    /// Start (`true`) or end calibration, returning whether this backend calibrates at all (the
+    /// CPU's int8 layers: while on, they run in f32 and record their inputs' ranges, which the
+    /// quantization on first use afterwards smooths with). `Scorer` runs fixed texts through
+    /// every model it loads in between; a backend without calibration ignores it.
+    fn set_calibrating(&self, on: bool) -> bool {
+        let _ = on;
+        false
+    }
+
     /// How many threads may run forward passes on this backend at once to keep it busy: a GPU
     /// whose ops are asynchronous takes the next batch while the last one's result comes back.
     fn concurrency(&self) -> usize {

@@ -50,7 +50,7 @@ impl PackedWeight {
     /// rounded values as f32 (what the layer now computes with, for the other ops and tests).
     pub fn pack(w: &[f32], n: usize, k: usize) -> (PackedWeight, Vec<f32>) {
         assert_eq!(w.len(), n * k, "weight data does not match its shape");
-        let packed = panels::pack(w, n, k, |_, _, v| to_bf16(v));
+        let packed = panels::pack(w, n, k, to_bf16);
         let rounded = w.iter().map(|&v| to_f32(to_bf16(v))).collect();
         (PackedWeight { n, k, packed }, rounded)
     }

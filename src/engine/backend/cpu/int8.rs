@@ -1,81 +1,77 @@
-//! Integer linear layers for `--precision int8` on the CPU backend.
+//! Integer linear layers for `--precision int8` on the CPU backend: 8-bit activations times 8-bit
+//! weights, `vpdpbusd` where the CPU has AVX512-VNNI or AVX-VNNI.
 //!
 //! A weight `[N, K]` is quantized once, at load, symmetric per output channel and per [`GROUP`]
-//! (64) consecutive inputs: `w(j, k) ≈ q·s(j, k/64)` with `|q| ≤ 127`. Each activation row
-//! (token) is quantized at run time with one scale, `x ≈ p·t_i`, `|p| ≤ 32767` (16 bits). A
-//! group's products `Σ p·q` are summed exactly in i32 (64·127·32767 < 2^31), converted to f32
-//! and added with one fused multiply-add by the group's scale, groups in order; the store
-//! multiplies by `t_i` (bias and activation then run in the f32 epilogue as for f32).
+//! (64) consecutive inputs: `w(j, k) ≈ q·s(j, g)` with `|q| ≤ 127`, `g = k / 64`. Activations are
+//! quantized at run time per token and per the same 64 inputs, asymmetric: `x(i, k) ≈ (u −
+//! z)·t(i, g)` with `0 ≤ u ≤ 255`, the range `[min, max]` of the group (widened to hold 0) mapped
+//! onto 0..255 and the zero `z` an integer. A group's products `Σ u·q` are summed exactly in i32
+//! (at most 64·255·127 < 2^21, so exact in f32 as well), and each group adds
+//! `sum ← fma(f32(Σ u·q), s·t, sum)` then `sum ← fma(−z·t, s·Σq, sum)` to the output, groups in
+//! order; `s·Σq` is precomputed per weight group and `z·t` per activation group. Bias and
+//! activation then run in the f32 epilogue as for f32.
 //!
-//! Why activations wider than 8 bits: with 8-bit per-token activations all-MiniLM-L6-v2 on the
-//! sample corpus drifted to embedding cosine 0.9964 (the guard asks 0.999), and the wider operand
-//! costs nothing here: `vpdpwssd`/`vpmaddwd` multiply 16-bit operands.
+//! Why this scheme (a fake-quantization check of all-MiniLM-L6-v2 on 100 sample documents,
+//! `benches/reference/int8_fake_quant.py`, embedding cosine min against f32; the guard asks
+//! 0.999): 8-bit activations with one scale per token drift too far (symmetric 0.9971,
+//! asymmetric 0.9987), since a few channels of a BERT hidden state are far larger than the rest;
+//! a scale per 64 inputs confines each such channel to its group (symmetric 0.99926, asymmetric
+//! 0.99946, which the zero point buys for the non-negative GELU outputs). 16-bit activations
+//! reached 0.99966 but run at `vpdpwssd`'s rate, half of `vpdpbusd`'s. Weights get groups of 64
+//! for the same reason (one scale per channel: the feed-forward output projection alone cost
+//! the model 0.0005 of cosine).
 //!
-//! Why groups of 64: with one scale per channel, the feed-forward output projection's weights
-//! quantize worst (a fake-quantization check of all-MiniLM-L6-v2, 100 sample documents,
-//! activations at 16 bits: embedding cosine min 0.99917 with every layer per channel), so it had
-//! to stay f32, a third of the model's multiply-adds. With 64-wide groups every layer is int8 at
-//! cosine min 0.99966 (128-wide: 0.99952). The scales cost one conversion and one FMA per 32
-//! multiply-add instructions.
-//!
-//! Every kernel variant computes the same operations in the same order (exact i32 sums, then one
-//! rounding conversion and one fused multiply-add per group), so they agree bit for bit: the
-//! scalar kernel (any CPU) is the reference the vector kernels are tested against, and a CPU
-//! without a variant still runs the same numbers. Variants:
-//! - `avx512_vnni`: `vpdpwssd` on 512-bit registers multiplies 32 i16 pairs and adds both products
-//!   of each pair into its i32 lane in one instruction (32 MACs, twice a 512-bit f32 FMA's 16);
-//!   one register holds a whole k-pair of a panel, and a tile of 4 rows by 3 panels (48 channels)
-//!   keeps 12 i32 and 12 f32 accumulators in registers. Wider tiles ran slower on an AVX-512
-//!   Xeon (8 rows: 72-95 GMAC/s on one core, 4 rows: 95-107): each row's broadcast needs its own
-//!   address arithmetic, which competes for the ports that run `vpdpwssd`;
+//! Every kernel variant computes the same operations in the same order (exact i32 sums, then the
+//! same conversion, product and two fused multiply-adds per group), so they agree bit for bit:
+//! the scalar kernel (any CPU) is the reference the vector kernels are tested against. Variants:
+//! - `avx512_vnni`: 512-bit `vpdpbusd` multiplies 64 u8·s8 pairs and adds each four products
+//!   into its i32 lane (64 MACs per instruction, four times a 512-bit f32 FMA's 16). One register
+//!   holds a k-quad of a panel (16 channels × 4 inputs); a tile of `R` rows by `P` panels keeps
+//!   `R·P` i32 accumulators in registers, its f32 sums in the task's buffer (L1);
 //! - `avx_vnni`: the same instruction on 256-bit registers (Alder Lake and later, Zen 5);
-//! - `avx2`: `vpmaddwd` multiplies 16 i16 pairs and adds each pair into an i32 lane (16 MACs per
-//!   instruction, twice an f32 FMA's 8), then `vpaddd` accumulates;
+//! - `avx2`: no u8·s8 instruction that cannot saturate, so each activation byte is split in two
+//!   4-bit halves, `u = 16·h + l`: `vpmaddubsw` of each half with the weights cannot saturate
+//!   (2·15·127), `vpmaddwd` by 16 or 1 sums them into i32 lanes;
 //! - `scalar`: plain loops over the same packed layout (aarch64, x86-64 without AVX2 and FMA).
 //!
-//! Operands are stored as i16 (weights within the i8 range) so that `vpmaddwd` needs no widening;
-//! its pair sums (at most 2·127·32767) cannot overflow its i32 lanes.
-//!
-//! Layout: the weight is packed in panels of `NR` = 16 output channels; in a panel, k-pair `t`
-//! holds `[w(c, 2t), w(c, 2t+1)]` for c = 0..16, i.e. 32 i16 (two AVX2 registers); its scales are
-//! `groups × 16` f32. K is padded to even and N to a multiple of 16 with zeros. Activations stay
-//! row-major with the padded K as stride, so a k-pair of one row is one i32 that the kernel
-//! broadcasts. The 256-bit and scalar kernels take tiles of 6 rows by one panel (12 i32
-//! accumulators, 2 weight registers, 1 broadcast: 15 of 16 ymm). Rayon tasks take blocks of 48
-//! rows, keep their f32 sums in a buffer of their own, and walk the reduction in blocks of 256
-//! inputs (`BLOCK_PAIRS`), in each every panel group and row tile: a block of panels stays in
-//! L1 while the task's rows pass over it.
+//! Layout: the weight is packed in panels of `NR` = 16 output channels; in a panel, k-quad `t`
+//! holds `[w(c, 4t), .., w(c, 4t+3)]` for c = 0..16, i.e. 64 bytes (one 512-bit register); per
+//! group it has 16 scales `s` and 16 corrections `s·Σq`. K is padded to a multiple of 4 and N to
+//! a multiple of 16 with zeros. Activations stay row-major with the padded K as stride, so a
+//! k-quad of one row is one u32 that the kernel broadcasts. Rayon tasks take blocks of 48 rows
+//! (`panels::MC`), keep their f32 sums in a buffer of their own, and walk the reduction in
+//! blocks of 256 inputs (`BLOCK_QUADS`), in each every panel group and row tile: a block of
+//! panels stays in L1 while the task's rows pass over it.
 
 use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::panels::{self, padded_k, NR};
+use super::panels::{self, NR};
 
-/// Inputs per weight scale: each output channel has one scale per 64 consecutive inputs.
+#[cfg(target_arch = "x86_64")]
+#[path = "int8_kernels.rs"]
+mod kernels;
+#[cfg(target_arch = "x86_64")]
+use kernels::{avx2, avx512_vnni, avx_vnni};
+
+/// Inputs per scale, for weights (per output channel) and activations (per token) alike.
 pub const GROUP: usize = 64;
-/// K-pairs per weight scale.
-const GROUP_PAIRS: usize = GROUP / 2;
+/// K-quads per scale group.
+const GROUP_QUADS: usize = GROUP / 4;
 /// Largest quantized weight magnitude (symmetric int8).
 const W_MAX: f32 = 127.0;
-/// Largest quantized activation magnitude (16 bits): a group's sum, at most
-/// `64·127·32767 < 2^31`, cannot overflow its i32 accumulator.
-pub const ACT_MAX: f32 = 32767.0;
+/// Largest quantized activation (unsigned 8 bits).
+pub const ACT_MAX: f32 = 255.0;
 
-/// Scale groups over a padded width `kp`.
-fn groups(kp: usize) -> usize {
-    (kp / 2).div_ceil(GROUP_PAIRS)
+/// K padded to whole k-quads.
+pub fn padded_k(k: usize) -> usize {
+    k.next_multiple_of(4)
 }
 
-/// A weight quantized and packed for [`gemm`]: the value at `(j, k)` is `q(j, k)·s(j, k / 64)`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PackedWeight {
-    n: usize,
-    k: usize,
-    /// `panels × (kp / 2) × NR × 2` values.
-    packed: Vec<i16>,
-    /// `panels × groups × NR` scales: `s(16·panel + c, g)` at `(panel·groups + g)·16 + c`.
-    scale: Vec<f32>,
+/// Scale groups over `k` inputs.
+fn groups(k: usize) -> usize {
+    k.div_ceil(GROUP)
 }
 
 /// Round to the nearest integer, ties to even, in a way every CPU computes identically.
@@ -84,14 +80,44 @@ fn round(x: f32) -> f32 {
     x.round_ties_even()
 }
 
+/// A weight quantized and packed for [`gemm`]: the value at `(j, k)` is `q(j, k)·s(j, k / 64)`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PackedWeight {
+    n: usize,
+    k: usize,
+    /// `panels × (kq / 4) × NR × 4` values.
+    packed: Vec<i8>,
+    /// `panels × groups × NR` scales: `s(16·panel + c, g)` at `(panel·groups + g)·16 + c`.
+    scale: Vec<f32>,
+    /// The same layout: `s(j, g)·Σ_{k in g} q(j, k)`, what a zero point `z` costs an output.
+    correction: Vec<f32>,
+    /// Per input channel, `1 / f` for the smoothing factor `f` the weight's column was
+    /// multiplied by (`int8_linear.rs`; 1 without smoothing): what
+    /// [`QuantRows::quantize_for`] multiplies the activations by.
+    input_factor: Vec<f32>,
+}
+
 impl PackedWeight {
     /// Quantize `w` (`[n, k]`, row-major) per output channel and group of 64 inputs. Returns the
     /// packed weight and the dequantized values `q·s` (what the layer now computes with, for the
     /// other ops and tests).
     pub fn quantize(w: &[f32], n: usize, k: usize) -> (PackedWeight, Vec<f32>) {
+        Self::quantize_smoothed(w, n, k, &vec![1.0; k])
+    }
+
+    /// [`quantize`](Self::quantize) with input channel `k`'s column multiplied by `factor[k]`
+    /// first; the dequantized values returned are divided by it again.
+    pub fn quantize_smoothed(
+        w: &[f32],
+        n: usize,
+        k: usize,
+        factor: &[f32],
+    ) -> (PackedWeight, Vec<f32>) {
         assert_eq!(w.len(), n * k, "weight data does not match its shape");
-        let groups = groups(padded_k(k));
-        let panels = n.div_ceil(NR);
+        assert_eq!(factor.len(), k, "one smoothing factor per input channel");
+        let w: Vec<f32> = (0..n * k).map(|i| w[i] * factor[i % k]).collect();
+        let w = &w[..];
+        let (groups, kq, panels) = (groups(k), padded_k(k), n.div_ceil(NR));
         // Row-major scales first, `[n, groups]`.
         let by_row: Vec<f32> = (0..n * groups)
             .map(|i| {
@@ -106,103 +132,132 @@ impl PackedWeight {
             })
             .collect();
         let s = |j: usize, p: usize| by_row[j * groups + p / GROUP];
-        let quant = |j: usize, p: usize, v: f32| round(v / s(j, p)).clamp(-W_MAX, W_MAX);
-        let packed = panels::pack(w, n, k, |j, p, v| quant(j, p, v) as i16);
-        let dequant = (0..n * k)
-            .map(|i| {
-                let (j, p) = (i / k, i % k);
-                quant(j, p, w[i]) * s(j, p)
-            })
-            .collect();
+        let quant = |j: usize, p: usize| round(w[j * k + p] / s(j, p)).clamp(-W_MAX, W_MAX);
+        let mut packed = vec![0i8; panels * kq * NR];
         let mut scale = vec![0f32; panels * groups * NR];
+        let mut correction = vec![0f32; panels * groups * NR];
+        let mut dequant = vec![0f32; n * k];
         for j in 0..n {
-            for g in 0..groups {
-                scale[((j / NR) * groups + g) * NR + j % NR] = by_row[j * groups + g];
+            let (panel, c) = (j / NR, j % NR);
+            let mut sum = vec![0f32; groups];
+            for p in 0..k {
+                let q = quant(j, p);
+                packed[panel * kq * NR + (p / 4) * 4 * NR + c * 4 + p % 4] = q as i8;
+                dequant[j * k + p] = q * s(j, p) / factor[p];
+                sum[p / GROUP] += q;
+            }
+            for (g, sum) in sum.into_iter().enumerate() {
+                let at = (panel * groups + g) * NR + c;
+                scale[at] = by_row[j * groups + g];
+                // Σq is an integer below 2^13: exact in f32, and so is this one product's rounding.
+                correction[at] = by_row[j * groups + g] * sum;
             }
         }
-        (
-            PackedWeight {
-                n,
-                k,
-                packed,
-                scale,
-            },
-            dequant,
-        )
+        let packed = PackedWeight {
+            n,
+            k,
+            packed,
+            scale,
+            correction,
+            input_factor: factor.iter().map(|f| 1.0 / f).collect(),
+        };
+        (packed, dequant)
     }
 }
 
-/// Activations quantized per row for [`gemm`]: row `i` stands for `q(i, ·)·scale[i]`.
+/// Activations quantized per row and group of 64 inputs for [`gemm`]: `x(i, k) ≈ (u(i, k) −
+/// z(i, g))·t(i, g)`, stored as `u`, `t` and `z·t`.
 pub struct QuantRows {
     m: usize,
-    kp: usize,
-    q: Vec<i16>,
+    kq: usize,
+    u: Vec<u8>,
+    /// `[m, groups]` scales `t`.
     scale: Vec<f32>,
+    /// `[m, groups]` offsets `z·t`.
+    offset: Vec<f32>,
 }
 
 impl QuantRows {
-    /// Quantize `x` (`[m, k]`) per row, symmetric, to `|q| ≤ ACT_MAX`.
+    /// Quantize `x` (`[m, k]`) per row and group, asymmetric, to `0 ≤ u ≤ 255`.
     pub fn quantize(x: &[f32], m: usize, k: usize) -> QuantRows {
+        Self::quantize_scaled(x, m, k, &vec![1.0; k])
+    }
+
+    /// Quantize `x` (`[m, k]`) for `w`, each input channel multiplied by the weight's smoothing.
+    pub fn quantize_for(x: &[f32], m: usize, w: &PackedWeight) -> QuantRows {
+        Self::quantize_scaled(x, m, w.k, &w.input_factor)
+    }
+
+    fn quantize_scaled(x: &[f32], m: usize, k: usize, factor: &[f32]) -> QuantRows {
         assert_eq!(x.len(), m * k, "activation data does not match its shape");
-        let kp = padded_k(k);
-        let mut q = vec![0i16; m * kp];
-        let mut scale = vec![0f32; m];
-        let rows = (16 * 1024 / kp.max(1)).clamp(1, m.max(1));
-        q.par_chunks_mut(rows * kp)
-            .zip(scale.par_chunks_mut(rows))
+        let (kq, groups) = (padded_k(k), groups(k));
+        let mut u = vec![0u8; m * kq];
+        let mut scale = vec![0f32; m * groups];
+        let mut offset = vec![0f32; m * groups];
+        let rows = (16 * 1024 / kq.max(1)).clamp(1, m.max(1));
+        u.par_chunks_mut(rows * kq)
+            .zip(scale.par_chunks_mut(rows * groups))
+            .zip(offset.par_chunks_mut(rows * groups))
             .zip(x.par_chunks(rows * k))
-            .for_each(|((q, scale), x)| {
-                for ((q, s), x) in q.chunks_exact_mut(kp).zip(scale).zip(x.chunks_exact(k)) {
-                    *s = quantize_row(x, &mut q[..k], ACT_MAX);
+            .for_each(|(((u, scale), offset), x)| {
+                let rows = u.chunks_exact_mut(kq).zip(x.chunks_exact(k));
+                for (r, (u, x)) in rows.enumerate() {
+                    let by_group = u[..k].chunks_mut(GROUP).zip(x.chunks(GROUP));
+                    for (g, (u, x)) in by_group.enumerate() {
+                        let (at, f) = (r * groups + g, &factor[g * GROUP..]);
+                        quantize_group(x, f, u, &mut scale[at], &mut offset[at]);
+                    }
                 }
             });
-        QuantRows { m, kp, q, scale }
+        QuantRows {
+            m,
+            kq,
+            u,
+            scale,
+            offset,
+        }
     }
 }
 
 crate::engine::backend::cpu::math::multiversion! {
-    /// Quantize one row into `q` (`|q| ≤ limit`, ties to even), returning its scale. Branch-free
-    /// so that it vectorises: the largest magnitude over 8 lanes, then rounding by the
-    /// `1.5·2^23` trick (exact for `|v| < 2^22`), read back from the float's low bits.
-    pub fn quantize_row_into(x: &[f32], q: &mut [i16], limit: f32, scale: &mut f32) {
+    /// Quantize one group of at most 64 values, each times its `factor`, into `u`, writing its
+    /// scale `t` and offset `z·t`.
+    /// Branch-free so that it vectorises: the range over 8 lanes, then rounding by the `1.5·2^23`
+    /// trick (exact for `|v| < 2^22`), read back from the float's low bits.
+    pub fn quantize_group(x: &[f32], factor: &[f32], u: &mut [u8], scale: &mut f32, offset: &mut f32) {
         const ROUND: f32 = 12_582_912.0;
-        // Per lane: the largest magnitude, and `Σ v·0`, which is NaN once any value is not finite.
-        let (mut lanes, mut poison) = ([0f32; 8], [0f32; 8]);
-        let mut chunks = x.chunks_exact(8);
-        for c in &mut chunks {
-            for ((m, p), v) in lanes.iter_mut().zip(&mut poison).zip(c) {
-                *m = m.max(v.abs());
-                *p += v * 0.0;
+        let mut scaled = [0f32; GROUP];
+        for ((s, &v), &f) in scaled.iter_mut().zip(x).zip(factor) {
+            *s = v * f;
+        }
+        let x = &scaled[..x.len()];
+        // Per lane: the smallest and largest value (0 included), and `Σ v·0`, which is NaN once
+        // any value is not finite.
+        let (mut lo, mut hi, mut poison) = ([0f32; 8], [0f32; 8], [0f32; 8]);
+        for c in x.chunks(8) {
+            for (i, &v) in c.iter().enumerate() {
+                lo[i] = lo[i].min(v);
+                hi[i] = hi[i].max(v);
+                poison[i] += v * 0.0;
             }
         }
-        for (i, v) in chunks.remainder().iter().enumerate() {
-            lanes[i] = lanes[i].max(v.abs());
-            poison[i] += v * 0.0;
-        }
-        let max = lanes.iter().fold(0f32, |m, &v| m.max(v));
-        // A row with an infinity or NaN gets a NaN scale, so its outputs are NaN as in f32.
+        let lo = lo.iter().fold(0f32, |m, &v| m.min(v));
+        let hi = hi.iter().fold(0f32, |m, &v| m.max(v));
+        // A group with an infinity or NaN gets a NaN scale, so its row's outputs are NaN as in f32.
         let finite = poison.iter().sum::<f32>() == 0.0;
-        let inv = if max > 0.0 && finite { limit / max } else { 0.0 };
-        for (q, &v) in q.iter_mut().zip(x) {
-            let r = (v * inv).clamp(-limit, limit) + ROUND;
-            *q = (r.to_bits() as i32 - 0x4B40_0000) as i16;
+        let t = if hi > lo { (hi - lo) / ACT_MAX } else { 1.0 };
+        let inv = 1.0 / t;
+        // The zero: 0 maps to an integer, so exact zeros (padding, ReLU) stay exact.
+        let z = ((-lo * inv).min(ACT_MAX) + ROUND) - ROUND;
+        for (u, &v) in u.iter_mut().zip(x) {
+            let r = (v * inv + z).clamp(0.0, ACT_MAX) + ROUND;
+            *u = (r.to_bits() as i32 - 0x4B40_0000) as u8;
         }
-        *scale = match (finite, max > 0.0) {
-            (false, _) => f32::NAN,
-            (true, false) => 1.0,
-            (true, true) => max / limit,
-        };
+        (*scale, *offset) = if finite { (t, z * t) } else { (f32::NAN, f32::NAN) };
     }
 }
 
-/// Quantize one row into `q`, returning its scale.
-fn quantize_row(x: &[f32], q: &mut [i16], limit: f32) -> f32 {
-    let mut scale = 0.0;
-    quantize_row_into(x, q, limit, &mut scale);
-    scale
-}
-
-/// `out[i, j] = Σ_g (Σ_{k in g} xq(i,k)·wq(j,k))·s(j, g), times x.scale[i]`; `out` is `[m, n]`.
+/// `out[i, j] = Σ_g s(j, g)·t(i, g)·Σ_{k in g} (u(i, k) − z(i, g))·q(j, k)`; `out` is `[m, n]`.
 pub fn gemm(x: &QuantRows, w: &PackedWeight, out: &mut [f32]) {
     gemm_with(x, w, out, Kernel::best());
 }
@@ -252,21 +307,48 @@ impl Kernel {
     /// The name `mira devices` shows.
     pub fn name(self) -> &'static str {
         match self {
-            Kernel::Scalar => "scalar i32",
+            Kernel::Scalar => "scalar u8·s8",
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => "avx2 vpmaddwd",
+            Kernel::Avx2 => "avx2 vpmaddubsw",
             #[cfg(target_arch = "x86_64")]
-            Kernel::AvxVnni => "avx_vnni vpdpwssd",
+            Kernel::AvxVnni => "avx_vnni vpdpbusd",
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512Vnni => "avx512_vnni vpdpwssd",
+            Kernel::Avx512Vnni => "avx512_vnni vpdpbusd",
         }
+    }
+}
+
+/// What a tile kernel reads: `R` activation rows at stride `kq` with their per-group scales and
+/// offsets (stride `groups`), `P` panels with theirs, and the k-quads to add (a range starting
+/// on a group).
+#[derive(Clone, Copy)]
+pub struct Tile<'a> {
+    a: &'a [u8],
+    a_scale: &'a [f32],
+    a_offset: &'a [f32],
+    b: &'a [i8],
+    b_scale: &'a [f32],
+    b_correction: &'a [f32],
+    kq: usize,
+    groups: usize,
+    quads: (usize, usize),
+}
+
+impl Tile<'_> {
+    /// The scale groups the k-quads cover.
+    fn group_range(&self) -> Range<usize> {
+        self.quads.0 / GROUP_QUADS..self.quads.1.div_ceil(GROUP_QUADS)
+    }
+
+    /// The k-quads of group `g` within the range.
+    fn quads_of(&self, g: usize) -> Range<usize> {
+        (g * GROUP_QUADS).max(self.quads.0)..((g + 1) * GROUP_QUADS).min(self.quads.1)
     }
 }
 
 /// [`gemm`] with a chosen kernel (tests run each one).
 pub fn gemm_with(x: &QuantRows, w: &PackedWeight, out: &mut [f32], kernel: Kernel) {
-    let kp = x.kp;
-    assert_eq!(kp, padded_k(w.k), "activation and weight widths differ");
+    assert_eq!(x.kq, padded_k(w.k), "activation and weight widths differ");
     // The vector kernels are `unsafe` on a CPU without their features: a caller's choice is
     // checked once per GEMM.
     assert!(
@@ -275,300 +357,135 @@ pub fn gemm_with(x: &QuantRows, w: &PackedWeight, out: &mut [f32], kernel: Kerne
         kernel.name()
     );
     // SAFETY (each vector kernel): a kernel is only chosen when the CPU has its features
-    // (checked above), and `blocked` hands it `mr` rows of `kp`, `np` whole panels with their
-    // scales, and sums with `mr` rows of `np` at the stride it passes.
+    // (checked above), and `blocked` hands it a tile of `mr` rows and `np` whole panels with
+    // their scales, and sums with `mr` rows of `np` at the stride it passes.
     match kernel {
-        Kernel::Scalar => blocked::<6, 1>(x, w, out, |a, b, s, pairs, mr, _, sums, stride| {
-            scalar_kernel(a, b, s, pairs, mr, sums, stride)
+        Kernel::Scalar => blocked::<6, 1>(x, w, out, |tile, mr, _, sums, stride| {
+            scalar_kernel(tile, mr, sums, stride)
         }),
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx2 => blocked::<6, 1>(x, w, out, |a, b, s, pairs, mr, _, sums, stride| unsafe {
-            panels::by_rows!(mr, avx2::kernel(a, kp, b, s, pairs, sums, stride))
+        Kernel::Avx2 => blocked::<4, 1>(x, w, out, |tile, mr, _, sums, stride| unsafe {
+            panels::by_rows!(mr, avx2::kernel(tile, sums, stride))
         }),
         #[cfg(target_arch = "x86_64")]
-        Kernel::AvxVnni => {
-            blocked::<6, 1>(x, w, out, |a, b, s, pairs, mr, _, sums, stride| unsafe {
-                panels::by_rows!(mr, avx_vnni::kernel(a, kp, b, s, pairs, sums, stride))
-            })
-        }
+        Kernel::AvxVnni => blocked::<6, 1>(x, w, out, |tile, mr, _, sums, stride| unsafe {
+            panels::by_rows!(mr, avx_vnni::kernel(tile, sums, stride))
+        }),
         #[cfg(target_arch = "x86_64")]
         Kernel::Avx512Vnni => {
-            blocked::<4, 3>(x, w, out, |a, b, s, pairs, mr, np, sums, stride| unsafe {
+            blocked::<TILE_ROWS, 3>(x, w, out, |tile, mr, np, sums, stride| unsafe {
                 match np {
-                    3 => panels::by_rows!(
-                        mr,
-                        avx512_vnni::kernel[3](a, kp, b, s, pairs, sums, stride)
-                    ),
-                    2 => panels::by_rows!(
-                        mr,
-                        avx512_vnni::kernel[2](a, kp, b, s, pairs, sums, stride)
-                    ),
-                    _ => panels::by_rows!(
-                        mr,
-                        avx512_vnni::kernel[1](a, kp, b, s, pairs, sums, stride)
-                    ),
+                    3 => avx512_rows::<3>(mr, tile, sums, stride),
+                    2 => avx512_rows::<2>(mr, tile, sums, stride),
+                    _ => avx512_rows::<1>(mr, tile, sums, stride),
                 }
             })
         }
     }
 }
 
-/// K-pairs per cache block (four scale groups): a block of 3 panels, 24 KB, stays in L1 while
-/// every row tile of a task passes over it. Without blocking, the panels of a layer with
-/// K = 1536 (147 KB for 3) streamed from L2 for every tile.
-const BLOCK_PAIRS: usize = 4 * GROUP_PAIRS;
+/// Rows per tile of the 512-bit kernel.
+#[cfg(target_arch = "x86_64")]
+const TILE_ROWS: usize = 4;
 
-/// A tile kernel for [`blocked`]: `(rows, panels, their scales, k-pairs, rows count, panel count,
-/// sums, stride)` adds the products of k-pairs `pairs` (a range starting on a group) of the rows
-/// with the panels to the f32 sums, row `r` and panel `p` at `sums[r·stride + p]`.
-trait TileKernel:
-    Fn(&[i16], &[i16], &[f32], Range<usize>, usize, usize, &mut [[f32; NR]], usize) + Sync
-{
+/// The 512-bit kernel for a tile of `mr` rows of `P` panels.
+///
+/// # Safety
+/// As [`avx512_vnni::kernel`].
+#[cfg(target_arch = "x86_64")]
+unsafe fn avx512_rows<const P: usize>(
+    mr: usize,
+    tile: Tile,
+    sums: &mut [[f32; NR]],
+    stride: usize,
+) {
+    // SAFETY: the caller's.
+    unsafe { panels::by_rows!(mr, avx512_vnni::kernel[P](tile, sums, stride)) }
 }
-impl<F: Fn(&[i16], &[i16], &[f32], Range<usize>, usize, usize, &mut [[f32; NR]], usize) + Sync>
-    TileKernel for F
-{
-}
+
+/// K-quads per cache block (four scale groups): a block of 3 panels, 12 KB, stays in L1 while
+/// every row tile of a task passes over it.
+const BLOCK_QUADS: usize = 4 * GROUP_QUADS;
 
 /// The loop nest: rayon tasks take blocks of `panels::MC` rows; each walks the reduction in
-/// blocks of [`BLOCK_PAIRS`], in each every group of `PANELS` panels, and in each every tile of
-/// `ROWS` rows, adding into the task's f32 sums; the store multiplies them by the row's scale.
-/// The order of the groups within one output is always 0, 1, 2, ..., so the result does not
-/// depend on the blocking.
+/// blocks of [`BLOCK_QUADS`], in each every group of `PANELS` panels, and in each every tile of
+/// `ROWS` rows; `tile(tile, rows, panels, sums, stride)` adds a tile's groups into the task's
+/// f32 sums, row `r` and panel `p` at `sums[r·stride + p]`. The order of the groups within one
+/// output is always 0, 1, 2, ..., so the result does not depend on the blocking.
 fn blocked<const ROWS: usize, const PANELS: usize>(
     x: &QuantRows,
     w: &PackedWeight,
     out: &mut [f32],
-    tile: impl TileKernel,
+    tile: impl Fn(Tile, usize, usize, &mut [[f32; NR]], usize) + Sync,
 ) {
-    let (m, n, kp) = (x.m, w.n, x.kp);
+    let (m, n, kq) = (x.m, w.n, x.kq);
     assert_eq!(out.len(), m * n, "output does not match [{m}, {n}]");
     if m == 0 || n == 0 {
         return;
     }
-    let (panels, pairs) = (n.div_ceil(NR), kp / 2);
-    let per_panel = groups(kp) * NR;
+    let (panels, quads, groups) = (n.div_ceil(NR), kq / 4, groups(w.k));
+    let per_panel = groups * NR;
     out.par_chunks_mut(panels::MC * n)
         .enumerate()
         .for_each(|(block, out)| {
             let row0 = block * panels::MC;
             let rows = out.len() / n;
             let mut sums = vec![[0f32; NR]; rows * panels];
-            for k0 in (0..pairs).step_by(BLOCK_PAIRS) {
-                let k = k0..(k0 + BLOCK_PAIRS).min(pairs);
+            for k0 in (0..quads).step_by(BLOCK_QUADS) {
                 for first in (0..panels).step_by(PANELS) {
                     let np = PANELS.min(panels - first);
-                    let b = &w.packed[first * kp * NR..(first + np) * kp * NR];
-                    let s = &w.scale[first * per_panel..(first + np) * per_panel];
+                    let weights = first * per_panel..(first + np) * per_panel;
                     for r0 in (0..rows).step_by(ROWS) {
-                        let mr = ROWS.min(rows - r0);
-                        let a = &x.q[(row0 + r0) * kp..(row0 + r0 + mr) * kp];
-                        let sums = &mut sums[r0 * panels + first..];
-                        tile(a, b, s, k.clone(), mr, np, sums, panels);
+                        let (mr, i) = (ROWS.min(rows - r0), row0 + r0);
+                        let t = Tile {
+                            a: &x.u[i * kq..(i + mr) * kq],
+                            a_scale: &x.scale[i * groups..(i + mr) * groups],
+                            a_offset: &x.offset[i * groups..(i + mr) * groups],
+                            b: &w.packed[first * kq * NR..(first + np) * kq * NR],
+                            b_scale: &w.scale[weights.clone()],
+                            b_correction: &w.correction[weights.clone()],
+                            kq,
+                            groups,
+                            quads: (k0, (k0 + BLOCK_QUADS).min(quads)),
+                        };
+                        tile(t, mr, np, &mut sums[r0 * panels + first..], panels);
                     }
                 }
             }
             let rows = out.chunks_exact_mut(n).zip(sums.chunks_exact(panels));
-            for (r, (out, sums)) in rows.enumerate() {
-                let t = x.scale[row0 + r];
-                for (o, &sum) in out.iter_mut().zip(sums.iter().flatten()) {
-                    *o = sum * t;
-                }
+            for (out, sums) in rows {
+                out.copy_from_slice(&sums.as_flattened()[..n]);
             }
         });
 }
 
 /// The reference arithmetic, one product at a time: per group the exact i32 sum, then
-/// `sum = fma(group as f32, scale, sum)`, as every vector kernel computes it.
-fn scalar_kernel(
-    a: &[i16],
-    b: &[i16],
-    scale: &[f32],
-    pairs: Range<usize>,
-    mr: usize,
-    sums: &mut [[f32; NR]],
-    stride: usize,
-) {
-    let kp = b.len() / NR;
+/// `sum = fma(f32(group), s·t, sum)` and `sum = fma(−z·t, s·Σq, sum)`, as every vector kernel
+/// computes it.
+fn scalar_kernel(tile: Tile, mr: usize, sums: &mut [[f32; NR]], stride: usize) {
+    let kq = tile.kq;
     for r in 0..mr {
-        let row = &a[r * kp..(r + 1) * kp];
+        let row = &tile.a[r * kq..(r + 1) * kq];
         let out = &mut sums[r * stride];
-        for g in pairs.start / GROUP_PAIRS..pairs.end.div_ceil(GROUP_PAIRS) {
+        for g in tile.group_range() {
             let mut group = [0i32; NR];
-            for t in g * GROUP_PAIRS..((g + 1) * GROUP_PAIRS).min(pairs.end) {
-                let bt = &b[t * 2 * NR..(t + 1) * 2 * NR];
-                let (x0, x1) = (row[2 * t] as i32, row[2 * t + 1] as i32);
+            for t in tile.quads_of(g) {
+                let bt = &tile.b[t * 4 * NR..(t + 1) * 4 * NR];
                 for (c, acc) in group.iter_mut().enumerate() {
-                    *acc += x0 * bt[2 * c] as i32 + x1 * bt[2 * c + 1] as i32;
-                }
-            }
-            for ((out, &sum), &s) in out.iter_mut().zip(&group).zip(&scale[g * NR..]) {
-                *out = (sum as f32).mul_add(s, *out);
-            }
-        }
-    }
-}
-
-/// A 256-bit micro-kernel module `$module` with `kernel::<R>`: the `R`×16 tile, per group of
-/// k-pairs: two panel loads and `R` broadcasts of the row's pair per k-pair, `$mac(acc, av, b)`
-/// into each of the row's two i32 accumulators; then each accumulator converted and added to the
-/// tile's f32 sums by one FMA with the group's scales.
-macro_rules! ymm_kernel {
-    ($module:ident, $features:literal, $what:literal, |$acc:ident, $av:ident, $b:ident| $mac:expr) => {
-        #[cfg(target_arch = "x86_64")]
-        mod $module {
-            use super::{GROUP_PAIRS, NR};
-            use std::arch::x86_64::*;
-
-            #[doc = concat!("The `R`×16 tile: ", $what, ".")]
-            ///
-            /// # Safety
-            #[doc = concat!("The CPU must have ", $features, "; `a` must hold `R` rows of `kp` values, `b` `kp·16`, `scale` 16 per group, `pairs` lie within `kp / 2` and start on a group, and `tile` hold `R` rows at `stride`.")]
-            #[target_feature(enable = $features)]
-            pub unsafe fn kernel<const R: usize>(
-                a: &[i16],
-                kp: usize,
-                b: &[i16],
-                scale: &[f32],
-                pairs: std::ops::Range<usize>,
-                tile: &mut [[f32; NR]],
-                stride: usize,
-            ) {
-                debug_assert!(a.len() >= R * kp && b.len() >= kp * NR && pairs.end <= kp / 2);
-                debug_assert!(scale.len() >= (kp / 2).div_ceil(GROUP_PAIRS) * NR);
-                debug_assert!(tile.len() > (R - 1) * stride && pairs.start.is_multiple_of(GROUP_PAIRS));
-                let (a, b, scale) = (a.as_ptr(), b.as_ptr(), scale.as_ptr());
-                let mac = |$acc: __m256i, $av: __m256i, $b: __m256i| $mac;
-                let mut sums = [[_mm256_setzero_ps(); 2]; R];
-                for (r, sums) in sums.iter_mut().enumerate() {
-                    let row = &tile[r * stride];
-                    // SAFETY: each tile row holds 16 f32, the two loads read 8 each.
-                    *sums = unsafe {
-                        [_mm256_loadu_ps(row.as_ptr()), _mm256_loadu_ps(row.as_ptr().add(8))]
-                    };
-                }
-                for g in pairs.start / GROUP_PAIRS..pairs.end.div_ceil(GROUP_PAIRS) {
-                    let mut acc = [[_mm256_setzero_si256(); 2]; R];
-                    for t in g * GROUP_PAIRS..((g + 1) * GROUP_PAIRS).min(pairs.end) {
-                        // SAFETY: t < kp/2, so the panel reads end at kp·16 and the row reads
-                        // at row·kp + kp.
-                        unsafe {
-                            let b0 = _mm256_loadu_si256(b.add(t * 2 * NR) as *const __m256i);
-                            let b1 = _mm256_loadu_si256(b.add(t * 2 * NR + NR) as *const __m256i);
-                            for (r, acc) in acc.iter_mut().enumerate() {
-                                let pair = (a.add(r * kp + 2 * t) as *const i32).read_unaligned();
-                                let av = _mm256_set1_epi32(pair);
-                                acc[0] = mac(acc[0], av, b0);
-                                acc[1] = mac(acc[1], av, b1);
-                            }
-                        }
-                    }
-                    // SAFETY: g is a group of the reduction, so the reads end within its scales.
-                    let s = unsafe {
-                        [_mm256_loadu_ps(scale.add(g * NR)), _mm256_loadu_ps(scale.add(g * NR + 8))]
-                    };
-                    for (sums, acc) in sums.iter_mut().zip(&acc) {
-                        for ((sum, &acc), &s) in sums.iter_mut().zip(acc).zip(&s) {
-                            *sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), s, *sum);
-                        }
-                    }
-                }
-                for (r, sums) in sums.iter().enumerate() {
-                    let out = &mut tile[r * stride];
-                    // SAFETY: each tile row holds 16 f32, the two stores write 8 each.
-                    unsafe {
-                        _mm256_storeu_ps(out.as_mut_ptr(), sums[0]);
-                        _mm256_storeu_ps(out.as_mut_ptr().add(8), sums[1]);
+                    for i in 0..4 {
+                        *acc += row[4 * t + i] as i32 * bt[4 * c + i] as i32;
                     }
                 }
             }
-        }
-    };
-}
-
-ymm_kernel!(
-    avx2,
-    "avx2,fma",
-    "`vpmaddwd` then `vpaddd`",
-    |acc, av, b| { _mm256_add_epi32(acc, _mm256_madd_epi16(av, b)) }
-);
-ymm_kernel!(
-    avx_vnni,
-    "avx2,avxvnni,fma",
-    "one `vpdpwssd` (AVX-VNNI)",
-    |acc, av, b| { _mm256_dpwssd_avx_epi32(acc, av, b) }
-);
-
-#[cfg(target_arch = "x86_64")]
-mod avx512_vnni {
-    use super::{GROUP_PAIRS, NR};
-    use std::arch::x86_64::*;
-
-    /// The `R`×`16·P` tile with 512-bit `vpdpwssd`: per k-pair, one register per panel (`P`
-    /// loads) and one broadcast per row feed `R·P` independent i32 accumulators; at the end of
-    /// each group they are converted and added to `R·P` f32 sums by one FMA with the group's
-    /// scales (4 rows by 3 panels: 24 accumulators, 3 panel registers, 1 broadcast).
-    ///
-    /// # Safety
-    /// The CPU must have AVX-512F and AVX512-VNNI; `a` must hold `R` rows of `kp` values, `b`
-    /// `P` panels of `kp·16`, `scale` their `P·groups·16` scales, `pairs` lie within `kp / 2`
-    /// and start on a group, and `tile` hold `R` rows of `P` at `stride`.
-    #[target_feature(enable = "avx512f,avx512vnni")]
-    pub unsafe fn kernel<const R: usize, const P: usize>(
-        a: &[i16],
-        kp: usize,
-        b: &[i16],
-        scale: &[f32],
-        pairs: std::ops::Range<usize>,
-        tile: &mut [[f32; NR]],
-        stride: usize,
-    ) {
-        let groups = (kp / 2).div_ceil(GROUP_PAIRS);
-        debug_assert!(a.len() >= R * kp && b.len() >= P * kp * NR && pairs.end <= kp / 2);
-        debug_assert!(scale.len() >= P * groups * NR && pairs.start.is_multiple_of(GROUP_PAIRS));
-        debug_assert!(tile.len() >= (R - 1) * stride + P);
-        let (a, b, scale) = (a.as_ptr(), b.as_ptr(), scale.as_ptr());
-        let mut sums = [[_mm512_setzero_ps(); P]; R];
-        for (r, sums) in sums.iter_mut().enumerate() {
-            for (p, sum) in sums.iter_mut().enumerate() {
-                // SAFETY: each tile row holds 16 f32, one 512-bit load.
-                *sum = unsafe { _mm512_loadu_ps(tile[r * stride + p].as_ptr()) };
-            }
-        }
-        for g in pairs.start / GROUP_PAIRS..pairs.end.div_ceil(GROUP_PAIRS) {
-            let mut acc = [[_mm512_setzero_si512(); P]; R];
-            for t in g * GROUP_PAIRS..((g + 1) * GROUP_PAIRS).min(pairs.end) {
-                // SAFETY: t < kp/2, so panel p's reads end at (p+1)·kp·16 and row r's at
-                // r·kp + kp.
-                unsafe {
-                    let mut panel = [_mm512_setzero_si512(); P];
-                    for (p, v) in panel.iter_mut().enumerate() {
-                        *v = _mm512_loadu_si512(b.add(p * kp * NR + t * 2 * NR) as *const _);
-                    }
-                    for (r, acc) in acc.iter_mut().enumerate() {
-                        let pair = (a.add(r * kp + 2 * t) as *const i32).read_unaligned();
-                        let pair = _mm512_set1_epi32(pair);
-                        for (acc, &panel) in acc.iter_mut().zip(&panel) {
-                            *acc = _mm512_dpwssd_epi32(*acc, pair, panel);
-                        }
-                    }
-                }
-            }
-            let mut s = [_mm512_setzero_ps(); P];
-            for (p, s) in s.iter_mut().enumerate() {
-                // SAFETY: p < P and g < groups, so the reads end at P·groups·16.
-                *s = unsafe { _mm512_loadu_ps(scale.add((p * groups + g) * NR)) };
-            }
-            for (sums, acc) in sums.iter_mut().zip(&acc) {
-                for ((sum, &acc), &s) in sums.iter_mut().zip(acc).zip(&s) {
-                    *sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), s, *sum);
-                }
-            }
-        }
-        for (r, sums) in sums.iter().enumerate() {
-            for (p, sum) in sums.iter().enumerate() {
-                // SAFETY: each tile row holds 16 f32, one 512-bit store.
-                unsafe { _mm512_storeu_ps(tile[r * stride + p].as_mut_ptr(), *sum) };
+            let (t, zt) = (
+                tile.a_scale[r * tile.groups + g],
+                tile.a_offset[r * tile.groups + g],
+            );
+            let s = &tile.b_scale[g * NR..(g + 1) * NR];
+            let corr = &tile.b_correction[g * NR..(g + 1) * NR];
+            for c in 0..NR {
+                let v = (group[c] as f32).mul_add(s[c] * t, out[c]);
+                out[c] = (-zt).mul_add(corr[c], v);
             }
         }
     }

@@ -1,7 +1,7 @@
 //! The CPU backend: the readable reference, and fast enough to be useful.
 //!
 //! f32 arithmetic, except the encoder's linear layers under `--precision int8` (`int8.rs`:
-//! integer GEMM, exact i32 sums per group of 64 inputs) and `--precision bf16` where the CPU has
+//! 8-bit integer GEMM, exact i32 sums per group of 64 inputs) and `--precision bf16` where the CPU has
 //! AVX512_BF16 (`bf16.rs`); both
 //! pack weights in the panels of `panels.rs`. f32 GEMMs go through the `gemm` crate (packed, runtime-dispatched
 //! AVX2/AVX-512/NEON micro-kernels, rayon-parallel); bias and activation run as one vectorised pass over the output; attention runs one task per (sequence, head) over the ragged batch, with
@@ -10,13 +10,15 @@
 mod attention;
 pub mod bf16;
 pub mod int8;
+mod int8_linear;
 pub mod math;
 mod panels;
 mod precision;
 
-pub use precision::{cpu_features, CpuPrecision};
+pub use precision::{cpu_features, simd_level, CpuPrecision};
 
 use std::mem::MaybeUninit;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{ensure, Result};
@@ -28,20 +30,28 @@ use crate::engine::{Activation, Batch, LinearKind, Pooling};
 
 /// A row-major f32 matrix in host memory. Fields are private so that `data.len() == rows * cols`
 /// always holds: the unsafe GEMM calls rely on it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct CpuTensor {
     data: Vec<f32>,
     rows: usize,
     cols: usize,
     /// For a linear layer's weight under `--precision int8` or `bf16` (with a bf16 kernel): the
-    /// same values (`data` holds them dequantized or rounded) packed for that GEMM.
+    /// same values packed for that GEMM (bf16: `data` holds them rounded; int8: `data` holds the
+    /// f32 weight, quantized on first use after calibration).
     packed: Option<Arc<PackedLinear>>,
 }
 
+/// Tensors are equal when their values are (a packed copy is derived from them).
+impl PartialEq for CpuTensor {
+    fn eq(&self, other: &CpuTensor) -> bool {
+        (self.rows, self.cols, &self.data) == (other.rows, other.cols, &other.data)
+    }
+}
+
 /// A linear layer's weight packed for a GEMM other than f32's.
-#[derive(Debug, PartialEq)]
+#[derive(Debug)]
 enum PackedLinear {
-    Int8(int8::PackedWeight),
+    Int8(int8_linear::Int8Linear),
     Bf16(bf16::PackedWeight),
 }
 
@@ -90,25 +100,11 @@ impl CpuBatch {
 }
 
 /// The CPU backend. Work is spread over rayon's global pool.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct CpuBackend {
     precision: CpuPrecision,
-}
-
-/// Which vector extensions the element-wise kernels use on this machine.
-pub fn simd_level() -> &'static str {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512vl") {
-            return "avx512";
-        }
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            return "avx2+fma";
-        }
-        "sse2"
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    "baseline"
+    /// While set, int8 layers run in f32 and record their inputs' ranges (`int8_linear.rs`).
+    calibrating: Arc<AtomicBool>,
 }
 
 fn par() -> Parallelism {
@@ -236,10 +232,17 @@ impl Backend for CpuBackend {
             t.packed = Some(Arc::new(PackedLinear::Bf16(packed)));
             return Ok(t);
         }
-        let (packed, dequant) = int8::PackedWeight::quantize(&data, rows, cols);
-        let mut t = CpuTensor::new(dequant, rows, cols);
-        t.packed = Some(Arc::new(PackedLinear::Int8(packed)));
+        let mut t = CpuTensor::new(data, rows, cols);
+        t.packed = Some(Arc::new(PackedLinear::Int8(int8_linear::Int8Linear::new(
+            cols,
+        ))));
         Ok(t)
+    }
+
+    fn set_calibrating(&self, on: bool) -> bool {
+        let int8 = self.precision == CpuPrecision::Int8;
+        self.calibrating.store(on && int8, Ordering::Relaxed);
+        int8
     }
 
     fn upload_batch(&self, batch: &Batch, vocab: usize, max_positions: usize) -> Result<CpuBatch> {
@@ -289,7 +292,10 @@ impl Backend for CpuBackend {
     ) -> Result<CpuTensor> {
         let (m, k, n) =
             super::linear_shape((x.rows, x.cols), (w.rows, w.cols), b.map(|b| b.data.len()))?;
-        if let Some(packed) = &w.packed {
+        let calibrating = self.calibrating.load(Ordering::Relaxed);
+        if let (Some(PackedLinear::Int8(layer)), true) = (w.packed.as_deref(), calibrating) {
+            layer.observe(&x.data, k);
+        } else if let Some(packed) = &w.packed {
             let mut out = uninit(m * n);
             {
                 // SAFETY: MaybeUninit<f32> and f32 have the same layout; both GEMMs write every
@@ -298,8 +304,9 @@ impl Backend for CpuBackend {
                     std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut f32, out.len())
                 };
                 match &**packed {
-                    PackedLinear::Int8(w) => {
-                        int8::gemm(&int8::QuantRows::quantize(&x.data, m, k), w, out_f32)
+                    PackedLinear::Int8(layer) => {
+                        let w = layer.packed(&w.data, n, k);
+                        int8::gemm(&int8::QuantRows::quantize_for(&x.data, m, w), w, out_f32)
                     }
                     PackedLinear::Bf16(w) => {
                         bf16::gemm(&bf16::Bf16Rows::round(&x.data, m, k), w, out_f32)

@@ -1,11 +1,12 @@
 //! What the CPU's packed-weight GEMMs (`int8.rs`, `bf16.rs`) share: a weight packed in panels of
-//! [`NR`] output channels with k-pairs interleaved (k-pair `t` of a panel holds
-//! `[w(c, 2t), w(c, 2t+1)]` for c = 0..16), activations row-major with an even stride `kp`, rayon
-//! tasks of [`MC`] rows, and the tile-height dispatch of their micro-kernels. [`gemm`] is bf16's
-//! loop nest: each task walks every panel, so its activation rows stay in L2 while the panels
-//! stream through; a micro-kernel fills an [`MR`]×16 tile of sums, and the caller's `store` turns
-//! a tile row into outputs. int8 has its own nest (`int8.rs`), blocked over K, since its f32
-//! sums carry from one scale group to the next.
+//! [`NR`] output channels, rayon tasks of [`MC`] rows, and the tile-height dispatch of their
+//! micro-kernels. The rest is bf16's: its panels interleave k-pairs (k-pair `t` of a panel holds
+//! `[w(c, 2t), w(c, 2t+1)]` for c = 0..16; [`pack`]), activations stay row-major with an even
+//! stride `kp`, and [`gemm`] is its loop nest: each task walks every panel, so its activation rows
+//! stay in L2 while the panels stream through; a micro-kernel fills an [`MR`]×16 tile of sums,
+//! and the caller's `store` turns a tile row into outputs. int8 packs k-quads for its 8-bit
+//! operands and has its own nest (`int8.rs`), blocked over K, since its f32 sums carry from one
+//! scale group to the next.
 
 use rayon::prelude::*;
 
@@ -48,19 +49,14 @@ pub fn padded_k(k: usize) -> usize {
     k.next_multiple_of(2)
 }
 
-/// Pack `w` (`[n, k]`, row-major) into panels, each value through `f(channel, k, value)`.
-pub fn pack<E: Copy + Default>(
-    w: &[f32],
-    n: usize,
-    k: usize,
-    f: impl Fn(usize, usize, f32) -> E,
-) -> Vec<E> {
+/// Pack `w` (`[n, k]`, row-major) into panels of k-pairs, each value through `f`.
+pub fn pack<E: Copy + Default>(w: &[f32], n: usize, k: usize, f: impl Fn(f32) -> E) -> Vec<E> {
     let kp = padded_k(k);
     let mut packed = vec![E::default(); n.div_ceil(NR) * kp * NR];
     for j in 0..n {
         let (panel, c) = (j / NR, j % NR);
         for (p, &v) in w[j * k..(j + 1) * k].iter().enumerate() {
-            packed[panel * kp * NR + (p / 2) * 2 * NR + c * 2 + p % 2] = f(j, p, v);
+            packed[panel * kp * NR + (p / 2) * 2 * NR + c * 2 + p % 2] = f(v);
         }
     }
     packed

@@ -18,7 +18,8 @@ pub enum CpuPrecision {
     /// Weights rounded to f16 at load, f32 arithmetic, likewise.
     F16,
     /// Encoder linear layers in integer arithmetic (`int8.rs`: int8 weights with a scale per
-    /// channel and 64 inputs, 16-bit activations); everything else f32.
+    /// channel and 64 inputs, 8-bit activations with a scale and zero per token and 64 inputs);
+    /// everything else f32.
     Int8,
 }
 
@@ -32,7 +33,10 @@ impl CpuBackend {
             Precision::F16 => CpuPrecision::F16,
             Precision::Int8 => CpuPrecision::Int8,
         };
-        CpuBackend { precision }
+        CpuBackend {
+            precision,
+            ..CpuBackend::default()
+        }
     }
 
     /// What a user who asked for `precision` on the CPU gets, when it is not plain f32.
@@ -55,8 +59,8 @@ impl CpuBackend {
             )),
             CpuPrecision::Int8 => Some(format!(
                 "precision int8 on the cpu: encoder linear layers use int8 weights (a scale per \
-                 channel and 64 inputs) and 16-bit integer \
-                 activations (per token) with exact i32 sums, kernel {}; \
+                 channel and 64 inputs) and 8-bit activations (a scale and zero per token and 64 \
+                 inputs) with exact i32 sums, kernel {}; \
                  check the fidelity on your data with `mira bench --precision int8 --against f32`",
                 int8::Kernel::best().name()
             )),
@@ -85,4 +89,20 @@ pub fn cpu_features() -> String {
     }
     #[cfg(not(target_arch = "x86_64"))]
     std::env::consts::ARCH.to_string()
+}
+
+/// Which vector extensions the element-wise kernels use on this machine.
+pub fn simd_level() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512vl") {
+            return "avx512";
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            return "avx2+fma";
+        }
+        "sse2"
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    "baseline"
 }

@@ -1,0 +1,155 @@
+//! The x86-64 vector micro-kernels of `int8.rs` (its child module, so that they read its tiles'
+//! fields): 256-bit `avx2` and `avx_vnni`, 512-bit `avx512_vnni`. Each computes exactly what
+//! `int8.rs`'s scalar kernel does, in the same order; `int8.rs` says how and why.
+
+/// A 256-bit micro-kernel module `$module` with `kernel::<R>`: the `R`×16 tile, per k-quad two
+/// panel loads (channels 0..8 and 8..16) and `R` broadcasts of the row's quad, `$mac(acc, av,
+/// b)` into each of the row's two i32 accumulators; per group each accumulator is converted and
+/// added to the tile's f32 sums as the scalar kernel does.
+macro_rules! ymm_kernel {
+    ($module:ident, $features:literal, $what:literal, |$acc:ident, $av:ident, $b:ident| $mac:expr) => {
+        pub mod $module {
+            use super::super::{Tile, NR};
+            use std::arch::x86_64::*;
+
+            #[doc = concat!("The `R`×16 tile: ", $what, ".")]
+            ///
+            /// # Safety
+            #[doc = concat!("The CPU must have ", $features, "; `tile` must hold `R` rows and one panel with their scales, its k-quads lie within `kq / 4` and start on a group, and `sums` hold `R` rows at `stride`.")]
+            #[target_feature(enable = $features)]
+            pub unsafe fn kernel<const R: usize>(tile: Tile, sums: &mut [[f32; NR]], stride: usize) {
+                let (kq, groups) = (tile.kq, tile.groups);
+                debug_assert!(tile.a.len() >= R * kq && tile.b.len() >= kq * NR);
+                debug_assert!(tile.quads.1 <= kq / 4 && sums.len() > (R - 1) * stride);
+                debug_assert!(tile.b_scale.len() >= tile.group_range().end * NR);
+                let (a, b) = (tile.a.as_ptr(), tile.b.as_ptr());
+                let mac = |$acc: __m256i, $av: __m256i, $b: __m256i| $mac;
+                for g in tile.group_range() {
+                    let mut acc = [[_mm256_setzero_si256(); 2]; R];
+                    for t in tile.quads_of(g) {
+                        // SAFETY: t < kq/4, so the panel reads end at kq·16 and the row reads
+                        // at row·kq + kq.
+                        unsafe {
+                            let b0 = _mm256_loadu_si256(b.add(t * 4 * NR) as *const __m256i);
+                            let b1 = _mm256_loadu_si256(b.add(t * 4 * NR + 32) as *const __m256i);
+                            for (r, acc) in acc.iter_mut().enumerate() {
+                                let quad = (a.add(r * kq + 4 * t) as *const i32).read_unaligned();
+                                let av = _mm256_set1_epi32(quad);
+                                acc[0] = mac(acc[0], av, b0);
+                                acc[1] = mac(acc[1], av, b1);
+                            }
+                        }
+                    }
+                    let (s, corr) = (&tile.b_scale[g * NR..][..NR], &tile.b_correction[g * NR..][..NR]);
+                    for (r, acc) in acc.iter().enumerate() {
+                        let t = _mm256_set1_ps(tile.a_scale[r * groups + g]);
+                        let zt = _mm256_set1_ps(-tile.a_offset[r * groups + g]);
+                        let out = &mut sums[r * stride];
+                        for (h, &acc) in acc.iter().enumerate() {
+                            // SAFETY: each half reads and writes 8 of the 16 values.
+                            unsafe {
+                                let s = _mm256_loadu_ps(s.as_ptr().add(8 * h));
+                                let corr = _mm256_loadu_ps(corr.as_ptr().add(8 * h));
+                                let v = _mm256_loadu_ps(out.as_ptr().add(8 * h));
+                                let v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_mul_ps(s, t), v);
+                                _mm256_storeu_ps(out.as_mut_ptr().add(8 * h), _mm256_fmadd_ps(zt, corr, v));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    };
+}
+
+ymm_kernel!(
+    avx2,
+    "avx2,fma",
+    "each activation byte split into 4-bit halves, `vpmaddubsw` of each with the weights, \
+     `vpmaddwd` by 16 and 1 into i32",
+    |acc, av, b| {
+        let low = _mm256_set1_epi8(0x0F);
+        let (l, h) = (
+            _mm256_and_si256(av, low),
+            _mm256_and_si256(_mm256_srli_epi16(av, 4), low),
+        );
+        let high = _mm256_madd_epi16(_mm256_maddubs_epi16(h, b), _mm256_set1_epi16(16));
+        let low = _mm256_madd_epi16(_mm256_maddubs_epi16(l, b), _mm256_set1_epi16(1));
+        _mm256_add_epi32(acc, _mm256_add_epi32(high, low))
+    }
+);
+ymm_kernel!(
+    avx_vnni,
+    "avx2,avxvnni,fma",
+    "one `vpdpbusd` (AVX-VNNI)",
+    |acc, av, b| { _mm256_dpbusd_avx_epi32(acc, av, b) }
+);
+
+pub mod avx512_vnni {
+    use super::super::{Tile, NR};
+    use std::arch::x86_64::*;
+
+    /// The `R`×`16·P` tile with 512-bit `vpdpbusd`: per k-quad, one register per panel (`P`
+    /// loads) and one broadcast per row feed `R·P` independent i32 accumulators; at the end of
+    /// each group they are converted and added to the tile's f32 sums as the scalar kernel
+    /// does.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F and AVX512-VNNI; `tile` must hold `R` rows and `P` panels with
+    /// their scales, its k-quads lie within `kq / 4` and start on a group, and `sums` hold `R`
+    /// rows of `P` at `stride`.
+    #[target_feature(enable = "avx512f,avx512vnni")]
+    pub unsafe fn kernel<const R: usize, const P: usize>(
+        tile: Tile,
+        sums: &mut [[f32; NR]],
+        stride: usize,
+    ) {
+        let (kq, groups) = (tile.kq, tile.groups);
+        debug_assert!(tile.a.len() >= R * kq && tile.b.len() >= P * kq * NR);
+        debug_assert!(tile.quads.1 <= kq / 4 && sums.len() >= (R - 1) * stride + P);
+        debug_assert!(tile.b_scale.len() >= P * groups * NR);
+        let (a, b) = (tile.a.as_ptr(), tile.b.as_ptr());
+        for g in tile.group_range() {
+            let mut acc = [[_mm512_setzero_si512(); P]; R];
+            for t in tile.quads_of(g) {
+                // SAFETY: t < kq/4, so panel p's reads end at (p+1)·kq·16 and row r's at
+                // r·kq + kq.
+                unsafe {
+                    let mut panel = [_mm512_setzero_si512(); P];
+                    for (p, v) in panel.iter_mut().enumerate() {
+                        *v = _mm512_loadu_si512(b.add(p * kq * NR + t * 4 * NR) as *const _);
+                    }
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let quad = (a.add(r * kq + 4 * t) as *const i32).read_unaligned();
+                        let quad = _mm512_set1_epi32(quad);
+                        for (acc, &panel) in acc.iter_mut().zip(&panel) {
+                            *acc = _mm512_dpbusd_epi32(*acc, quad, panel);
+                        }
+                    }
+                }
+            }
+            let (mut s, mut corr) = ([_mm512_setzero_ps(); P], [_mm512_setzero_ps(); P]);
+            for p in 0..P {
+                let at = (p * groups + g) * NR;
+                // SAFETY: p < P and g < groups, so the reads end at P·groups·16.
+                unsafe {
+                    s[p] = _mm512_loadu_ps(tile.b_scale.as_ptr().add(at));
+                    corr[p] = _mm512_loadu_ps(tile.b_correction.as_ptr().add(at));
+                }
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                let t = _mm512_set1_ps(tile.a_scale[r * groups + g]);
+                let zt = _mm512_set1_ps(-tile.a_offset[r * groups + g]);
+                for (p, &acc) in acc.iter().enumerate() {
+                    let out = sums[r * stride + p].as_mut_ptr();
+                    // SAFETY: each tile row holds 16 f32, one 512-bit load and store.
+                    unsafe {
+                        let v = _mm512_loadu_ps(out);
+                        let v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(s[p], t), v);
+                        _mm512_storeu_ps(out, _mm512_fmadd_ps(zt, corr[p], v));
+                    }
+                }
+            }
+        }
+    }
+}
