@@ -37,11 +37,7 @@ impl Int8Linear {
     /// Record the largest magnitude of each input channel of `x` (`[m, k]`); NaN is ignored.
     pub fn observe(&self, x: &[f32], k: usize) {
         let mut max = self.input_max.lock().unwrap_or_else(|e| e.into_inner());
-        for row in x.chunks_exact(k) {
-            for (m, v) in max.iter_mut().zip(row) {
-                *m = m.max(v.abs());
-            }
-        }
+        column_abs_max(&mut max, x, k);
     }
 
     /// The packed weight for `w` (`[n, k]`, this layer's f32 weight), quantized on first use
@@ -59,11 +55,7 @@ impl Int8Linear {
 /// where either maximum is 0 or not finite.
 pub fn smoothing(input_max: &[f32], w: &[f32], k: usize) -> Vec<f32> {
     let mut w_max = vec![0f32; k];
-    for row in w.chunks_exact(k) {
-        for (m, v) in w_max.iter_mut().zip(row) {
-            *m = m.max(v.abs());
-        }
-    }
+    column_abs_max(&mut w_max, w, k);
     input_max
         .iter()
         .zip(&w_max)
@@ -76,4 +68,13 @@ pub fn smoothing(input_max: &[f32], w: &[f32], k: usize) -> Vec<f32> {
             }
         })
         .collect()
+}
+
+/// Raise `max[j]` to the largest `|v|` in column `j` of `data` (`[rows, k]`); NaN is ignored.
+fn column_abs_max(max: &mut [f32], data: &[f32], k: usize) {
+    for row in data.chunks_exact(k) {
+        for (m, v) in max.iter_mut().zip(row) {
+            *m = m.max(v.abs());
+        }
+    }
 }
