@@ -119,6 +119,7 @@ fn int8_linear_matches_reference() {
         (130, 97, 31),
         (13, 1537, 70),
         (3, 384, 1153),
+        (50, 384, 64),
     ] {
         let x = rng.vec(m * k, 2.0);
         let w = rng.vec(n * k, 1.0 / (k as f64).sqrt());
@@ -184,6 +185,30 @@ fn int8_linear_matches_reference() {
                     "int8 weight [{j},{p}]: {orig} stored as {q} (step {step})"
                 );
             }
+        }
+    }
+    // The epilogue (bias, then the activation, on each block of rows in the GEMM) gives what
+    // the activation applied to the biased output gives, with and without a partial panel.
+    for (m, k, n) in [(61, 70, 48), (61, 70, 40)] {
+        let (x, w, b) = (rng.vec(m * k, 1.0), rng.vec(n * k, 0.2), rng.vec(n, 0.5));
+        let xt = be.weight(x, m, k).unwrap();
+        let wt = be
+            .linear_weight(w, n, k, LinearKind::FeedForwardUp)
+            .unwrap();
+        let bt = be.weight(b, 1, n).unwrap();
+        for act in [Activation::Gelu, Activation::Relu, Activation::Tanh] {
+            let mut want = be
+                .linear(&xt, &wt, Some(&bt), Activation::None)
+                .unwrap()
+                .data()
+                .to_vec();
+            mira::engine::backend::cpu::math::bias_act_rows(&mut want, &[], n, act.code());
+            let got = be.linear(&xt, &wt, Some(&bt), act).unwrap();
+            assert_eq!(
+                got.data(),
+                &want[..],
+                "int8 {act:?} epilogue at {m}x{k}x{n}"
+            );
         }
     }
     // A NaN in one row poisons that row only.
@@ -253,6 +278,41 @@ fn int8_kernels_agree_bit_for_bit() {
                 "int8 {} differs from scalar at {m}x{k}x{n}",
                 kernel.name()
             );
+        }
+    }
+}
+
+/// Every activation quantizer this CPU runs (the vector code of each kernel's instruction set)
+/// gives the scalar reference's bytes, scales and offsets bit for bit: whole and partial groups,
+/// groups all of one sign, all zero, with outliers, infinities and NaN.
+fn int8_quantizers_agree_bit_for_bit() {
+    let mut rng = Rng(0x9a7);
+    for (m, k) in [(1, 1), (3, 64), (5, 130), (17, 384), (4, 1537)] {
+        let mut x = rng.vec(m * k, 3.0);
+        for (i, v) in x.iter_mut().enumerate() {
+            match i % 97 {
+                0 => *v *= 1e4,
+                1 => *v = v.abs(),
+                2 => *v = -v.abs(),
+                _ => {}
+            }
+        }
+        if m * k > 200 {
+            x[..64].fill(0.0);
+            x[64..128].iter_mut().for_each(|v| *v = -v.abs());
+            x[150] = f32::INFINITY;
+            x[200] = f32::NAN;
+        }
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        let reference = int8::QuantRows::quantize_with(&x, m, k, int8::Kernel::Scalar);
+        let (u, scale, offset) = reference.parts();
+        for kernel in int8::Kernel::available() {
+            let got = int8::QuantRows::quantize_with(&x, m, k, kernel);
+            let (gu, gs, go) = got.parts();
+            let what = format!("int8 quantizer of {} at {m}x{k}", kernel.name());
+            assert_eq!(gu, u, "{what}: bytes");
+            assert_eq!(bits(gs), bits(scale), "{what}: scales");
+            assert_eq!(bits(go), bits(offset), "{what}: offsets");
         }
     }
 }
@@ -336,6 +396,7 @@ fn bf16_linear_matches_reference() {
         (130, 97, 31),
         (13, 1537, 70),
         (3, 384, 1153),
+        (50, 384, 64),
     ] {
         let x = rng.vec(m * k, 2.0);
         let w = rng.vec(n * k, 1.0 / (k as f64).sqrt());

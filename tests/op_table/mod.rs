@@ -26,6 +26,7 @@ macro_rules! every_op {
             [
                 int8_linear_matches_reference,
                 int8_kernels_agree_bit_for_bit,
+                int8_quantizers_agree_bit_for_bit,
                 int8_smoothing_after_calibration,
                 bf16_linear_matches_reference
             ]

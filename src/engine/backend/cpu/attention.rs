@@ -12,8 +12,9 @@ use super::math;
 
 /// Query rows per block: the score block is `QBLOCK × keys` floats.
 const QBLOCK: usize = 64;
-/// Register tile: rows of queries and columns (keys for Q·Kᵀ, head dims for P·V).
-const TR: usize = 4;
+/// Register tiles: at most `TR` rows of queries (8 with AVX-512, else 4) by `TC` columns (keys
+/// for Q·Kᵀ, head dims for P·V); query rows are padded to a multiple of `TR`.
+const TR: usize = 8;
 const TC: usize = 32;
 // Padded query rows must stay inside the block (`inv_sum` has QBLOCK entries).
 const _: () = assert!(QBLOCK.is_multiple_of(TR));
@@ -223,7 +224,7 @@ pub fn attend(hv: &HeadView, scratch: &mut Scratch, mut out: impl FnMut(usize, &
             bias,
             ..
         } = scratch;
-        block(
+        block(Block {
             q,
             kt,
             v,
@@ -234,9 +235,9 @@ pub fn attend(hv: &HeadView, scratch: &mut Scratch, mut out: impl FnMut(usize, &
             dp,
             keys,
             keys_p,
-            q0 as isize - k0 as isize,
-            hv.window.unwrap_or(0) as isize,
-        );
+            offset: q0 as isize - k0 as isize,
+            window: hv.window.unwrap_or(0) as isize,
+        });
         for r in 0..rows {
             out(q0 + r, &o[r * dp..r * dp + d]);
         }
@@ -264,72 +265,132 @@ fn pack_kv(hv: &HeadView, k0: usize, keys: usize, keys_p: usize, dp: usize, scra
     }
 }
 
-super::math::multiversion! {
-    /// Scores (plus `bias`, `[rows_p, keys_p]`, when not empty), window mask, softmax and P·V
-    /// for one query block (all buffers padded). `offset` = first query row − first key row;
-    /// `window` = 0 for global attention.
-    #[allow(clippy::too_many_arguments)]
-    pub fn block(q: &[f32], kt: &[f32], v: &[f32], bias: &[f32], s: &mut [f32], o: &mut [f32], rows_p: usize, dp: usize, keys: usize, keys_p: usize, offset: isize, window: isize) {
-        // S = Q · Kᵀ, 4×32 tiles.
-        for i in (0..rows_p).step_by(TR) {
-            for j in (0..keys_p).step_by(TC) {
-                let mut acc = [[0f32; TC]; TR];
-                for p in 0..dp {
-                    // Copies, so the tile row lives in registers across the TR rows.
-                    let k: [f32; TC] = kt[p * keys_p + j..][..TC].try_into().unwrap();
-                    let qs: [f32; TR] = std::array::from_fn(|r| q[(i + r) * dp + p]);
-                    for r in 0..TR {
-                        let qv = qs[r];
-                        for c in 0..TC {
-                            acc[r][c] = math::madd::<FMA>(qv, k[c], acc[r][c]);
-                        }
+/// One query block's operands, all padded: `q` `[rows_p, dp]` (pre-scaled), `kt` `[dp, keys_p]`,
+/// `v` `[keys_p, dp]`, `bias` `[rows_p, keys_p]` or empty, and the score and output blocks.
+/// `offset` = first query row − first key row; `window` = 0 for global attention.
+struct Block<'a> {
+    q: &'a [f32],
+    kt: &'a [f32],
+    v: &'a [f32],
+    bias: &'a [f32],
+    s: &'a mut [f32],
+    o: &'a mut [f32],
+    rows_p: usize,
+    dp: usize,
+    keys: usize,
+    keys_p: usize,
+    offset: isize,
+    window: isize,
+}
+
+/// [`block_tiles`] compiled for the CPU: 8-row tiles with AVX-512 (16 accumulators of its 32
+/// registers), 4-row tiles with AVX2 and FMA or without. The tile height changes which outputs
+/// a pass computes together, not the order of any sum, so every variant gives the same values.
+fn block(b: Block) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+        fn avx512(b: Block) {
+            block_tiles::<true, 8>(b)
+        }
+        #[target_feature(enable = "avx2,fma")]
+        fn avx2(b: Block) {
+            block_tiles::<true, 4>(b)
+        }
+        let fma = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
+        if fma
+            && std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512vl")
+        {
+            // SAFETY: the CPU has every feature `avx512` enables, checked just above.
+            return unsafe { avx512(b) };
+        }
+        if fma {
+            // SAFETY: the CPU has AVX2 and FMA, checked above.
+            return unsafe { avx2(b) };
+        }
+    }
+    block_tiles::<false, 4>(b)
+}
+
+/// Scores (plus `bias` when not empty), window mask, softmax and P·V for one query block, in
+/// `TR`×32 register tiles. Each tile reads its rows through slices of known length, so the
+/// inner loops carry no bounds checks.
+#[inline(always)]
+fn block_tiles<const FMA: bool, const TR: usize>(b: Block) {
+    let Block {
+        q,
+        kt,
+        v,
+        bias,
+        s,
+        o,
+        rows_p,
+        dp,
+        keys,
+        keys_p,
+        offset,
+        window,
+    } = b;
+    // S = Q · Kᵀ, TR×32 tiles.
+    for i in (0..rows_p).step_by(TR) {
+        let qs: [&[f32]; TR] = std::array::from_fn(|r| &q[(i + r) * dp..][..dp]);
+        for j in (0..keys_p).step_by(TC) {
+            let mut acc = [[0f32; TC]; TR];
+            for (p, krow) in kt.chunks_exact(keys_p).take(dp).enumerate() {
+                // Copies, so the tile row lives in registers across the TR rows.
+                let k: [f32; TC] = krow[j..j + TC].try_into().unwrap();
+                for r in 0..TR {
+                    let qv = qs[r][p];
+                    for c in 0..TC {
+                        acc[r][c] = math::madd::<FMA>(qv, k[c], acc[r][c]);
                     }
                 }
-                for r in 0..TR {
-                    s[(i + r) * keys_p + j..][..TC].copy_from_slice(&acc[r]);
+            }
+            for r in 0..TR {
+                s[(i + r) * keys_p + j..][..TC].copy_from_slice(&acc[r]);
+            }
+        }
+    }
+    // Mask and exponentiate each row over the real keys; padded keys get weight 0.
+    let mut inv_sum = [0f32; QBLOCK];
+    for i in 0..rows_p {
+        let row = &mut s[i * keys_p..(i + 1) * keys_p];
+        if !bias.is_empty() {
+            for (x, b) in row[..keys].iter_mut().zip(&bias[i * keys_p..]) {
+                *x += b;
+            }
+        }
+        if window > 0 {
+            let qi = i as isize + offset;
+            for (j, x) in row[..keys].iter_mut().enumerate() {
+                if (qi - j as isize).abs() > window / 2 {
+                    *x = f32::NEG_INFINITY;
                 }
             }
         }
-        // Mask and exponentiate each row over the real keys; padded keys get weight 0.
-        let mut inv_sum = [0f32; QBLOCK];
-        for i in 0..rows_p {
-            let row = &mut s[i * keys_p..(i + 1) * keys_p];
-            if !bias.is_empty() {
-                for (x, b) in row[..keys].iter_mut().zip(&bias[i * keys_p..]) {
-                    *x += b;
-                }
-            }
-            if window > 0 {
-                let qi = i as isize + offset;
-                for (j, x) in row[..keys].iter_mut().enumerate() {
-                    if (qi - j as isize).abs() > window / 2 {
-                        *x = f32::NEG_INFINITY;
-                    }
-                }
-            }
-            // Unnormalised: P·V rows are divided by the sum afterwards (one pass fewer over S).
-            inv_sum[i] = 1.0 / math::exp_row(&mut row[..keys]);
-            row[keys..].iter_mut().for_each(|x| *x = 0.0);
-        }
-        // O = P · V, 4×32 tiles over the head dimension.
-        for i in (0..rows_p).step_by(TR) {
-            for c0 in (0..dp).step_by(TC) {
-                let mut acc = [[0f32; TC]; TR];
-                for j in 0..keys {
-                    let vv: [f32; TC] = v[j * dp + c0..][..TC].try_into().unwrap();
-                    let ps: [f32; TR] = std::array::from_fn(|r| s[(i + r) * keys_p + j]);
-                    for r in 0..TR {
-                        let pv = ps[r];
-                        for c in 0..TC {
-                            acc[r][c] = math::madd::<FMA>(pv, vv[c], acc[r][c]);
-                        }
-                    }
-                }
+        // Unnormalised: P·V rows are divided by the sum afterwards (one pass fewer over S).
+        inv_sum[i] = 1.0 / math::exp_row(&mut row[..keys]);
+        row[keys..].iter_mut().for_each(|x| *x = 0.0);
+    }
+    // O = P · V, TR×32 tiles over the head dimension.
+    for i in (0..rows_p).step_by(TR) {
+        let ps: [&[f32]; TR] = std::array::from_fn(|r| &s[(i + r) * keys_p..][..keys]);
+        for c0 in (0..dp).step_by(TC) {
+            let mut acc = [[0f32; TC]; TR];
+            for (j, vrow) in v.chunks_exact(dp).take(keys).enumerate() {
+                let vv: [f32; TC] = vrow[c0..c0 + TC].try_into().unwrap();
                 for r in 0..TR {
-                    let inv = inv_sum[i + r];
-                    for (dst, a) in o[(i + r) * dp + c0..][..TC].iter_mut().zip(acc[r]) {
-                        *dst = a * inv;
+                    let pv = ps[r][j];
+                    for c in 0..TC {
+                        acc[r][c] = math::madd::<FMA>(pv, vv[c], acc[r][c]);
                     }
+                }
+            }
+            for r in 0..TR {
+                let inv = inv_sum[i + r];
+                for (dst, a) in o[(i + r) * dp + c0..][..TC].iter_mut().zip(acc[r]) {
+                    *dst = a * inv;
                 }
             }
         }

@@ -9,7 +9,7 @@
 //! (at most 64·255·127 < 2^21, so exact in f32 as well), and each group adds
 //! `sum ← fma(f32(Σ u·q), s·t, sum)` then `sum ← fma(−z·t, s·Σq, sum)` to the output, groups in
 //! order; `s·Σq` is precomputed per weight group and `z·t` per activation group. Bias and
-//! activation then run in the f32 epilogue as for f32.
+//! activation then run on each task's block of rows while it is in cache ([`Epilogue`]).
 //!
 //! Why this scheme (a fake-quantization check of all-MiniLM-L6-v2 on 100 sample documents,
 //! `benches/reference/int8_fake_quant.py`, embedding cosine min against f32; the guard asks
@@ -181,16 +181,33 @@ pub struct QuantRows {
 impl QuantRows {
     /// Quantize `x` (`[m, k]`) per row and group, asymmetric, to `0 ≤ u ≤ 255`.
     pub fn quantize(x: &[f32], m: usize, k: usize) -> QuantRows {
-        Self::quantize_scaled(x, m, k, &vec![1.0; k])
+        Self::quantize_with(x, m, k, Kernel::best())
+    }
+
+    /// [`quantize`](Self::quantize) with the vector code of a chosen kernel's instruction set
+    /// (tests compare them; every one gives the same bytes).
+    pub fn quantize_with(x: &[f32], m: usize, k: usize, kernel: Kernel) -> QuantRows {
+        Self::quantize_scaled(x, m, k, &vec![1.0; k], kernel)
     }
 
     /// Quantize `x` (`[m, k]`) for `w`, each input channel multiplied by the weight's smoothing.
     pub fn quantize_for(x: &[f32], m: usize, w: &PackedWeight) -> QuantRows {
-        Self::quantize_scaled(x, m, w.k, &w.input_factor)
+        Self::quantize_scaled(x, m, w.k, &w.input_factor, Kernel::best())
     }
 
-    fn quantize_scaled(x: &[f32], m: usize, k: usize, factor: &[f32]) -> QuantRows {
+    /// The quantized bytes (`[m, kq]`), and per row and group the scales `t` and offsets `z·t`.
+    pub fn parts(&self) -> (&[u8], &[f32], &[f32]) {
+        (&self.u, &self.scale, &self.offset)
+    }
+
+    fn quantize_scaled(x: &[f32], m: usize, k: usize, factor: &[f32], kernel: Kernel) -> QuantRows {
         assert_eq!(x.len(), m * k, "activation data does not match its shape");
+        assert_eq!(factor.len(), k, "one smoothing factor per input channel");
+        assert!(
+            Kernel::available().contains(&kernel),
+            "int8 kernel {} does not run on this CPU",
+            kernel.name()
+        );
         let (kq, groups) = (padded_k(k), groups(k));
         let mut u = vec![0u8; m * kq];
         let mut scale = vec![0f32; m * groups];
@@ -205,8 +222,9 @@ impl QuantRows {
                 for (r, (u, x)) in rows.enumerate() {
                     let by_group = u[..k].chunks_mut(GROUP).zip(x.chunks(GROUP));
                     for (g, (u, x)) in by_group.enumerate() {
-                        let (at, f) = (r * groups + g, &factor[g * GROUP..]);
-                        quantize_group(x, f, u, &mut scale[at], &mut offset[at]);
+                        let (f, at) = (&factor[g * GROUP..][..x.len()], r * groups + g);
+                        let group = quantize_group_with(kernel, x, f, u);
+                        (scale[at], offset[at]) = group;
                     }
                 }
             });
@@ -220,47 +238,89 @@ impl QuantRows {
     }
 }
 
-crate::engine::backend::cpu::math::multiversion! {
-    /// Quantize one group of at most 64 values, each times its `factor`, into `u`, writing its
-    /// scale `t` and offset `z·t`.
-    /// Branch-free so that it vectorises: the range over 8 lanes, then rounding by the `1.5·2^23`
-    /// trick (exact for `|v| < 2^22`), read back from the float's low bits.
-    pub fn quantize_group(x: &[f32], factor: &[f32], u: &mut [u8], scale: &mut f32, offset: &mut f32) {
-        const ROUND: f32 = 12_582_912.0;
-        let mut scaled = [0f32; GROUP];
-        for ((s, &v), &f) in scaled.iter_mut().zip(x).zip(factor) {
-            *s = v * f;
-        }
-        let x = &scaled[..x.len()];
-        // Per lane: the smallest and largest value (0 included), and `Σ v·0`, which is NaN once
-        // any value is not finite.
-        let (mut lo, mut hi, mut poison) = ([0f32; 8], [0f32; 8], [0f32; 8]);
-        for c in x.chunks(8) {
-            for (i, &v) in c.iter().enumerate() {
-                lo[i] = lo[i].min(v);
-                hi[i] = hi[i].max(v);
-                poison[i] += v * 0.0;
-            }
-        }
-        let lo = lo.iter().fold(0f32, |m, &v| m.min(v));
-        let hi = hi.iter().fold(0f32, |m, &v| m.max(v));
-        // A group with an infinity or NaN gets a NaN scale, so its row's outputs are NaN as in f32.
-        let finite = poison.iter().sum::<f32>() == 0.0;
-        let t = if hi > lo { (hi - lo) / ACT_MAX } else { 1.0 };
-        let inv = 1.0 / t;
-        // The zero: 0 maps to an integer, so exact zeros (padding, ReLU) stay exact.
-        let z = ((-lo * inv).min(ACT_MAX) + ROUND) - ROUND;
-        for (u, &v) in u.iter_mut().zip(x) {
-            let r = (v * inv + z).clamp(0.0, ACT_MAX) + ROUND;
-            *u = (r.to_bits() as i32 - 0x4B40_0000) as u8;
-        }
-        (*scale, *offset) = if finite { (t, z * t) } else { (f32::NAN, f32::NAN) };
+/// One group with the vector code of `kernel`'s instruction set where the group is whole;
+/// returns its scale and offset.
+#[inline(always)]
+fn quantize_group_with(kernel: Kernel, x: &[f32], factor: &[f32], u: &mut [u8]) -> (f32, f32) {
+    // SAFETY (both): `quantize_scaled` checked that the CPU runs `kernel`, which implies
+    // AVX512F (512-bit) or AVX2 (the others); the group is whole, as each requires.
+    match (kernel, x.len() == GROUP) {
+        #[cfg(target_arch = "x86_64")]
+        (Kernel::Avx512Vnni, true) => unsafe { kernels::quantize::avx512(x, factor, u) },
+        #[cfg(target_arch = "x86_64")]
+        (Kernel::Avx2 | Kernel::AvxVnni, true) => unsafe { kernels::quantize::avx2(x, factor, u) },
+        _ => quantize_group(x, factor, u),
     }
 }
 
+/// `1.5·2^23`: adding it rounds an f32 in `[0, 2^22)` to an integer, ties to even, which then
+/// sits in the float's low bits.
+const ROUND: f32 = 12_582_912.0;
+
+/// The reference: quantize one group of at most 64 values, each times its `factor`, into `u`;
+/// returns its scale `t` and offset `z·t`. The vector versions (`int8_kernels.rs`) compute the
+/// same operations and agree bit for bit.
+///
+/// Per lane `v < lo` selects (as `vminps` does; a NaN is never selected, it poisons the scale
+/// instead), so the range is the smallest and largest value with 0 included, and `Σ v·0` is NaN
+/// once any value is not finite.
+fn quantize_group(x: &[f32], factor: &[f32], u: &mut [u8]) -> (f32, f32) {
+    let mut scaled = [0f32; GROUP];
+    let scaled = &mut scaled[..x.len()];
+    for ((s, &v), &f) in scaled.iter_mut().zip(x).zip(factor) {
+        *s = v * f;
+    }
+    let (mut lo, mut hi, mut poison) = (0f32, 0f32, 0f32);
+    for &v in scaled.iter() {
+        lo = if v < lo { v } else { lo };
+        hi = if v > hi { v } else { hi };
+        poison += v * 0.0;
+    }
+    let (inv, z, group) = group_range(lo, hi, poison == 0.0);
+    for (u, &v) in u.iter_mut().zip(scaled.iter()) {
+        *u = (clamp_round(v * inv + z).to_bits() & 0xff) as u8;
+    }
+    group
+}
+
+/// From a group's range `[lo, hi]` (0 included) and whether all its values are finite: the
+/// reciprocal of the step `1 / t`, the integer zero `z`, and what [`QuantRows`] stores, `(t, z·t)`
+/// (NaN for a group with an infinity or NaN, so its row's outputs are NaN as in f32).
+#[inline(always)]
+fn group_range(lo: f32, hi: f32, finite: bool) -> (f32, f32, (f32, f32)) {
+    let t = if hi > lo { (hi - lo) / ACT_MAX } else { 1.0 };
+    let inv = 1.0 / t;
+    // The zero: 0 maps to an integer, so exact zeros (padding, ReLU) stay exact.
+    let z = ((-lo * inv).min(ACT_MAX) + ROUND) - ROUND;
+    let group = if finite {
+        (t, z * t)
+    } else {
+        (f32::NAN, f32::NAN)
+    };
+    (inv, z, group)
+}
+
+/// `r` clamped to `[0, 255]` (a NaN to 0, as `vmaxps` does) plus [`ROUND`]: the rounded value is
+/// the float's low byte.
+#[inline(always)]
+fn clamp_round(r: f32) -> f32 {
+    let r = if r > 0.0 { r } else { 0.0 };
+    let r = if r < ACT_MAX { r } else { ACT_MAX };
+    r + ROUND
+}
+
 /// `out[i, j] = Σ_g s(j, g)·t(i, g)·Σ_{k in g} (u(i, k) − z(i, g))·q(j, k)`; `out` is `[m, n]`.
-pub fn gemm(x: &QuantRows, w: &PackedWeight, out: &mut [f32]) {
-    gemm_with(x, w, out, Kernel::best());
+pub fn gemm(x: &QuantRows, w: &PackedWeight, out: &mut [f32], epilogue: Epilogue) {
+    gemm_fused_with(x, w, out, epilogue, Kernel::best());
+}
+
+/// What runs on each block of output rows once its sums are complete, while they are in cache:
+/// `out[i, j] = act(out[i, j] + bias[j])` (`math::bias_act_rows`; no bias when empty, activation
+/// code 0 for none).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Epilogue<'a> {
+    pub bias: &'a [f32],
+    pub act: u8,
 }
 
 /// Which micro-kernel runs.
@@ -347,8 +407,19 @@ impl Tile<'_> {
     }
 }
 
-/// [`gemm`] with a chosen kernel (tests run each one).
+/// [`gemm`] with a chosen kernel and no epilogue (tests run each kernel).
 pub fn gemm_with(x: &QuantRows, w: &PackedWeight, out: &mut [f32], kernel: Kernel) {
+    gemm_fused_with(x, w, out, Epilogue::default(), kernel);
+}
+
+/// [`gemm`] with a chosen kernel.
+pub fn gemm_fused_with(
+    x: &QuantRows,
+    w: &PackedWeight,
+    out: &mut [f32],
+    epilogue: Epilogue,
+    kernel: Kernel,
+) {
     assert_eq!(x.kq, padded_k(w.k), "activation and weight widths differ");
     // The vector kernels are `unsafe` on a CPU without their features: a caller's choice is
     // checked once per GEMM.
@@ -361,20 +432,22 @@ pub fn gemm_with(x: &QuantRows, w: &PackedWeight, out: &mut [f32], kernel: Kerne
     // (checked above), and `blocked` hands it a tile of `mr` rows and `np` whole panels with
     // their scales, and sums with `mr` rows of `np` at the stride it passes.
     match kernel {
-        Kernel::Scalar => blocked::<6, 1>(x, w, out, |tile, mr, _, sums, stride| {
+        Kernel::Scalar => blocked::<6, 1>(x, w, out, epilogue, |tile, mr, _, sums, stride| {
             scalar_kernel(tile, mr, sums, stride)
         }),
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx2 => blocked::<4, 1>(x, w, out, |tile, mr, _, sums, stride| unsafe {
+        Kernel::Avx2 => blocked::<4, 1>(x, w, out, epilogue, |tile, mr, _, sums, stride| unsafe {
             panels::by_rows!(mr, avx2::kernel(tile, sums, stride))
         }),
         #[cfg(target_arch = "x86_64")]
-        Kernel::AvxVnni => blocked::<6, 1>(x, w, out, |tile, mr, _, sums, stride| unsafe {
-            panels::by_rows!(mr, avx_vnni::kernel(tile, sums, stride))
-        }),
+        Kernel::AvxVnni => {
+            blocked::<6, 1>(x, w, out, epilogue, |tile, mr, _, sums, stride| unsafe {
+                panels::by_rows!(mr, avx_vnni::kernel(tile, sums, stride))
+            })
+        }
         #[cfg(target_arch = "x86_64")]
         Kernel::Avx512Vnni => {
-            blocked::<TILE_ROWS, 3>(x, w, out, |tile, mr, np, sums, stride| unsafe {
+            blocked::<TILE_ROWS, 3>(x, w, out, epilogue, |tile, mr, np, sums, stride| unsafe {
                 match np {
                     3 => avx512_rows::<3>(mr, tile, sums, stride),
                     2 => avx512_rows::<2>(mr, tile, sums, stride),
@@ -412,11 +485,14 @@ const BLOCK_QUADS: usize = 4 * GROUP_QUADS;
 /// blocks of [`BLOCK_QUADS`], in each every group of `PANELS` panels, and in each every tile of
 /// `ROWS` rows; `tile(tile, rows, panels, sums, stride)` adds a tile's groups into the task's
 /// f32 sums, row `r` and panel `p` at `sums[r·stride + p]`. The order of the groups within one
-/// output is always 0, 1, 2, ..., so the result does not depend on the blocking.
+/// output is always 0, 1, 2, ..., so the result does not depend on the blocking. When N is a
+/// whole number of panels the sums are the output rows themselves; otherwise a buffer of the
+/// task's that is copied out. The epilogue then runs on the task's rows.
 fn blocked<const ROWS: usize, const PANELS: usize>(
     x: &QuantRows,
     w: &PackedWeight,
     out: &mut [f32],
+    epilogue: Epilogue,
     tile: impl Fn(Tile, usize, usize, &mut [[f32; NR]], usize) + Sync,
 ) {
     let (m, n, kq) = (x.m, w.n, x.kq);
@@ -426,36 +502,46 @@ fn blocked<const ROWS: usize, const PANELS: usize>(
     }
     let (panels, quads, groups) = (n.div_ceil(NR), kq / 4, groups(w.k));
     let per_panel = groups * NR;
+    let accumulate = |row0: usize, rows: usize, sums: &mut [[f32; NR]]| {
+        for k0 in (0..quads).step_by(BLOCK_QUADS) {
+            for first in (0..panels).step_by(PANELS) {
+                let np = PANELS.min(panels - first);
+                let weights = first * per_panel..(first + np) * per_panel;
+                for r0 in (0..rows).step_by(ROWS) {
+                    let (mr, i) = (ROWS.min(rows - r0), row0 + r0);
+                    let t = Tile {
+                        a: &x.u[i * kq..(i + mr) * kq],
+                        a_scale: &x.scale[i * groups..(i + mr) * groups],
+                        a_offset: &x.offset[i * groups..(i + mr) * groups],
+                        b: &w.packed[first * kq * NR..(first + np) * kq * NR],
+                        b_scale: &w.scale[weights.clone()],
+                        b_correction: &w.correction[weights.clone()],
+                        kq,
+                        groups,
+                        quads: (k0, (k0 + BLOCK_QUADS).min(quads)),
+                    };
+                    tile(t, mr, np, &mut sums[r0 * panels + first..], panels);
+                }
+            }
+        }
+    };
     out.par_chunks_mut(panels::MC * n)
         .enumerate()
         .for_each(|(block, out)| {
-            let row0 = block * panels::MC;
-            let rows = out.len() / n;
-            let mut sums = vec![[0f32; NR]; rows * panels];
-            for k0 in (0..quads).step_by(BLOCK_QUADS) {
-                for first in (0..panels).step_by(PANELS) {
-                    let np = PANELS.min(panels - first);
-                    let weights = first * per_panel..(first + np) * per_panel;
-                    for r0 in (0..rows).step_by(ROWS) {
-                        let (mr, i) = (ROWS.min(rows - r0), row0 + r0);
-                        let t = Tile {
-                            a: &x.u[i * kq..(i + mr) * kq],
-                            a_scale: &x.scale[i * groups..(i + mr) * groups],
-                            a_offset: &x.offset[i * groups..(i + mr) * groups],
-                            b: &w.packed[first * kq * NR..(first + np) * kq * NR],
-                            b_scale: &w.scale[weights.clone()],
-                            b_correction: &w.correction[weights.clone()],
-                            kq,
-                            groups,
-                            quads: (k0, (k0 + BLOCK_QUADS).min(quads)),
-                        };
-                        tile(t, mr, np, &mut sums[r0 * panels + first..], panels);
-                    }
+            let (row0, rows) = (block * panels::MC, out.len() / n);
+            if n.is_multiple_of(NR) {
+                out.fill(0.0);
+                accumulate(row0, rows, out.as_chunks_mut::<NR>().0);
+            } else {
+                let mut sums = vec![[0f32; NR]; rows * panels];
+                accumulate(row0, rows, &mut sums);
+                let rows = out.chunks_exact_mut(n).zip(sums.chunks_exact(panels));
+                for (out, sums) in rows {
+                    out.copy_from_slice(&sums.as_flattened()[..n]);
                 }
             }
-            let rows = out.chunks_exact_mut(n).zip(sums.chunks_exact(panels));
-            for (out, sums) in rows {
-                out.copy_from_slice(&sums.as_flattened()[..n]);
+            if epilogue.act != 0 || !epilogue.bias.is_empty() {
+                super::math::bias_act_rows(out, epilogue.bias, n, epilogue.act);
             }
         });
 }

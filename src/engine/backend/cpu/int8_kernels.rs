@@ -1,6 +1,7 @@
 //! The x86-64 vector micro-kernels of `int8.rs` (its child module, so that they read its tiles'
-//! fields): 256-bit `avx2` and `avx_vnni`, 512-bit `avx512_vnni`. Each computes exactly what
-//! `int8.rs`'s scalar kernel does, in the same order; `int8.rs` says how and why.
+//! fields): 256-bit `avx2` and `avx_vnni`, 512-bit `avx512_vnni`, and the activation quantizer
+//! for whole groups (`quantize`). Each computes exactly what `int8.rs`'s scalar code does, in the
+//! same order; `int8.rs` says how and why.
 
 /// A 256-bit micro-kernel module `$module` with `kernel::<R>`: the `R`×16 tile, per k-quad two
 /// panel loads (channels 0..8 and 8..16) and `R` broadcasts of the row's quad, `$mac(acc, av,
@@ -151,5 +152,96 @@ pub mod avx512_vnni {
                 }
             }
         }
+    }
+}
+
+/// Quantize one whole group of 64 activations, as `int8.rs`'s `quantize_group` does: per lane
+/// `min`/`max` against the running range (`vminps(v, lo)` is `v < lo ? v : lo`, the scalar
+/// select), `Σ v·0` for finiteness, the same [`group_range`](super::group_range), then
+/// `v·inv + z` (a product and a sum, not fused), clamped by `vmaxps`/`vminps` and rounded by
+/// [`ROUND`](super::ROUND); the byte is the float's low byte.
+pub mod quantize {
+    use super::super::{group_range, ACT_MAX, GROUP, ROUND};
+    use std::arch::x86_64::*;
+
+    /// # Safety
+    /// The CPU must have AVX512F; `x`, `factor` and `u` hold 64 values.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn avx512(x: &[f32], factor: &[f32], u: &mut [u8]) -> (f32, f32) {
+        assert!(x.len() == GROUP && factor.len() == GROUP && u.len() == GROUP);
+        let zero = _mm512_setzero_ps();
+        let (mut v, mut lo, mut hi, mut poison) = ([zero; 4], zero, zero, zero);
+        for (i, v) in v.iter_mut().enumerate() {
+            // SAFETY: i < 4, 16 values each, within the 64 asserted above.
+            unsafe {
+                let xs = _mm512_loadu_ps(x.as_ptr().add(16 * i));
+                *v = _mm512_mul_ps(xs, _mm512_loadu_ps(factor.as_ptr().add(16 * i)));
+            }
+            lo = _mm512_min_ps(*v, lo);
+            hi = _mm512_max_ps(*v, hi);
+            poison = _mm512_add_ps(poison, _mm512_mul_ps(*v, zero));
+        }
+        let finite = _mm512_reduce_add_ps(poison) == 0.0;
+        let (inv, z, group) =
+            group_range(_mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi), finite);
+        let (inv, z) = (_mm512_set1_ps(inv), _mm512_set1_ps(z));
+        let (top, round) = (_mm512_set1_ps(ACT_MAX), _mm512_set1_ps(ROUND));
+        for (i, &v) in v.iter().enumerate() {
+            let r = _mm512_add_ps(_mm512_mul_ps(v, inv), z);
+            let r = _mm512_add_ps(_mm512_min_ps(_mm512_max_ps(r, zero), top), round);
+            let bytes = _mm512_cvtepi32_epi8(_mm512_castps_si512(r));
+            // SAFETY: 16 bytes at 16·i, within the 64 asserted above.
+            unsafe { _mm_storeu_si128(u.as_mut_ptr().add(16 * i) as *mut __m128i, bytes) };
+        }
+        group
+    }
+
+    /// # Safety
+    /// The CPU must have AVX2; `x`, `factor` and `u` hold 64 values.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn avx2(x: &[f32], factor: &[f32], u: &mut [u8]) -> (f32, f32) {
+        assert!(x.len() == GROUP && factor.len() == GROUP && u.len() == GROUP);
+        let zero = _mm256_setzero_ps();
+        let (mut v, mut lo, mut hi, mut poison) = ([zero; 8], zero, zero, zero);
+        for (i, v) in v.iter_mut().enumerate() {
+            // SAFETY: i < 8, 8 values each, within the 64 asserted above.
+            unsafe {
+                let xs = _mm256_loadu_ps(x.as_ptr().add(8 * i));
+                *v = _mm256_mul_ps(xs, _mm256_loadu_ps(factor.as_ptr().add(8 * i)));
+            }
+            lo = _mm256_min_ps(*v, lo);
+            hi = _mm256_max_ps(*v, hi);
+            poison = _mm256_add_ps(poison, _mm256_mul_ps(*v, zero));
+        }
+        // SAFETY: a 256-bit register is eight f32 lanes.
+        let lanes = |v: __m256| -> [f32; 8] { unsafe { std::mem::transmute(v) } };
+        let lo = lanes(lo)
+            .into_iter()
+            .fold(0f32, |m, v| if v < m { v } else { m });
+        let hi = lanes(hi)
+            .into_iter()
+            .fold(0f32, |m, v| if v > m { v } else { m });
+        let finite = lanes(poison).into_iter().sum::<f32>() == 0.0;
+        let (inv, z, group) = group_range(lo, hi, finite);
+        let (inv, z) = (_mm256_set1_ps(inv), _mm256_set1_ps(z));
+        let (top, round) = (_mm256_set1_ps(ACT_MAX), _mm256_set1_ps(ROUND));
+        let low_byte = _mm256_set1_epi32(0xff);
+        let mut ints = [_mm256_setzero_si256(); 8];
+        for (int, &v) in ints.iter_mut().zip(&v) {
+            let r = _mm256_add_ps(_mm256_mul_ps(v, inv), z);
+            let r = _mm256_add_ps(_mm256_min_ps(_mm256_max_ps(r, zero), top), round);
+            *int = _mm256_and_si256(_mm256_castps_si256(r), low_byte);
+        }
+        // Pack 32 i32 (0..=255) into bytes: the packs interleave 128-bit lanes, the permute
+        // puts the dwords back in order.
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        for (half, ints) in ints.chunks_exact(4).enumerate() {
+            let ab = _mm256_packs_epi32(ints[0], ints[1]);
+            let cd = _mm256_packs_epi32(ints[2], ints[3]);
+            let bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(ab, cd), order);
+            // SAFETY: 32 bytes at 32·half, within the 64 asserted above.
+            unsafe { _mm256_storeu_si256(u.as_mut_ptr().add(32 * half) as *mut __m256i, bytes) };
+        }
+        group
     }
 }

@@ -164,8 +164,6 @@ macro_rules! multiversion {
     };
 }
 
-pub(crate) use multiversion;
-
 multiversion! {
     /// Apply `f` element-wise, chosen by activation kind (0 none, 1 gelu, 2 gelu-tanh, 3 relu,
     /// 4 silu, 5 tanh), optionally adding a bias row first: `x[r][c] = f(x[r][c] + bias[c])`.

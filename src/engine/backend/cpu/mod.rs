@@ -306,7 +306,20 @@ impl Backend for CpuBackend {
                 match &**packed {
                     PackedLinear::Int8(layer) => {
                         let w = layer.packed(&w.data, n, k);
-                        int8::gemm(&int8::QuantRows::quantize_for(&x.data, m, w), w, out_f32)
+                        let x = int8::QuantRows::quantize_for(&x.data, m, w);
+                        let bias = b.map(|b| &b.data[..]).unwrap_or(&[]);
+                        int8::gemm(
+                            &x,
+                            w,
+                            out_f32,
+                            int8::Epilogue {
+                                bias,
+                                act: act.code(),
+                            },
+                        );
+                        // SAFETY: written above, bias and activation included.
+                        let out = unsafe { assume_init(out) };
+                        return Ok(CpuTensor::new(out, m, n));
                     }
                     PackedLinear::Bf16(w) => {
                         bf16::gemm(&bf16::Bf16Rows::round(&x.data, m, k), w, out_f32)
