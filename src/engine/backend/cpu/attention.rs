@@ -1,7 +1,8 @@
 //! Varlen multi-head attention on the CPU, one (sequence, head) at a time.
 //!
 //! The trick: repack the head's K as Kᵀ `[d, keys]` and V as `[keys, d]`, both contiguous and
-//! zero-padded to multiples of the register tile, so both products become register-tiled
+//! zero-padded to multiples of the register tile (V is read in place when `d` is whole tiles,
+//! as for 32 and 64), so both products become register-tiled
 //! micro-kernels that LLVM vectorises: `S = Q·Kᵀ` accumulates a 4×32 tile of scores over `d`
 //! (two vector loads of Kᵀ, four broadcasts of Q, eight FMAs per step with AVX-512), and
 //! `O = P·V` accumulates a 4×32 tile of outputs over the keys. Queries go in blocks of `QBLOCK`
@@ -195,10 +196,13 @@ pub fn attend(hv: &HeadView, scratch: &mut Scratch, mut out: impl FnMut(usize, &
         };
         let keys = k1 - k0;
         let keys_p = round_up(keys, TC);
-        // Pack K and V only when the key range changes (always, for windows; once, otherwise).
+        // Pack K (and V, unless it is read in place) only when the key range changes (always,
+        // for windows; once, otherwise).
         if q0 == 0 || hv.window.is_some() {
             pack_kv(hv, k0, keys, keys_p, dp, scratch);
         }
+        // V rows are read in place when the head size is whole tiles (no padding needed).
+        let (v_in_place, v_stride) = (&hv.qkv[k0 * hv.stride + hv.col + 2 * hv.h..], hv.stride);
         // Q block, pre-scaled, [rows_p, dp] zero-padded.
         scratch.q.clear();
         scratch.q.resize(rows_p * dp, 0.0);
@@ -224,10 +228,16 @@ pub fn attend(hv: &HeadView, scratch: &mut Scratch, mut out: impl FnMut(usize, &
             bias,
             ..
         } = scratch;
+        let (v, v_stride) = if d == dp {
+            (v_in_place, v_stride)
+        } else {
+            (&v[..], dp)
+        };
         block(Block {
             q,
             kt,
             v,
+            v_stride,
             bias,
             s,
             o,
@@ -255,23 +265,29 @@ fn pack_kv(hv: &HeadView, k0: usize, keys: usize, keys_p: usize, dp: usize, scra
     scratch.kt.clear();
     scratch.kt.resize(dp * keys_p, 0.0);
     scratch.v.clear();
-    scratch.v.resize(keys_p * dp, 0.0);
+    if d != dp {
+        scratch.v.resize(keys_p * dp, 0.0);
+    }
     for j in 0..keys {
         let row = &hv.qkv[(k0 + j) * hv.stride + hv.col..];
         for p in 0..d {
             scratch.kt[p * keys_p + j] = row[hv.h + p];
         }
-        scratch.v[j * dp..j * dp + d].copy_from_slice(&row[2 * hv.h..2 * hv.h + d]);
+        if d != dp {
+            scratch.v[j * dp..j * dp + d].copy_from_slice(&row[2 * hv.h..2 * hv.h + d]);
+        }
     }
 }
 
 /// One query block's operands, all padded: `q` `[rows_p, dp]` (pre-scaled), `kt` `[dp, keys_p]`,
-/// `v` `[keys_p, dp]`, `bias` `[rows_p, keys_p]` or empty, and the score and output blocks.
+/// `v` `keys` rows of `dp` values, `v_stride` apart, `bias` `[rows_p, keys_p]` or empty, and the
+/// score and output blocks.
 /// `offset` = first query row − first key row; `window` = 0 for global attention.
 struct Block<'a> {
     q: &'a [f32],
     kt: &'a [f32],
     v: &'a [f32],
+    v_stride: usize,
     bias: &'a [f32],
     s: &'a mut [f32],
     o: &'a mut [f32],
@@ -322,6 +338,7 @@ fn block_tiles<const FMA: bool, const TR: usize>(b: Block) {
         q,
         kt,
         v,
+        v_stride,
         bias,
         s,
         o,
@@ -378,7 +395,7 @@ fn block_tiles<const FMA: bool, const TR: usize>(b: Block) {
         let ps: [&[f32]; TR] = std::array::from_fn(|r| &s[(i + r) * keys_p..][..keys]);
         for c0 in (0..dp).step_by(TC) {
             let mut acc = [[0f32; TC]; TR];
-            for (j, vrow) in v.chunks_exact(dp).take(keys).enumerate() {
+            for (j, vrow) in v.chunks(v_stride).take(keys).enumerate() {
                 let vv: [f32; TC] = vrow[c0..c0 + TC].try_into().unwrap();
                 for r in 0..TR {
                     let pv = ps[r][j];
@@ -394,5 +411,26 @@ fn block_tiles<const FMA: bool, const TR: usize>(b: Block) {
                 }
             }
         }
+    }
+}
+
+/// Copy one head's output row: fixed-size copies for the usual head sizes, inlined, where
+/// `copy_from_slice` of a runtime length is a `memcpy` call per row.
+#[inline(always)]
+pub fn copy_head(dst: &mut [f32], src: &[f32]) {
+    fn fixed<const N: usize>(dst: &mut [f32], src: &[f32]) -> bool {
+        if dst.len() != N {
+            return false;
+        }
+        match (dst.first_chunk_mut::<N>(), src.first_chunk::<N>()) {
+            (Some(dst), Some(src)) => {
+                *dst = *src;
+                true
+            }
+            _ => false,
+        }
+    }
+    if !(fixed::<32>(dst, src) || fixed::<64>(dst, src) || fixed::<128>(dst, src)) {
+        dst.copy_from_slice(src);
     }
 }

@@ -611,9 +611,8 @@ fn attention_op(
                 let offset = (seq.start + row) * h + hd * d;
                 // SAFETY: row `row` of this sequence, columns of head `hd`: a region written by
                 // this task alone, inside `out` ([T, H]).
-                unsafe {
-                    std::ptr::copy_nonoverlapping(values.as_ptr(), out_ptr.get().add(offset), d)
-                };
+                let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(offset), d) };
+                attention::copy_head(dst, values);
             });
         });
     // SAFETY: the tasks cover every (sequence, head) and `attend` hands back every row of its
