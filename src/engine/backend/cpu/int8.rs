@@ -365,6 +365,16 @@ impl Kernel {
         all
     }
 
+    /// Whether the kernel multiplies u8 by s8 in one instruction (`vpdpbusd`): without it int8
+    /// runs slower than f32 (`precision_note` says so).
+    pub fn has_vnni(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if matches!(self, Kernel::AvxVnni | Kernel::Avx512Vnni) {
+            return true;
+        }
+        false
+    }
+
     /// The name `mira devices` shows.
     pub fn name(self) -> &'static str {
         match self {

@@ -57,13 +57,24 @@ impl CpuBackend {
                  (mira has no {precision} dot-product kernel for the CPU; this CPU: {})",
                 cpu_features()
             )),
-            CpuPrecision::Int8 => Some(format!(
-                "precision int8 on the cpu: encoder linear layers use int8 weights (a scale per \
-                 channel and 64 inputs) and 8-bit activations (a scale and zero per token and 64 \
-                 inputs) with exact i32 sums, kernel {}; \
-                 check the fidelity on your data with `mira bench --precision int8 --against f32`",
-                int8::Kernel::best().name()
-            )),
+            CpuPrecision::Int8 => {
+                let kernel = int8::Kernel::best();
+                let slow = if kernel.has_vnni() {
+                    ""
+                } else {
+                    "; this CPU has no VNNI (AVX512-VNNI or AVX-VNNI), and without it mira's int8 \
+                     runs slower than its f32 (BENCHMARKS.md), so prefer f32 here unless you \
+                     need int8's numbers"
+                };
+                Some(format!(
+                    "precision int8 on the cpu: encoder linear layers use int8 weights (a scale \
+                     per channel and 64 inputs) and 8-bit activations (a scale and zero per token \
+                     and 64 inputs, channels smoothed by a calibration pass at load) with exact \
+                     i32 sums, kernel {}{slow}; check the fidelity on your data with `mira bench \
+                     --precision int8 --against f32`",
+                    kernel.name()
+                ))
+            }
         }
     }
 }
