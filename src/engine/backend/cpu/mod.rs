@@ -1,11 +1,11 @@
 //! The CPU backend: the readable reference, and fast enough to be useful.
 //!
-//! f32 arithmetic, except the encoder's linear layers under `--precision int8` (`int8.rs`:
-//! 8-bit integer GEMM, exact i32 sums per group of 64 inputs) and `--precision bf16` where the CPU has
-//! AVX512_BF16 (`bf16.rs`); both
-//! pack weights in the panels of `panels.rs`. f32 GEMMs go through the `gemm` crate (packed, runtime-dispatched
-//! AVX2/AVX-512/NEON micro-kernels, rayon-parallel); bias and activation run as one vectorised pass over the output; attention runs one task per (sequence, head) over the ragged batch, with
-//! a register-tiled kernel (`attention.rs`). Element-wise math is in `math.rs`.
+//! f32 arithmetic, except the encoder's linear layers under `--precision int8` (`int8.rs`: 8-bit
+//! integer GEMM, exact i32 sums per group of 64 inputs, bias and activation fused) and
+//! `--precision bf16` where the CPU has AVX512_BF16 (`bf16.rs`), both on the panels of `panels.rs`.
+//! f32 GEMMs go through the `gemm` crate (packed, runtime-dispatched AVX2/AVX-512/NEON kernels,
+//! rayon-parallel), then one vectorised bias and activation pass; attention runs one task per
+//! (sequence, head) over the ragged batch (`attention.rs`); element-wise math is in `math.rs`.
 
 mod attention;
 pub mod bf16;
@@ -152,8 +152,7 @@ fn rows_per_task(rows: usize, cols: usize) -> usize {
     target.clamp(1, rows.max(1))
 }
 
-/// A linear layer's epilogue: bias and activation in one vectorised pass per block of rows
-/// (measured faster than accumulating the GEMM onto prefilled bias rows).
+/// An f32 linear layer's epilogue: bias and activation in one vectorised pass per block of rows.
 fn bias_act(
     mut out: Vec<f32>,
     m: usize,
@@ -609,8 +608,7 @@ fn attention_op(
             };
             attention::attend(&view, scratch, |row, values| {
                 let offset = (seq.start + row) * h + hd * d;
-                // SAFETY: row `row` of this sequence, columns of head `hd`: a region written by
-                // this task alone, inside `out` ([T, H]).
+                // SAFETY: row `row`, head `hd`'s columns: this task's alone, inside `out` [T, H].
                 let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(offset), d) };
                 attention::copy_head(dst, values);
             });
