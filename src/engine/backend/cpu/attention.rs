@@ -201,8 +201,6 @@ pub fn attend(hv: &HeadView, scratch: &mut Scratch, mut out: impl FnMut(usize, &
         if q0 == 0 || hv.window.is_some() {
             pack_kv(hv, k0, keys, keys_p, dp, scratch);
         }
-        // V rows are read in place when the head size is whole tiles (no padding needed).
-        let (v_in_place, v_stride) = (&hv.qkv[k0 * hv.stride + hv.col + 2 * hv.h..], hv.stride);
         // Q block, pre-scaled, [rows_p, dp] zero-padded.
         scratch.q.clear();
         scratch.q.resize(rows_p * dp, 0.0);
@@ -228,8 +226,9 @@ pub fn attend(hv: &HeadView, scratch: &mut Scratch, mut out: impl FnMut(usize, &
             bias,
             ..
         } = scratch;
+        // V rows are read in place when the head size is whole tiles (no padding needed).
         let (v, v_stride) = if d == dp {
-            (v_in_place, v_stride)
+            (&hv.qkv[k0 * hv.stride + hv.col + 2 * hv.h..], hv.stride)
         } else {
             (&v[..], dp)
         };
