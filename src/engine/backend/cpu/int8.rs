@@ -494,8 +494,9 @@ const BLOCK_QUADS: usize = 4 * GROUP_QUADS;
 /// The loop nest: rayon tasks take blocks of `panels::MC` rows; each walks the reduction in
 /// blocks of [`BLOCK_QUADS`], in each every group of `PANELS` panels, and in each every tile of
 /// `ROWS` rows; `tile(tile, rows, panels, sums, stride)` adds a tile's groups into the task's
-/// f32 sums, row `r` and panel `p` at `sums[r·stride + p]`. The order of the groups within one
-/// output is always 0, 1, 2, ..., so the result does not depend on the blocking. When N is a
+/// f32 sums, row `r` and panel `p` at `sums[r·stride + p]`; group 0 starts each sum from zero
+/// (the kernels store it, so the sums need no clearing first). The order of the groups within
+/// one output is always 0, 1, 2, ..., so the result does not depend on the blocking. When N is a
 /// whole number of panels the sums are the output rows themselves; otherwise a buffer of the
 /// task's that is copied out. The epilogue then runs on the task's rows.
 fn blocked<const ROWS: usize, const PANELS: usize>(
@@ -539,8 +540,9 @@ fn blocked<const ROWS: usize, const PANELS: usize>(
         .enumerate()
         .for_each(|(block, out)| {
             let (row0, rows) = (block * panels::MC, out.len() / n);
-            if n.is_multiple_of(NR) {
+            if quads == 0 {
                 out.fill(0.0);
+            } else if n.is_multiple_of(NR) {
                 accumulate(row0, rows, out.as_chunks_mut::<NR>().0);
             } else {
                 let mut sums = vec![[0f32; NR]; rows * panels];
@@ -557,8 +559,8 @@ fn blocked<const ROWS: usize, const PANELS: usize>(
 }
 
 /// The reference arithmetic, one product at a time: per group the exact i32 sum, then
-/// `sum = fma(f32(group), s·t, sum)` and `sum = fma(−z·t, s·Σq, sum)`, as every vector kernel
-/// computes it.
+/// `sum = fma(f32(group), s·t, sum)` and `sum = fma(−z·t, s·Σq, sum)`, with `sum = 0` before
+/// group 0 (whatever `sums` held), as every vector kernel computes it.
 fn scalar_kernel(tile: Tile, mr: usize, sums: &mut [[f32; NR]], stride: usize) {
     let kq = tile.kq;
     for r in 0..mr {
@@ -581,7 +583,8 @@ fn scalar_kernel(tile: Tile, mr: usize, sums: &mut [[f32; NR]], stride: usize) {
             let s = &tile.b_scale[g * NR..(g + 1) * NR];
             let corr = &tile.b_correction[g * NR..(g + 1) * NR];
             for c in 0..NR {
-                let v = (group[c] as f32).mul_add(s[c] * t, out[c]);
+                let sum = if g == 0 { 0.0 } else { out[c] };
+                let v = (group[c] as f32).mul_add(s[c] * t, sum);
                 out[c] = (-zt).mul_add(corr[c], v);
             }
         }

@@ -6,7 +6,7 @@
 /// A 256-bit micro-kernel module `$module` with `kernel::<R>`: the `R`×16 tile, per k-quad two
 /// panel loads (channels 0..8 and 8..16) and `R` broadcasts of the row's quad, `$mac(acc, av,
 /// b)` into each of the row's two i32 accumulators; per group each accumulator is converted and
-/// added to the tile's f32 sums as the scalar kernel does.
+/// added to the tile's f32 sums (group 0 to zero) as the scalar kernel does.
 macro_rules! ymm_kernel {
     ($module:ident, $features:literal, $what:literal, |$acc:ident, $av:ident, $b:ident| $mac:expr) => {
         pub mod $module {
@@ -51,7 +51,11 @@ macro_rules! ymm_kernel {
                             unsafe {
                                 let s = _mm256_loadu_ps(s.as_ptr().add(8 * h));
                                 let corr = _mm256_loadu_ps(corr.as_ptr().add(8 * h));
-                                let v = _mm256_loadu_ps(out.as_ptr().add(8 * h));
+                                let v = if g == 0 {
+                                    _mm256_setzero_ps()
+                                } else {
+                                    _mm256_loadu_ps(out.as_ptr().add(8 * h))
+                                };
                                 let v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_mul_ps(s, t), v);
                                 _mm256_storeu_ps(out.as_mut_ptr().add(8 * h), _mm256_fmadd_ps(zt, corr, v));
                             }
@@ -92,8 +96,8 @@ pub mod avx512_vnni {
 
     /// The `R`×`16·P` tile with 512-bit `vpdpbusd`: per k-quad, one register per panel (`P`
     /// loads) and one broadcast per row feed `R·P` independent i32 accumulators; at the end of
-    /// each group they are converted and added to the tile's f32 sums as the scalar kernel
-    /// does.
+    /// each group they are converted and added to the tile's f32 sums (group 0 to zero) as the
+    /// scalar kernel does.
     ///
     /// # Safety
     /// The CPU must have AVX-512F and AVX512-VNNI; `tile` must hold `R` rows and `P` panels with
@@ -145,7 +149,11 @@ pub mod avx512_vnni {
                     let out = sums[r * stride + p].as_mut_ptr();
                     // SAFETY: each tile row holds 16 f32, one 512-bit load and store.
                     unsafe {
-                        let v = _mm512_loadu_ps(out);
+                        let v = if g == 0 {
+                            _mm512_setzero_ps()
+                        } else {
+                            _mm512_loadu_ps(out)
+                        };
                         let v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(s[p], t), v);
                         _mm512_storeu_ps(out, _mm512_fmadd_ps(zt, corr[p], v));
                     }
