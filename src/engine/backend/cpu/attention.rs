@@ -386,7 +386,7 @@ fn block_tiles<const FMA: bool, const TR: usize>(b: Block) {
             }
         }
         // Unnormalised: P·V rows are divided by the sum afterwards (one pass fewer over S).
-        inv_sum[i] = 1.0 / math::exp_row(&mut row[..keys]);
+        inv_sum[i] = 1.0 / math::exp_row::<FMA>(&mut row[..keys]);
         row[keys..].iter_mut().for_each(|x| *x = 0.0);
     }
     // O = P · V, TR×32 tiles over the head dimension.

@@ -11,6 +11,13 @@
 /// Fast `e^x` for `x` in the f32 range (inputs are clamped to `[-87.3, 88.0]`).
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
+    exp_with::<false>(x)
+}
+
+/// [`exp`] with the reduction and the polynomial in fused multiply-adds where the variant has
+/// FMA ([`madd`]): 17 vector operations per 16 values instead of 25, for the attention softmax.
+#[inline(always)]
+pub fn exp_with<const FMA: bool>(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     // ln 2 split in two so that n·LN2_HI is exact (Cody–Waite reduction).
     const LN2_HI: f32 = 0.693_145_75;
@@ -18,13 +25,13 @@ pub fn exp(x: f32) -> f32 {
     // Adding and subtracting 1.5·2^23 rounds to the nearest integer without a libm call.
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.3, 88.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
-    let r = x - n * LN2_HI - n * LN2_LO;
+    let n = madd::<FMA>(x, LOG2E, ROUND) - ROUND;
+    let r = madd::<FMA>(-n, LN2_LO, madd::<FMA>(-n, LN2_HI, x));
     // exp(r) on |r| ≤ ln2/2: degree-6 Taylor polynomial, Horner form.
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    let mut p = 1.0 / 720.0;
+    for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = madd::<FMA>(p, r, c);
+    }
     // n + 1.5·2^23 holds n in its low mantissa bits: read it back with integer ops (a float to
     // int `as` cast saturates and checks NaN, which blocks vectorisation).
     let n_int = (n + ROUND).to_bits() as i32 - 0x4B40_0000;
@@ -86,17 +93,18 @@ pub fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     }
 }
 
-/// Softmax of a row in place.
+/// Softmax of a row in place; `FMA` as in [`exp_with`].
 #[inline(always)]
-pub fn softmax_row(row: &mut [f32]) {
-    let inv = 1.0 / exp_row(row);
+pub fn softmax_row<const FMA: bool>(row: &mut [f32]) {
+    let inv = 1.0 / exp_row::<FMA>(row);
     row.iter_mut().for_each(|x| *x *= inv);
 }
 
 /// `x = exp(x - max(row))` in place; returns the sum (the softmax denominator). Reductions use
 /// 16 independent lanes so that they vectorise (one running float sum is a serial chain).
+/// `FMA` as in [`exp_with`].
 #[inline(always)]
-pub fn exp_row(row: &mut [f32]) -> f32 {
+pub fn exp_row<const FMA: bool>(row: &mut [f32]) -> f32 {
     const L: usize = 16;
     let mut lanes = [f32::NEG_INFINITY; L];
     let mut chunks = row.chunks_exact(L);
@@ -115,13 +123,13 @@ pub fn exp_row(row: &mut [f32]) -> f32 {
     let mut chunks = row.chunks_exact_mut(L);
     for c in &mut chunks {
         for (s, x) in sums.iter_mut().zip(c.iter_mut()) {
-            *x = exp(*x - max);
+            *x = exp_with::<FMA>(*x - max);
             *s += *x;
         }
     }
     let mut sum: f32 = sums.iter().sum();
     for x in chunks.into_remainder() {
-        *x = exp(*x - max);
+        *x = exp_with::<FMA>(*x - max);
         sum += *x;
     }
     sum
@@ -190,7 +198,7 @@ multiversion! {
     /// Softmax of each row of `x` (`[rows, cols]`) in place.
     pub fn softmax_rows(x: &mut [f32], cols: usize) {
         for row in x.chunks_exact_mut(cols) {
-            softmax_row(row);
+            softmax_row::<FMA>(row);
         }
     }
 }
@@ -255,12 +263,17 @@ mod tests {
     #[test]
     fn exp_matches_libm() {
         for x in grid(-87.0, 88.0, 200_000) {
-            let got = exp(x as f32) as f64;
             let want = libm::exp(x as f32 as f64);
-            assert!(
-                ((got - want) / want).abs() < 4e-7,
-                "exp({x}) = {got}, want {want}"
-            );
+            for (got, how) in [
+                (exp(x as f32), "plain"),
+                (exp_with::<true>(x as f32), "fused"),
+            ] {
+                let got = got as f64;
+                assert!(
+                    ((got - want) / want).abs() < 4e-7,
+                    "{how} exp({x}) = {got}, want {want}"
+                );
+            }
         }
     }
 
