@@ -93,6 +93,23 @@ pub fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     }
 }
 
+/// `Σ f(v)` over `row` in 16 independent lanes, then the remainder, then the lanes in order:
+/// a vector sum (one running float sum is a serial chain of adds, which left LayerNorm
+/// latency-bound).
+#[inline(always)]
+pub fn lane_sum(row: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    const L: usize = 16;
+    let mut lanes = [0f32; L];
+    let mut chunks = row.chunks_exact(L);
+    for c in &mut chunks {
+        for (s, &v) in lanes.iter_mut().zip(c) {
+            *s += f(v);
+        }
+    }
+    let tail: f32 = chunks.remainder().iter().map(|&v| f(v)).sum();
+    lanes.iter().sum::<f32>() + tail
+}
+
 /// Softmax of a row in place; `FMA` as in [`exp_with`].
 #[inline(always)]
 pub fn softmax_row<const FMA: bool>(row: &mut [f32]) {
@@ -212,8 +229,8 @@ multiversion! {
                 let res = &residual[r * cols..(r + 1) * cols];
                 row.iter_mut().zip(res).for_each(|(v, r)| *v += *r);
             }
-            let mean = row.iter().sum::<f32>() / cols as f32;
-            let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / cols as f32;
+            let mean = lane_sum(row, |v| v) / cols as f32;
+            let var = lane_sum(row, |v| (v - mean) * (v - mean)) / cols as f32;
             let inv = 1.0 / (var + eps).sqrt();
             if b.is_empty() {
                 for (v, w) in row.iter_mut().zip(w) {
