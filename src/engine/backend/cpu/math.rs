@@ -43,20 +43,35 @@ pub fn exp_with<const FMA: bool>(x: f32) -> f32 {
 /// Coefficients from Eigen's `generic_fast_erf_float` (also used by XLA).
 #[inline(always)]
 pub fn erf(x: f32) -> f32 {
+    erf_with::<false>(x)
+}
+
+/// [`erf`] with both polynomials in fused multiply-adds where the variant has FMA ([`madd`]):
+/// 11 operations instead of 22, for GELU.
+#[inline(always)]
+pub fn erf_with<const FMA: bool>(x: f32) -> f32 {
     let x = x.clamp(-4.0, 4.0);
     let x2 = x * x;
     let mut p = -2.726_142_3e-10_f32;
-    p = p * x2 + 2.770_681_4e-8;
-    p = p * x2 + -2.101_024_1e-6;
-    p = p * x2 + -5.692_506_4e-5;
-    p = p * x2 + -7.349_906_3e-4;
-    p = p * x2 + -2.954_6e-3;
-    p = p * x2 + -1.609_603_3e-2;
+    for c in [
+        2.770_681_4e-8,
+        -2.101_024_1e-6,
+        -5.692_506_4e-5,
+        -7.349_906_3e-4,
+        -2.954_6e-3,
+        -1.609_603_3e-2,
+    ] {
+        p = madd::<FMA>(p, x2, c);
+    }
     let mut q = -1.456_607_2e-5_f32;
-    q = q * x2 + -2.133_740_6e-4;
-    q = q * x2 + -1.682_827e-3;
-    q = q * x2 + -7.373_329_2e-3;
-    q = q * x2 + -1.426_474e-2;
+    for c in [
+        -2.133_740_6e-4,
+        -1.682_827e-3,
+        -7.373_329_2e-3,
+        -1.426_474e-2,
+    ] {
+        q = madd::<FMA>(q, x2, c);
+    }
     x * p / q
 }
 
@@ -66,9 +81,10 @@ pub fn tanh(x: f32) -> f32 {
     1.0 - 2.0 / (exp(2.0 * x) + 1.0)
 }
 
+/// `FMA` as in [`erf_with`].
 #[inline(always)]
-pub fn gelu_erf(x: f32) -> f32 {
-    0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
+pub fn gelu_erf<const FMA: bool>(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf_with::<FMA>(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
 #[inline(always)]
@@ -200,7 +216,7 @@ multiversion! {
                 }
             }
             match kind {
-                1 => row.iter_mut().for_each(|v| *v = gelu_erf(*v)),
+                1 => row.iter_mut().for_each(|v| *v = gelu_erf::<FMA>(*v)),
                 2 => row.iter_mut().for_each(|v| *v = gelu_tanh(*v)),
                 3 => row.iter_mut().for_each(|v| *v = v.max(0.0)),
                 4 => row.iter_mut().for_each(|v| *v = silu(*v)),
@@ -297,9 +313,17 @@ mod tests {
     #[test]
     fn erf_matches_libm() {
         for x in grid(-6.0, 6.0, 200_000) {
-            let got = erf(x as f32) as f64;
             let want = libm::erf(x as f32 as f64);
-            assert!((got - want).abs() < 6e-7, "erf({x}) = {got}, want {want}");
+            for (got, how) in [
+                (erf(x as f32), "plain"),
+                (erf_with::<true>(x as f32), "fused"),
+            ] {
+                let got = got as f64;
+                assert!(
+                    (got - want).abs() < 6e-7,
+                    "{how} erf({x}) = {got}, want {want}"
+                );
+            }
         }
     }
 
@@ -312,10 +336,12 @@ mod tests {
                 "tanh({x})"
             );
             let want = 0.5 * xf * (1.0 + libm::erf(xf / std::f64::consts::SQRT_2));
-            assert!(
-                (gelu_erf(xf as f32) as f64 - want).abs() < 2e-6 * (1.0 + xf.abs()),
-                "gelu({x})"
-            );
+            for got in [gelu_erf::<false>(xf as f32), gelu_erf::<true>(xf as f32)] {
+                assert!(
+                    (got as f64 - want).abs() < 2e-6 * (1.0 + xf.abs()),
+                    "gelu({x})"
+                );
+            }
             let c = (2.0 / std::f64::consts::PI).sqrt();
             let want = 0.5 * xf * (1.0 + libm::tanh(c * (xf + 0.044715 * xf * xf * xf)));
             assert!(
