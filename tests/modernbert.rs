@@ -92,8 +92,13 @@ fn batched_equals_single_across_windows() {
             .map(|(x, y)| (x - y).abs())
             .fold(0f32, f32::max);
         let scale = a.row(i).iter().fold(1f32, |s, v| s.max(v.abs()));
+        // Not bit for bit: batched and single give the f32 GEMM (gemm crate) other row counts,
+        // and with them other blockings of its sums: two of these documents differ by 1.2-2.5e-6
+        // (before and after this round's exp, erf and LayerNorm changes; the others are
+        // bit-identical); a batching bug (positions, windows, sequence boundaries) moves logits
+        // by more than 1e-2, as the window test above shows.
         assert!(
-            m <= 2e-6 * scale,
+            m <= 1e-5 * scale,
             "doc {i}: batched differs from single by {m:e}"
         );
     }
