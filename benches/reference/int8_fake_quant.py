@@ -11,7 +11,10 @@ measured. The arithmetic itself stays float (PyTorch), so this measures rounding
 usage: python benches/reference/int8_fake_quant.py [MODEL] [CORPUS]
   (defaults .data/models/all-MiniLM-L6-v2, .data/sample/corpus.jsonl; needs torch and
   transformers: /root/venv-ref/bin/python)
-Prints one line per scheme: embedding cosine to f32, min / p1 / mean over 100 documents.
+Prints one line per scheme: embedding cosine to f32, min / p1 / mean over 100 documents, and
+the error of a random 8-label head on the BERT pooler output (tanh(P·h_CLS + p), weights uniform
+in ±2/√H as tests/precision.rs draws them, another seed): per label the largest difference as a
+share of the label's range over the documents, the largest and the mean over labels.
 """
 
 import json
@@ -47,11 +50,18 @@ def kind(name):
 
 
 def embed(inputs):
+    """Mean-pooled embeddings and pooler outputs."""
     with torch.no_grad():
-        return torch.stack([model(**e).last_hidden_state[0].mean(0) for e in inputs])
+        outs = [model(**e) for e in inputs]
+    mean = torch.stack([o.last_hidden_state[0].mean(0) for o in outs])
+    return mean, torch.stack([o.pooler_output[0] for o in outs])
 
 
-reference = embed(measured)
+reference, reference_pooler = embed(measured)
+seed = torch.Generator().manual_seed(5)
+hidden = reference_pooler.shape[1]
+head = (torch.rand(8, hidden, generator=seed) * 2 - 1) * 2 / hidden**0.5
+reference_labels = reference_pooler @ head.T
 # Per-input-channel largest magnitude of each linear map's input, on the calibration documents.
 input_max = {}
 hooks = []
@@ -121,10 +131,14 @@ def scheme(label, inputs, group=0, keep_f32=(), smooth=None, act_group=0):
             return torch.nn.functional.linear(x, wq, m.bias)
 
         m.forward = forward
-    cos = torch.nn.functional.cosine_similarity(embed(measured), reference)
+    mean, pooler = embed(measured)
+    cos = torch.nn.functional.cosine_similarity(mean, reference)
+    spread = reference_labels.amax(0) - reference_labels.amin(0)
+    share = ((pooler @ head.T) - reference_labels).abs().amax(0) / spread
     print(
         f"{label:58s} min {float(cos.min()):.6f}  p1 {float(cos.quantile(0.01)):.6f}"
-        f"  mean {float(cos.mean()):.6f}",
+        f"  mean {float(cos.mean()):.6f}  label max {100 * float(share.max()):.2f}%"
+        f" mean {100 * float(share.mean()):.2f}%",
         flush=True,
     )
 
@@ -149,3 +163,11 @@ for a in (128, 64, 32):
         act_group=a,
     )
 scheme("weights and 8-bit asymmetric inputs per 64, SmoothQuant 0.5", "u8", 64, smooth=0.5, act_group=64)
+# Which part of the int8 error the pooler head sees: one kind of layer left f32 at a time, the
+# activations exact (weight rounding alone) with finer weight groups, and 16-bit activations.
+for k in ("qkv", "attn_out", "ffn_up", "ffn_down"):
+    scheme(f"mira's int8, {k} left f32", "u8", 64, keep_f32=(k,), smooth=0.5, act_group=64)
+scheme("weights per 64, no smoothing, inputs exact", "f32", 64)
+for g in (64, 32, 16):
+    scheme(f"weights per {g}, SmoothQuant 0.5, inputs exact", "f32", g, smooth=0.5)
+scheme("weights per 64, SmoothQuant 0.5, 16-bit inputs per 64", "i16", 64, smooth=0.5, act_group=64)
