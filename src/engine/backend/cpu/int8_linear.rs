@@ -46,7 +46,7 @@ impl Int8Linear {
         self.packed.get_or_init(|| {
             let input_max = self.input_max.lock().unwrap_or_else(|e| e.into_inner());
             let factor = smoothing(&input_max, w, k);
-            int8::PackedWeight::quantize_smoothed(w, n, k, &factor).0
+            int8::PackedWeight::quantize_smoothed(w, n, k, &factor)
         })
     }
 }
