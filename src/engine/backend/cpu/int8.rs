@@ -86,6 +86,12 @@ fn round(x: f32) -> f32 {
     (x + SHIFT) - SHIFT
 }
 
+/// Where channel `c`'s input `p` sits within its panel: k-quad `p / 4` holds 16 channels' 4
+/// consecutive inputs each.
+fn in_panel(c: usize, p: usize) -> usize {
+    (p / 4) * 4 * NR + c * 4 + p % 4
+}
+
 /// A weight quantized and packed for [`gemm`]: the value at `(j, k)` is `q(j, k)·s(j, k / 64)`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PackedWeight {
@@ -105,8 +111,8 @@ pub struct PackedWeight {
 
 impl PackedWeight {
     /// Quantize `w` (`[n, k]`, row-major) per output channel and group of 64 inputs. Returns the
-    /// packed weight and the dequantized values `q·s` (what the layer now computes with; tests
-    /// and benchmarks compare them).
+    /// packed weight and the dequantized values `q·s` (what the layer now computes with, for
+    /// tests).
     pub fn quantize(w: &[f32], n: usize, k: usize) -> (PackedWeight, Vec<f32>) {
         let packed = Self::quantize_smoothed(w, n, k, &vec![1.0; k]);
         let (groups, kq) = (groups(k), padded_k(k));
@@ -114,7 +120,7 @@ impl PackedWeight {
             .map(|i| {
                 let (j, p) = (i / k, i % k);
                 let (panel, c) = (j / NR, j % NR);
-                let q = packed.packed[panel * kq * NR + (p / 4) * 4 * NR + c * 4 + p % 4];
+                let q = packed.packed[panel * kq * NR + in_panel(c, p)];
                 f32::from(q) * packed.scale[(panel * groups + p / GROUP) * NR + c]
             })
             .collect();
@@ -149,7 +155,7 @@ impl PackedWeight {
                         let mut sum = 0f32;
                         for p in inputs {
                             let q = round(smoothed(p) / s).clamp(-W_MAX, W_MAX);
-                            packed[(p / 4) * 4 * NR + c * 4 + p % 4] = q as i8;
+                            packed[in_panel(c, p)] = q as i8;
                             sum += q;
                         }
                         scale[g * NR + c] = s;
