@@ -6,7 +6,9 @@ group of G consecutive inputs) and its input is rounded per token, or per token 
 inputs (16-bit symmetric, 8-bit symmetric, or 8-bit asymmetric with a zero point: mira's int8
 path rounds 8-bit asymmetric per token and 64 inputs, weights per 64 inputs), optionally after a
 SmoothQuant-style per-input-channel migration calibrated on documents disjoint from the ones
-measured. The arithmetic itself stays float (PyTorch), so this measures rounding only.
+measured. Weights can also be rounded GPTQ-style (each input column in turn, its error spread
+over the columns not yet rounded through the calibration inputs' second moments). The arithmetic
+itself stays float (PyTorch), so this measures rounding only.
 
 usage: python benches/reference/int8_fake_quant.py [MODEL] [CORPUS]
   (defaults .data/models/all-MiniLM-L6-v2, .data/sample/corpus.jsonl; needs torch and
@@ -62,13 +64,18 @@ seed = torch.Generator().manual_seed(5)
 hidden = reference_pooler.shape[1]
 head = (torch.rand(8, hidden, generator=seed) * 2 - 1) * 2 / hidden**0.5
 reference_labels = reference_pooler @ head.T
-# Per-input-channel largest magnitude of each linear map's input, on the calibration documents.
+# Per-input-channel largest magnitude of each linear map's input, on the calibration documents,
+# and the inputs' second moments X^T X (float64) for GPTQ-style rounding.
 input_max = {}
+second_moment = {}
 hooks = []
 for name, m in linears.items():
     def record(_m, inputs, _out, name=name):
-        a = inputs[0].reshape(-1, inputs[0].shape[-1]).abs().amax(0)
+        x = inputs[0].reshape(-1, inputs[0].shape[-1])
+        a = x.abs().amax(0)
         input_max[name] = a if name not in input_max else torch.maximum(input_max[name], a)
+        xx = x.double().T @ x.double()
+        second_moment[name] = xx if name not in second_moment else second_moment[name] + xx
     hooks.append(m.register_forward_hook(record))
 embed(calibration)
 for h in hooks:
@@ -82,6 +89,31 @@ def round_weight(w, group):
     wg = torch.nn.functional.pad(w, (0, pad)).reshape(rows, -1, g)
     s = wg.abs().amax(2, keepdim=True).clamp_min(1e-12) / 127
     return ((wg / s).round().clamp(-127, 127) * s).reshape(rows, -1)[:, :cols]
+
+
+def round_weight_gptq(w, group, xx, damp=0.01):
+    """GPTQ (Frantar et al. 2022): round one input column at a time, in order, and spread each
+    column's rounding error over the columns not yet rounded through the inverse of the inputs'
+    second moments `xx`, so that X·Wq stays close to X·W on the calibration inputs. A group's
+    scale is taken from its columns as they stand when the group starts."""
+    w = w.double().clone()
+    rows, cols = w.shape
+    g = cols if group == 0 else group
+    h = xx.clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h += damp * torch.diag(h).mean() * torch.eye(cols, dtype=h.dtype)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    q = torch.zeros_like(w)
+    for i in range(cols):
+        if i % g == 0:
+            s = w[:, i : i + g].abs().amax(1).clamp_min(1e-12) / 127
+        qi = (w[:, i] / s).round().clamp(-127, 127) * s
+        q[:, i] = qi
+        err = (w[:, i] - qi) / hinv[i, i]
+        w[:, i:] -= err[:, None] * hinv[i, i:][None, :]
+    return q.float()
 
 
 def round_input(x, mode):
@@ -108,10 +140,11 @@ def round_input_grouped(x, mode, act_group):
     return round_input(xg, mode).reshape(*x.shape[:-1], -1)[..., :cols]
 
 
-def scheme(label, inputs, group=0, keep_f32=(), smooth=None, act_group=0):
+def scheme(label, inputs, group=0, keep_f32=(), smooth=None, act_group=0, gptq=False, cls_exact=False):
     """inputs: per-token rounding of every input; group: weight group (0 = per channel);
     keep_f32: kinds left unquantized; smooth: SmoothQuant alpha, or None; act_group: inputs
-    per activation scale (0 = one per token)."""
+    per activation scale (0 = one per token); gptq: round the weights GPTQ-style; cls_exact: leave
+    every sequence's first token (the one the pooler reads) unrounded."""
     for name, m in linears.items():
         w = original[name]
         if kind(name) in keep_f32:
@@ -123,11 +156,19 @@ def scheme(label, inputs, group=0, keep_f32=(), smooth=None, act_group=0):
             factor = input_max[name].clamp_min(1e-5) ** smooth / w.abs().amax(0).clamp_min(
                 1e-5
             ) ** (1 - smooth)
-        wq = round_weight(w * factor if factor is not None else w, group)
+        ws = w * factor if factor is not None else w
+        if gptq:
+            f = factor.double() if factor is not None else torch.ones(w.shape[1], dtype=torch.float64)
+            wq = round_weight_gptq(ws, group, second_moment[name] / f[:, None] / f[None, :])
+        else:
+            wq = round_weight(ws, group)
 
         def forward(x, m=m, wq=wq, factor=factor):
             x = x / factor if factor is not None else x
-            x = round_input_grouped(x, inputs, act_group)
+            rounded = round_input_grouped(x, inputs, act_group)
+            if cls_exact:
+                rounded[..., 0, :] = x[..., 0, :]
+            x = rounded
             return torch.nn.functional.linear(x, wq, m.bias)
 
         m.forward = forward
@@ -171,3 +212,14 @@ scheme("weights per 64, no smoothing, inputs exact", "f32", 64)
 for g in (64, 32, 16):
     scheme(f"weights per {g}, SmoothQuant 0.5, inputs exact", "f32", g, smooth=0.5)
 scheme("weights per 64, SmoothQuant 0.5, 16-bit inputs per 64", "i16", 64, smooth=0.5, act_group=64)
+# Error-compensating weight rounding (GPTQ) on the same calibration documents.
+scheme("GPTQ weights per 64, no smoothing, inputs exact", "f32", 64, gptq=True)
+scheme("GPTQ weights per 64, SmoothQuant 0.5, inputs exact", "f32", 64, smooth=0.5, gptq=True)
+scheme("GPTQ, weights and 8-bit asymmetric inputs per 64, SmoothQuant 0.5", "u8", 64, smooth=0.5, act_group=64, gptq=True)
+scheme("GPTQ, weights and 8-bit asymmetric inputs per 64, no smoothing", "u8", 64, act_group=64, gptq=True)
+for a in (0.6, 0.7, 0.8):
+    scheme(f"GPTQ, weights and u8 inputs per 64, SmoothQuant {a}", "u8", 64, smooth=a, act_group=64, gptq=True)
+scheme("GPTQ, weights and u8 inputs per 32, SmoothQuant 0.5", "u8", 64, smooth=0.5, act_group=32, gptq=True)
+# Whether the pooler's error comes through the first token's own rounding.
+scheme("CLS exact: weights and u8 inputs per 64, SmoothQuant 0.5", "u8", 64, smooth=0.5, act_group=64, cls_exact=True)
+scheme("CLS exact: GPTQ, weights and u8 inputs per 64, SmoothQuant 0.5", "u8", 64, smooth=0.5, act_group=64, gptq=True, cls_exact=True)
