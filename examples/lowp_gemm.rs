@@ -52,7 +52,7 @@ fn main() -> anyhow::Result<()> {
             });
             line += &format!("  {p} {rate:.1}");
         }
-        let (packed, _) = int8::PackedWeight::quantize(&w, n, k);
+        let packed = int8::PackedWeight::quantize(&w, n, k);
         for kernel in int8::Kernel::available() {
             let mut out = vec![0f32; m * n];
             let rate = gmacs(m, k, n, || {

@@ -71,12 +71,13 @@ struct ModelArgs {
     #[arg(long)]
     batch_tokens: Option<usize>,
     /// Precision: auto (GPUs: f16 where the device has it, as every CUDA device does, else f32;
-    /// CPU: f32), f32, f16, bf16 (CUDA sm_80+, for models whose activations overflow f16) or int8
-    /// (CPU only: encoder linear layers with int8 weights, a scale per channel and 64 inputs,
-    /// 8-bit activations with a scale and zero per token and 64 inputs, exact i32 sums per
-    /// group). GPU
-    /// arithmetic is f32; on the CPU bf16 and f16 are emulated (weights rounded, f32 arithmetic).
-    /// Check a precision on your data with `mira bench --precision P --against f32`
+    /// CPU: f32), f32, f16, bf16 (CUDA sm_80+, for models whose activations overflow f16; the
+    /// CPU) or int8 (CPU only: encoder linear layers with int8 weights, a scale per channel and
+    /// 64 inputs, 8-bit activations with a scale and zero per token and 64 inputs, exact i32 sums
+    /// per group). GPUs store f16/bf16 and sum in f32. On the CPU, bf16 runs `vdpbf16ps` (bf16
+    /// products, f32 sums) where the CPU has AVX512_BF16 and is emulated elsewhere, as f16
+    /// always is (weights rounded, f32 arithmetic; stderr says so). Check a precision on your
+    /// data with `mira bench --precision P --against f32`
     #[arg(long, default_value = "auto")]
     precision: Precision,
     /// CUDA only: run batches of at most this many tokens as CUDA graphs once their shape

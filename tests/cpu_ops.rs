@@ -176,7 +176,7 @@ fn int8_linear_matches_reference() {
             );
         }
         // The quantizer's dequantized weight: each value within half its group's step.
-        let (_, dequant) = int8::PackedWeight::quantize(&w, n, k);
+        let dequant = int8::PackedWeight::quantize(&w, n, k).dequantize();
         for (j, wr) in w.chunks_exact(k).enumerate() {
             for (p, (&orig, &q)) in wr.iter().zip(&dequant[j * k..(j + 1) * k]).enumerate() {
                 let step = max_abs(&wr[p / 64 * 64..((p / 64 + 1) * 64).min(k)]) / 127.0;
@@ -262,7 +262,7 @@ fn int8_kernels_agree_bit_for_bit() {
     ] {
         let x = rng.vec(m * k, 3.0);
         let w = rng.vec(n * k, 0.1);
-        let (packed, _) = int8::PackedWeight::quantize(&w, n, k);
+        let packed = int8::PackedWeight::quantize(&w, n, k);
         let rows = int8::QuantRows::quantize(&x, m, k);
         let mut want = vec![f32::NAN; m * n];
         int8::gemm_with(&rows, &packed, &mut want, int8::Kernel::Scalar);
@@ -401,7 +401,7 @@ fn bf16_linear_matches_reference() {
         let x = rng.vec(m * k, 2.0);
         let w = rng.vec(n * k, 1.0 / (k as f64).sqrt());
         let b = rng.vec(n, 0.5);
-        let (packed, _) = bf16::PackedWeight::pack(&w, n, k);
+        let packed = bf16::PackedWeight::pack(&w, n, k);
         let rows = bf16::Bf16Rows::round(&x, m, k);
         let out = be
             .linear(
@@ -953,3 +953,72 @@ macro_rules! cpu_against_f64 {
 }
 
 op_table::every_op!(cpu_against_f64);
+
+/// A linear weight packed for int8 or bf16 holds its values once, in the packed form: `download`
+/// gives them back (int8: the f32 weight until it is packed, then within half a quantization
+/// step of it, each step computed here from the weight's own groups of 64 inputs; bf16: the
+/// weight rounded to bf16, exactly), and `data()` refuses rather than return nothing.
+#[test]
+fn packed_linear_weights_hold_their_values_once() {
+    let mut rng = Rng(0x5eed);
+    let (m, k, n) = (3, 150, 37);
+    let (x, w) = (rng.vec(m * k, 1.0), rng.vec(n * k, 0.2));
+    let kind = LinearKind::AttentionOutput;
+    let be = CpuBackend::new(Precision::Int8);
+    let wt = be.linear_weight(w.clone(), n, k, kind).unwrap();
+    assert_eq!(
+        be.download(&wt).unwrap(),
+        w,
+        "before packing: the f32 weight"
+    );
+    assert!(std::panic::catch_unwind(|| wt.data().len()).is_err());
+    let xt = be.weight(x, m, k).unwrap();
+    be.linear(&xt, &wt, None, Activation::None).unwrap();
+    let values = be.download(&wt).unwrap();
+    for j in 0..n {
+        for g in (0..k).step_by(64) {
+            let group = &w[j * k + g..j * k + (g + 64).min(k)];
+            let step = group.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0;
+            for (p, want) in group.iter().enumerate() {
+                let got = values[j * k + g + p];
+                assert!(
+                    (got - want).abs() <= 0.5 * step * (1.0 + 1e-6),
+                    "({j}, {}): {got} for {want}, step {step}",
+                    g + p
+                );
+            }
+        }
+    }
+    assert!(wt == wt.clone(), "a packed weight equals its clone");
+    // Calibrated on inputs with outlier channels, the packed weight is smoothed (columns scaled);
+    // its values come back with the smoothing undone.
+    let wt = be.linear_weight(w.clone(), n, k, kind).unwrap();
+    let mut outliers = rng.vec(m * k, 1.0);
+    outliers.iter_mut().step_by(7).for_each(|v| *v *= 40.0);
+    be.set_calibrating(true);
+    be.linear(
+        &be.weight(outliers, m, k).unwrap(),
+        &wt,
+        None,
+        Activation::None,
+    )
+    .unwrap();
+    be.set_calibrating(false);
+    be.linear(&xt, &wt, None, Activation::None).unwrap();
+    let values = be.download(&wt).unwrap();
+    let err: f32 = values.iter().zip(&w).map(|(a, b)| (a - b).abs()).sum();
+    let size: f32 = w.iter().map(|v| v.abs()).sum();
+    assert!(
+        err < 0.02 * size,
+        "smoothed: mean error {} of the mean size",
+        err / size
+    );
+    let be = CpuBackend::new(Precision::Bf16);
+    let wt = be.linear_weight(w.clone(), n, k, kind).unwrap();
+    let rounded: Vec<f32> = w.iter().map(|&v| bf16::to_f32(bf16::to_bf16(v))).collect();
+    assert_eq!(
+        be.download(&wt).unwrap(),
+        rounded,
+        "bf16: the rounded weight"
+    );
+}

@@ -46,13 +46,16 @@ pub struct PackedWeight {
 }
 
 impl PackedWeight {
-    /// Round `w` (`[n, k]`, row-major) to bf16 and pack it. Returns the packed weight and the
-    /// rounded values as f32 (what the layer now computes with, for the other ops and tests).
-    pub fn pack(w: &[f32], n: usize, k: usize) -> (PackedWeight, Vec<f32>) {
+    /// Round `w` (`[n, k]`, row-major) to bf16 and pack it.
+    pub fn pack(w: &[f32], n: usize, k: usize) -> PackedWeight {
         assert_eq!(w.len(), n * k, "weight data does not match its shape");
         let packed = panels::pack(w, n, k, to_bf16);
-        let rounded = w.iter().map(|&v| to_f32(to_bf16(v))).collect();
-        (PackedWeight { n, k, packed }, rounded)
+        PackedWeight { n, k, packed }
+    }
+
+    /// The rounded values as f32, `[n, k]` row-major: what the layer computes with.
+    pub fn values(&self) -> Vec<f32> {
+        panels::unpack(&self.packed, self.n, self.k, to_f32)
     }
 }
 

@@ -110,21 +110,22 @@ pub struct PackedWeight {
 }
 
 impl PackedWeight {
-    /// Quantize `w` (`[n, k]`, row-major) per output channel and group of 64 inputs. Returns the
-    /// packed weight and the dequantized values `q·s` (what the layer now computes with, for
-    /// tests).
-    pub fn quantize(w: &[f32], n: usize, k: usize) -> (PackedWeight, Vec<f32>) {
-        let packed = Self::quantize_smoothed(w, n, k, &vec![1.0; k]);
-        let (groups, kq) = (groups(k), padded_k(k));
-        let dequant = (0..n * k)
+    /// Quantize `w` (`[n, k]`, row-major) per output channel and group of 64 inputs.
+    pub fn quantize(w: &[f32], n: usize, k: usize) -> PackedWeight {
+        Self::quantize_smoothed(w, n, k, &vec![1.0; k])
+    }
+
+    /// The weight this packing stands for, `[n, k]` row-major: `q·s` with the smoothing undone
+    /// (`/ f`), which is what the layer computes with up to the activations' rounding.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let (k, groups, kq) = (self.k, groups(self.k), padded_k(self.k));
+        (0..self.n * k)
             .map(|i| {
-                let (j, p) = (i / k, i % k);
-                let (panel, c) = (j / NR, j % NR);
-                let q = packed.packed[panel * kq * NR + in_panel(c, p)];
-                f32::from(q) * packed.scale[(panel * groups + p / GROUP) * NR + c]
+                let (panel, c, p) = (i / k / NR, i / k % NR, i % k);
+                let s = self.scale[(panel * groups + p / GROUP) * NR + c] * self.input_factor[p];
+                f32::from(self.packed[panel * kq * NR + in_panel(c, p)]) * s
             })
-            .collect();
-        (packed, dequant)
+            .collect()
     }
 
     /// [`quantize`](Self::quantize) with input channel `k`'s column multiplied by `factor[k]`

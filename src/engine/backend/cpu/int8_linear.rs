@@ -1,6 +1,7 @@
 //! An int8 linear layer's life on the CPU backend: its f32 weight, the largest input per channel
 //! seen while the backend calibrates, and the packed int8 weight, built on first use after that
-//! with SmoothQuant-style smoothing from those statistics.
+//! with SmoothQuant-style smoothing from those statistics. Packing frees the f32 weight: an int8
+//! model then holds its linear layers at about a quarter of their f32 size.
 //!
 //! Smoothing moves the spread of the activations' channels into the weight: input channel `j` is
 //! divided by `f_j` and the weight's column `j` multiplied by it, which leaves the product
@@ -11,7 +12,7 @@
 //! (exact scalings) reached only 0.99946: MiniLM's factors span 2-8, too few steps. A layer never
 //! calibrated (a model built straight on the backend) quantizes without smoothing.
 
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Mutex, OnceLock, RwLock};
 
 use super::int8;
 
@@ -21,33 +22,59 @@ const MAX_FACTOR: f32 = 4096.0;
 
 #[derive(Debug)]
 pub struct Int8Linear {
+    n: usize,
+    k: usize,
+    /// The f32 weight `[n, k]` until it is packed (calibration computes with it), then `None`.
+    weight: RwLock<Option<Vec<f32>>>,
     /// Per input channel, the largest `|x|` seen while calibrating.
     input_max: Mutex<Vec<f32>>,
     packed: OnceLock<int8::PackedWeight>,
 }
 
 impl Int8Linear {
-    pub fn new(k: usize) -> Int8Linear {
+    /// A layer for the f32 weight `w` (`[n, k]`, row-major).
+    pub fn new(w: Vec<f32>, n: usize, k: usize) -> Int8Linear {
+        assert_eq!(w.len(), n * k, "weight data does not match its shape");
         Int8Linear {
+            n,
+            k,
+            weight: RwLock::new(Some(w)),
             input_max: Mutex::new(vec![0.0; k]),
             packed: OnceLock::new(),
         }
     }
 
     /// Record the largest magnitude of each input channel of `x` (`[m, k]`); NaN is ignored.
-    pub fn observe(&self, x: &[f32], k: usize) {
+    pub fn observe(&self, x: &[f32]) {
         let mut max = self.input_max.lock().unwrap_or_else(|e| e.into_inner());
-        column_abs_max(&mut max, x, k);
+        column_abs_max(&mut max, x, self.k);
     }
 
-    /// The packed weight for `w` (`[n, k]`, this layer's f32 weight), quantized on first use
-    /// with the smoothing the statistics so far give.
-    pub fn packed(&self, w: &[f32], n: usize, k: usize) -> &int8::PackedWeight {
+    /// `f(w)` on the f32 weight while the layer still holds it (before it is packed).
+    pub fn with_f32<R>(&self, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+        let weight = self.weight.read().unwrap_or_else(|e| e.into_inner());
+        weight.as_deref().map(f)
+    }
+
+    /// The packed weight, quantized on first use with the smoothing the statistics so far give;
+    /// the f32 weight is dropped then.
+    pub fn packed(&self) -> &int8::PackedWeight {
         self.packed.get_or_init(|| {
+            let mut weight = self.weight.write().unwrap_or_else(|e| e.into_inner());
+            let w = weight
+                .take()
+                .expect("an int8 layer holds its f32 weight until it is packed");
             let input_max = self.input_max.lock().unwrap_or_else(|e| e.into_inner());
-            let factor = smoothing(&input_max, w, k);
-            int8::PackedWeight::quantize_smoothed(w, n, k, &factor)
+            let factor = smoothing(&input_max, &w, self.k);
+            int8::PackedWeight::quantize_smoothed(&w, self.n, self.k, &factor)
         })
+    }
+
+    /// The weight's values, `[n, k]` row-major: the f32 weight before packing, the dequantized
+    /// one after.
+    pub fn values(&self) -> Vec<f32> {
+        self.with_f32(|w| w.to_vec())
+            .unwrap_or_else(|| self.packed().dequantize())
     }
 }
 

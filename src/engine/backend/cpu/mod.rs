@@ -14,8 +14,11 @@ mod int8_linear;
 pub mod math;
 mod panels;
 mod precision;
+mod tensor;
 
 pub use precision::{cpu_features, simd_level, CpuPrecision};
+pub use tensor::CpuTensor;
+use tensor::PackedLinear;
 
 use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,61 +30,6 @@ use rayon::prelude::*;
 
 use super::{Backend, EmbeddingTables};
 use crate::engine::{Activation, Batch, LinearKind, Pooling};
-
-/// A row-major f32 matrix in host memory. Fields are private so that `data.len() == rows * cols`
-/// always holds: the unsafe GEMM calls rely on it.
-#[derive(Debug, Clone)]
-pub struct CpuTensor {
-    data: Vec<f32>,
-    rows: usize,
-    cols: usize,
-    /// For a linear layer's weight under `--precision int8` or `bf16` (with a bf16 kernel): the
-    /// same values packed for that GEMM (bf16: `data` holds them rounded; int8: `data` holds the
-    /// f32 weight, quantized on first use after calibration).
-    packed: Option<Arc<PackedLinear>>,
-}
-
-/// Tensors are equal when their values are (a packed copy is derived from them).
-impl PartialEq for CpuTensor {
-    fn eq(&self, other: &CpuTensor) -> bool {
-        (self.rows, self.cols, &self.data) == (other.rows, other.cols, &other.data)
-    }
-}
-
-/// A linear layer's weight packed for a GEMM other than f32's.
-#[derive(Debug)]
-enum PackedLinear {
-    Int8(int8_linear::Int8Linear),
-    Bf16(bf16::PackedWeight),
-}
-
-impl CpuTensor {
-    fn new(data: Vec<f32>, rows: usize, cols: usize) -> CpuTensor {
-        assert_eq!(
-            data.len(),
-            rows * cols,
-            "tensor data does not match its shape"
-        );
-        CpuTensor {
-            data,
-            rows,
-            cols,
-            packed: None,
-        }
-    }
-
-    pub fn data(&self) -> &[f32] {
-        &self.data
-    }
-
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
-    pub fn cols(&self) -> usize {
-        self.cols
-    }
-}
 
 /// A batch's index data (host memory is the device here).
 pub struct CpuBatch {
@@ -150,6 +98,49 @@ unsafe fn assume_init(v: Vec<MaybeUninit<f32>>) -> Vec<f32> {
 fn rows_per_task(rows: usize, cols: usize) -> usize {
     let target = 16 * 1024 / cols.max(1);
     target.clamp(1, rows.max(1))
+}
+
+/// `x · wᵀ` for `x` `[m, k]` and `w` `[n, k]`, row-major: the f32 linear layer's GEMM.
+fn gemm_f32(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Result<Vec<f32>> {
+    // The unsafe call below reads these extents: a tensor without its values (a packed weight
+    // used where an f32 one belongs) must be an error here, not a read out of bounds.
+    ensure!(
+        x.len() == m * k && w.len() == n * k,
+        "linear: {} input values for [{m}, {k}] and {} weight values for [{n}, {k}]",
+        x.len(),
+        w.len()
+    );
+    let mut out = uninit(m * n);
+    if m > 0 {
+        // SAFETY: out is [m, n] (row stride n), x is [m, k] (row stride k), and wᵀ is read as a
+        // [k, n] matrix from w's [n, k] storage: element (p, j) at w[j*k + p], so the column
+        // stride is k and the row stride 1. All pointers are valid for those extents (checked).
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                out.as_mut_ptr() as *mut f32,
+                1,
+                n as isize,
+                false,
+                x.as_ptr(),
+                1,
+                k as isize,
+                w.as_ptr(),
+                k as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                par(),
+            );
+        }
+    }
+    // SAFETY: with read_dst = false the GEMM wrote every element of the [m, n] output.
+    Ok(unsafe { assume_init(out) })
 }
 
 /// An f32 linear layer's epilogue: bias and activation in one vectorised pass per block of rows
@@ -226,17 +217,12 @@ impl Backend for CpuBackend {
             "weight has {} values, expected {rows}x{cols}",
             data.len()
         );
-        if bf16 {
-            let (packed, rounded) = bf16::PackedWeight::pack(&data, rows, cols);
-            let mut t = CpuTensor::new(rounded, rows, cols);
-            t.packed = Some(Arc::new(PackedLinear::Bf16(packed)));
-            return Ok(t);
-        }
-        let mut t = CpuTensor::new(data, rows, cols);
-        t.packed = Some(Arc::new(PackedLinear::Int8(int8_linear::Int8Linear::new(
-            cols,
-        ))));
-        Ok(t)
+        let packed = if bf16 {
+            PackedLinear::Bf16(bf16::PackedWeight::pack(&data, rows, cols))
+        } else {
+            PackedLinear::Int8(int8_linear::Int8Linear::new(data, rows, cols))
+        };
+        Ok(CpuTensor::packed_linear(packed, rows, cols))
     }
 
     fn set_calibrating(&self, on: bool) -> bool {
@@ -292,10 +278,16 @@ impl Backend for CpuBackend {
     ) -> Result<CpuTensor> {
         let (m, k, n) =
             super::linear_shape((x.rows, x.cols), (w.rows, w.cols), b.map(|b| b.data.len()))?;
-        let calibrating = self.calibrating.load(Ordering::Relaxed);
-        if let (Some(PackedLinear::Int8(layer)), true) = (w.packed.as_deref(), calibrating) {
-            layer.observe(&x.data, k);
-        } else if let Some(packed) = &w.packed {
+        if let Some(packed) = &w.packed {
+            if let PackedLinear::Int8(layer) = &**packed {
+                if self.calibrating.load(Ordering::Relaxed) {
+                    // Record the input's range and compute in f32 while the layer holds it.
+                    layer.observe(&x.data);
+                    if let Some(out) = layer.with_f32(|w| gemm_f32(&x.data, w, m, k, n)) {
+                        return Ok(bias_act(out?, m, n, b, act));
+                    }
+                }
+            }
             let mut out = uninit(m * n);
             // SAFETY: MaybeUninit<f32> and f32 have the same layout; both GEMMs write every
             // element of the [m, n] output (each row block walks every panel's columns).
@@ -304,7 +296,7 @@ impl Backend for CpuBackend {
             // Whether the GEMM applied bias and activation itself (int8 does, per task).
             let fused = match &**packed {
                 PackedLinear::Int8(layer) => {
-                    let w = layer.packed(&w.data, n, k);
+                    let w = layer.packed();
                     let x = int8::QuantRows::quantize_for(&x.data, m, w);
                     let bias = b.map(|b| &b.data[..]).unwrap_or(&[]);
                     let epilogue = int8::Epilogue {
@@ -327,38 +319,7 @@ impl Backend for CpuBackend {
                 bias_act(out, m, n, b, act)
             });
         }
-        let mut out = uninit(m * n);
-        if m > 0 {
-            // SAFETY: out is [m, n] (row stride n), x is [m, k] (row stride k), and wᵀ is read as a
-            // [k, n] matrix from w's [n, k] storage: element (p, j) at w[j*k + p], so the column
-            // stride is k and the row stride 1. All pointers are valid for those extents.
-            unsafe {
-                gemm::gemm(
-                    m,
-                    n,
-                    k,
-                    out.as_mut_ptr() as *mut f32,
-                    1,
-                    n as isize,
-                    false,
-                    x.data.as_ptr(),
-                    1,
-                    k as isize,
-                    w.data.as_ptr(),
-                    k as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    par(),
-                );
-            }
-        }
-        // SAFETY: with read_dst = false the GEMM wrote every element of the [m, n] output.
-        let out = unsafe { assume_init(out) };
-        Ok(bias_act(out, m, n, b, act))
+        Ok(bias_act(gemm_f32(&x.data, &w.data, m, k, n)?, m, n, b, act))
     }
 
     fn add_layernorm(
@@ -560,7 +521,7 @@ impl Backend for CpuBackend {
     }
 
     fn download(&self, x: &CpuTensor) -> Result<Vec<f32>> {
-        Ok(x.data.clone())
+        Ok(x.values().into_owned())
     }
 
     fn sync(&self) -> Result<()> {

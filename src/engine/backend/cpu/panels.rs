@@ -49,17 +49,31 @@ pub fn padded_k(k: usize) -> usize {
     k.next_multiple_of(2)
 }
 
+/// Where weight `(j, p)` of a `[n, k]` weight sits in its packed panels (`kp = padded_k(k)`).
+#[inline(always)]
+fn at(kp: usize, j: usize, p: usize) -> usize {
+    let (panel, c) = (j / NR, j % NR);
+    panel * kp * NR + (p / 2) * 2 * NR + c * 2 + p % 2
+}
+
 /// Pack `w` (`[n, k]`, row-major) into panels of k-pairs, each value through `f`.
 pub fn pack<E: Copy + Default>(w: &[f32], n: usize, k: usize, f: impl Fn(f32) -> E) -> Vec<E> {
     let kp = padded_k(k);
     let mut packed = vec![E::default(); n.div_ceil(NR) * kp * NR];
     for j in 0..n {
-        let (panel, c) = (j / NR, j % NR);
         for (p, &v) in w[j * k..(j + 1) * k].iter().enumerate() {
-            packed[panel * kp * NR + (p / 2) * 2 * NR + c * 2 + p % 2] = f(v);
+            packed[at(kp, j, p)] = f(v);
         }
     }
     packed
+}
+
+/// The `[n, k]` row-major values of a weight [`pack`] packed, each through `f`.
+pub fn unpack<E: Copy>(packed: &[E], n: usize, k: usize, f: impl Fn(E) -> f32) -> Vec<f32> {
+    let kp = padded_k(k);
+    (0..n * k)
+        .map(|i| f(packed[at(kp, i / k, i % k)]))
+        .collect()
 }
 
 /// The reduction of the 512-bit bf16 micro-kernel (`bf16.rs`), where one register holds a
