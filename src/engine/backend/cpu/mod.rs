@@ -278,16 +278,15 @@ impl Backend for CpuBackend {
     ) -> Result<CpuTensor> {
         let (m, k, n) =
             super::linear_shape((x.rows, x.cols), (w.rows, w.cols), b.map(|b| b.data.len()))?;
-        if let Some(packed) = &w.packed {
-            if let PackedLinear::Int8(layer) = &**packed {
-                if self.calibrating.load(Ordering::Relaxed) {
-                    // Record the input's range and compute in f32 while the layer holds it.
-                    layer.observe(&x.data);
-                    if let Some(out) = layer.with_f32(|w| gemm_f32(&x.data, w, m, k, n)) {
-                        return Ok(bias_act(out?, m, n, b, act));
-                    }
-                }
+        let calibrating = self.calibrating.load(Ordering::Relaxed);
+        if let (Some(PackedLinear::Int8(layer)), true) = (w.packed.as_deref(), calibrating) {
+            // Record the input's range and compute in f32 while the layer holds it.
+            layer.observe(&x.data);
+            if let Some(out) = layer.with_f32(|w| gemm_f32(&x.data, w, m, k, n)) {
+                return Ok(bias_act(out?, m, n, b, act));
             }
+        }
+        if let Some(packed) = &w.packed {
             let mut out = uninit(m * n);
             // SAFETY: MaybeUninit<f32> and f32 have the same layout; both GEMMs write every
             // element of the [m, n] output (each row block walks every panel's columns).

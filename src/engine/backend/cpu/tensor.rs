@@ -63,7 +63,7 @@ impl CpuTensor {
     /// live only in its packed form: read those with [`Backend::download`].
     pub fn data(&self) -> &[f32] {
         assert!(
-            self.packed.is_none() || self.rows * self.cols == 0,
+            self.data.len() == self.rows * self.cols,
             "a {}x{} linear weight packed for a low-precision GEMM holds no f32 values: \
              read them with Backend::download",
             self.rows,
