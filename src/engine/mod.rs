@@ -1,10 +1,12 @@
 //! The on-device forward pass: ragged batches, the backend interface and the backends, the
 //! device registry (`device`) and the worker pool that runs batches on several engines
-//! (`pool`). This file holds the types they share.
+//! (`pool`), and the host values weights arrive in (`host_f32`). This file holds the types they
+//! share.
 
 pub mod backend;
 pub mod batch;
 pub mod device;
+pub mod host_f32;
 pub mod pool;
 
 use anyhow::{bail, Result};
@@ -12,6 +14,7 @@ use anyhow::{bail, Result};
 pub use backend::{Backend, GraphStats, LinearKind};
 pub use batch::{Batch, Packer};
 pub use device::{default_packer, list_devices, resolve, BackendOptions, Device, OnBackend};
+pub use host_f32::HostF32;
 
 /// Storage precision of weights and activations on the device (arithmetic is f32 except under
 /// `Int8`). On the CPU, bf16 and f16 round the weights and compute in f32 (see

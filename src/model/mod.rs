@@ -64,7 +64,8 @@ pub(crate) fn model_id() -> u64 {
 }
 
 /// Uploads checkpoint tensors to a backend, checking each against the shape the model expects
-/// (errors name the tensor and its file).
+/// (errors name the tensor and its file); tensors stored in f32 go in read in place from the
+/// mapped file (`HostF32`).
 pub(crate) struct Loader<'a, B: crate::engine::Backend> {
     pub be: &'a B,
     pub w: &'a Weights,
@@ -74,7 +75,7 @@ impl<B: crate::engine::Backend> Loader<'_, B> {
     /// A `[rows, cols]` matrix.
     pub fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<B::Tensor> {
         self.be
-            .weight(self.w.f32(name, &[rows, cols])?, rows, cols)
+            .weight(self.w.host_f32(name, &[rows, cols])?, rows, cols)
             .with_context(|| format!("cannot place tensor {name} on {}", self.be.name()))
     }
 
@@ -87,14 +88,14 @@ impl<B: crate::engine::Backend> Loader<'_, B> {
         kind: crate::engine::LinearKind,
     ) -> Result<B::Tensor> {
         self.be
-            .linear_weight(self.w.f32(name, &[rows, cols])?, rows, cols, kind)
+            .linear_weight(self.w.host_f32(name, &[rows, cols])?, rows, cols, kind)
             .with_context(|| format!("cannot place tensor {name} on {}", self.be.name()))
     }
 
     /// A `[n]` vector, as `[1, n]`.
     pub fn vector(&self, name: &str, n: usize) -> Result<B::Tensor> {
         self.be
-            .weight(self.w.f32(name, &[n])?, 1, n)
+            .weight(self.w.host_f32(name, &[n])?, 1, n)
             .with_context(|| format!("cannot place tensor {name} on {}", self.be.name()))
     }
 

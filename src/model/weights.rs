@@ -1,18 +1,22 @@
 //! Memory-mapped safetensors weights: a single `model.safetensors` or shards listed in
 //! `model.safetensors.index.json`. Tensors are looked up by their checkpoint name with an optional
-//! prefix (`bert.`, `model.`), checked against the shape the model expects, and converted to f32 on request.
+//! prefix (`bert.`, `model.`), checked against the shape the model expects, and converted to f32 on
+//! request, or read in place where the file stores them in f32 (`HostF32`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype, Metadata, SafeTensors, TensorInfo};
 
+use crate::engine::HostF32;
+
 struct Shard {
     path: PathBuf,
-    mmap: Mmap,
+    mmap: Arc<Mmap>,
     header_len: usize,
     meta: Metadata,
 }
@@ -177,6 +181,26 @@ impl Weights {
 
     /// Fetch a tensor, require `shape`, and convert it to f32.
     pub fn f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        self.shaped(name, shape)?.to_f32()
+    }
+
+    /// Fetch a tensor and require `shape`, as f32 values read in place from the mapped file
+    /// where it is stored in f32 and aligned (`HostF32::mapped`), else converted.
+    pub fn host_f32(&self, name: &str, shape: &[usize]) -> Result<HostF32> {
+        let t = self.shaped(name, shape)?;
+        let shard = &self.shards[self.index[name]];
+        let start = t.bytes.as_ptr() as usize - shard.mmap.as_ptr() as usize;
+        let mapped = (t.dtype == Dtype::F32)
+            .then(|| HostF32::mapped(&shard.mmap, start, start + t.bytes.len()))
+            .flatten();
+        match mapped {
+            Some(values) => Ok(values),
+            None => t.to_f32().map(HostF32::from),
+        }
+    }
+
+    /// Fetch a tensor and require `shape`.
+    fn shaped(&self, name: &str, shape: &[usize]) -> Result<TensorRef<'_>> {
         let t = self.get(name)?;
         if t.shape != shape {
             bail!(
@@ -186,7 +210,7 @@ impl Weights {
                 shape
             );
         }
-        t.to_f32()
+        Ok(t)
     }
 
     fn file_of(&self, name: &str) -> String {
@@ -226,8 +250,49 @@ fn open_shard(path: &Path) -> Result<Shard> {
     })?;
     Ok(Shard {
         path: path.to_path_buf(),
-        mmap,
+        mmap: Arc::new(mmap),
         header_len,
         meta,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use safetensors::tensor::TensorView;
+
+    #[test]
+    fn f32_tensors_are_read_in_place_and_others_converted() {
+        let dir = tempfile::tempdir().unwrap();
+        let values = [0.5f32, -1.25, 3.0, 0.125, -7.5, 2.0];
+        let f32_bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let f16_bytes: Vec<u8> = values
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+            .collect();
+        let tensors = vec![
+            (
+                "a",
+                TensorView::new(Dtype::F32, vec![2, 3], &f32_bytes).unwrap(),
+            ),
+            (
+                "b",
+                TensorView::new(Dtype::F16, vec![2, 3], &f16_bytes).unwrap(),
+            ),
+        ];
+        safetensors::serialize_to_file(tensors, None, &dir.path().join("model.safetensors"))
+            .unwrap();
+        let w = Weights::open(dir.path()).unwrap();
+        let a = w.host_f32("a", &[2, 3]).unwrap();
+        assert!(a.is_mapped(), "an f32 tensor is read in place");
+        assert_eq!(&a[..], &values);
+        let b = w.host_f32("b", &[2, 3]).unwrap();
+        assert!(!b.is_mapped(), "an f16 tensor is converted");
+        assert_eq!(&b[..], &values, "these values are exact in f16");
+        let err = w.host_f32("a", &[3, 2]).unwrap_err().to_string();
+        assert!(
+            err.contains("'a'") && err.contains("expected [3, 2]"),
+            "{err}"
+        );
+    }
 }

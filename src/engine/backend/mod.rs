@@ -11,7 +11,7 @@ pub mod wgpu;
 
 use anyhow::Result;
 
-use super::{Activation, Batch, Pooling};
+use super::{Activation, Batch, HostF32, Pooling};
 
 /// Which linear map of an encoder layer a weight belongs to ([`Backend::linear_weight`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -337,8 +337,9 @@ pub trait Backend: Send + Sync + 'static {
     /// Human-readable description (`cpu (2 threads, avx2+fma)`).
     fn name(&self) -> String;
 
-    /// Upload a weight given in f32, `[rows, cols]`.
-    fn weight(&self, data: Vec<f32>, rows: usize, cols: usize) -> Result<Self::Tensor>;
+    /// Upload a weight given in f32, `[rows, cols]` (owned, or read in place from a mapped
+    /// checkpoint: a backend that keeps host values, as the CPU does, keeps mapped ones mapped).
+    fn weight(&self, data: impl Into<HostF32>, rows: usize, cols: usize) -> Result<Self::Tensor>;
 
     /// Upload the weight of an encoder layer's linear map (`[out, in]`, only ever passed as `w`
     /// to [`Backend::linear`]): a backend may store it in a form only `linear` reads, as the CPU's
@@ -349,7 +350,7 @@ pub trait Backend: Send + Sync + 'static {
     /// [`Backend::weight`].
     fn linear_weight(
         &self,
-        data: Vec<f32>,
+        data: impl Into<HostF32>,
         rows: usize,
         cols: usize,
         kind: LinearKind,

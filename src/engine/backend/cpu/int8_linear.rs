@@ -1,7 +1,8 @@
 //! An int8 linear layer's life on the CPU backend: its f32 weight, the largest input per channel
 //! seen while the backend calibrates, and the packed int8 weight, built on first use after that
-//! with SmoothQuant-style smoothing from those statistics. Packing frees the f32 weight: an int8
-//! model then holds its linear layers at about a quarter of their f32 size.
+//! with SmoothQuant-style smoothing from those statistics. Packing frees the f32 weight (or lets go
+//! of the mapped checkpoint's values it read in place): an int8 model then holds its linear layers
+//! at about a quarter of their f32 size.
 //!
 //! Smoothing moves the spread of the activations' channels into the weight: input channel `j` is
 //! divided by `f_j` and the weight's column `j` multiplied by it, which leaves the product
@@ -15,6 +16,7 @@
 use std::sync::{Mutex, OnceLock, RwLock};
 
 use super::int8;
+use crate::engine::HostF32;
 
 /// The largest smoothing factor either way; a channel that calibration never saw non-zero keeps
 /// factor 1.
@@ -25,15 +27,17 @@ pub struct Int8Linear {
     n: usize,
     k: usize,
     /// The f32 weight `[n, k]` until it is packed (calibration computes with it), then `None`.
-    weight: RwLock<Option<Vec<f32>>>,
+    weight: RwLock<Option<HostF32>>,
     /// Per input channel, the largest `|x|` seen while calibrating.
     input_max: Mutex<Vec<f32>>,
     packed: OnceLock<int8::PackedWeight>,
 }
 
 impl Int8Linear {
-    /// A layer for the f32 weight `w` (`[n, k]`, row-major).
-    pub fn new(w: Vec<f32>, n: usize, k: usize) -> Int8Linear {
+    /// A layer for the f32 weight `w` (`[n, k]`, row-major; owned, or read in place from the
+    /// mapped checkpoint until it is packed).
+    pub fn new(w: impl Into<HostF32>, n: usize, k: usize) -> Int8Linear {
+        let w = w.into();
         assert_eq!(w.len(), n * k, "weight data does not match its shape");
         Int8Linear {
             n,

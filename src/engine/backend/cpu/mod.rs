@@ -29,7 +29,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::{Backend, EmbeddingTables};
-use crate::engine::{Activation, Batch, LinearKind, Pooling};
+use crate::engine::{Activation, Batch, HostF32, LinearKind, Pooling};
 
 /// A batch's index data (host memory is the device here).
 pub struct CpuBatch {
@@ -183,7 +183,8 @@ impl Backend for CpuBackend {
         )
     }
 
-    fn weight(&self, mut data: Vec<f32>, rows: usize, cols: usize) -> Result<CpuTensor> {
+    fn weight(&self, data: impl Into<HostF32>, rows: usize, cols: usize) -> Result<CpuTensor> {
+        let mut data = data.into();
         ensure!(
             data.len() == rows * cols,
             "weight has {} values, expected {rows}x{cols}",
@@ -203,11 +204,12 @@ impl Backend for CpuBackend {
 
     fn linear_weight(
         &self,
-        data: Vec<f32>,
+        data: impl Into<HostF32>,
         rows: usize,
         cols: usize,
         _kind: LinearKind,
     ) -> Result<CpuTensor> {
+        let data = data.into();
         let bf16 = self.precision == CpuPrecision::Bf16 && bf16::Kernel::vector().is_some();
         if self.precision != CpuPrecision::Int8 && !bf16 {
             return self.weight(data, rows, cols);
@@ -261,7 +263,9 @@ impl Backend for CpuBackend {
                             .for_each(|(v, e)| *v += e);
                     }
                     if let Some(tt) = &t.token_type {
-                        row.iter_mut().zip(&tt.data).for_each(|(v, e)| *v += e);
+                        row.iter_mut()
+                            .zip(tt.data.iter())
+                            .for_each(|(v, e)| *v += e);
                     }
                 }
                 math::add_layernorm_rows(rows, &[], &t.norm_weight.data, bias, t.eps);

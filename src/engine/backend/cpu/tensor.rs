@@ -1,17 +1,19 @@
-//! The CPU backend's tensor: a row-major f32 matrix in host memory, or a linear layer's weight
-//! held only in the packed form of its low-precision GEMM (`int8_linear.rs`, `bf16.rs`).
+//! The CPU backend's tensor: a row-major f32 matrix in host memory (a weight stored in f32 is read
+//! in place from the mapped checkpoint, `HostF32`), or a linear layer's weight held only in the
+//! packed form of its low-precision GEMM (`int8_linear.rs`, `bf16.rs`).
 
 use std::borrow::Cow;
 use std::sync::Arc;
 
 use super::{bf16, int8_linear};
+use crate::engine::HostF32;
 
 /// A row-major f32 matrix in host memory. Fields are private to the CPU backend so that
 /// `data.len() == rows * cols` holds for every tensor but a packed linear weight, whose `data` is
 /// empty; the unsafe GEMM calls check it.
 #[derive(Debug, Clone)]
 pub struct CpuTensor {
-    pub(super) data: Vec<f32>,
+    pub(super) data: HostF32,
     pub(super) rows: usize,
     pub(super) cols: usize,
     /// For a linear layer's weight under `--precision int8` or `bf16` (with a bf16 kernel): its
@@ -35,7 +37,8 @@ pub(super) enum PackedLinear {
 }
 
 impl CpuTensor {
-    pub(super) fn new(data: Vec<f32>, rows: usize, cols: usize) -> CpuTensor {
+    pub(super) fn new(data: impl Into<HostF32>, rows: usize, cols: usize) -> CpuTensor {
+        let data = data.into();
         assert_eq!(
             data.len(),
             rows * cols,
@@ -52,7 +55,7 @@ impl CpuTensor {
     /// A packed linear weight (`packed`) built from `data`; its values live only there.
     pub(super) fn packed_linear(packed: PackedLinear, rows: usize, cols: usize) -> CpuTensor {
         CpuTensor {
-            data: Vec::new(),
+            data: Vec::new().into(),
             rows,
             cols,
             packed: Some(Arc::new(packed)),

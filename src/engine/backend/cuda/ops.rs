@@ -16,7 +16,7 @@ use super::launch::{
     STRIDE_THREADS,
 };
 use crate::engine::backend::{Backend, EmbeddingTables};
-use crate::engine::{Activation, Batch, Pooling};
+use crate::engine::{Activation, Batch, HostF32, Pooling};
 
 impl<D: KernelDevice> Backend for KernelBackend<D> {
     type Tensor = DevTensor<D::Mem>;
@@ -26,7 +26,8 @@ impl<D: KernelDevice> Backend for KernelBackend<D> {
         self.dev().describe()
     }
 
-    fn weight(&self, data: Vec<f32>, rows: usize, cols: usize) -> Result<Tensor<D>> {
+    fn weight(&self, data: impl Into<HostF32>, rows: usize, cols: usize) -> Result<Tensor<D>> {
+        let data = data.into();
         ensure!(
             data.len() == rows * cols,
             "weight has {} values, expected {rows}x{cols}",

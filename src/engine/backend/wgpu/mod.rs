@@ -23,7 +23,7 @@ use context::{Context, Pool};
 use shaders::Op;
 
 use super::{Backend, EmbeddingTables};
-use crate::engine::{Activation, Batch, Pooling};
+use crate::engine::{Activation, Batch, HostF32, Pooling};
 
 /// Queries per attention workgroup (`BQ` in attention.wgsl).
 const QUERY_BLOCK: usize = 64;
@@ -240,7 +240,8 @@ impl Backend for WgpuBackend {
         )
     }
 
-    fn weight(&self, data: Vec<f32>, rows: usize, cols: usize) -> Result<WgpuTensor> {
+    fn weight(&self, data: impl Into<HostF32>, rows: usize, cols: usize) -> Result<WgpuTensor> {
+        let data = data.into();
         ensure!(
             data.len() == rows * cols,
             "weight has {} values, expected {rows}x{cols}",
