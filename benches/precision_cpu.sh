@@ -5,8 +5,8 @@
 #   mira embed   the whole job (read JSONL, tokenize, forward, write JSONL) at the same precisions
 #   sentence-transformers fp32, ONNX Runtime fp32 and ONNX Runtime int8 (quantize_dynamic, QInt8
 #   weights) from benches/reference/bench_torch.py, tokenization and pooling inside their timing
-# for all-MiniLM-L6-v2 and a random BERT-base-shaped checkpoint (benches/gpu/hf_bench.py
-# make-model), one JSON object per engine on stdout.
+# for all-MiniLM-L6-v2 and a random BERT-base-shaped checkpoint stored in f32 (benches/gpu/hf_bench.py
+# make-model --dtype f32), one JSON object per engine on stdout.
 #
 # usage: benches/precision_cpu.sh [PYTHON] [CORPUS]
 #   PYTHON: an interpreter with torch, transformers, sentence-transformers, onnx, onnxruntime
@@ -23,9 +23,10 @@ MAXTOK=256
 MIRA="${CARGO_TARGET_DIR:-target}/release/mira"
 
 cargo build --release --locked -q --bin mira
-BASE=.data/bench/bert-base-random
+# Stored in f32, as published CPU classifiers are (mira reads such a checkpoint in place).
+BASE=.data/bench/bert-base-f32
 [ -f "$BASE/config.json" ] || "$PY" benches/gpu/hf_bench.py make-model "$BASE" \
-    --tokenizer-from .data/models/all-MiniLM-L6-v2
+    --tokenizer-from .data/models/all-MiniLM-L6-v2 --dtype f32
 head -n "$BASE_DOCS" "$CORPUS" > /tmp/mira-precision-base.jsonl
 
 echo "# $(date -u +%Y-%m-%dT%H:%MZ) $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores, threads=$THREADS"
@@ -42,4 +43,4 @@ run() { # MODEL CORPUS ONNX_PATH
         --max-tokens "$MAXTOK" --repeat 2 --onnx --onnx-int8 --onnx-path "$onnx" --json 2>/dev/null
 }
 case "${MODELS:-minilm base}" in *minilm*) run .data/models/all-MiniLM-L6-v2 "$CORPUS" .data/cache/minilm.onnx;; esac
-case "${MODELS:-minilm base}" in *base*) run "$BASE" /tmp/mira-precision-base.jsonl .data/cache/bert-base-random.onnx;; esac
+case "${MODELS:-minilm base}" in *base*) run "$BASE" /tmp/mira-precision-base.jsonl .data/cache/bert-base-f32.onnx;; esac

@@ -3,11 +3,13 @@
 
 usage:
     python3 benches/gpu/hf_bench.py make-model OUT_DIR [--shape bert-base|minilm] [--tokenizer-from DIR] [--labels 15]
+        [--dtype bf16|f32]
         A BERT-base-shaped random checkpoint (12 layers, hidden 768, 12 heads, intermediate 3072,
         exact GELU, 512 positions; --shape minilm: all-MiniLM-L6-v2's 6 layers, hidden 384, 12 heads,
         intermediate 1536, for when the real model is not bundled) as BertForSequenceClassification with LABELS regression outputs (a
         MIRA student: one output per anchor), weights N(0, 0.02^2) (LayerNorm weights 1 + N(0, 0.02^2),
-        biases N(0, 0.02^2): nothing is zero), saved as bf16 safetensors with a tokenizer copied from
+        biases N(0, 0.02^2): nothing is zero), rounded to bf16 and saved as bf16 safetensors (--dtype f32:
+        the same bf16-rounded values stored in f32, as published CPU classifiers are) with a tokenizer copied from
         --tokenizer-from (all-MiniLM-L6-v2's bert-base-uncased vocabulary when available, else the
         reduced test vocabulary of tests/fixtures/models/bert-cls-regression). Nothing is downloaded.
     python3 benches/gpu/hf_bench.py make-texts OUT.jsonl --tokenizer DIR [--docs 20000] [--seed 7]
@@ -68,13 +70,15 @@ def make_model(args):
             else:
                 p.copy_(0.02 * torch.randn_like(p))
     model = model.to(torch.bfloat16)
+    if args.dtype == "f32":
+        model = model.to(torch.float32)
     os.makedirs(args.out, exist_ok=True)
     model.save_pretrained(args.out, safe_serialization=True)
     for f in tokenizer_files(src):
         shutil.copy(os.path.join(src, f), os.path.join(args.out, f))
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {args.out}: BertForSequenceClassification ({args.shape} shape), {n / 1e6:.1f}M parameters, vocab {vocab}, "
-          f"{args.labels} regression outputs, bf16", file=sys.stderr)
+          f"{args.labels} regression outputs, {args.dtype}", file=sys.stderr)
 
 
 def make_texts(args):
@@ -148,6 +152,7 @@ def main():
     m.add_argument("--tokenizer-from")
     m.add_argument("--labels", type=int, default=15)
     m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--dtype", default="bf16", choices=["bf16", "f32"])
     t = sub.add_parser("make-texts")
     t.add_argument("out")
     t.add_argument("--tokenizer", required=True)
