@@ -36,9 +36,25 @@ pub struct TensorRef<'a> {
     pub dtype: Dtype,
     pub shape: Vec<usize>,
     pub bytes: &'a [u8],
+    /// The mapped file `bytes` lie in, and where they start in it.
+    map: &'a Arc<Mmap>,
+    start: usize,
 }
 
 impl TensorRef<'_> {
+    /// As f32 values read in place from the mapped file where they are stored in f32 and aligned
+    /// (`HostF32::mapped`), else converted ([`to_f32`](Self::to_f32)).
+    pub fn to_host_f32(&self) -> Result<HostF32> {
+        let end = self.start + self.bytes.len();
+        match (self.dtype == Dtype::F32)
+            .then(|| HostF32::mapped(self.map, self.start, end))
+            .flatten()
+        {
+            Some(values) => Ok(values),
+            None => self.to_f32().map(HostF32::from),
+        }
+    }
+
     /// Convert to f32 (f32, f16 and bf16 storage).
     pub fn to_f32(&self) -> Result<Vec<f32>> {
         let b = self.bytes;
@@ -176,6 +192,8 @@ impl Weights {
             dtype: info.dtype,
             shape: info.shape.clone(),
             bytes: &shard.mmap[start..end],
+            map: &shard.mmap,
+            start,
         })
     }
 
@@ -187,16 +205,7 @@ impl Weights {
     /// Fetch a tensor and require `shape`, as f32 values read in place from the mapped file
     /// where it is stored in f32 and aligned (`HostF32::mapped`), else converted.
     pub fn host_f32(&self, name: &str, shape: &[usize]) -> Result<HostF32> {
-        let t = self.shaped(name, shape)?;
-        let shard = &self.shards[self.index[name]];
-        let start = t.bytes.as_ptr() as usize - shard.mmap.as_ptr() as usize;
-        let mapped = (t.dtype == Dtype::F32)
-            .then(|| HostF32::mapped(&shard.mmap, start, start + t.bytes.len()))
-            .flatten();
-        match mapped {
-            Some(values) => Ok(values),
-            None => t.to_f32().map(HostF32::from),
-        }
+        self.shaped(name, shape)?.to_host_f32()
     }
 
     /// Fetch a tensor and require `shape`.
