@@ -44,6 +44,15 @@ fn ops(c: &mut Criterion) {
     g.bench_function("attention_16x256_12heads", |bench| {
         bench.iter(|| be.attention(&qkv, &dev_batch, 12, None).unwrap())
     });
+    // BERT-base's attention (d = 64) over 512-token sequences, as the public classifiers run.
+    let (t64, h64) = (4096, 768);
+    let seqs: Vec<Vec<u32>> = (0..t64 / 512).map(|_| vec![1; 512]).collect();
+    let batch = Batch::from_sequences(seqs.iter().enumerate().map(|(d, s)| (d, &s[..])));
+    let dev_batch = be.upload_batch(&batch, 2, 512).unwrap();
+    let qkv = be.weight(random(t64 * 3 * h64, 5), t64, 3 * h64).unwrap();
+    g.bench_function("attention_8x512_12heads_d64", |bench| {
+        bench.iter(|| be.attention(&qkv, &dev_batch, 12, None).unwrap())
+    });
     g.finish();
 }
 

@@ -1,13 +1,15 @@
 //! Varlen multi-head attention on the CPU, one (sequence, head) at a time.
 //!
-//! The trick: repack the head's K as Kᵀ `[d, keys]` and V as `[keys, d]`, both contiguous and
-//! zero-padded to multiples of the register tile (V is read in place when `d` is whole tiles,
-//! as for 32 and 64), so both products become register-tiled
-//! micro-kernels that LLVM vectorises: `S = Q·Kᵀ` accumulates a 4×32 tile of scores over `d`
-//! (two vector loads of Kᵀ, four broadcasts of Q, eight FMAs per step with AVX-512), and
-//! `O = P·V` accumulates a 4×32 tile of outputs over the keys. Queries go in blocks of `QBLOCK`
-//! rows so the score block stays in L2, and a sliding window only packs and visits the keys the
-//! block can see.
+//! The trick: repack the head's K as Kᵀ and V in panels 32 columns wide (`[keys/32][d][32]` and
+//! `[d/32][keys][32]`), contiguous and zero-padded to the register tile, so both products become
+//! register-tiled micro-kernels that LLVM vectorises: `S = Q·Kᵀ` accumulates an 8×32 tile of
+//! scores over `d` (two vector loads of one Kᵀ panel, eight broadcasts of Q, sixteen FMAs per
+//! step with AVX-512), and `O = P·V` accumulates an 8×32 tile of outputs over the keys, streaming
+//! one V panel. Each micro-kernel reads its panel sequentially: rows of a plain `[d, keys]` Kᵀ or
+//! of V read in place in the `[T, 3H]` rows lie a power of two (or 3H) floats apart, and at 512
+//! keys a Kᵀ tile's 64 rows fell into four of L1's 64 sets and were re-read from L2 at every step.
+//! Queries go in blocks of `QBLOCK` rows so the score block stays in L2, and a sliding window only
+//! packs and visits the keys the block can see.
 
 use super::math;
 
@@ -17,6 +19,8 @@ const QBLOCK: usize = 64;
 /// for Q·Kᵀ, head dims for P·V); query rows are padded to a multiple of `TR`.
 const TR: usize = 8;
 const TC: usize = 32;
+/// Keys per chunk of a V panel in P·V: `KC × TC` floats (16 KB) stay in L1.
+const KC: usize = 128;
 // Padded query rows must stay inside the block (`inv_sum` has QBLOCK entries).
 const _: () = assert!(QBLOCK.is_multiple_of(TR));
 
@@ -181,7 +185,44 @@ fn rel_bias(
 }
 
 /// Attend one head of one sequence; `out(row, values)` receives each query row's `d` outputs.
-pub fn attend(hv: &HeadView, scratch: &mut Scratch, mut out: impl FnMut(usize, &[f32])) {
+///
+/// Compiled for the CPU: 8-row tiles with AVX-512 (16 accumulators of its 32 registers), 4-row
+/// tiles with AVX2 and FMA or without. The tile height changes which outputs a pass computes
+/// together, not the order of any sum, so every variant gives the same values.
+pub fn attend(hv: &HeadView, scratch: &mut Scratch, out: impl FnMut(usize, &[f32])) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+        fn avx512(hv: &HeadView, scratch: &mut Scratch, out: impl FnMut(usize, &[f32])) {
+            attend_tiles::<true, 8>(hv, scratch, out)
+        }
+        #[target_feature(enable = "avx2,fma")]
+        fn avx2(hv: &HeadView, scratch: &mut Scratch, out: impl FnMut(usize, &[f32])) {
+            attend_tiles::<true, 4>(hv, scratch, out)
+        }
+        let fma = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
+        if fma
+            && std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512vl")
+        {
+            // SAFETY: the CPU has every feature `avx512` enables, checked just above.
+            return unsafe { avx512(hv, scratch, out) };
+        }
+        if fma {
+            // SAFETY: the CPU has AVX2 and FMA, checked above.
+            return unsafe { avx2(hv, scratch, out) };
+        }
+    }
+    attend_tiles::<false, 4>(hv, scratch, out)
+}
+
+/// [`attend`] with `R`-row register tiles.
+#[inline(always)]
+fn attend_tiles<const FMA: bool, const R: usize>(
+    hv: &HeadView,
+    scratch: &mut Scratch,
+    mut out: impl FnMut(usize, &[f32]),
+) {
     let (d, len) = (hv.d, hv.len);
     let dp = round_up(d, TC);
     if let Some(rel) = &hv.rel {
@@ -196,8 +237,7 @@ pub fn attend(hv: &HeadView, scratch: &mut Scratch, mut out: impl FnMut(usize, &
         };
         let keys = k1 - k0;
         let keys_p = round_up(keys, TC);
-        // Pack K (and V, unless it is read in place) only when the key range changes (always,
-        // for windows; once, otherwise).
+        // Pack K and V only when the key range changes (always, for windows; once, otherwise).
         if q0 == 0 || hv.window.is_some() {
             pack_kv(hv, k0, keys, keys_p, dp, scratch);
         }
@@ -226,17 +266,10 @@ pub fn attend(hv: &HeadView, scratch: &mut Scratch, mut out: impl FnMut(usize, &
             bias,
             ..
         } = scratch;
-        // V rows are read in place when the head size is whole tiles (no padding needed).
-        let (v, v_stride) = if d == dp {
-            (&hv.qkv[k0 * hv.stride + hv.col + 2 * hv.h..], hv.stride)
-        } else {
-            (&v[..], dp)
-        };
-        block(Block {
+        block_tiles::<FMA, R>(Block {
             q,
             kt,
             v,
-            v_stride,
             bias,
             s,
             o,
@@ -259,34 +292,77 @@ fn grow(v: &mut Vec<f32>, n: usize) {
     }
 }
 
+/// Pack this head's keys `k0..k0 + keys`: Kᵀ in panels `[keys_p/TC][dp][TC]` (panel `t`, row `p`
+/// holds dimension `p` of keys `t·TC..(t + 1)·TC`) and V in panels `[dp/TC][keys_p][TC]` (panel
+/// `c`, row `j` holds dimensions `c·TC..(c + 1)·TC` of key `j`), zero-padded.
+#[inline(always)]
 fn pack_kv(hv: &HeadView, k0: usize, keys: usize, keys_p: usize, dp: usize, scratch: &mut Scratch) {
     let d = hv.d;
-    scratch.kt.clear();
-    scratch.kt.resize(dp * keys_p, 0.0);
-    scratch.v.clear();
-    if d != dp {
-        scratch.v.resize(keys_p * dp, 0.0);
-    }
-    for j in 0..keys {
-        let row = &hv.qkv[(k0 + j) * hv.stride + hv.col..];
-        for p in 0..d {
-            scratch.kt[p * keys_p + j] = row[hv.h + p];
+    let (kt, v) = (&mut scratch.kt, &mut scratch.v);
+    if keys == keys_p && d == dp {
+        // Every value is written below.
+        grow(kt, dp * keys_p);
+        grow(v, keys_p * dp);
+    } else {
+        for buf in [&mut *kt, &mut *v] {
+            buf.clear();
+            buf.resize(dp * keys_p, 0.0);
         }
-        if d != dp {
-            scratch.v[j * dp..j * dp + d].copy_from_slice(&row[2 * hv.h..2 * hv.h + d]);
+    }
+    pack_kt(hv, k0, keys, dp, kt);
+    for j in 0..keys {
+        let row = &hv.qkv[(k0 + j) * hv.stride + hv.col + 2 * hv.h..][..d];
+        for (ct, src) in row.chunks(TC).enumerate() {
+            let dst = &mut v[(ct * keys_p + j) * TC..][..TC];
+            match (dst.first_chunk_mut::<TC>(), src.first_chunk::<TC>()) {
+                (Some(dst), Some(src)) => *dst = *src,
+                _ => dst[..src.len()].copy_from_slice(src),
+            }
         }
     }
 }
 
-/// One query block's operands, all padded: `q` `[rows_p, dp]` (pre-scaled), `kt` `[dp, keys_p]`,
-/// `v` `keys` rows of `dp` values, `v_stride` apart, `bias` `[rows_p, keys_p]` or empty, and the
-/// score and output blocks.
-/// `offset` = first query row − first key row; `window` = 0 for global attention.
+/// Write keys `k0..k0 + keys` of this head into the Kᵀ panels, 16 keys by 16 dimensions at a
+/// time: each block is read as 16 rows and written as 16 columns. Left to itself, LLVM turns the
+/// one-value-at-a-time transpose into AVX-512 scatters, which took 12% of the attention's time.
+#[inline(always)]
+fn pack_kt(hv: &HeadView, k0: usize, keys: usize, dp: usize, kt: &mut [f32]) {
+    const B: usize = 16;
+    const _: () = assert!(TC.is_multiple_of(B));
+    let d = hv.d;
+    let key = |j: usize| &hv.qkv[(k0 + j) * hv.stride + hv.col + hv.h..][..d];
+    let at = |j: usize, p: usize| (j / TC) * dp * TC + p * TC + j % TC;
+    let (whole_keys, whole_dims) = (keys - keys % B, d - d % B);
+    for j0 in (0..whole_keys).step_by(B) {
+        for p0 in (0..whole_dims).step_by(B) {
+            let mut block = [[0f32; B]; B];
+            for jj in 0..B {
+                let src: &[f32; B] = key(j0 + jj)[p0..p0 + B].try_into().unwrap();
+                for (column, &x) in block.iter_mut().zip(src) {
+                    column[jj] = x;
+                }
+            }
+            for (p, column) in block.iter().enumerate() {
+                kt[at(j0, p0 + p)..][..B].copy_from_slice(column);
+            }
+        }
+    }
+    // The edges, one value at a time.
+    for j in 0..keys {
+        let from = if j < whole_keys { whole_dims } else { 0 };
+        for (p, &x) in key(j).iter().enumerate().skip(from) {
+            kt[at(j, p)] = x;
+        }
+    }
+}
+
+/// One query block's operands, all padded: `q` `[rows_p, dp]` (pre-scaled), `kt` and `v` as
+/// [`pack_kv`] lays them out, `bias` `[rows_p, keys_p]` or empty, and the score and output
+/// blocks. `offset` = first query row − first key row; `window` = 0 for global attention.
 struct Block<'a> {
     q: &'a [f32],
     kt: &'a [f32],
     v: &'a [f32],
-    v_stride: usize,
     bias: &'a [f32],
     s: &'a mut [f32],
     o: &'a mut [f32],
@@ -298,36 +374,6 @@ struct Block<'a> {
     window: isize,
 }
 
-/// [`block_tiles`] compiled for the CPU: 8-row tiles with AVX-512 (16 accumulators of its 32
-/// registers), 4-row tiles with AVX2 and FMA or without. The tile height changes which outputs
-/// a pass computes together, not the order of any sum, so every variant gives the same values.
-fn block(b: Block) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-        fn avx512(b: Block) {
-            block_tiles::<true, 8>(b)
-        }
-        #[target_feature(enable = "avx2,fma")]
-        fn avx2(b: Block) {
-            block_tiles::<true, 4>(b)
-        }
-        let fma = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
-        if fma
-            && std::is_x86_feature_detected!("avx512f")
-            && std::is_x86_feature_detected!("avx512vl")
-        {
-            // SAFETY: the CPU has every feature `avx512` enables, checked just above.
-            return unsafe { avx512(b) };
-        }
-        if fma {
-            // SAFETY: the CPU has AVX2 and FMA, checked above.
-            return unsafe { avx2(b) };
-        }
-    }
-    block_tiles::<false, 4>(b)
-}
-
 /// Scores (plus `bias` when not empty), window mask, softmax and P·V for one query block, in
 /// `TR`×32 register tiles. Each tile reads its rows through slices of known length, so the
 /// inner loops carry no bounds checks.
@@ -337,7 +383,6 @@ fn block_tiles<const FMA: bool, const TR: usize>(b: Block) {
         q,
         kt,
         v,
-        v_stride,
         bias,
         s,
         o,
@@ -348,14 +393,15 @@ fn block_tiles<const FMA: bool, const TR: usize>(b: Block) {
         offset,
         window,
     } = b;
-    // S = Q · Kᵀ, TR×32 tiles.
-    for i in (0..rows_p).step_by(TR) {
-        let qs: [&[f32]; TR] = std::array::from_fn(|r| &q[(i + r) * dp..][..dp]);
-        for j in (0..keys_p).step_by(TC) {
+    // S = Q · Kᵀ in TR×32 tiles, one Kᵀ panel at a time: it stays in L1 while every query tile
+    // of the block reads it.
+    for (jt, panel) in kt.chunks_exact(dp * TC).take(keys_p / TC).enumerate() {
+        for i in (0..rows_p).step_by(TR) {
+            let qs: [&[f32]; TR] = std::array::from_fn(|r| &q[(i + r) * dp..][..dp]);
             let mut acc = [[0f32; TC]; TR];
-            for (p, krow) in kt.chunks_exact(keys_p).take(dp).enumerate() {
+            for (p, krow) in panel.chunks_exact(TC).enumerate() {
                 // Copies, so the tile row lives in registers across the TR rows.
-                let k: [f32; TC] = krow[j..j + TC].try_into().unwrap();
+                let k: [f32; TC] = krow.try_into().unwrap();
                 for r in 0..TR {
                     let qv = qs[r][p];
                     for c in 0..TC {
@@ -364,7 +410,7 @@ fn block_tiles<const FMA: bool, const TR: usize>(b: Block) {
                 }
             }
             for r in 0..TR {
-                s[(i + r) * keys_p + j..][..TC].copy_from_slice(&acc[r]);
+                s[(i + r) * keys_p + jt * TC..][..TC].copy_from_slice(&acc[r]);
             }
         }
     }
@@ -389,24 +435,38 @@ fn block_tiles<const FMA: bool, const TR: usize>(b: Block) {
         inv_sum[i] = 1.0 / math::exp_row::<FMA>(&mut row[..keys]);
         row[keys..].iter_mut().for_each(|x| *x = 0.0);
     }
-    // O = P · V, TR×32 tiles over the head dimension.
-    for i in (0..rows_p).step_by(TR) {
-        let ps: [&[f32]; TR] = std::array::from_fn(|r| &s[(i + r) * keys_p..][..keys]);
-        for c0 in (0..dp).step_by(TC) {
-            let mut acc = [[0f32; TC]; TR];
-            for (j, vrow) in v.chunks(v_stride).take(keys).enumerate() {
-                let vv: [f32; TC] = vrow[c0..c0 + TC].try_into().unwrap();
-                for r in 0..TR {
-                    let pv = ps[r][j];
-                    for c in 0..TC {
-                        acc[r][c] = math::madd::<FMA>(pv, vv[c], acc[r][c]);
+    // O = P · V in TR×32 tiles over the head dimension, one V panel at a time, its keys in
+    // chunks of KC that stay in L1 while every query tile of the block reads them. A tile's
+    // partial sums wait in `o` between chunks (stored and reloaded exactly, so the sum over the
+    // keys runs in the same order as in one pass).
+    for (ct, panel) in v.chunks_exact(keys_p * TC).take(dp / TC).enumerate() {
+        let c0 = ct * TC;
+        for k0 in (0..keys).step_by(KC) {
+            let k1 = (k0 + KC).min(keys);
+            for i in (0..rows_p).step_by(TR) {
+                let mut acc = [[0f32; TC]; TR];
+                if k0 > 0 {
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        *a = o[(i + r) * dp + c0..][..TC].try_into().unwrap();
                     }
                 }
-            }
-            for r in 0..TR {
-                let inv = inv_sum[i + r];
-                for (dst, a) in o[(i + r) * dp + c0..][..TC].iter_mut().zip(acc[r]) {
-                    *dst = a * inv;
+                let ps: [&[f32]; TR] =
+                    std::array::from_fn(|r| &s[(i + r) * keys_p + k0..][..k1 - k0]);
+                for (j, vrow) in panel[k0 * TC..k1 * TC].chunks_exact(TC).enumerate() {
+                    let vv: [f32; TC] = vrow.try_into().unwrap();
+                    for r in 0..TR {
+                        let pv = ps[r][j];
+                        for c in 0..TC {
+                            acc[r][c] = math::madd::<FMA>(pv, vv[c], acc[r][c]);
+                        }
+                    }
+                }
+                for r in 0..TR {
+                    // Normalised after the last chunk.
+                    let inv = if k1 == keys { inv_sum[i + r] } else { 1.0 };
+                    for (dst, a) in o[(i + r) * dp + c0..][..TC].iter_mut().zip(acc[r]) {
+                        *dst = a * inv;
+                    }
                 }
             }
         }
