@@ -435,6 +435,22 @@ fn block_tiles<const FMA: bool, const TR: usize>(b: Block) {
         inv_sum[i] = 1.0 / math::exp_row::<FMA>(&mut row[..keys]);
         row[keys..].iter_mut().for_each(|x| *x = 0.0);
     }
+    weighted_values::<FMA, TR>(v, s, o, &inv_sum, rows_p, dp, keys, keys_p);
+}
+
+/// O = P · V for one query block: `s` holds the unnormalised P, `inv_sum` each row's 1 / sum.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)] // the block's operands and sizes, one each
+fn weighted_values<const FMA: bool, const TR: usize>(
+    v: &[f32],
+    s: &[f32],
+    o: &mut [f32],
+    inv_sum: &[f32; QBLOCK],
+    rows_p: usize,
+    dp: usize,
+    keys: usize,
+    keys_p: usize,
+) {
     // O = P · V in TR×32 tiles over the head dimension, one V panel at a time, its keys in
     // chunks of KC that stay in L1 while every query tile of the block reads them. A tile's
     // partial sums wait in `o` between chunks (stored and reloaded exactly, so the sum over the
