@@ -194,11 +194,11 @@ pub fn attend(hv: &HeadView, scratch: &mut Scratch, out: impl FnMut(usize, &[f32
     {
         #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
         fn avx512(hv: &HeadView, scratch: &mut Scratch, out: impl FnMut(usize, &[f32])) {
-            attend_tiles::<true, 8>(hv, scratch, out)
+            attend_tiles::<true, 8, true>(hv, scratch, out)
         }
         #[target_feature(enable = "avx2,fma")]
         fn avx2(hv: &HeadView, scratch: &mut Scratch, out: impl FnMut(usize, &[f32])) {
-            attend_tiles::<true, 4>(hv, scratch, out)
+            attend_tiles::<true, 4, false>(hv, scratch, out)
         }
         let fma = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
         if fma
@@ -213,12 +213,13 @@ pub fn attend(hv: &HeadView, scratch: &mut Scratch, out: impl FnMut(usize, &[f32
             return unsafe { avx2(hv, scratch, out) };
         }
     }
-    attend_tiles::<false, 4>(hv, scratch, out)
+    attend_tiles::<false, 4, false>(hv, scratch, out)
 }
 
-/// [`attend`] with `R`-row register tiles.
+/// [`attend`] with `R`-row register tiles; `WIDE`: the softmax in AVX-512 intrinsics
+/// (`math::exp_row_avx512`, the same values as the portable code).
 #[inline(always)]
-fn attend_tiles<const FMA: bool, const R: usize>(
+fn attend_tiles<const FMA: bool, const R: usize, const WIDE: bool>(
     hv: &HeadView,
     scratch: &mut Scratch,
     mut out: impl FnMut(usize, &[f32]),
@@ -241,9 +242,15 @@ fn attend_tiles<const FMA: bool, const R: usize>(
         if q0 == 0 || hv.window.is_some() {
             pack_kv(hv, k0, keys, keys_p, dp, scratch);
         }
-        // Q block, pre-scaled, [rows_p, dp] zero-padded.
-        scratch.q.clear();
-        scratch.q.resize(rows_p * dp, 0.0);
+        // Q block, pre-scaled, [rows_p, dp] zero-padded (only the padding is cleared when the
+        // head size is whole: the rows are written in full below).
+        if d == dp {
+            grow(&mut scratch.q, rows_p * dp);
+            scratch.q[rows * dp..rows_p * dp].fill(0.0);
+        } else {
+            scratch.q.clear();
+            scratch.q.resize(rows_p * dp, 0.0);
+        }
         for r in 0..rows {
             let src = &hv.qkv[(q0 + r) * hv.stride + hv.col..][..d];
             for (dst, s) in scratch.q[r * dp..r * dp + d].iter_mut().zip(src) {
@@ -266,7 +273,7 @@ fn attend_tiles<const FMA: bool, const R: usize>(
             bias,
             ..
         } = scratch;
-        block_tiles::<FMA, R>(Block {
+        block_tiles::<FMA, R, WIDE>(Block {
             q,
             kt,
             v,
@@ -299,10 +306,21 @@ fn grow(v: &mut Vec<f32>, n: usize) {
 fn pack_kv(hv: &HeadView, k0: usize, keys: usize, keys_p: usize, dp: usize, scratch: &mut Scratch) {
     let d = hv.d;
     let (kt, v) = (&mut scratch.kt, &mut scratch.v);
-    if keys == keys_p && d == dp {
-        // Every value is written below.
+    if d == dp {
+        // Every value of the real keys is written below: zero only the padded keys, the last
+        // Kᵀ panel's columns and each V panel's rows past `keys` (a full clear of both was 1% of
+        // a MiniLM forward).
         grow(kt, dp * keys_p);
         grow(v, keys_p * dp);
+        if keys < keys_p {
+            let (last, pad) = ((keys / TC) * dp * TC, keys % TC);
+            for row in kt[last..dp * keys_p].chunks_exact_mut(TC) {
+                row[pad..].fill(0.0);
+            }
+            for panel in v[..keys_p * dp].chunks_exact_mut(keys_p * TC) {
+                panel[keys * TC..].fill(0.0);
+            }
+        }
     } else {
         for buf in [&mut *kt, &mut *v] {
             buf.clear();
@@ -381,7 +399,7 @@ struct Block<'a> {
 // Long: one block's three steps in one body, as BENCHMARKS measured it; with P·V in a function
 // of its own the d = 64 case ran 0.85-1.0x as fast (criterion, alternated, inside the noise).
 #[inline(always)]
-fn block_tiles<const FMA: bool, const TR: usize>(b: Block) {
+fn block_tiles<const FMA: bool, const TR: usize, const WIDE: bool>(b: Block) {
     let Block {
         q,
         kt,
@@ -435,7 +453,17 @@ fn block_tiles<const FMA: bool, const TR: usize>(b: Block) {
             }
         }
         // Unnormalised: P·V rows are divided by the sum afterwards (one pass fewer over S).
-        inv_sum[i] = 1.0 / math::exp_row::<FMA>(&mut row[..keys]);
+        let real = &mut row[..keys];
+        #[cfg(target_arch = "x86_64")]
+        let sum = if WIDE {
+            // SAFETY: `WIDE` is set only by `attend`'s AVX-512 variant, after checking the CPU.
+            unsafe { math::exp_row_avx512(real) }
+        } else {
+            math::exp_row::<FMA>(real)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let sum = math::exp_row::<FMA>(real);
+        inv_sum[i] = 1.0 / sum;
         row[keys..].iter_mut().for_each(|x| *x = 0.0);
     }
     // O = P · V in TR×32 tiles over the head dimension, one V panel at a time, its keys in
