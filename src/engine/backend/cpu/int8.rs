@@ -30,9 +30,12 @@
 //!   holds a k-quad of a panel (16 channels × 4 inputs); a tile of `R` rows by `P` panels keeps
 //!   `R·P` i32 accumulators in registers, its f32 sums in the task's buffer (L1);
 //! - `avx_vnni`: the same instruction on 256-bit registers (Alder Lake and later, Zen 5);
-//! - `avx2`: no u8·s8 instruction that cannot saturate, so each activation byte is split in two
-//!   4-bit halves, `u = 16·h + l`: `vpmaddubsw` of each half with the weights cannot saturate
-//!   (2·15·127), `vpmaddwd` by 16 or 1 sums them into i32 lanes;
+//! - `avx2`: `vpmaddubsw` multiplies u8 by s8 and adds pairs of products into i16, which
+//!   saturates for `u·q` near 255·127, so the kernel multiplies `v = u − 128` instead: `|v| ≤
+//!   128` as the unsigned operand, the weight with `v`'s sign (`vpsignb`; `|q| ≤ 127`, so the
+//!   negation cannot wrap) as the signed one, at most 2·128·127 = 32512 per pair: exact.
+//!   `vpmaddwd` by 1 widens the pairs into i32 lanes, and each group's sums start at `128·Σq`
+//!   (kept per weight group), which makes them `Σ u·q` again;
 //! - `scalar`: plain loops over the same packed layout (aarch64, x86-64 without AVX2 and FMA).
 //!
 //! Layout: the weight is packed in panels of `NR` = 16 output channels; in a panel, k-quad `t`
@@ -55,6 +58,12 @@ use super::panels::{self, NR};
 mod kernels;
 #[cfg(target_arch = "x86_64")]
 use kernels::{avx2, avx512_vnni, avx_vnni};
+
+#[path = "int8_activations.rs"]
+mod activations;
+pub use activations::QuantRows;
+#[cfg(target_arch = "x86_64")]
+use activations::{group_range, ROUND};
 
 /// Inputs per scale, for weights (per output channel) and activations (per token) alike.
 pub const GROUP: usize = 64;
@@ -103,6 +112,9 @@ pub struct PackedWeight {
     scale: Vec<f32>,
     /// The same layout: `s(j, g)·Σ_{k in g} q(j, k)`, what a zero point `z` costs an output.
     correction: Vec<f32>,
+    /// The same layout: `Σ_{k in g} q(j, k)` itself, which the `avx2` kernel adds `128·` to
+    /// its sums of `(u − 128)·q`.
+    qsum: Vec<i32>,
     /// Per input channel, `1 / f` for the smoothing factor `f` the weight's column was
     /// multiplied by (`int8_linear.rs`; 1 without smoothing): what
     /// [`QuantRows::quantize_for`] multiplies the activations by.
@@ -139,12 +151,14 @@ impl PackedWeight {
         let mut packed = vec![0i8; panels * kq * NR];
         let mut scale = vec![0f32; panels * groups * NR];
         let mut correction = vec![0f32; panels * groups * NR];
+        let mut qsum = vec![0i32; panels * groups * NR];
         packed
             .par_chunks_mut(kq * NR)
             .zip(scale.par_chunks_mut(groups * NR))
             .zip(correction.par_chunks_mut(groups * NR))
+            .zip(qsum.par_chunks_mut(groups * NR))
             .enumerate()
-            .for_each(|(panel, ((packed, scale), correction))| {
+            .for_each(|(panel, (((packed, scale), correction), qsum))| {
                 let channels = (panel * NR..n.min((panel + 1) * NR)).enumerate();
                 for (c, j) in channels {
                     let row = &w[j * k..(j + 1) * k];
@@ -163,6 +177,7 @@ impl PackedWeight {
                         // Σq is an integer below 2^13: exact in f32, and so is this one
                         // product's rounding.
                         correction[g * NR + c] = s * sum;
+                        qsum[g * NR + c] = sum as i32;
                     }
                 }
             });
@@ -172,152 +187,10 @@ impl PackedWeight {
             packed,
             scale,
             correction,
+            qsum,
             input_factor: factor.iter().map(|f| 1.0 / f).collect(),
         }
     }
-}
-
-/// Activations quantized per row and group of 64 inputs for [`gemm`]: `x(i, k) ≈ (u(i, k) −
-/// z(i, g))·t(i, g)`, stored as `u`, `t` and `z·t`.
-pub struct QuantRows {
-    m: usize,
-    kq: usize,
-    u: Vec<u8>,
-    /// `[m, groups]` scales `t`.
-    scale: Vec<f32>,
-    /// `[m, groups]` offsets `z·t`.
-    offset: Vec<f32>,
-}
-
-impl QuantRows {
-    /// Quantize `x` (`[m, k]`) per row and group, asymmetric, to `0 ≤ u ≤ 255`.
-    pub fn quantize(x: &[f32], m: usize, k: usize) -> QuantRows {
-        Self::quantize_with(x, m, k, Kernel::best())
-    }
-
-    /// [`quantize`](Self::quantize) with the vector code of a chosen kernel's instruction set
-    /// (tests compare them; every one gives the same bytes).
-    pub fn quantize_with(x: &[f32], m: usize, k: usize, kernel: Kernel) -> QuantRows {
-        Self::quantize_scaled(x, m, k, &vec![1.0; k], kernel)
-    }
-
-    /// Quantize `x` (`[m, k]`) for `w`, each input channel multiplied by the weight's smoothing.
-    pub fn quantize_for(x: &[f32], m: usize, w: &PackedWeight) -> QuantRows {
-        Self::quantize_scaled(x, m, w.k, &w.input_factor, Kernel::best())
-    }
-
-    /// The quantized bytes (`[m, kq]`), and per row and group the scales `t` and offsets `z·t`.
-    pub fn parts(&self) -> (&[u8], &[f32], &[f32]) {
-        (&self.u, &self.scale, &self.offset)
-    }
-
-    fn quantize_scaled(x: &[f32], m: usize, k: usize, factor: &[f32], kernel: Kernel) -> QuantRows {
-        assert_eq!(x.len(), m * k, "activation data does not match its shape");
-        assert_eq!(factor.len(), k, "one smoothing factor per input channel");
-        assert!(
-            Kernel::available().contains(&kernel),
-            "int8 kernel {} does not run on this CPU",
-            kernel.name()
-        );
-        let (kq, groups) = (padded_k(k), groups(k));
-        let mut u = vec![0u8; m * kq];
-        let mut scale = vec![0f32; m * groups];
-        let mut offset = vec![0f32; m * groups];
-        let rows = (16 * 1024 / kq.max(1)).clamp(1, m.max(1));
-        u.par_chunks_mut(rows * kq)
-            .zip(scale.par_chunks_mut(rows * groups))
-            .zip(offset.par_chunks_mut(rows * groups))
-            .zip(x.par_chunks(rows * k))
-            .for_each(|(((u, scale), offset), x)| {
-                let rows = u.chunks_exact_mut(kq).zip(x.chunks_exact(k));
-                for (r, (u, x)) in rows.enumerate() {
-                    let by_group = u[..k].chunks_mut(GROUP).zip(x.chunks(GROUP));
-                    for (g, (u, x)) in by_group.enumerate() {
-                        let (f, at) = (&factor[g * GROUP..][..x.len()], r * groups + g);
-                        let group = quantize_group_with(kernel, x, f, u);
-                        (scale[at], offset[at]) = group;
-                    }
-                }
-            });
-        QuantRows {
-            m,
-            kq,
-            u,
-            scale,
-            offset,
-        }
-    }
-}
-
-/// One group with the vector code of `kernel`'s instruction set where the group is whole;
-/// returns its scale and offset.
-#[inline(always)]
-fn quantize_group_with(kernel: Kernel, x: &[f32], factor: &[f32], u: &mut [u8]) -> (f32, f32) {
-    // SAFETY (both): `quantize_scaled` checked that the CPU runs `kernel`, which implies
-    // AVX512F (512-bit) or AVX2 (the others); the group is whole, as each requires.
-    match (kernel, x.len() == GROUP) {
-        #[cfg(target_arch = "x86_64")]
-        (Kernel::Avx512Vnni, true) => unsafe { kernels::quantize::avx512(x, factor, u) },
-        #[cfg(target_arch = "x86_64")]
-        (Kernel::Avx2 | Kernel::AvxVnni, true) => unsafe { kernels::quantize::avx2(x, factor, u) },
-        _ => quantize_group(x, factor, u),
-    }
-}
-
-/// `1.5·2^23`: adding it rounds an f32 in `[0, 2^22)` to an integer, ties to even, which then
-/// sits in the float's low bits.
-const ROUND: f32 = 12_582_912.0;
-
-/// The reference: quantize one group of at most 64 values, each times its `factor`, into `u`;
-/// returns its scale `t` and offset `z·t`. The vector versions (`int8_kernels.rs`) compute the
-/// same operations and agree bit for bit.
-///
-/// Per lane `v < lo` selects (as `vminps` does; a NaN is never selected, it poisons the scale
-/// instead), so the range is the smallest and largest value with 0 included, and `Σ v·0` is NaN
-/// once any value is not finite.
-fn quantize_group(x: &[f32], factor: &[f32], u: &mut [u8]) -> (f32, f32) {
-    let mut scaled = [0f32; GROUP];
-    let scaled = &mut scaled[..x.len()];
-    for ((s, &v), &f) in scaled.iter_mut().zip(x).zip(factor) {
-        *s = v * f;
-    }
-    let (mut lo, mut hi, mut poison) = (0f32, 0f32, 0f32);
-    for &v in scaled.iter() {
-        lo = if v < lo { v } else { lo };
-        hi = if v > hi { v } else { hi };
-        poison += v * 0.0;
-    }
-    let (inv, z, group) = group_range(lo, hi, poison == 0.0);
-    for (u, &v) in u.iter_mut().zip(scaled.iter()) {
-        *u = (clamp_round(v * inv + z).to_bits() & 0xff) as u8;
-    }
-    group
-}
-
-/// From a group's range `[lo, hi]` (0 included) and whether all its values are finite: the
-/// reciprocal of the step `1 / t`, the integer zero `z`, and what [`QuantRows`] stores, `(t, z·t)`
-/// (NaN for a group with an infinity or NaN, so its row's outputs are NaN as in f32).
-#[inline(always)]
-fn group_range(lo: f32, hi: f32, finite: bool) -> (f32, f32, (f32, f32)) {
-    let t = if hi > lo { (hi - lo) / ACT_MAX } else { 1.0 };
-    let inv = 1.0 / t;
-    // The zero: 0 maps to an integer, so exact zeros (padding, ReLU) stay exact.
-    let z = ((-lo * inv).min(ACT_MAX) + ROUND) - ROUND;
-    let group = if finite {
-        (t, z * t)
-    } else {
-        (f32::NAN, f32::NAN)
-    };
-    (inv, z, group)
-}
-
-/// `r` clamped to `[0, 255]` (a NaN to 0, as `vmaxps` does) plus [`ROUND`]: the rounded value is
-/// the float's low byte.
-#[inline(always)]
-fn clamp_round(r: f32) -> f32 {
-    let r = if r > 0.0 { r } else { 0.0 };
-    let r = if r < ACT_MAX { r } else { ACT_MAX };
-    r + ROUND
 }
 
 /// `out[i, j] = Σ_g s(j, g)·t(i, g)·Σ_{k in g} (u(i, k) − z(i, g))·q(j, k)`; `out` is `[m, n]`.
@@ -377,7 +250,7 @@ impl Kernel {
     }
 
     /// Whether the kernel multiplies u8 by s8 in one instruction (`vpdpbusd`): without it int8
-    /// runs slower than f32 (`precision_note` says so).
+    /// runs near f32's speed (`precision_note` says so).
     pub fn has_vnni(self) -> bool {
         #[cfg(target_arch = "x86_64")]
         if matches!(self, Kernel::AvxVnni | Kernel::Avx512Vnni) {
@@ -391,7 +264,7 @@ impl Kernel {
         match self {
             Kernel::Scalar => "scalar u8·s8",
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => "avx2 vpmaddubsw",
+            Kernel::Avx2 => "avx2 vpsignb+vpmaddubsw",
             #[cfg(target_arch = "x86_64")]
             Kernel::AvxVnni => "avx_vnni vpdpbusd",
             #[cfg(target_arch = "x86_64")]
@@ -400,17 +273,20 @@ impl Kernel {
     }
 }
 
-/// What a tile kernel reads: `R` activation rows at stride `kq` with their per-group scales and
+/// What a tile kernel reads: `R` activation rows at stride `a_stride` (`kq`, or `2·kq` for the
+/// `avx2` kernel's rows of `v` then `|v|`, [`activations::signed_rows`]) with their per-group scales and
 /// offsets (stride `groups`), `P` panels with theirs, and the k-quads to add (a range starting
 /// on a group).
 #[derive(Clone, Copy)]
 pub struct Tile<'a> {
     a: &'a [u8],
+    a_stride: usize,
     a_scale: &'a [f32],
     a_offset: &'a [f32],
     b: &'a [i8],
     b_scale: &'a [f32],
     b_correction: &'a [f32],
+    b_qsum: &'a [i32],
     kq: usize,
     groups: usize,
     quads: (usize, usize),
@@ -452,30 +328,54 @@ pub fn gemm_fused_with(
     // SAFETY (each vector kernel): a kernel is only chosen when the CPU has its features
     // (checked above), and `blocked` hands it a tile of `mr` rows and `np` whole panels with
     // their scales, and sums with `mr` rows of `np` at the stride it passes.
+    let bytes = (&x.u[..], x.kq);
     match kernel {
-        Kernel::Scalar => blocked::<6, 1>(x, w, out, epilogue, |tile, mr, _, sums, stride| {
-            scalar_kernel(tile, mr, sums, stride)
-        }),
-        #[cfg(target_arch = "x86_64")]
-        Kernel::Avx2 => blocked::<4, 1>(x, w, out, epilogue, |tile, mr, _, sums, stride| unsafe {
-            panels::by_rows!(mr, avx2::kernel(tile, sums, stride))
-        }),
-        #[cfg(target_arch = "x86_64")]
-        Kernel::AvxVnni => {
-            blocked::<6, 1>(x, w, out, epilogue, |tile, mr, _, sums, stride| unsafe {
-                panels::by_rows!(mr, avx_vnni::kernel(tile, sums, stride))
+        Kernel::Scalar => {
+            blocked::<6, 1>(x, bytes, w, out, epilogue, |tile, mr, _, sums, stride| {
+                scalar_kernel(tile, mr, sums, stride)
             })
         }
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx512Vnni => {
-            blocked::<TILE_ROWS, 3>(x, w, out, epilogue, |tile, mr, np, sums, stride| unsafe {
+        Kernel::Avx2 => {
+            let signed = activations::signed_rows(x);
+            let bytes = (&signed[..], 2 * x.kq);
+            blocked::<4, 1>(
+                x,
+                bytes,
+                w,
+                out,
+                epilogue,
+                |tile, mr, _, sums, stride| unsafe {
+                    panels::by_rows!(mr, avx2::kernel(tile, sums, stride))
+                },
+            )
+        }
+        #[cfg(target_arch = "x86_64")]
+        Kernel::AvxVnni => blocked::<6, 1>(
+            x,
+            bytes,
+            w,
+            out,
+            epilogue,
+            |tile, mr, _, sums, stride| unsafe {
+                panels::by_rows!(mr, avx_vnni::kernel(tile, sums, stride))
+            },
+        ),
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx512Vnni => blocked::<TILE_ROWS, 3>(
+            x,
+            bytes,
+            w,
+            out,
+            epilogue,
+            |tile, mr, np, sums, stride| unsafe {
                 match np {
                     3 => avx512_rows::<3>(mr, tile, sums, stride),
                     2 => avx512_rows::<2>(mr, tile, sums, stride),
                     _ => avx512_rows::<1>(mr, tile, sums, stride),
                 }
-            })
-        }
+            },
+        ),
     }
 }
 
@@ -509,9 +409,11 @@ const BLOCK_QUADS: usize = 4 * GROUP_QUADS;
 /// (the kernels store it, so the sums need no clearing first). The order of the groups within
 /// one output is always 0, 1, 2, ..., so the result does not depend on the blocking. When N is a
 /// whole number of panels the sums are the output rows themselves; otherwise a buffer of the
-/// task's that is copied out. The epilogue then runs on the task's rows.
+/// task's that is copied out. The epilogue then runs on the task's rows. The kernel reads the
+/// activations from `bytes` (`x`'s or a kernel's form of them), row `i` at `i·stride`.
 fn blocked<const ROWS: usize, const PANELS: usize>(
     x: &QuantRows,
+    (bytes, a_stride): (&[u8], usize),
     w: &PackedWeight,
     out: &mut [f32],
     epilogue: Epilogue,
@@ -532,12 +434,14 @@ fn blocked<const ROWS: usize, const PANELS: usize>(
                 for r0 in (0..rows).step_by(ROWS) {
                     let (mr, i) = (ROWS.min(rows - r0), row0 + r0);
                     let t = Tile {
-                        a: &x.u[i * kq..(i + mr) * kq],
+                        a: &bytes[i * a_stride..(i + mr) * a_stride],
+                        a_stride,
                         a_scale: &x.scale[i * groups..(i + mr) * groups],
                         a_offset: &x.offset[i * groups..(i + mr) * groups],
                         b: &w.packed[first * kq * NR..(first + np) * kq * NR],
                         b_scale: &w.scale[weights.clone()],
                         b_correction: &w.correction[weights.clone()],
+                        b_qsum: &w.qsum[weights.clone()],
                         kq,
                         groups,
                         quads: (k0, (k0 + BLOCK_QUADS).min(quads)),
@@ -575,7 +479,7 @@ fn blocked<const ROWS: usize, const PANELS: usize>(
 fn scalar_kernel(tile: Tile, mr: usize, sums: &mut [[f32; NR]], stride: usize) {
     let kq = tile.kq;
     for r in 0..mr {
-        let row = &tile.a[r * kq..(r + 1) * kq];
+        let row = &tile.a[r * tile.a_stride..][..kq];
         let out = &mut sums[r * stride];
         for g in tile.group_range() {
             let mut group = [0i32; NR];

@@ -4,11 +4,17 @@
 //! same order; `int8.rs` says how and why.
 
 /// A 256-bit micro-kernel module `$module` with `kernel::<R>`: the `R`×16 tile, per k-quad two
-/// panel loads (channels 0..8 and 8..16) and `R` broadcasts of the row's quad, `$mac(acc, av,
-/// b)` into each of the row's two i32 accumulators; per group each accumulator is converted and
-/// added to the tile's f32 sums (group 0 to zero) as the scalar kernel does.
+/// panel loads (channels 0..8 and 8..16) and per row `$row(quad)` of the row's quad (as an i32),
+/// then `$mac(acc, row, b)` into each of the row's two i32 accumulators, which each group starts
+/// at `$start(Σq)` (the group's weight sums, 8 channels); per group each accumulator is converted
+/// and added to the tile's f32 sums (group 0 to zero) as the scalar kernel does.
 macro_rules! ymm_kernel {
-    ($module:ident, $features:literal, $what:literal, |$acc:ident, $av:ident, $b:ident| $mac:expr) => {
+    (
+        $module:ident, $features:literal, $what:literal,
+        row: |$quad:ident, $kq:ident| $row:expr,
+        start: |$qsum:ident| $start:expr,
+        mac: |$acc:ident, $x:ident: $xty:ty, $b:ident| $mac:expr
+    ) => {
         pub mod $module {
             use super::super::{Tile, NR};
             use std::arch::x86_64::*;
@@ -20,24 +26,30 @@ macro_rules! ymm_kernel {
             #[target_feature(enable = $features)]
             pub unsafe fn kernel<const R: usize>(tile: Tile, sums: &mut [[f32; NR]], stride: usize) {
                 let (kq, groups) = (tile.kq, tile.groups);
-                debug_assert!(tile.a.len() >= R * kq && tile.b.len() >= kq * NR);
+                debug_assert!(tile.a.len() >= R * tile.a_stride && tile.b.len() >= kq * NR);
                 debug_assert!(tile.quads.1 <= kq / 4 && sums.len() > (R - 1) * stride);
                 debug_assert!(tile.b_scale.len() >= tile.group_range().end * NR);
                 let (a, b) = (tile.a.as_ptr(), tile.b.as_ptr());
-                let mac = |$acc: __m256i, $av: __m256i, $b: __m256i| $mac;
+                let row = |$quad: *const u8, $kq: usize| -> $xty { $row };
+                let start = |$qsum: __m256i| $start;
+                let mac = |$acc: __m256i, $x: $xty, $b: __m256i| $mac;
                 for g in tile.group_range() {
-                    let mut acc = [[_mm256_setzero_si256(); 2]; R];
+                    let qsum = &tile.b_qsum[g * NR..][..NR];
+                    // SAFETY: two loads of 8 i32 from the group's 16.
+                    let first = unsafe {
+                        [0, 8].map(|h| start(_mm256_loadu_si256(qsum.as_ptr().add(h) as *const _)))
+                    };
+                    let mut acc = [first; R];
                     for t in tile.quads_of(g) {
                         // SAFETY: t < kq/4, so the panel reads end at kq·16 and the row reads
-                        // at row·kq + kq.
+                        // within row·a_stride + a_stride.
                         unsafe {
                             let b0 = _mm256_loadu_si256(b.add(t * 4 * NR) as *const __m256i);
                             let b1 = _mm256_loadu_si256(b.add(t * 4 * NR + 32) as *const __m256i);
                             for (r, acc) in acc.iter_mut().enumerate() {
-                                let quad = (a.add(r * kq + 4 * t) as *const i32).read_unaligned();
-                                let av = _mm256_set1_epi32(quad);
-                                acc[0] = mac(acc[0], av, b0);
-                                acc[1] = mac(acc[1], av, b1);
+                                let x = row(a.add(r * tile.a_stride + 4 * t), kq);
+                                acc[0] = mac(acc[0], x, b0);
+                                acc[1] = mac(acc[1], x, b1);
                             }
                         }
                     }
@@ -70,24 +82,29 @@ macro_rules! ymm_kernel {
 ymm_kernel!(
     avx2,
     "avx2,fma",
-    "each activation byte split into 4-bit halves, `vpmaddubsw` of each with the weights, \
-     `vpmaddwd` by 16 and 1 into i32",
-    |acc, av, b| {
-        let low = _mm256_set1_epi8(0x0F);
-        let (l, h) = (
-            _mm256_and_si256(av, low),
-            _mm256_and_si256(_mm256_srli_epi16(av, 4), low),
-        );
-        let high = _mm256_madd_epi16(_mm256_maddubs_epi16(h, b), _mm256_set1_epi16(16));
-        let low = _mm256_madd_epi16(_mm256_maddubs_epi16(l, b), _mm256_set1_epi16(1));
-        _mm256_add_epi32(acc, _mm256_add_epi32(high, low))
+    "`v = u − 128` and `|v|` per row (`signed_rows`), per panel half `vpsignb` gives the weights `v`'s sign, \
+     `vpmaddubsw` of `|v|` with them (pairs at most 2·128·127, exact in i16) and `vpmaddwd` by 1 \
+     into i32; the sums start at `128·Σq`",
+    // SAFETY (the reads): a row holds `v` then `|v|`, `kq` bytes each (`signed_rows`).
+    row: |quad, kq| unsafe {
+        let v = (quad as *const i32).read_unaligned();
+        let abs = (quad.add(kq) as *const i32).read_unaligned();
+        (_mm256_set1_epi32(v), _mm256_set1_epi32(abs))
+    },
+    start: |qsum| _mm256_slli_epi32(qsum, 7),
+    mac: |acc, x: (__m256i, __m256i), b| {
+        let pairs = _mm256_maddubs_epi16(x.1, _mm256_sign_epi8(b, x.0));
+        _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
     }
 );
 ymm_kernel!(
     avx_vnni,
     "avx2,avxvnni,fma",
     "one `vpdpbusd` (AVX-VNNI)",
-    |acc, av, b| { _mm256_dpbusd_avx_epi32(acc, av, b) }
+    // SAFETY: the quad lies within the row (`kernel`'s reads).
+    row: |quad, _kq| _mm256_set1_epi32(unsafe { (quad as *const i32).read_unaligned() }),
+    start: |_qsum| _mm256_setzero_si256(),
+    mac: |acc, x: __m256i, b| _mm256_dpbusd_avx_epi32(acc, x, b)
 );
 
 pub mod avx512_vnni {
@@ -125,7 +142,8 @@ pub mod avx512_vnni {
                         *v = _mm512_loadu_si512(b.add(p * kq * NR + t * 4 * NR) as *const _);
                     }
                     for (r, acc) in acc.iter_mut().enumerate() {
-                        let quad = (a.add(r * kq + 4 * t) as *const i32).read_unaligned();
+                        let quad =
+                            (a.add(r * tile.a_stride + 4 * t) as *const i32).read_unaligned();
                         let quad = _mm512_set1_epi32(quad);
                         for (acc, &panel) in acc.iter_mut().zip(&panel) {
                             *acc = _mm512_dpbusd_epi32(*acc, quad, panel);

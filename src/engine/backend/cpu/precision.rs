@@ -63,8 +63,8 @@ impl CpuBackend {
                     ""
                 } else {
                     "; this CPU has no VNNI (AVX512-VNNI or AVX-VNNI), and without it mira's int8 \
-                     runs slower than its f32 (BENCHMARKS.md), so prefer f32 here unless you \
-                     need int8's numbers"
+                     runs near its f32 speed (1.1-1.2x on an AVX2 AMD Zen 3, BENCHMARKS.md), so \
+                     f32 is the better choice here unless you need int8's numbers"
                 };
                 Some(format!(
                     "precision int8 on the cpu: encoder linear layers use int8 weights (a scale \
