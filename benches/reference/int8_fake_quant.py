@@ -82,13 +82,13 @@ for h in hooks:
     h.remove()
 
 
-def round_weight(w, group):
+def round_weight(w, group, top=127):
     rows, cols = w.shape
     g = cols if group == 0 else group
     pad = (-cols) % g
     wg = torch.nn.functional.pad(w, (0, pad)).reshape(rows, -1, g)
-    s = wg.abs().amax(2, keepdim=True).clamp_min(1e-12) / 127
-    return ((wg / s).round().clamp(-127, 127) * s).reshape(rows, -1)[:, :cols]
+    s = wg.abs().amax(2, keepdim=True).clamp_min(1e-12) / top
+    return ((wg / s).round().clamp(-top, top) * s).reshape(rows, -1)[:, :cols]
 
 
 def round_weight_gptq(w, group, xx, damp=0.01):
@@ -116,6 +116,32 @@ def round_weight_gptq(w, group, xx, damp=0.01):
     return q.float()
 
 
+def round_weight_pairs(w, group, limit=128):
+    """Per group of `group` inputs, each pair of neighbouring weights (2j, 2j+1) rounded so that
+    |qa| + |qb| <= limit, which keeps AVX2's vpmaddubsw of u8 activations (0..255) exact without
+    mira's vpsignb: a pair over the limit is moved onto it (both magnitudes lowered equally), and
+    the group's scale is the best of 21 (max/127 times 1.00, 1.05, .., 2.00) by squared error."""
+    rows, cols = w.shape
+    pad = (-cols) % group
+    wg = torch.nn.functional.pad(w, (0, pad)).reshape(rows, -1, group // 2, 2).double()
+    amax = wg.abs().amax((2, 3), keepdim=True).clamp_min(1e-12)
+    best, best_err = None, None
+    for c in (1 + 0.05 * i for i in range(21)):
+        s = amax / 127 * c
+        x = (wg / s).abs()
+        y = x - (x.sum(-1, keepdim=True) - limit).clamp_min(0) / 2
+        ya = y[..., :1].round().clamp(0, 127)
+        yb = torch.minimum(y[..., 1:].round(), limit - ya).clamp(0, 127)
+        r = torch.cat([ya, yb], -1) * wg.sign() * s
+        err = ((r - wg) ** 2).sum((2, 3), keepdim=True)
+        if best is None:
+            best, best_err = r, err
+        else:
+            best = torch.where(err < best_err, r, best)
+            best_err = torch.minimum(err, best_err)
+    return best.reshape(rows, -1)[:, :cols].float()
+
+
 def round_input(x, mode):
     if mode == "f32":
         return x
@@ -123,11 +149,13 @@ def round_input(x, mode):
         top = 32767 if mode == "i16" else 127
         s = x.abs().amax(-1, keepdim=True).clamp_min(1e-12) / top
         return (x / s).round().clamp(-top, top) * s
-    # "u8": asymmetric over the range widened to hold 0 (as mira's), with an integer zero point.
+    # "u8": asymmetric over the range widened to hold 0 (as mira's), with an integer zero point;
+    # "u7": the same on 0..127 (what would let AVX2's vpmaddubsw skip mira's vpsignb).
+    top = 127 if mode == "u7" else 255
     lo, hi = x.amin(-1, keepdim=True).clamp_max(0), x.amax(-1, keepdim=True).clamp_min(0)
-    s = (hi - lo).clamp_min(1e-12) / 255
+    s = (hi - lo).clamp_min(1e-12) / top
     z = (-lo / s).round()
-    return ((x / s).round() + z).clamp(0, 255).sub(z) * s
+    return ((x / s).round() + z).clamp(0, top).sub(z) * s
 
 
 def round_input_grouped(x, mode, act_group):
@@ -140,11 +168,12 @@ def round_input_grouped(x, mode, act_group):
     return round_input(xg, mode).reshape(*x.shape[:-1], -1)[..., :cols]
 
 
-def scheme(label, inputs, group=0, keep_f32=(), smooth=None, act_group=0, gptq=False, cls_exact=False):
+def scheme(label, inputs, group=0, keep_f32=(), smooth=None, act_group=0, gptq=False, cls_exact=False, limit=None):
     """inputs: per-token rounding of every input; group: weight group (0 = per channel);
     keep_f32: kinds left unquantized; smooth: SmoothQuant alpha, or None; act_group: inputs
     per activation scale (0 = one per token); gptq: round the weights GPTQ-style; cls_exact: leave
-    every sequence's first token (the one the pooler reads) unrounded."""
+    every sequence's first token (the one the pooler reads) unrounded; limit: "pairs" rounds the
+    weights with round_weight_pairs, "7-bit" within ±63."""
     for name, m in linears.items():
         w = original[name]
         if kind(name) in keep_f32:
@@ -160,6 +189,10 @@ def scheme(label, inputs, group=0, keep_f32=(), smooth=None, act_group=0, gptq=F
         if gptq:
             f = factor.double() if factor is not None else torch.ones(w.shape[1], dtype=torch.float64)
             wq = round_weight_gptq(ws, group, second_moment[name] / f[:, None] / f[None, :])
+        elif limit == "7-bit":
+            wq = round_weight(ws, group, top=63)
+        elif limit == "pairs":
+            wq = round_weight_pairs(ws, group)
         else:
             wq = round_weight(ws, group)
 
@@ -223,3 +256,11 @@ scheme("GPTQ, weights and u8 inputs per 32, SmoothQuant 0.5", "u8", 64, smooth=0
 # Whether the pooler's error comes through the first token's own rounding.
 scheme("CLS exact: weights and u8 inputs per 64, SmoothQuant 0.5", "u8", 64, smooth=0.5, act_group=64, cls_exact=True)
 scheme("CLS exact: GPTQ, weights and u8 inputs per 64, SmoothQuant 0.5", "u8", 64, smooth=0.5, act_group=64, gptq=True, cls_exact=True)
+# Cheaper exact AVX2 kernels than mira's vpsignb + vpmaddubsw need 7-bit weights, 7-bit
+# activations or weights whose neighbouring pairs stay within 128 (BENCHMARKS.md, "int8 on
+# AVX2: BERT-base, the GEMM table, two kernels tried, and what one vector op less would cost").
+scheme("7-bit weights (±63) per 64, u8 inputs per 64, SmoothQuant 0.5", "u8", 64, smooth=0.5, act_group=64, limit="7-bit")
+scheme("u7 inputs per 64, weights per 64, SmoothQuant 0.5", "u7", 64, smooth=0.5, act_group=64)
+scheme("u7 inputs per 32, weights per 64, SmoothQuant 0.5", "u7", 64, smooth=0.5, act_group=32)
+scheme("weight pairs within 128, u8 inputs per 64, SmoothQuant 0.5", "u8", 64, smooth=0.5, act_group=64, limit="pairs")
+scheme("weight pairs within 128, SmoothQuant 0.5, inputs exact", "f32", 64, smooth=0.5, limit="pairs")
