@@ -15,7 +15,7 @@ use super::math;
 
 /// Query rows per block: the score block is `QBLOCK × keys` floats.
 const QBLOCK: usize = 64;
-/// Register tiles: at most `TR` rows of queries (8 with AVX-512, else 4) by `TC` columns (keys
+/// Register tiles: at most `TR` rows of queries (8 with AVX-512, 2 with AVX2, else 4) by `TC` columns (keys
 /// for Q·Kᵀ, head dims for P·V); query rows are padded to a multiple of `TR`.
 const TR: usize = 8;
 const TC: usize = 32;
@@ -186,8 +186,10 @@ fn rel_bias(
 
 /// Attend one head of one sequence; `out(row, values)` receives each query row's `d` outputs.
 ///
-/// Compiled for the CPU: 8-row tiles with AVX-512 (16 accumulators of its 32 registers), 4-row
-/// tiles with AVX2 and FMA or without. The tile height changes which outputs a pass computes
+/// Compiled for the CPU: 8-row tiles with AVX-512 (16 accumulators of its 32 registers), 2-row
+/// tiles with AVX2 and FMA (8 accumulators, 4 registers of the tile row and a broadcast within
+/// its 16: 4-row tiles needed 16 accumulators and spilled them to the stack at every step, and
+/// attention ran 1.4x slower; BENCHMARKS), 4-row without. The tile height changes which outputs a pass computes
 /// together, not the order of any sum, so every variant gives the same values.
 pub fn attend(hv: &HeadView, scratch: &mut Scratch, out: impl FnMut(usize, &[f32])) {
     #[cfg(target_arch = "x86_64")]
@@ -198,7 +200,7 @@ pub fn attend(hv: &HeadView, scratch: &mut Scratch, out: impl FnMut(usize, &[f32
         }
         #[target_feature(enable = "avx2,fma")]
         fn avx2(hv: &HeadView, scratch: &mut Scratch, out: impl FnMut(usize, &[f32])) {
-            attend_tiles::<true, 4, false>(hv, scratch, out)
+            attend_tiles::<true, 2, false>(hv, scratch, out)
         }
         let fma = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
         if fma
