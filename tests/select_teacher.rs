@@ -179,6 +179,9 @@ fn discover_label_distill_select_with_a_real_teacher() {
         summary["teacher"]["completion_tokens"].as_u64().unwrap() > 0,
         "{summary}"
     );
+    // Requests whose every attempt failed are not cached; `mira run` below asks them again.
+    let failed = |summary: &Value| summary["teacher"]["failures"].as_u64().unwrap();
+    let mut failed_before = vec![("discover", failed(&summary))];
     for g in &names {
         let judged =
             std::fs::read_to_string(d.join(format!("rubrics/{g}.judgments.jsonl"))).unwrap();
@@ -208,6 +211,7 @@ fn discover_label_distill_select_with_a_real_teacher() {
     args.extend(teacher_args);
     let (summary, _) = mira(&args);
     let summary: Value = serde_json::from_str(&summary).unwrap();
+    failed_before.push(("label", failed(&summary)));
     let rows = mira::select::label::read_labels(&d.join("labels.jsonl")).unwrap();
     // 8 records per source, so a group of m sources offers 8m and at most 8 are sampled.
     let expected: usize = groups["members"]
@@ -336,20 +340,30 @@ fn discover_label_distill_select_with_a_real_teacher() {
         )
         .unwrap()
     };
-    for step in ["discover", "label"] {
+    for (step, failed) in failed_before {
         let t = &steps(step)["summary"]["teacher"];
-        // Only a reply the checks reject is asked again (it was never cached as an answer).
+        // Only requests that failed before are asked again: each is either accepted now (at
+        // most `failed`) or rejected again. Every answered one comes from the cache.
         assert!(
-            t["http_requests"].as_u64().unwrap() <= t["rejected_replies"].as_u64().unwrap_or(0),
-            "{step} paid again: {t} ({log})"
+            t["http_requests"].as_u64().unwrap()
+                <= failed + t["rejected_replies"].as_u64().unwrap(),
+            "{step} paid again ({failed} failed before): {t} ({log})"
         );
         assert!(t["cache_hits"].as_u64().unwrap() > 0);
+        if failed > 0 {
+            // A discover request answered only now changes the rubrics, and so every label
+            // request after it.
+            eprintln!("{step}: {failed} requests failed before; not comparing what follows");
+            break;
+        }
+        if step == "label" {
+            assert_eq!(
+                std::fs::read_to_string(d.join("work/labels.jsonl")).unwrap(),
+                std::fs::read_to_string(d.join("labels.jsonl")).unwrap(),
+                "the same labels from the cache"
+            );
+        }
     }
-    assert_eq!(
-        std::fs::read_to_string(d.join("work/labels.jsonl")).unwrap(),
-        std::fs::read_to_string(d.join("labels.jsonl")).unwrap(),
-        "the same labels from the cache"
-    );
     let (_, log) = mira(&["run", &p("run.toml")]);
     for step in [
         "group",

@@ -332,6 +332,40 @@ fn unusable_replies_are_not_cached() {
     assert_eq!((st.cache_hits, st.http_requests), (1, 2), "{st:?}");
 }
 
+/// A request accepted at a later attempt is answered on a rerun from that attempt's cached reply:
+/// nothing is paid again, and the answer is the same even where the server would now answer the
+/// first attempt differently (llama-server under concurrency is not deterministic).
+#[test]
+fn a_rerun_repeats_the_reply_accepted_at_a_later_attempt() {
+    let cache = tempfile::tempdir().unwrap();
+    let server = serve(|_, n| match n {
+        1 => Act::Reply("{\"ok\": tr".into()),
+        n => Act::Reply(format!("{{\"ok\": true, \"hit\": {n}}}")),
+    });
+    let mut cfg = config(&server.url);
+    cfg.cache_dir = Some(cache.path().to_path_buf());
+    let parse_hit = |reply: &str| -> Result<u64> {
+        parse_ok(reply)?;
+        Ok(extract_json(reply).unwrap()["hit"].as_u64().unwrap())
+    };
+    let reqs = [req("flaky")];
+    let t1 = Teacher::new(cfg.clone()).unwrap();
+    let first = t1.ask_all(&reqs, "run 1", parse_hit);
+    assert_eq!(
+        first[0].as_ref().unwrap(),
+        &2,
+        "accepted at the second attempt"
+    );
+    assert_eq!(t1.stats().rejected_replies, 1);
+    let t2 = Teacher::new(cfg).unwrap();
+    assert!(t2.is_cached(&reqs[0]), "the estimate counts it as cached");
+    let second = t2.ask_all(&reqs, "run 2", parse_hit);
+    assert_eq!(second[0].as_ref().unwrap(), &2, "the same reply");
+    let st = t2.stats();
+    assert_eq!((st.cache_hits, st.http_requests), (1, 0), "{st:?}");
+    assert_eq!(server.hits.lock().unwrap()["flaky"], 2);
+}
+
 #[test]
 fn a_server_that_rejects_response_format_is_asked_without_it() {
     let server = serve(|req, _| {

@@ -13,8 +13,9 @@
 //! - A reply the caller cannot use (malformed or truncated JSON) is asked for again, as a new
 //!   *attempt*, up to `max_attempts` per request.
 //! - An on-disk cache keyed by the request (model, messages, sampling parameters, attempt), so a
-//!   killed run resumes without paying twice; only replies the caller could use are cached, so a
-//!   rerun asks again for whatever failed. Token counts and cost in [`TeacherStats`].
+//!   killed run resumes without paying twice; a rerun answers from the accepted reply of any
+//!   attempt. Only replies the caller could use are cached, so a rerun asks again for whatever
+//!   failed. Token counts and cost in [`TeacherStats`].
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -341,35 +342,35 @@ impl Teacher {
         bar
     }
 
-    /// One logical request: cached or fresh attempts until `parse` accepts a reply.
+    /// One logical request: the cached reply of any attempt that `parse` accepts, else fresh
+    /// attempts until it accepts one.
     pub fn ask<T>(&self, req: &ChatRequest, parse: impl Fn(&str) -> Result<T>) -> Result<T> {
         self.stats.lock().unwrap().requests += 1;
-        let mut last_err = anyhow!("no attempt made");
-        for attempt in 0..self.cfg.max_attempts.max(1) {
-            // Only replies that parse are cached, so a rerun (against a healthier server, or
-            // with a better parser) asks again for every attempt that failed. An entry written
-            // by an older mira that does not parse is asked for again too.
-            let mut reply = self.cached(req, attempt);
-            if let Some(content) = &reply {
-                if parse(content).is_err() {
-                    reply = None;
-                } else {
-                    self.stats.lock().unwrap().cache_hits += 1;
-                }
+        let attempts = self.cfg.max_attempts.max(1);
+        // A rerun takes the reply accepted last time, whichever attempt it came from, so it pays
+        // nothing and repeats the same answer even where the server would now answer attempt 0
+        // differently (llama-server's batching under concurrency is not deterministic). Only
+        // replies that parsed are cached, so a request whose every attempt failed is asked
+        // again (against a healthier server, or with a better parser); an entry written by an
+        // older mira that does not parse is passed over.
+        for attempt in 0..attempts {
+            if let Some(Ok(v)) = self.cached(req, attempt).map(|c| parse(&c)) {
+                self.stats.lock().unwrap().cache_hits += 1;
+                return Ok(v);
             }
-            let (content, fresh) = match reply {
-                Some(c) => (c, None),
-                None => match self.complete(req, attempt) {
-                    Ok((c, entry)) => (c, Some(entry)),
-                    Err(e) => {
-                        self.stats.lock().unwrap().failures += 1;
-                        return Err(e);
-                    }
-                },
+        }
+        let mut last_err = anyhow!("no attempt made");
+        for attempt in 0..attempts {
+            let (content, entry) = match self.complete(req, attempt) {
+                Ok(reply) => reply,
+                Err(e) => {
+                    self.stats.lock().unwrap().failures += 1;
+                    return Err(e);
+                }
             };
             match parse(&content) {
                 Ok(v) => {
-                    if let (Some(entry), Some(cache)) = (fresh, &self.cache) {
+                    if let Some(cache) = &self.cache {
                         cache.put(&self.cache_key(req, attempt), entry.to_string().as_bytes())?;
                     }
                     return Ok(v);
@@ -405,9 +406,10 @@ impl Teacher {
         Sha256::digest(key.to_string().as_bytes()).into()
     }
 
-    /// Whether the first attempt of `req` is in the response cache.
+    /// Whether some attempt of `req` is in the response cache (what [`Teacher::ask`] answers
+    /// from without asking the server).
     pub fn is_cached(&self, req: &ChatRequest) -> bool {
-        self.cached(req, 0).is_some()
+        (0..self.cfg.max_attempts.max(1)).any(|attempt| self.cached(req, attempt).is_some())
     }
 
     /// The cached reply text of one attempt, if there is one.
