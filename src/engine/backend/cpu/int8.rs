@@ -35,7 +35,10 @@
 //!   128` as the unsigned operand, the weight with `v`'s sign (`vpsignb`; `|q| ≤ 127`, so the
 //!   negation cannot wrap) as the signed one, at most 2·128·127 = 32512 per pair: exact.
 //!   `vpmaddwd` by 1 widens the pairs into i32 lanes, and each group's sums start at `128·Σq`
-//!   (kept per weight group), which makes them `Σ u·q` again;
+//!   (kept per weight group), which makes them `Σ u·q` again. On AMD Zen 3 this runs at about
+//!   the rate of its vector operations whichever they are: `vpmaddwd` on i16 rows and panels
+//!   and a `vpxor`/`vpsubb` sign were no faster, and 7-bit activations, which need no sign
+//!   (1.24x end to end), failed the fidelity floors (BENCHMARKS.md, 2026-12-03);
 //! - `scalar`: plain loops over the same packed layout (aarch64, x86-64 without AVX2 and FMA).
 //!
 //! Layout: the weight is packed in panels of `NR` = 16 output channels; in a panel, k-quad `t`
