@@ -13,6 +13,9 @@ itself stays float (PyTorch), so this measures rounding only.
 usage: python benches/reference/int8_fake_quant.py [MODEL] [CORPUS]
   (defaults .data/models/all-MiniLM-L6-v2, .data/sample/corpus.jsonl; needs torch and
   transformers: /root/venv-ref/bin/python)
+  CALIBRATION=builtin calibrates on mira's own six texts (src/scorer/calibration.rs, what the
+  engine uses) instead of 30 sample-corpus documents; ONLY=16bit runs only the 16-bit-input and
+  GPTQ rows added for the calibration question (BENCHMARKS.md, 2026-12-03).
 Prints one line per scheme: embedding cosine to f32, min / p1 / mean over 100 documents, and
 the error of a random 8-label head on the BERT pooler output (tanh(P·h_CLS + p), weights uniform
 in ±2/√H as tests/precision.rs draws them, another seed): per label the largest difference as a
@@ -20,6 +23,8 @@ share of the label's range over the documents, the largest and the mean over lab
 """
 
 import json
+import os
+import re
 import sys
 
 import torch
@@ -32,7 +37,29 @@ tok = AutoTokenizer.from_pretrained(MODEL)
 model = AutoModel.from_pretrained(MODEL).eval()
 texts = [json.loads(line)["text"] for line in open(CORPUS)]
 measured = [tok(t, truncation=True, max_length=256, return_tensors="pt") for t in texts[:200:2]]
-calibration = [tok(t, truncation=True, max_length=256, return_tensors="pt") for t in texts[1:60:2]]
+
+
+def builtin_calibration_texts():
+    """mira's calibration texts, read from the Rust source (string literals with `\` line
+    continuations and `\n`, `\x20`, `\"` escapes)."""
+    src = open("src/scorer/calibration.rs").read()
+    body = src[src.index("const TEXTS") :]
+    body = body[body.index("[") + 1 : body.index("];")]
+    out = []
+    for m in re.finditer(r'"((?:[^"\\]|\\.|\\\n)*)"', body, re.S):
+        s = re.sub(r"\\\n\s*", "", m.group(1))
+        for a, b in (("\\n", "\n"), ("\\x20", " "), ('\\"', '"'), ("\\'", "'"), ("\\\\", "\\")):
+            s = s.replace(a, b)
+        out.append(s)
+    assert len(out) == 6, f"expected mira's six calibration texts, parsed {len(out)}"
+    return out
+
+
+if os.environ.get("CALIBRATION") == "builtin":
+    calibration_texts = builtin_calibration_texts()
+else:
+    calibration_texts = texts[1:60:2]
+calibration = [tok(t, truncation=True, max_length=256, return_tensors="pt") for t in calibration_texts]
 linears = {
     name: m
     for name, m in model.named_modules()
@@ -168,12 +195,13 @@ def round_input_grouped(x, mode, act_group):
     return round_input(xg, mode).reshape(*x.shape[:-1], -1)[..., :cols]
 
 
-def scheme(label, inputs, group=0, keep_f32=(), smooth=None, act_group=0, gptq=False, cls_exact=False, limit=None):
+def scheme(label, inputs, group=0, keep_f32=(), smooth=None, act_group=0, gptq=False, cls_exact=False, limit=None, damp=0.01):
     """inputs: per-token rounding of every input; group: weight group (0 = per channel);
     keep_f32: kinds left unquantized; smooth: SmoothQuant alpha, or None; act_group: inputs
     per activation scale (0 = one per token); gptq: round the weights GPTQ-style; cls_exact: leave
     every sequence's first token (the one the pooler reads) unrounded; limit: "pairs" rounds the
-    weights with round_weight_pairs, "7-bit" within ±63."""
+    weights with round_weight_pairs, "7-bit" within ±63; damp: GPTQ's damping (share of the mean
+    diagonal)."""
     for name, m in linears.items():
         w = original[name]
         if kind(name) in keep_f32:
@@ -188,7 +216,7 @@ def scheme(label, inputs, group=0, keep_f32=(), smooth=None, act_group=0, gptq=F
         ws = w * factor if factor is not None else w
         if gptq:
             f = factor.double() if factor is not None else torch.ones(w.shape[1], dtype=torch.float64)
-            wq = round_weight_gptq(ws, group, second_moment[name] / f[:, None] / f[None, :])
+            wq = round_weight_gptq(ws, group, second_moment[name] / f[:, None] / f[None, :], damp)
         elif limit == "7-bit":
             wq = round_weight(ws, group, top=63)
         elif limit == "pairs":
@@ -217,50 +245,58 @@ def scheme(label, inputs, group=0, keep_f32=(), smooth=None, act_group=0, gptq=F
     )
 
 
-scheme("weights per channel, 16-bit inputs", "i16")
-scheme("weights per channel, 16-bit inputs, ffn_down f32", "i16", keep_f32=("ffn_down",))
-for g in (128, 64, 32):
-    scheme(f"weights per {g} inputs, 16-bit inputs (mira's int8: 64)", "i16", group=g)
-scheme("weights per channel, 8-bit symmetric inputs", "s8")
-scheme("weights per channel, 8-bit asymmetric inputs", "u8")
-for alpha in (0.4, 0.5, 0.6):
-    scheme(f"8-bit asymmetric inputs, SmoothQuant alpha {alpha}", "u8", smooth=alpha)
-scheme("8-bit asymmetric inputs, SmoothQuant 0.5, weights per 64", "u8", group=64, smooth=0.5)
-scheme("weights per 64, 8-bit symmetric inputs", "s8", group=64)
-scheme("weights per 64, 8-bit asymmetric inputs", "u8", group=64)
-for a in (128, 64, 32):
-    scheme(f"weights per 64, 8-bit symmetric inputs per {a}", "s8", group=64, act_group=a)
-    scheme(
-        f"weights per 64, 8-bit asymmetric inputs per {a} (mira's int8: 64)",
-        "u8",
-        group=64,
-        act_group=a,
-    )
-scheme("weights and 8-bit asymmetric inputs per 64, SmoothQuant 0.5", "u8", 64, smooth=0.5, act_group=64)
-# Which part of the int8 error the pooler head sees: one kind of layer left f32 at a time, the
-# activations exact (weight rounding alone) with finer weight groups, and 16-bit activations.
-for k in ("qkv", "attn_out", "ffn_up", "ffn_down"):
-    scheme(f"mira's int8, {k} left f32", "u8", 64, keep_f32=(k,), smooth=0.5, act_group=64)
-scheme("weights per 64, no smoothing, inputs exact", "f32", 64)
-for g in (64, 32, 16):
-    scheme(f"weights per {g}, SmoothQuant 0.5, inputs exact", "f32", g, smooth=0.5)
-scheme("weights per 64, SmoothQuant 0.5, 16-bit inputs per 64", "i16", 64, smooth=0.5, act_group=64)
-# Error-compensating weight rounding (GPTQ) on the same calibration documents.
-scheme("GPTQ weights per 64, no smoothing, inputs exact", "f32", 64, gptq=True)
-scheme("GPTQ weights per 64, SmoothQuant 0.5, inputs exact", "f32", 64, smooth=0.5, gptq=True)
-scheme("GPTQ, weights and 8-bit asymmetric inputs per 64, SmoothQuant 0.5", "u8", 64, smooth=0.5, act_group=64, gptq=True)
-scheme("GPTQ, weights and 8-bit asymmetric inputs per 64, no smoothing", "u8", 64, act_group=64, gptq=True)
-for a in (0.6, 0.7, 0.8):
-    scheme(f"GPTQ, weights and u8 inputs per 64, SmoothQuant {a}", "u8", 64, smooth=a, act_group=64, gptq=True)
-scheme("GPTQ, weights and u8 inputs per 32, SmoothQuant 0.5", "u8", 64, smooth=0.5, act_group=32, gptq=True)
-# Whether the pooler's error comes through the first token's own rounding.
-scheme("CLS exact: weights and u8 inputs per 64, SmoothQuant 0.5", "u8", 64, smooth=0.5, act_group=64, cls_exact=True)
-scheme("CLS exact: GPTQ, weights and u8 inputs per 64, SmoothQuant 0.5", "u8", 64, smooth=0.5, act_group=64, gptq=True, cls_exact=True)
-# Cheaper exact AVX2 kernels than mira's vpsignb + vpmaddubsw need 7-bit weights, 7-bit
-# activations or weights whose neighbouring pairs stay within 128 (BENCHMARKS.md, "int8 on
-# AVX2: BERT-base, the GEMM table, two kernels tried, and what one vector op less would cost").
-scheme("7-bit weights (±63) per 64, u8 inputs per 64, SmoothQuant 0.5", "u8", 64, smooth=0.5, act_group=64, limit="7-bit")
-scheme("u7 inputs per 64, weights per 64, SmoothQuant 0.5", "u7", 64, smooth=0.5, act_group=64)
-scheme("u7 inputs per 32, weights per 64, SmoothQuant 0.5", "u7", 64, smooth=0.5, act_group=32)
-scheme("weight pairs within 128, u8 inputs per 64, SmoothQuant 0.5", "u8", 64, smooth=0.5, act_group=64, limit="pairs")
-scheme("weight pairs within 128, SmoothQuant 0.5, inputs exact", "f32", 64, smooth=0.5, limit="pairs")
+if os.environ.get("ONLY") != "16bit":
+    scheme("weights per channel, 16-bit inputs", "i16")
+    scheme("weights per channel, 16-bit inputs, ffn_down f32", "i16", keep_f32=("ffn_down",))
+    for g in (128, 64, 32):
+        scheme(f"weights per {g} inputs, 16-bit inputs (mira's int8: 64)", "i16", group=g)
+    scheme("weights per channel, 8-bit symmetric inputs", "s8")
+    scheme("weights per channel, 8-bit asymmetric inputs", "u8")
+    for alpha in (0.4, 0.5, 0.6):
+        scheme(f"8-bit asymmetric inputs, SmoothQuant alpha {alpha}", "u8", smooth=alpha)
+    scheme("8-bit asymmetric inputs, SmoothQuant 0.5, weights per 64", "u8", group=64, smooth=0.5)
+    scheme("weights per 64, 8-bit symmetric inputs", "s8", group=64)
+    scheme("weights per 64, 8-bit asymmetric inputs", "u8", group=64)
+    for a in (128, 64, 32):
+        scheme(f"weights per 64, 8-bit symmetric inputs per {a}", "s8", group=64, act_group=a)
+        scheme(
+            f"weights per 64, 8-bit asymmetric inputs per {a} (mira's int8: 64)",
+            "u8",
+            group=64,
+            act_group=a,
+        )
+    scheme("weights and 8-bit asymmetric inputs per 64, SmoothQuant 0.5", "u8", 64, smooth=0.5, act_group=64)
+    # Which part of the int8 error the pooler head sees: one kind of layer left f32 at a time, the
+    # activations exact (weight rounding alone) with finer weight groups, and 16-bit activations.
+    for k in ("qkv", "attn_out", "ffn_up", "ffn_down"):
+        scheme(f"mira's int8, {k} left f32", "u8", 64, keep_f32=(k,), smooth=0.5, act_group=64)
+    scheme("weights per 64, no smoothing, inputs exact", "f32", 64)
+    for g in (64, 32, 16):
+        scheme(f"weights per {g}, SmoothQuant 0.5, inputs exact", "f32", g, smooth=0.5)
+    scheme("weights per 64, SmoothQuant 0.5, 16-bit inputs per 64", "i16", 64, smooth=0.5, act_group=64)
+    # Error-compensating weight rounding (GPTQ) on the same calibration documents.
+    scheme("GPTQ weights per 64, no smoothing, inputs exact", "f32", 64, gptq=True)
+    scheme("GPTQ weights per 64, SmoothQuant 0.5, inputs exact", "f32", 64, smooth=0.5, gptq=True)
+    scheme("GPTQ, weights and 8-bit asymmetric inputs per 64, SmoothQuant 0.5", "u8", 64, smooth=0.5, act_group=64, gptq=True)
+    scheme("GPTQ, weights and 8-bit asymmetric inputs per 64, no smoothing", "u8", 64, act_group=64, gptq=True)
+    for a in (0.6, 0.7, 0.8):
+        scheme(f"GPTQ, weights and u8 inputs per 64, SmoothQuant {a}", "u8", 64, smooth=a, act_group=64, gptq=True)
+    scheme("GPTQ, weights and u8 inputs per 32, SmoothQuant 0.5", "u8", 64, smooth=0.5, act_group=32, gptq=True)
+    # Whether the pooler's error comes through the first token's own rounding.
+    scheme("CLS exact: weights and u8 inputs per 64, SmoothQuant 0.5", "u8", 64, smooth=0.5, act_group=64, cls_exact=True)
+    scheme("CLS exact: GPTQ, weights and u8 inputs per 64, SmoothQuant 0.5", "u8", 64, smooth=0.5, act_group=64, gptq=True, cls_exact=True)
+    # Cheaper exact AVX2 kernels than mira's vpsignb + vpmaddubsw need 7-bit weights, 7-bit
+    # activations or weights whose neighbouring pairs stay within 128 (BENCHMARKS.md, "int8 on
+    # AVX2: BERT-base, the GEMM table, two kernels tried, and what one vector op less would cost").
+    scheme("7-bit weights (±63) per 64, u8 inputs per 64, SmoothQuant 0.5", "u8", 64, smooth=0.5, act_group=64, limit="7-bit")
+    scheme("u7 inputs per 64, weights per 64, SmoothQuant 0.5", "u7", 64, smooth=0.5, act_group=64)
+    scheme("u7 inputs per 32, weights per 64, SmoothQuant 0.5", "u7", 64, smooth=0.5, act_group=32)
+    scheme("weight pairs within 128, u8 inputs per 64, SmoothQuant 0.5", "u8", 64, smooth=0.5, act_group=64, limit="pairs")
+    scheme("weight pairs within 128, SmoothQuant 0.5, inputs exact", "f32", 64, smooth=0.5, limit="pairs")
+
+# Whether 16-bit activations with GPTQ weights meet the 1% label bound, and on which calibration
+# text (run once with CALIBRATION=builtin, once without).
+scheme("mira's int8 (u8 inputs per 64, weights per 64, SmoothQuant 0.5)", "u8", 64, smooth=0.5, act_group=64)
+scheme("16-bit inputs per 64, weights per 64, SmoothQuant 0.5", "i16", 64, smooth=0.5, act_group=64)
+for d in (0.01, 0.03, 0.1):
+    scheme(f"16-bit inputs per 64, GPTQ weights per 64 (damping {d}), SQ 0.5", "i16", 64, smooth=0.5, act_group=64, gptq=True, damp=d)
