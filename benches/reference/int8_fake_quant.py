@@ -14,8 +14,8 @@ usage: python benches/reference/int8_fake_quant.py [MODEL] [CORPUS]
   (defaults .data/models/all-MiniLM-L6-v2, .data/sample/corpus.jsonl; needs torch and
   transformers: /root/venv-ref/bin/python)
   CALIBRATION=builtin calibrates on mira's own six texts (src/scorer/calibration.rs, what the
-  engine uses) instead of 30 sample-corpus documents; ONLY=16bit runs only the 16-bit-input and
-  GPTQ rows added for the calibration question (BENCHMARKS.md, 2026-12-03).
+  engine uses) instead of 30 sample-corpus documents; ONLY=16bit runs only the first five rows (mira's
+  int8, 16-bit inputs, 16-bit inputs with GPTQ weights: BENCHMARKS.md, 2026-12-03).
 Prints one line per scheme: embedding cosine to f32, min / p1 / mean over 100 documents, and
 the error of a random 8-label head on the BERT pooler output (tanh(P·h_CLS + p), weights uniform
 in ±2/√H as tests/precision.rs draws them, another seed): per label the largest difference as a
@@ -245,58 +245,57 @@ def scheme(label, inputs, group=0, keep_f32=(), smooth=None, act_group=0, gptq=F
     )
 
 
-if os.environ.get("ONLY") != "16bit":
-    scheme("weights per channel, 16-bit inputs", "i16")
-    scheme("weights per channel, 16-bit inputs, ffn_down f32", "i16", keep_f32=("ffn_down",))
-    for g in (128, 64, 32):
-        scheme(f"weights per {g} inputs, 16-bit inputs (mira's int8: 64)", "i16", group=g)
-    scheme("weights per channel, 8-bit symmetric inputs", "s8")
-    scheme("weights per channel, 8-bit asymmetric inputs", "u8")
-    for alpha in (0.4, 0.5, 0.6):
-        scheme(f"8-bit asymmetric inputs, SmoothQuant alpha {alpha}", "u8", smooth=alpha)
-    scheme("8-bit asymmetric inputs, SmoothQuant 0.5, weights per 64", "u8", group=64, smooth=0.5)
-    scheme("weights per 64, 8-bit symmetric inputs", "s8", group=64)
-    scheme("weights per 64, 8-bit asymmetric inputs", "u8", group=64)
-    for a in (128, 64, 32):
-        scheme(f"weights per 64, 8-bit symmetric inputs per {a}", "s8", group=64, act_group=a)
-        scheme(
-            f"weights per 64, 8-bit asymmetric inputs per {a} (mira's int8: 64)",
-            "u8",
-            group=64,
-            act_group=a,
-        )
-    scheme("weights and 8-bit asymmetric inputs per 64, SmoothQuant 0.5", "u8", 64, smooth=0.5, act_group=64)
-    # Which part of the int8 error the pooler head sees: one kind of layer left f32 at a time, the
-    # activations exact (weight rounding alone) with finer weight groups, and 16-bit activations.
-    for k in ("qkv", "attn_out", "ffn_up", "ffn_down"):
-        scheme(f"mira's int8, {k} left f32", "u8", 64, keep_f32=(k,), smooth=0.5, act_group=64)
-    scheme("weights per 64, no smoothing, inputs exact", "f32", 64)
-    for g in (64, 32, 16):
-        scheme(f"weights per {g}, SmoothQuant 0.5, inputs exact", "f32", g, smooth=0.5)
-    scheme("weights per 64, SmoothQuant 0.5, 16-bit inputs per 64", "i16", 64, smooth=0.5, act_group=64)
-    # Error-compensating weight rounding (GPTQ) on the same calibration documents.
-    scheme("GPTQ weights per 64, no smoothing, inputs exact", "f32", 64, gptq=True)
-    scheme("GPTQ weights per 64, SmoothQuant 0.5, inputs exact", "f32", 64, smooth=0.5, gptq=True)
-    scheme("GPTQ, weights and 8-bit asymmetric inputs per 64, SmoothQuant 0.5", "u8", 64, smooth=0.5, act_group=64, gptq=True)
-    scheme("GPTQ, weights and 8-bit asymmetric inputs per 64, no smoothing", "u8", 64, act_group=64, gptq=True)
-    for a in (0.6, 0.7, 0.8):
-        scheme(f"GPTQ, weights and u8 inputs per 64, SmoothQuant {a}", "u8", 64, smooth=a, act_group=64, gptq=True)
-    scheme("GPTQ, weights and u8 inputs per 32, SmoothQuant 0.5", "u8", 64, smooth=0.5, act_group=32, gptq=True)
-    # Whether the pooler's error comes through the first token's own rounding.
-    scheme("CLS exact: weights and u8 inputs per 64, SmoothQuant 0.5", "u8", 64, smooth=0.5, act_group=64, cls_exact=True)
-    scheme("CLS exact: GPTQ, weights and u8 inputs per 64, SmoothQuant 0.5", "u8", 64, smooth=0.5, act_group=64, gptq=True, cls_exact=True)
-    # Cheaper exact AVX2 kernels than mira's vpsignb + vpmaddubsw need 7-bit weights, 7-bit
-    # activations or weights whose neighbouring pairs stay within 128 (BENCHMARKS.md, "int8 on
-    # AVX2: BERT-base, the GEMM table, two kernels tried, and what one vector op less would cost").
-    scheme("7-bit weights (±63) per 64, u8 inputs per 64, SmoothQuant 0.5", "u8", 64, smooth=0.5, act_group=64, limit="7-bit")
-    scheme("u7 inputs per 64, weights per 64, SmoothQuant 0.5", "u7", 64, smooth=0.5, act_group=64)
-    scheme("u7 inputs per 32, weights per 64, SmoothQuant 0.5", "u7", 64, smooth=0.5, act_group=32)
-    scheme("weight pairs within 128, u8 inputs per 64, SmoothQuant 0.5", "u8", 64, smooth=0.5, act_group=64, limit="pairs")
-    scheme("weight pairs within 128, SmoothQuant 0.5, inputs exact", "f32", 64, smooth=0.5, limit="pairs")
-
-# Whether 16-bit activations with GPTQ weights meet the 1% label bound, and on which calibration
-# text (run once with CALIBRATION=builtin, once without).
-scheme("mira's int8 (u8 inputs per 64, weights per 64, SmoothQuant 0.5)", "u8", 64, smooth=0.5, act_group=64)
-scheme("16-bit inputs per 64, weights per 64, SmoothQuant 0.5", "i16", 64, smooth=0.5, act_group=64)
+# mira's int8 and the same with 16-bit inputs, then whether 16-bit inputs with GPTQ weights meet
+# the 1% label bound, and on which calibration text (run once with CALIBRATION=builtin, once
+# without); ONLY=16bit stops after these rows.
+scheme("weights and 8-bit asymmetric inputs per 64, SmoothQuant 0.5", "u8", 64, smooth=0.5, act_group=64)
+scheme("weights per 64, SmoothQuant 0.5, 16-bit inputs per 64", "i16", 64, smooth=0.5, act_group=64)
 for d in (0.01, 0.03, 0.1):
     scheme(f"16-bit inputs per 64, GPTQ weights per 64 (damping {d}), SQ 0.5", "i16", 64, smooth=0.5, act_group=64, gptq=True, damp=d)
+if os.environ.get("ONLY") == "16bit":
+    sys.exit(0)
+scheme("weights per channel, 16-bit inputs", "i16")
+scheme("weights per channel, 16-bit inputs, ffn_down f32", "i16", keep_f32=("ffn_down",))
+for g in (128, 64, 32):
+    scheme(f"weights per {g} inputs, 16-bit inputs (mira's int8: 64)", "i16", group=g)
+scheme("weights per channel, 8-bit symmetric inputs", "s8")
+scheme("weights per channel, 8-bit asymmetric inputs", "u8")
+for alpha in (0.4, 0.5, 0.6):
+    scheme(f"8-bit asymmetric inputs, SmoothQuant alpha {alpha}", "u8", smooth=alpha)
+scheme("8-bit asymmetric inputs, SmoothQuant 0.5, weights per 64", "u8", group=64, smooth=0.5)
+scheme("weights per 64, 8-bit symmetric inputs", "s8", group=64)
+scheme("weights per 64, 8-bit asymmetric inputs", "u8", group=64)
+for a in (128, 64, 32):
+    scheme(f"weights per 64, 8-bit symmetric inputs per {a}", "s8", group=64, act_group=a)
+    scheme(
+        f"weights per 64, 8-bit asymmetric inputs per {a} (mira's int8: 64)",
+        "u8",
+        group=64,
+        act_group=a,
+    )
+# Which part of the int8 error the pooler head sees: one kind of layer left f32 at a time, the
+# activations exact (weight rounding alone) with finer weight groups, and 16-bit activations.
+for k in ("qkv", "attn_out", "ffn_up", "ffn_down"):
+    scheme(f"mira's int8, {k} left f32", "u8", 64, keep_f32=(k,), smooth=0.5, act_group=64)
+scheme("weights per 64, no smoothing, inputs exact", "f32", 64)
+for g in (64, 32, 16):
+    scheme(f"weights per {g}, SmoothQuant 0.5, inputs exact", "f32", g, smooth=0.5)
+# Error-compensating weight rounding (GPTQ) on the same calibration documents.
+scheme("GPTQ weights per 64, no smoothing, inputs exact", "f32", 64, gptq=True)
+scheme("GPTQ weights per 64, SmoothQuant 0.5, inputs exact", "f32", 64, smooth=0.5, gptq=True)
+scheme("GPTQ, weights and 8-bit asymmetric inputs per 64, SmoothQuant 0.5", "u8", 64, smooth=0.5, act_group=64, gptq=True)
+scheme("GPTQ, weights and 8-bit asymmetric inputs per 64, no smoothing", "u8", 64, act_group=64, gptq=True)
+for a in (0.6, 0.7, 0.8):
+    scheme(f"GPTQ, weights and u8 inputs per 64, SmoothQuant {a}", "u8", 64, smooth=a, act_group=64, gptq=True)
+scheme("GPTQ, weights and u8 inputs per 32, SmoothQuant 0.5", "u8", 64, smooth=0.5, act_group=32, gptq=True)
+# Whether the pooler's error comes through the first token's own rounding.
+scheme("CLS exact: weights and u8 inputs per 64, SmoothQuant 0.5", "u8", 64, smooth=0.5, act_group=64, cls_exact=True)
+scheme("CLS exact: GPTQ, weights and u8 inputs per 64, SmoothQuant 0.5", "u8", 64, smooth=0.5, act_group=64, gptq=True, cls_exact=True)
+# Cheaper exact AVX2 kernels than mira's vpsignb + vpmaddubsw need 7-bit weights, 7-bit
+# activations or weights whose neighbouring pairs stay within 128 (BENCHMARKS.md, "int8 on
+# AVX2: BERT-base, the GEMM table, two kernels tried, and what one vector op less would cost").
+scheme("7-bit weights (±63) per 64, u8 inputs per 64, SmoothQuant 0.5", "u8", 64, smooth=0.5, act_group=64, limit="7-bit")
+scheme("u7 inputs per 64, weights per 64, SmoothQuant 0.5", "u7", 64, smooth=0.5, act_group=64)
+scheme("u7 inputs per 32, weights per 64, SmoothQuant 0.5", "u7", 64, smooth=0.5, act_group=32)
+scheme("weight pairs within 128, u8 inputs per 64, SmoothQuant 0.5", "u8", 64, smooth=0.5, act_group=64, limit="pairs")
+scheme("weight pairs within 128, SmoothQuant 0.5, inputs exact", "f32", 64, smooth=0.5, limit="pairs")
